@@ -1,0 +1,197 @@
+"""BatchBuilder: collects jobs, child batches and continuations, and validates them. No I/O.
+
+Everything is checked and serialised when it is added, so a bad job raises inside the ``with``
+block, before anything is written or published.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from celery import Task
+from celery.canvas import Signature
+from kombu import serialization
+from kombu.utils import json as kjson
+
+from .errors import BatchError, InvalidBatchError
+from .models import ContinuationKind
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["BatchBuilder", "TaskRef"]
+
+TaskRef = Task | str | Signature
+MAX_NAME = 255
+# options a batch sets itself; a Signature carrying them would be silently overridden
+_RESERVED_OPTIONS = frozenset({"task_id", "headers", "chord", "group_id", "group_index"})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One Celery message to publish: a job (with its batch id) or a continuation (without)."""
+
+    id: str
+    task_name: str
+    args: str  # kombu JSON
+    kwargs: str  # kombu JSON
+    options: str | None  # kombu JSON
+    batch_id: str | None = None
+
+    @property
+    def queue(self) -> str | None:
+        return (kjson.loads(self.options) or {}).get("queue") if self.options else None
+
+
+@dataclass(frozen=True, slots=True)
+class ContinuationSpec:
+    kind: ContinuationKind
+    message: Message
+
+
+@dataclass
+class BatchPlan:
+    """A batch to write: its jobs (in enqueue order), child batches and continuations."""
+
+    id: str
+    name: str
+    parent_id: str | None
+    created_by: str | None
+    jobs: list[Message] = field(default_factory=list)
+    children: list["BatchPlan"] = field(default_factory=list)
+    continuations: list[ContinuationSpec] = field(default_factory=list)
+
+    @property
+    def total_units(self) -> int:
+        return len(self.jobs) + len(self.children)
+
+    def walk(self) -> Iterator["BatchPlan"]:
+        """Parents before children (the order foreign keys need)."""
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+def validate_name(name: object, what: str = "batch name") -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidBatchError(f"{what} must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME:
+        raise InvalidBatchError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME}")
+    return name
+
+
+class BatchBuilder:
+    """Collects a batch's content; obtained from ``Batches.batch()`` or passed to ``configure``."""
+
+    def __init__(self, app: "Celery", name: str, *, created_by: str | None = None,
+                 parent_id: str | None = None, batch_id: str | None = None) -> None:
+        self._app = app
+        created_by = None if created_by is None else validate_name(created_by, "created_by")
+        self._plan = BatchPlan(batch_id or str(uuid.uuid4()), validate_name(name), parent_id, created_by)
+        self._closed = False
+        self._open_children = 0
+
+    @property
+    def id(self) -> str:
+        """The batch id, known before the batch is committed."""
+        return self._plan.id
+
+    @property
+    def name(self) -> str:
+        return self._plan.name
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def enqueue(self, task: TaskRef, *args: Any, **kwargs: Any) -> str:
+        """Add a job; returns its run id, which is also its Celery task id."""
+        self._check_open()
+        position = len(self._plan.jobs) + 1
+        message = self._message(task, args, kwargs, f"job #{position} of batch {self.name!r}", self.id)
+        self._plan.jobs.append(message)
+        return message.id
+
+    # -- nested batches -----------------------------------------------------------------------
+    @contextmanager
+    def batch(self, name: str) -> Iterator["BatchBuilder"]:
+        """A nested batch, counted as one unit of this batch."""
+        self._check_open()
+        child = BatchBuilder(self._app, name, created_by=self._plan.created_by, parent_id=self.id)
+        self._open_children += 1
+        try:
+            yield child
+        finally:
+            self._open_children -= 1
+        child._close()
+        self._plan.children.append(child._plan)
+
+    def add_batch(self, name: str, configure: Callable[["BatchBuilder"], Any]) -> str:
+        """Seed-style nested batch: ``configure(child)``; returns the child batch id."""
+        with self.batch(name) as child:
+            configure(child)
+        return child.id
+
+    # -- continuations ------------------------------------------------------------------------
+    def on_success(self, task: TaskRef, *args: Any, **kwargs: Any) -> None:
+        """Run ``task`` once if the batch COMPLETES (every unit completed)."""
+        self._continuation(ContinuationKind.SUCCESS, task, args, kwargs)
+
+    def on_failure(self, task: TaskRef, *args: Any, **kwargs: Any) -> None:
+        """Run ``task`` once if the batch FAILS (every unit finished, some failed or were cancelled)."""
+        self._continuation(ContinuationKind.FAILURE, task, args, kwargs)
+
+    def on_complete(self, task: TaskRef, *args: Any, **kwargs: Any) -> None:
+        """Run ``task`` once when the batch finishes, COMPLETED or FAILED."""
+        self._continuation(ContinuationKind.COMPLETE, task, args, kwargs)
+
+    def _continuation(self, kind: ContinuationKind, task: TaskRef, args: tuple, kwargs: dict) -> None:
+        self._check_open()
+        what = f"on_{kind.value} continuation of batch {self.name!r}"
+        self._plan.continuations.append(ContinuationSpec(kind, self._message(task, args, kwargs, what, None)))
+
+    # -- internals ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BatchError(f"batch {self.name!r} is already written; use Batches.reopen() to add to it")
+
+    def _close(self) -> BatchPlan:
+        if self._open_children:
+            raise BatchError(f"a nested batch of {self.name!r} is still open")
+        self._closed = True
+        return self._plan
+
+    def _message(self, task: TaskRef, args: tuple, kwargs: dict, what: str, batch_id: str | None) -> Message:
+        name, args, kwargs, options = _resolve(task, args, kwargs, what)
+        serializer = options.get("serializer") or self._app.conf.task_serializer
+        try:
+            if serializer != "json":  # the broker message must encode with the app's serializer too
+                serialization.dumps((args, kwargs, {}), serializer=serializer)
+            args_json, kwargs_json = kjson.dumps(args), kjson.dumps(kwargs)
+            options_json = kjson.dumps(options) if options else None
+        except Exception as exc:  # kombu raises EncodeError, TypeError or ValueError depending on the codec
+            raise InvalidBatchError(f"{what} ({name}): arguments or options cannot be serialised: {exc}") from exc
+        return Message(str(uuid.uuid4()), name, args_json, kwargs_json, options_json, batch_id)
+
+
+def _resolve(task: TaskRef, args: tuple, kwargs: dict, what: str) -> tuple[str, list, dict, dict]:
+    """Turn a Task, a task name or a Signature into (name, args, kwargs, options)."""
+    options: dict[str, Any] = {}
+    if isinstance(task, Signature):
+        if task.get("subtask_type") or not isinstance(task.task, str):
+            raise InvalidBatchError(f"{what}: only a single task's signature can be a job, not {task!r}")
+        sig = task.clone(args, kwargs)  # merge extra args/kwargs the way Signature.clone does
+        name, args, kwargs, options = sig.task, tuple(sig.args), dict(sig.kwargs), dict(sig.options)
+        reserved = _RESERVED_OPTIONS & options.keys()
+        if reserved:
+            raise InvalidBatchError(f"{what}: option(s) {sorted(reserved)} are set by the batch itself")
+        if hasattr(options.get("queue"), "name"):  # a kombu Queue
+            options["queue"] = options["queue"].name
+    elif isinstance(task, Task):
+        name = task.name
+    elif isinstance(task, str):
+        name = task
+    else:
+        raise InvalidBatchError(f"{what}: expected a Celery task, a task name or a signature, got {task!r}")
+    name = validate_name(name, f"{what}: task name")
+    return name, list(args), dict(kwargs), options

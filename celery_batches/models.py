@@ -1,0 +1,117 @@
+"""Read models returned by the API: frozen value objects, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+__all__ = ["Batch", "BatchStatus", "JobRun", "RunStatus", "Continuation", "ContinuationStatus"]
+
+
+class BatchStatus(enum.IntEnum):
+    """Lifecycle of a batch (the seed's values)."""
+
+    CREATED = 0  # stored, runs not published yet (continue-with batches wait here)
+    STARTED = 1
+    COMPLETED = 2  # every unit completed
+    FAILED = 3  # every unit finished and at least one failed or was cancelled
+    CANCELLED = 4
+
+    @property
+    def is_final(self) -> bool:
+        return self >= BatchStatus.COMPLETED
+
+
+class RunStatus(enum.IntEnum):
+    """Lifecycle of one job (one Celery task id)."""
+
+    PENDING = 0
+    RUNNING = 1
+    RETRYING = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def is_final(self) -> bool:
+        return self >= RunStatus.COMPLETED
+
+
+FINAL_RUN_STATUSES = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+OPEN_BATCH_STATUSES = (BatchStatus.CREATED, BatchStatus.STARTED)
+
+
+class ContinuationKind(str, enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    COMPLETE = "complete"
+
+
+class ContinuationStatus(enum.IntEnum):
+    WAITING = 0  # batch not finished yet
+    DUE = 1  # batch finished with a matching status; to be published (outbox)
+    DISPATCHED = 2  # published to the broker
+    SKIPPED = 3  # batch finished with a status this continuation does not fire on, or was cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    id: str
+    name: str
+    parent_id: str | None
+    status: BatchStatus
+    total_jobs: int
+    completed_jobs: int
+    failed_jobs: int
+    cancelled_jobs: int
+    created_by: str | None
+    created_at: datetime
+    completed_at: datetime | None
+    expires_at: datetime | None
+
+    @property
+    def pending_jobs(self) -> int:
+        """Units (jobs and child batches) that have not finished yet."""
+        return max(self.total_jobs - self.completed_jobs - self.failed_jobs - self.cancelled_jobs, 0)
+
+    @property
+    def progress(self) -> float:
+        """Finished units over total units, 0.0–1.0 (1.0 for an empty batch)."""
+        if self.total_jobs == 0:
+            return 1.0 if self.is_finished else 0.0
+        return (self.total_jobs - self.pending_jobs) / self.total_jobs
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_final
+
+
+@dataclass(frozen=True, slots=True)
+class JobRun:
+    id: str
+    batch_id: str
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    queue: str | None
+    status: RunStatus
+    order: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    retries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    id: str
+    batch_id: str
+    kind: ContinuationKind
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    status: ContinuationStatus
+    dispatched_at: datetime | None

@@ -1,0 +1,91 @@
+"""Every setting of celery_batches, with its default, in one place.
+
+A setting is read, in order of precedence, from the keyword argument given to
+:class:`~celery_batches.Batches` (``Batches(app, flush_interval=0.1)``), from the
+Celery app's configuration under the ``batches_`` prefix (``app.conf.batches_flush_interval``),
+then from the default below. The database URL also reads the environment variable
+``CELERY_BATCHES_DATABASE_URL`` before falling back to the embedded SQLite default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Any, Mapping
+
+from .errors import InvalidBatchError
+
+__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV"]
+
+DEFAULT_DATABASE_URL = "sqlite:///celery_batches.sqlite3"
+DATABASE_URL_ENV = "CELERY_BATCHES_DATABASE_URL"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    """SQLAlchemy URL of the registry, e.g. ``postgresql+psycopg://user@host/db``."""
+
+    table_prefix: str = "celery_batches_"
+    """Prefix of every table name; a plain SQL identifier (letters, digits, underscore)."""
+
+    expires: timedelta = timedelta(days=7)
+    """How long a finished batch is kept: ``expires_at = completed_at + expires``."""
+
+    flush_interval: float = 0.05
+    """Seconds a worker process may hold run transitions before committing them as one group."""
+
+    flush_max: int = 500
+    """Run transitions that make a worker process commit its group at once."""
+
+    write_retry_max_delay: float = 5.0
+    """Longest pause, in seconds, between retries of a registry write that failed."""
+
+    relay_interval: float = 5.0
+    """Seconds between two passes of the worker's relay and reconciler thread (0 turns it off)."""
+
+    relay_grace: float = 30.0
+    """Age, in seconds, after which an unpublished run or continuation is published by the relay."""
+
+    reconcile_grace: float = 60.0
+    """Age, in seconds, after which an unfinished run is checked against the result backend."""
+
+    run_timeout: float | None = None
+    """Seconds after which a run with no recorded outcome is marked FAILED by the reconciler (None: never)."""
+
+    wait_interval: float = 0.2
+    """Seconds between two registry reads in :meth:`Batches.wait`."""
+
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for :func:`sqlalchemy.create_engine` (pool size and so on)."""
+
+    def __post_init__(self) -> None:
+        if not _IDENTIFIER.match(self.table_prefix):
+            raise InvalidBatchError(
+                f"table_prefix {self.table_prefix!r} is not a plain SQL identifier "
+                "(letters, digits and underscores, not starting with a digit, at most 40 characters)"
+            )
+        if isinstance(self.expires, (int, float)):
+            object.__setattr__(self, "expires", timedelta(seconds=self.expires))
+        if self.flush_interval < 0 or self.flush_max < 1:
+            raise InvalidBatchError("flush_interval must be >= 0 and flush_max >= 1")
+
+    @classmethod
+    def resolve(cls, conf: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> "Settings":
+        """Merge keyword arguments, ``app.conf.batches_*`` and defaults (see the module docstring)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown celery_batches setting(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for name in names:
+            if overrides.get(name) is not None:
+                values[name] = overrides[name]
+            elif conf is not None and conf.get(f"batches_{name}") is not None:
+                values[name] = conf.get(f"batches_{name}")
+        if "database_url" not in values and os.environ.get(DATABASE_URL_ENV):
+            values["database_url"] = os.environ[DATABASE_URL_ENV]
+        return cls(**values)

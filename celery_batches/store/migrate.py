@@ -1,0 +1,28 @@
+"""Create or upgrade the registry schema with Alembic, one process at a time."""
+
+from __future__ import annotations
+
+import zlib
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+__all__ = ["migrate"]
+
+
+def migrate(engine: sa.Engine, prefix: str) -> None:
+    """Upgrade to the newest revision; idempotent and safe when many processes start at once.
+
+    On PostgreSQL a transaction-level advisory lock (keyed by the prefix) serialises concurrent
+    callers, and the DDL runs in that same transaction, so a loser sees the finished schema.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", "celery_batches.store:migrations")
+    cfg.attributes["prefix"] = prefix
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            key = zlib.crc32(f"celery_batches.migrate:{prefix}".encode())
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")

@@ -1,0 +1,113 @@
+"""The registry schema in SQLAlchemy Core. Table names carry a configurable prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+__all__ = ["Tables", "build_tables"]
+
+UUID = sa.Uuid(as_uuid=False)
+TIMESTAMP = sa.DateTime(timezone=True)
+
+
+@dataclass(frozen=True)
+class Tables:
+    metadata: sa.MetaData
+    batches: sa.Table
+    runs: sa.Table
+    batch_jobs: sa.Table
+    continuations: sa.Table
+    prefix: str
+
+
+def build_tables(prefix: str) -> Tables:
+    """Describe the registry's tables for one prefix (this must match the latest migration)."""
+    md = sa.MetaData()
+    batches = sa.Table(
+        f"{prefix}batches",
+        md,
+        sa.Column("id", UUID, primary_key=True),
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("parent_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), nullable=True),
+        sa.Column("status", sa.SmallInteger, nullable=False),
+        sa.Column("total_jobs", sa.Integer, nullable=False, default=0),
+        sa.Column("completed_jobs", sa.Integer, nullable=False, default=0),
+        sa.Column("failed_jobs", sa.Integer, nullable=False, default=0),
+        sa.Column("cancelled_jobs", sa.Integer, nullable=False, default=0),
+        sa.Column("created_by", sa.String(255), nullable=True),
+        sa.Column("created_at", TIMESTAMP, nullable=False),
+        sa.Column("completed_at", TIMESTAMP, nullable=True),
+        sa.Column("expires_at", TIMESTAMP, nullable=True),
+        # continue-with: this batch waits (CREATED) for `antecedent_id` to finish with `continue_when`
+        sa.Column("antecedent_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), nullable=True),
+        sa.Column("continue_when", sa.String(16), nullable=True),
+        sa.Index(f"ix_{prefix}batches_parent", "parent_id"),
+        sa.Index(f"ix_{prefix}batches_created", "created_at"),
+        sa.Index(f"ix_{prefix}batches_status_created", "status", "created_at"),
+        sa.Index(f"ix_{prefix}batches_antecedent", "antecedent_id"),
+        sa.Index(f"ix_{prefix}batches_expires", "expires_at"),
+    )
+    runs = sa.Table(
+        f"{prefix}runs",
+        md,
+        sa.Column("id", UUID, primary_key=True),  # = the Celery task id
+        sa.Column("batch_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), nullable=False),
+        sa.Column("status", sa.SmallInteger, nullable=False),
+        sa.Column("task_name", sa.String(255), nullable=False),
+        sa.Column("args", sa.Text, nullable=False),  # kombu JSON
+        sa.Column("kwargs", sa.Text, nullable=False),  # kombu JSON
+        sa.Column("queue", sa.String(255), nullable=True),
+        sa.Column("options", sa.Text, nullable=True),  # kombu JSON of apply_async options
+        sa.Column("created_at", TIMESTAMP, nullable=False),
+        sa.Column("started_at", TIMESTAMP, nullable=True),
+        sa.Column("finished_at", TIMESTAMP, nullable=True),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("retries", sa.Integer, nullable=False, default=0),
+        sa.Column("published", sa.Boolean, nullable=False, default=False),
+        sa.Index(f"ix_{prefix}runs_batch", "batch_id"),
+        # the outbox and the reconciler only look at the few rows that are not done yet
+        sa.Index(
+            f"ix_{prefix}runs_unpublished",
+            "created_at",
+            postgresql_where=sa.text("NOT published"),
+            sqlite_where=sa.text("NOT published"),
+        ),
+        sa.Index(
+            f"ix_{prefix}runs_open",
+            "created_at",
+            postgresql_where=sa.text("status < 3"),
+            sqlite_where=sa.text("status < 3"),
+        ),
+    )
+    batch_jobs = sa.Table(
+        f"{prefix}batch_jobs",
+        md,
+        sa.Column("batch_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), primary_key=True),
+        sa.Column("position", sa.Integer, primary_key=True),
+        sa.Column("run_id", UUID, sa.ForeignKey(f"{prefix}runs.id"), nullable=False, unique=True),
+    )
+    continuations = sa.Table(
+        f"{prefix}batch_continuations",
+        md,
+        sa.Column("id", UUID, primary_key=True),  # = the Celery task id it is published with
+        sa.Column("batch_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("position", sa.Integer, nullable=False),
+        sa.Column("task_name", sa.String(255), nullable=False),
+        sa.Column("args", sa.Text, nullable=False),
+        sa.Column("kwargs", sa.Text, nullable=False),
+        sa.Column("options", sa.Text, nullable=True),
+        sa.Column("status", sa.SmallInteger, nullable=False),
+        sa.Column("due_at", TIMESTAMP, nullable=True),
+        sa.Column("dispatched_at", TIMESTAMP, nullable=True),
+        sa.Index(f"ix_{prefix}continuations_batch", "batch_id"),
+        sa.Index(
+            f"ix_{prefix}continuations_due",
+            "due_at",
+            postgresql_where=sa.text("status = 1"),
+            sqlite_where=sa.text("status = 1"),
+        ),
+    )
+    return Tables(md, batches, runs, batch_jobs, continuations, prefix)

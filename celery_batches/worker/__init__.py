@@ -1,0 +1,1 @@
+"""Worker side: signal handlers, group commit, BatchTask, the relay/reconciler bootstep."""

@@ -1,0 +1,34 @@
+"""Worker bootstep that runs the relay and reconciler thread in the worker's main process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import bootsteps
+
+from .relay import Maintenance
+
+if TYPE_CHECKING:
+    from ..api import Batches
+
+__all__ = ["make_bootstep"]
+
+
+def make_bootstep(batches: "Batches") -> type[bootsteps.StartStopStep]:
+    """A bootstep class bound to one ``Batches`` (bootsteps are registered as classes)."""
+
+    class BatchesMaintenance(bootsteps.StartStopStep):
+        """Starts the relay/reconciler thread; never runs on the worker's event loop."""
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.maintenance = Maintenance(batches)
+
+        def start(self, parent: Any) -> None:
+            self.maintenance.start()
+
+        def stop(self, parent: Any) -> None:
+            self.maintenance.stop()
+            batches._group_commit.close()
+
+    return BatchesMaintenance

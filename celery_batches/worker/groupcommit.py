@@ -1,0 +1,118 @@
+"""Group commit of run transitions: signal handlers hand events over, one thread writes them.
+
+A handler never waits for the database: it appends to a buffer and returns. A thread per process
+commits the buffer as one transaction every ``flush_interval`` seconds (or at ``flush_max``
+events), which turns N round trips into one. A failed write is retried with backoff and logged
+loudly until it succeeds; what a killed process held in memory is recovered by the reconciler
+(from the result backend, or after ``run_timeout``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from typing import Callable, Sequence
+
+from ..store import RunEvent
+
+__all__ = ["GroupCommit"]
+
+log = logging.getLogger(__name__)
+
+
+class GroupCommit:
+    def __init__(self, write: Callable[[Sequence[RunEvent]], None], *, interval: float, max_events: int,
+                 max_delay: float) -> None:
+        self._write = write
+        self._interval = interval
+        self._max_events = max_events
+        self._max_delay = max_delay
+        self._cond = threading.Condition()
+        self._pending: list[RunEvent] = []
+        self._writing = 0  # events taken by the thread and not yet committed
+        self._pid = 0
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        atexit.register(self.close)
+
+    def add(self, event: RunEvent) -> None:
+        with self._cond:
+            if self._pid != os.getpid():
+                self._after_fork()
+            self._pending.append(event)
+            if len(self._pending) == 1 or len(self._pending) >= self._max_events or self._interval == 0:
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until everything added so far is committed; False if ``timeout`` ran out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            if self._pid != os.getpid():
+                return True
+            self._cond.notify_all()
+            while self._pending or self._writing:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is buffered (bounded by ``timeout``) and stop the thread."""
+        if self._pid != os.getpid() or self._thread is None:
+            return
+        if not self.flush(timeout):
+            with self._cond:
+                lost = len(self._pending) + self._writing
+            log.error("celery_batches: %d run transition(s) not committed at exit; the reconciler "
+                      "will resolve them", lost)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    def reset_after_fork(self) -> None:
+        with self._cond:
+            self._after_fork()
+
+    def _after_fork(self) -> None:
+        # events buffered in the parent are the parent's to write; this process starts empty
+        self._pid = os.getpid()
+        self._pending = []
+        self._writing = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="celery_batches-groupcommit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if self._closing and not self._pending:
+                    return
+                if len(self._pending) < self._max_events and self._interval > 0 and not self._closing:
+                    self._cond.wait(self._interval)  # let the group fill up
+                group, self._pending = self._pending, []
+                self._writing = len(group)
+            self._commit(group)
+            with self._cond:
+                self._writing = 0
+                self._cond.notify_all()
+
+    def _commit(self, group: list[RunEvent]) -> None:
+        delay, attempt = 0.05, 0
+        while True:
+            try:
+                self._write(group)
+                if attempt:
+                    log.warning("celery_batches: registry write succeeded after %d retries", attempt)
+                return
+            except Exception:
+                attempt += 1
+                log.exception("celery_batches: registry write of %d run transition(s) failed "
+                              "(attempt %d); retrying in %.2fs", len(group), attempt, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self._max_delay)

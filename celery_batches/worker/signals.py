@@ -1,0 +1,95 @@
+"""Thin Celery signal handlers: turn task signals into run transitions for the group commit.
+
+Where each signal runs matters (design.md §3): ``task_prerun``/``task_success``/``task_retry`` and
+ordinary ``task_failure`` run in the pool child with the request (and our header) at hand;
+``task_failure`` for a lost worker or a hard time limit runs in the worker's main process with no
+request, so there the run is found by its task id alone. Handlers are connected strongly
+(``weak=False``) with a ``dispatch_uid`` per ``Batches`` instance, and only act on tasks of
+their own app.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+
+from ..models import RunStatus
+from ..publish import HEADER
+from ..store import RunEvent
+
+if TYPE_CHECKING:
+    from ..api import Batches
+
+__all__ = ["connect"]
+
+log = logging.getLogger(__name__)
+MAX_ERROR = 4000
+
+
+def connect(batches: "Batches") -> None:
+    app = batches.app
+    uid = f"celery_batches:{id(batches)}"
+    add = batches._group_commit.add
+
+    def member(sender: Any) -> tuple[Any, str | None]:
+        """The current request and its batch id, for a task of our app running in this process."""
+        if getattr(sender, "app", None) is not app:
+            return None, None
+        request = sender.request
+        return request, getattr(request, HEADER, None)
+
+    def on_prerun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+        request, batch_id = member(sender)
+        if batch_id:
+            add(RunEvent(task_id or request.id, RunStatus.RUNNING, request.retries or 0))
+
+    def on_success(sender: Any = None, **_: Any) -> None:
+        request, batch_id = member(sender)
+        if batch_id:
+            add(RunEvent(request.id, RunStatus.COMPLETED, request.retries or 0))
+
+    def on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app and getattr(request, HEADER, None):
+            add(RunEvent(request.id, RunStatus.RETRYING, request.retries or 0, _error(reason)))
+
+    def on_failure(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
+        request, batch_id = member(sender)
+        if request is None or not task_id:
+            return
+        if request.id == task_id:  # pool child: we know whether it is a member
+            if batch_id:
+                add(RunEvent(task_id, RunStatus.FAILED, request.retries or 0, _error(exception)))
+        else:  # main process (lost worker, hard time limit): look it up by task id when writing
+            add(RunEvent(task_id, RunStatus.FAILED, 0, _error(exception)))
+
+    def on_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+        # main process; the request may lack our header, so the write looks the run up by id
+        if getattr(sender, "app", None) is app and getattr(request, "id", None):
+            add(RunEvent(request.id, RunStatus.CANCELLED, 0, "revoked"))
+
+    def on_process_init(**_: Any) -> None:
+        batches.engine.dispose(close=False)  # never share the parent's connections
+        batches._group_commit.reset_after_fork()
+
+    def on_process_shutdown(**_: Any) -> None:
+        batches._group_commit.close()
+
+    for signal, handler in (
+        (signals.task_prerun, on_prerun),
+        (signals.task_success, on_success),
+        (signals.task_retry, on_retry),
+        (signals.task_failure, on_failure),
+        (signals.task_revoked, on_revoked),
+        (signals.worker_process_init, on_process_init),
+        (signals.worker_process_shutdown, on_process_shutdown),
+    ):
+        signal.connect(handler, weak=False, dispatch_uid=f"{uid}:{handler.__name__}")
+
+
+def _error(exc: Any) -> str | None:
+    if exc is None:
+        return None
+    text = f"{type(exc).__name__}: {exc}"
+    return text[:MAX_ERROR]

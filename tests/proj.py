@@ -1,0 +1,112 @@
+"""The Celery app the integration tests run in real ``celery worker`` processes.
+
+Everything that differs between test sessions (broker, registry, table prefix, queue, group
+commit settings) comes from the environment the fixtures set, so the worker and the test
+process see the same configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded  # noqa: F401  (documented for readers)
+
+from celery_batches import Batches, current_batch_id
+
+env = os.environ.get
+app = Celery("proj", broker=env("TEST_BROKER_URL", "redis://127.0.0.1:6379/9"),
+             backend=env("TEST_BACKEND_URL", "redis://127.0.0.1:6379/9"))
+app.conf.update(
+    task_default_queue=env("TEST_QUEUE", "celery_batches_tests"),
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    result_expires=3600,
+)
+batches = Batches(
+    app,
+    database_url=env("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    table_prefix=env("TEST_PREFIX", "cbtest_"),
+    flush_interval=float(env("TEST_FLUSH_INTERVAL", "0.02")),
+    flush_max=int(env("TEST_FLUSH_MAX", "500")),
+    relay_interval=float(env("TEST_RELAY_INTERVAL", "1")),
+    relay_grace=float(env("TEST_RELAY_GRACE", "30")),
+    reconcile_grace=float(env("TEST_RECONCILE_GRACE", "30")),
+)
+r = redis.Redis.from_url(env("TEST_REDIS_URL", "redis://127.0.0.1:6379/9"))
+
+
+@batches.task
+def noop(tag: str | None = None) -> None:
+    """Counts its executions under ``tag`` (so tests can see duplicates and things that must not run)."""
+    if tag:
+        r.incr(tag)
+
+
+@batches.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@batches.task
+def fail(tag: str | None = None) -> None:
+    if tag:
+        r.incr(tag)
+    raise ValueError("this member fails on purpose")
+
+
+@batches.task(bind=True, max_retries=5)
+def flaky(self, key: str, failures: int) -> str:
+    """Fails ``failures`` times (retrying at once), then succeeds."""
+    if r.incr(key) <= failures:
+        raise self.retry(countdown=0)
+    return "ok"
+
+
+@batches.task(bind=True, max_retries=2)
+def always_retry(self, key: str) -> None:
+    r.incr(key)
+    raise self.retry(countdown=0, exc=RuntimeError("still broken"))
+
+
+@batches.task(time_limit=1)
+def overrun(tag: str) -> None:
+    """Exceeds its hard time limit: the worker kills the child process."""
+    r.incr(tag)
+    time.sleep(30)
+
+
+@batches.task
+def barrier(key: str, parties: int) -> None:
+    """Waits until ``parties`` members reached it, so they finish at the same instant."""
+    r.incr(key)
+    deadline = time.monotonic() + 20
+    while int(r.get(key) or 0) < parties and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+@batches.task
+def sleep_then(seconds: float, tag: str | None = None) -> None:
+    time.sleep(seconds)
+    if tag:
+        r.incr(tag)
+
+
+@batches.task
+def whoami(key: str) -> None:
+    """Stores the batch id it sees through current_batch_id()."""
+    r.set(key, current_batch_id() or "none")
+
+
+@app.task
+def plain(tag: str) -> None:
+    """A plain @app.task member (not a BatchTask)."""
+    r.incr(tag)
+
+
+@app.task
+def record(key: str, *values: object) -> None:
+    """A continuation: counts how often it ran."""
+    r.incr(key)
