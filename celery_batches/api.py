@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -21,6 +22,8 @@ from .worker.groupcommit import GroupCommit
 from .worker.task import BatchTask
 
 __all__ = ["Batches", "current_batch_id"]
+
+log = logging.getLogger(__name__)
 
 
 def current_batch_id() -> str | None:
@@ -65,7 +68,11 @@ class Batches:
     def batch(self, name: str, *, created_by: str | None = None) -> Iterator[BatchBuilder]:
         """Build a batch in a ``with`` block: written atomically on a clean exit, not at all otherwise."""
         builder = BatchBuilder(self.app, name, created_by=created_by)
-        yield builder
+        try:
+            yield builder
+        except BaseException:
+            builder._discard()
+            raise
         self._create(builder)
 
     def create_batch(self, name: str, configure: Callable[[BatchBuilder], Any], *,
@@ -88,7 +95,7 @@ class Batches:
         for start in range(0, len(runs), chunk):
             ids = publish(self.app, runs[start:start + chunk])
             if ids:
-                self.store.mark_published(ids)
+                self._retry_write(self.store.mark_published, ids)
             sent += ids
             if len(ids) < len(runs[start:start + chunk]):
                 break  # the broker failed; the relay publishes the rest
@@ -97,8 +104,21 @@ class Batches:
     def _publish_continuations(self, continuations: Sequence[Message]) -> list[str]:
         ids = publish(self.app, continuations)
         if ids:
-            self.store.mark_dispatched(ids)
+            self._retry_write(self.store.mark_dispatched, ids)
         return ids
+
+    def _retry_write(self, write: Callable[[Sequence[str]], None], ids: Sequence[str], attempts: int = 5) -> None:
+        """Record a publish. The messages are already out, so a failure here must not raise to the
+        caller; if every attempt fails the relay will publish those ids again (same task ids)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return write(ids)
+            except Exception:
+                if attempt == attempts:
+                    log.exception("celery_batches: could not record %d published message(s); the relay "
+                                  "will publish them again (same task ids)", len(ids))
+                else:
+                    time.sleep(0.05 * 2 ** attempt)
 
     def _write_events(self, events: Sequence[RunEvent]) -> None:
         """Commit a group of run transitions, then publish the continuations it made due."""

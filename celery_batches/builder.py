@@ -121,6 +121,9 @@ class BatchBuilder:
         self._open_children += 1
         try:
             yield child
+        except BaseException:
+            child._discard()
+            raise
         finally:
             self._open_children -= 1
         child._close()
@@ -154,6 +157,10 @@ class BatchBuilder:
     def _check_open(self) -> None:
         if self._closed:
             raise BatchError(f"batch {self.name!r} is already written; use Batches.reopen() to add to it")
+
+    def _discard(self) -> None:
+        """The ``with`` block raised: nothing is written, and nothing more can be added."""
+        self._closed = True
 
     def _close(self) -> BatchPlan:
         if self._open_children:

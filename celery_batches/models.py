@@ -25,7 +25,7 @@ class BatchStatus(enum.IntEnum):
 
 
 class RunStatus(enum.IntEnum):
-    """Lifecycle of one job (one Celery task id)."""
+    """Lifecycle of one job (one Celery task id). Final statuses are exactly those >= COMPLETED."""
 
     PENDING = 0
     RUNNING = 1
@@ -38,9 +38,6 @@ class RunStatus(enum.IntEnum):
     def is_final(self) -> bool:
         return self >= RunStatus.COMPLETED
 
-
-FINAL_RUN_STATUSES = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
-OPEN_BATCH_STATUSES = (BatchStatus.CREATED, BatchStatus.STARTED)
 
 
 class ContinuationKind(str, enum.Enum):

@@ -1,8 +1,8 @@
 """The registry: schema, migrations and every SQL statement."""
 
 from .engine import make_engine
-from .migrate import migrate
+from .migrate import drop_schema, migrate
 from .store import RunEvent, Store, utcnow
 from .tables import Tables, build_tables
 
-__all__ = ["RunEvent", "Store", "Tables", "build_tables", "make_engine", "migrate", "utcnow"]
+__all__ = ["RunEvent", "Store", "Tables", "build_tables", "drop_schema", "make_engine", "migrate", "utcnow"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import sqlalchemy as sa
@@ -28,9 +29,29 @@ def make_engine(url: str, options: Mapping[str, Any]) -> sa.Engine:
         kwargs["pool_pre_ping"] = True
     kwargs.update(options)
     engine = sa.create_engine(sa_url, **kwargs)
+    _fork_safe(engine)
     if engine.dialect.name == "sqlite":
         _serialise_sqlite_writers(engine)
     return engine
+
+
+def _fork_safe(engine: sa.Engine) -> None:
+    """Never use a pooled connection in a process other than the one that opened it.
+
+    A prefork worker child inherits the parent's pool; sharing one socket between two processes
+    corrupts both sessions. SQLAlchemy's recipe: remember the pid, and have the pool replace a
+    connection checked out in another process.
+    """
+
+    @sa.event.listens_for(engine, "connect")
+    def _remember_pid(_dbapi_conn: Any, record: Any) -> None:
+        record.info["pid"] = os.getpid()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _check_pid(_dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        if record.info.get("pid") != os.getpid():
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise sa.exc.DisconnectionError("connection was opened in another process")
 
 
 def _serialise_sqlite_writers(engine: sa.Engine) -> None:

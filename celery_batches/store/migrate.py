@@ -26,3 +26,11 @@ def migrate(engine: sa.Engine, prefix: str) -> None:
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def drop_schema(engine: sa.Engine, prefix: str) -> None:
+    """Drop every registry table of ``prefix``, version table included (test and benchmark scratch)."""
+    from .tables import build_tables
+
+    build_tables(prefix).metadata.drop_all(engine)
+    sa.Table(f"{prefix}alembic_version", sa.MetaData()).drop(engine, checkfirst=True)

@@ -7,8 +7,10 @@ the same run changes nothing, and exactly one transaction finishes a batch.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
 
@@ -17,7 +19,6 @@ from kombu.utils import json as kjson
 
 from ..builder import BatchPlan, Message
 from ..models import (
-    FINAL_RUN_STATUSES,
     Batch,
     BatchStatus,
     Continuation,
@@ -42,6 +43,10 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _ts(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+
+
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything we store is UTC."""
     if value is not None and value.tzinfo is None:
@@ -57,6 +62,8 @@ class RunEvent:
     status: RunStatus
     retries: int = 0
     error: str | None = None
+    at: float = field(default_factory=time.time)  # when the signal fired (epoch seconds)
+    started: float | None = None  # a final event's folded RUNNING time
 
     def rank(self) -> tuple[int, int]:
         """Order of two progress events of one run: the later attempt, then RETRYING after RUNNING."""
@@ -73,45 +80,58 @@ class Store:
     def insert_tree(self, conn: sa.Connection, root: BatchPlan, now: datetime) -> list[Message]:
         """Write a batch tree with set-based inserts; returns continuations due because empty batches finished."""
         t = self.t
-        batch_rows, run_rows, link_rows, cont_rows = [], [], [], []
-        for node in root.walk():
-            batch_rows.append({
-                "id": node.id, "name": node.name, "parent_id": node.parent_id,
-                "status": int(BatchStatus.STARTED), "total_jobs": node.total_units,
-                "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
-                "created_by": node.created_by, "created_at": now,
-            })
-            for position, job in enumerate(node.jobs):
-                run_rows.append(self._run_row(job, now))
-                link_rows.append({"batch_id": node.id, "position": position, "run_id": job.id})
-            for position, cont in enumerate(node.continuations):
-                m = cont.message
-                cont_rows.append({
-                    "id": m.id, "batch_id": node.id, "kind": cont.kind.value, "position": position,
-                    "task_name": m.task_name, "args": m.args, "kwargs": m.kwargs, "options": m.options,
-                    "status": int(ContinuationStatus.WAITING),
-                })
-        conn.execute(sa.insert(t.batches), batch_rows)
-        if run_rows:
-            conn.execute(sa.insert(t.runs), run_rows)
-            conn.execute(sa.insert(t.batch_jobs), link_rows)
+        nodes = list(root.walk())
+        conn.execute(sa.insert(t.batches), [{
+            "id": node.id, "name": node.name, "parent_id": node.parent_id,
+            "status": int(BatchStatus.STARTED), "total_jobs": node.total_units,
+            "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
+            "created_by": node.created_by, "created_at": now,
+        } for node in nodes])
+        self._insert_runs(conn, [node.id for node in nodes], ((node.id, position, job) for node in nodes
+                                                              for position, job in enumerate(node.jobs)), now)
+        cont_rows = [{
+            "id": c.message.id, "batch_id": node.id, "kind": c.kind.value, "position": position,
+            "task_name": c.message.task_name, "args": c.message.args, "kwargs": c.message.kwargs,
+            "options": c.message.options, "status": int(ContinuationStatus.WAITING),
+        } for node in nodes for position, c in enumerate(node.continuations)]
         if cont_rows:
             conn.execute(sa.insert(t.continuations), cont_rows)
-        empty = [node.id for node in root.walk() if node.total_units == 0]
-        return self._finish(conn, empty, now)
+        return self._finish(conn, [node.id for node in nodes if node.total_units == 0], now)
 
-    @staticmethod
-    def _run_row(job: Message, now: datetime) -> dict:
-        return {
-            "id": job.id, "batch_id": job.batch_id, "status": int(RunStatus.PENDING),
-            "task_name": job.task_name, "args": job.args, "kwargs": job.kwargs, "queue": job.queue,
-            "options": job.options, "created_at": now, "retries": 0, "published": False,
-        }
+    _RUN_COLUMNS = ("id", "batch_id", "position", "status", "task_name", "args", "kwargs", "queue", "options",
+                    "created_at", "retries", "published")
+
+    def _insert_runs(self, conn: sa.Connection, batch_ids: list[str], jobs: Iterable[tuple[str, int, Message]],
+                     now: datetime) -> None:
+        """Insert runs, streaming: COPY on PostgreSQL, chunked executemany elsewhere; then their links."""
+        r, j = self.t.runs, self.t.batch_jobs
+        rows = ((job.id, batch_id, position, int(RunStatus.PENDING), job.task_name, job.args, job.kwargs,
+                 job.queue, job.options, now, 0, False) for batch_id, position, job in jobs)
+        if conn.dialect.name == "postgresql":
+            cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
+            with cursor.copy(f"COPY {r.name} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            while chunk := list(itertools.islice(rows, 1000)):
+                conn.execute(sa.insert(r), [dict(zip(self._RUN_COLUMNS, row)) for row in chunk])
+        # the batch_jobs links are derived in SQL from the runs just written: no second client round trip per job
+        new = sa.select(r.c.batch_id, r.c.position, r.c.id).where(
+            r.c.batch_id.in_(batch_ids), ~sa.exists().where(j.c.run_id == r.c.id))
+        conn.execute(sa.insert(j).from_select(["batch_id", "position", "run_id"], new))
 
     def mark_published(self, run_ids: Sequence[str]) -> None:
+        """Flag runs as published so the relay leaves them alone.
+
+        Only PENDING runs need the flag (a run a worker has touched was published). Rows a worker
+        is transitioning right now are skipped rather than waited for: waiting would let this
+        statement and a worker's group commit lock the same rows in opposite orders (deadlock).
+        """
         r = self.t.runs
+        pending = (sa.select(r.c.id).where(r.c.id.in_(run_ids), r.c.status == int(RunStatus.PENDING))
+                   .with_for_update(skip_locked=True))
         with self.engine.begin() as conn:
-            conn.execute(sa.update(r).where(r.c.id.in_(run_ids)).values(published=True))
+            conn.execute(sa.update(r).where(r.c.id.in_(pending.scalar_subquery())).values(published=True))
 
     def mark_dispatched(self, continuation_ids: Sequence[str]) -> None:
         c = self.t.continuations
@@ -126,8 +146,9 @@ class Store:
     def apply_events(self, events: Iterable[RunEvent]) -> list[Message]:
         """Apply a group of run transitions in one transaction; returns the continuations now due.
 
-        Per run, the group keeps its latest progress event (so ``retries`` is right) and its
-        first final event; redundant events are dropped before any SQL runs.
+        Per run the group keeps its latest progress event and its first final event; a progress
+        event of a run that also finished in this group is folded into the final one, so a short
+        task costs one row update, not two.
         """
         progress: dict[str, RunEvent] = {}
         final: dict[str, RunEvent] = {}
@@ -138,49 +159,83 @@ class Store:
                 seen = progress.get(event.run_id)
                 if seen is None or event.rank() > seen.rank():
                     progress[event.run_id] = event
+        for run_id, event in final.items():
+            started = progress.pop(run_id, None)
+            if started is not None:
+                final[run_id] = replace(event, retries=max(event.retries, started.retries), started=started.at)
         if not progress and not final:
             return []
         with self.engine.begin() as conn:
-            return self._apply(conn, list(progress.values()), list(final.values()), utcnow())
+            apply = self._apply_pg if conn.dialect.name == "postgresql" else self._apply_rows
+            counted = apply(conn, list(progress.values()), list(final.values()))
+            return self._count(conn, counted, utcnow())
 
-    def _apply(self, conn: sa.Connection, progress: list[RunEvent], events: list[RunEvent],
-               now: datetime) -> list[Message]:
-        r = self.t.runs
-        final = [int(s) for s in FINAL_RUN_STATUSES]
+    # On PostgreSQL a whole group is two statements: the events travel as arrays and are joined
+    # to the runs with unnest(). Conditions (all keyed by run id, final statuses are >= 3):
+    #   progress: never touches a final run; a later attempt wins; within one attempt RUNNING may
+    #             become RETRYING but not back;
+    #   final:    only the first final event of a run changes it (and only that one is counted).
+    _PG_PROGRESS = """
+        UPDATE {runs} AS r SET status = v.status, retries = v.retries, started_at = coalesce(r.started_at, v.at)
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
+                    CAST(:ats AS timestamptz[])) AS v(id, status, retries, at)
+        WHERE r.id = v.id AND r.status < 3
+          AND (r.retries < v.retries OR (r.retries = v.retries AND r.status <= 1))"""
+    _PG_FINAL = """
+        UPDATE {runs} AS r SET status = v.status, finished_at = v.at, error = v.error,
+               started_at = coalesce(r.started_at, v.started), retries = greatest(r.retries, v.retries)
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
+                    CAST(:ats AS timestamptz[]), CAST(:starts AS timestamptz[]), CAST(:errors AS text[]))
+             AS v(id, status, retries, at, started, error)
+        WHERE r.id = v.id AND r.status < 3
+        RETURNING r.batch_id, r.status"""
+
+    def _apply_pg(self, conn: sa.Connection, progress: list[RunEvent],
+                  final: list[RunEvent]) -> list[tuple[str, RunStatus]]:
+        runs = self.t.runs.name
         if progress:
-            # a later attempt always wins; within one attempt RUNNING may become RETRYING, not back
+            conn.execute(sa.text(self._PG_PROGRESS.format(runs=runs)), {
+                "ids": [e.run_id for e in progress], "statuses": [int(e.status) for e in progress],
+                "retries": [e.retries for e in progress], "ats": [_ts(e.at) for e in progress],
+            })
+        if not final:
+            return []
+        rows = conn.execute(sa.text(self._PG_FINAL.format(runs=runs)), {
+            "ids": [e.run_id for e in final], "statuses": [int(e.status) for e in final],
+            "retries": [e.retries for e in final], "ats": [_ts(e.at) for e in final],
+            "starts": [_ts(e.started) for e in final], "errors": [e.error for e in final],
+        }).all()
+        return [(str(row.batch_id), RunStatus(row.status)) for row in rows]
+
+    def _apply_rows(self, conn: sa.Connection, progress: list[RunEvent],
+                    final: list[RunEvent]) -> list[tuple[str, RunStatus]]:
+        """The same conditions as the PostgreSQL statements, one row at a time (SQLite)."""
+        r = self.t.runs
+        unfinished = r.c.status < int(RunStatus.COMPLETED)
+        if progress:
             conn.execute(
                 sa.update(r)
-                .where(
-                    r.c.id == sa.bindparam("b_id"),
-                    r.c.status.notin_(final),
-                    sa.or_(
-                        r.c.retries < sa.bindparam("b_retries"),
-                        sa.and_(r.c.retries == sa.bindparam("b_retries"),
-                                r.c.status.in_([int(RunStatus.PENDING), int(RunStatus.RUNNING)])),
-                    ),
-                )
+                .where(r.c.id == sa.bindparam("b_id"), unfinished,
+                       sa.or_(r.c.retries < sa.bindparam("b_retries"),
+                              sa.and_(r.c.retries == sa.bindparam("b_retries"),
+                                      r.c.status <= int(RunStatus.RUNNING))))
                 .values(status=sa.bindparam("b_status"), retries=sa.bindparam("b_retries"),
-                        started_at=sa.func.coalesce(r.c.started_at, now)),
-                [{"b_id": e.run_id, "b_status": int(e.status), "b_retries": e.retries} for e in progress],
+                        started_at=sa.func.coalesce(r.c.started_at, sa.bindparam("b_at"))),
+                [{"b_id": e.run_id, "b_status": int(e.status), "b_retries": e.retries, "b_at": _ts(e.at)}
+                 for e in progress],
             )
-        counted: list[tuple[str, RunStatus]] = []
-        completed = [e.run_id for e in events if e.status == RunStatus.COMPLETED]
-        if completed:
-            rows = conn.execute(
-                sa.update(r).where(r.c.id.in_(completed), r.c.status.notin_(final))
-                .values(status=int(RunStatus.COMPLETED), finished_at=now).returning(r.c.batch_id)
-            ).all()
-            counted += [(row.batch_id, RunStatus.COMPLETED) for row in rows]
-        for e in events:  # failures carry their own error text; they are few
-            if e.status in (RunStatus.FAILED, RunStatus.CANCELLED):
-                row = conn.execute(
-                    sa.update(r).where(r.c.id == e.run_id, r.c.status.notin_(final))
-                    .values(status=int(e.status), finished_at=now, error=e.error).returning(r.c.batch_id)
-                ).first()
-                if row is not None:
-                    counted.append((row.batch_id, e.status))
-        return self._count(conn, counted, now)
+        counted = []
+        for e in final:
+            row = conn.execute(
+                sa.update(r).where(r.c.id == e.run_id, unfinished)
+                .values(status=int(e.status), finished_at=_ts(e.at), error=e.error,
+                        started_at=sa.func.coalesce(r.c.started_at, _ts(e.started)),
+                        retries=sa.case((r.c.retries > e.retries, r.c.retries), else_=e.retries))
+                .returning(r.c.batch_id)
+            ).first()
+            if row is not None:
+                counted.append((row.batch_id, e.status))
+        return counted
 
     def _count(self, conn: sa.Connection, finished_units: list[tuple[str, RunStatus | BatchStatus]],
                now: datetime) -> list[Message]:
@@ -304,7 +359,7 @@ class Store:
         r = self.t.runs
         since = sa.func.coalesce(r.c.started_at, r.c.created_at)
         q = (sa.select(r.c.id, since.label("since"))
-             .where(r.c.status.notin_([int(s) for s in FINAL_RUN_STATUSES]), r.c.published,
+             .where(r.c.status < int(RunStatus.COMPLETED), r.c.published,
                     r.c.created_at < older_than, since < older_than)
              .order_by(r.c.created_at).limit(limit))
         with self.engine.connect() as conn:

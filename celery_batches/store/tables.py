@@ -54,6 +54,7 @@ def build_tables(prefix: str) -> Tables:
         md,
         sa.Column("id", UUID, primary_key=True),  # = the Celery task id
         sa.Column("batch_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), nullable=False),
+        sa.Column("position", sa.Integer, nullable=False),  # enqueue order within the batch
         sa.Column("status", sa.SmallInteger, nullable=False),
         sa.Column("task_name", sa.String(255), nullable=False),
         sa.Column("args", sa.Text, nullable=False),  # kombu JSON
@@ -66,7 +67,7 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("error", sa.Text, nullable=True),
         sa.Column("retries", sa.Integer, nullable=False, default=0),
         sa.Column("published", sa.Boolean, nullable=False, default=False),
-        sa.Index(f"ix_{prefix}runs_batch", "batch_id"),
+        sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # the outbox and the reconciler only look at the few rows that are not done yet
         sa.Index(
             f"ix_{prefix}runs_unpublished",

@@ -40,8 +40,8 @@ class GroupCommit:
 
     def add(self, event: RunEvent) -> None:
         with self._cond:
-            if self._pid != os.getpid():
-                self._after_fork()
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                self._start()
             self._pending.append(event)
             if len(self._pending) == 1 or len(self._pending) >= self._max_events or self._interval == 0:
                 self._cond.notify_all()
@@ -73,15 +73,12 @@ class GroupCommit:
             self._closing = True
             self._cond.notify_all()
 
-    def reset_after_fork(self) -> None:
-        with self._cond:
-            self._after_fork()
-
-    def _after_fork(self) -> None:
-        # events buffered in the parent are the parent's to write; this process starts empty
-        self._pid = os.getpid()
-        self._pending = []
-        self._writing = 0
+    def _start(self) -> None:
+        if self._pid != os.getpid():
+            # a forked child: events buffered in the parent are the parent's to write
+            self._pid = os.getpid()
+            self._pending = []
+            self._writing = 0
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="celery_batches-groupcommit", daemon=True)
         self._thread.start()

@@ -5,7 +5,7 @@ ordinary ``task_failure`` run in the pool child with the request (and our header
 ``task_failure`` for a lost worker or a hard time limit runs in the worker's main process with no
 request, so there the run is found by its task id alone. Handlers are connected strongly
 (``weak=False``) with a ``dispatch_uid`` per ``Batches`` instance, and only act on tasks of
-their own app.
+their own app. Fork safety needs no signal: the engine and the group commit notice a new pid.
 """
 
 from __future__ import annotations
@@ -69,10 +69,6 @@ def connect(batches: "Batches") -> None:
         if getattr(sender, "app", None) is app and getattr(request, "id", None):
             add(RunEvent(request.id, RunStatus.CANCELLED, 0, "revoked"))
 
-    def on_process_init(**_: Any) -> None:
-        batches.engine.dispose(close=False)  # never share the parent's connections
-        batches._group_commit.reset_after_fork()
-
     def on_process_shutdown(**_: Any) -> None:
         batches._group_commit.close()
 
@@ -82,7 +78,6 @@ def connect(batches: "Batches") -> None:
         (signals.task_retry, on_retry),
         (signals.task_failure, on_failure),
         (signals.task_revoked, on_revoked),
-        (signals.worker_process_init, on_process_init),
         (signals.worker_process_shutdown, on_process_shutdown),
     ):
         signal.connect(handler, weak=False, dispatch_uid=f"{uid}:{handler.__name__}")

@@ -45,6 +45,7 @@ def upgrade(prefix: str) -> None:
         f"{p}runs",
         sa.Column("id", UUID, primary_key=True),
         sa.Column("batch_id", UUID, sa.ForeignKey(f"{p}batches.id"), nullable=False),
+        sa.Column("position", sa.Integer, nullable=False),
         sa.Column("status", sa.SmallInteger, nullable=False),
         sa.Column("task_name", sa.String(255), nullable=False),
         sa.Column("args", sa.Text, nullable=False),
@@ -58,7 +59,7 @@ def upgrade(prefix: str) -> None:
         sa.Column("retries", sa.Integer, nullable=False),
         sa.Column("published", sa.Boolean, nullable=False),
     )
-    op.create_index(f"ix_{p}runs_batch", f"{p}runs", ["batch_id"])
+    op.create_index(f"ix_{p}runs_batch", f"{p}runs", ["batch_id", "position"], unique=True)
     op.create_index(
         f"ix_{p}runs_unpublished", f"{p}runs", ["created_at"],
         postgresql_where=sa.text("NOT published"), sqlite_where=sa.text("NOT published"),

@@ -1,0 +1,32 @@
+"""The Celery app the benchmarks run in one real ``celery worker -P prefork -c 2``."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from celery import Celery
+
+from celery_batches import Batches
+
+env = os.environ.get
+REDIS = env("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
+app = Celery("benchapp", broker=REDIS, backend=REDIS)
+app.conf.update(task_default_queue=env("BENCH_QUEUE", "celery_batches_bench"), worker_hijack_root_logger=False,
+                broker_connection_retry_on_startup=True)
+batches = Batches(app, database_url=env("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+                  table_prefix=env("BENCH_PREFIX", "cbbench_"),
+                  flush_interval=float(env("BENCH_FLUSH_INTERVAL", "0")) or None)  # None: the default
+r = redis.Redis.from_url(REDIS)
+
+
+@batches.task
+def noop(key: str) -> None:
+    """The task all three ways run: it bumps a Redis counter (the floor reads it)."""
+    r.incr(key)
+
+
+@app.task
+def done(*_: object, key: str) -> None:
+    """Chord callback and batch continuation: marks the moment everything finished."""
+    r.set(key, 1)

@@ -1,0 +1,170 @@
+"""End-to-end throughput: N no-op tasks as plain delay() (the floor), a Celery chord, and a batch.
+
+Starts one real ``celery worker -P prefork -c 2`` and runs the three ways against it, each timed
+from the first call to the moment its counter/callback/continuation ran. Then times committing
+a 10,000-job batch and measures the peak memory of creating a 100,000-job batch.
+
+    python benchmarks/e2e.py [-n 10000] [--rounds 1]
+
+Needs Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, database ``test``); override with
+BENCH_REDIS_URL / BENCH_DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.benchapp import app, batches, done, noop, r  # noqa: E402
+from celery import chord  # noqa: E402
+
+
+def wait_for(predicate, timeout: float = 600.0) -> float:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step did not finish in time")
+        time.sleep(0.002)
+    return time.perf_counter()
+
+
+def floor(n: int) -> float:
+    key = f"bench:floor:{uuid.uuid4()}"
+    t0 = time.perf_counter()
+    for _ in range(n):
+        noop.delay(key)
+    return wait_for(lambda: int(r.get(key) or 0) >= n) - t0
+
+
+def with_chord(n: int) -> float:
+    key, flag = f"bench:chord:{uuid.uuid4()}", f"bench:chord-done:{uuid.uuid4()}"
+    t0 = time.perf_counter()
+    chord(noop.s(key) for _ in range(n))(done.s(key=flag))
+    return wait_for(lambda: r.exists(flag)) - t0
+
+
+def with_batch(n: int) -> float:
+    key, flag = f"bench:batch:{uuid.uuid4()}", f"bench:batch-done:{uuid.uuid4()}"
+    t0 = time.perf_counter()
+    with batches.batch("bench") as b:
+        for _ in range(n):
+            b.enqueue(noop, key)
+        b.on_complete(done, key=flag)
+    return wait_for(lambda: r.exists(flag)) - t0
+
+
+def commit_time(n: int) -> tuple[float, float]:
+    """Seconds to build a batch of n jobs in memory, and to write and commit it (no publishing).
+
+    It writes to a scratch registry (its own table prefix, dropped afterwards), so the worker's
+    relay never sees these never-published runs.
+    """
+    from celery_batches import Batches
+    from celery_batches.builder import BatchBuilder
+    from celery_batches.store import drop_schema, utcnow
+
+    scratch = Batches(app, database_url=str(batches.engine.url.render_as_string(hide_password=False)),
+                      table_prefix="cbbench_scratch_")
+    scratch.migrate()
+    try:
+        t0 = time.perf_counter()
+        builder = BatchBuilder(app, "bench-commit")
+        for i in range(n):
+            builder.enqueue(noop, f"k{i}")
+        plan = builder._close()
+        t1 = time.perf_counter()
+        with scratch.engine.begin() as conn:
+            scratch.store.insert_tree(conn, plan, utcnow())
+        return t1 - t0, time.perf_counter() - t1
+    finally:
+        drop_schema(scratch.engine, scratch.settings.table_prefix)
+
+
+MEMORY_PROBE = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from benchmarks.benchapp import app, batches, noop
+app.conf.task_default_queue = {queue!r}
+with batches.engine.connect():
+    pass
+with app.connection_for_write() as c:
+    c.ensure_connection()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with batches.batch("bench-memory") as b:
+    for i in range({n}):
+        b.enqueue(noop, "bench:memory")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+
+
+def peak_memory_mb(n: int) -> float:
+    """Peak RSS growth (MB) of a fresh process creating an n-job batch, publishing included."""
+    queue = f"bench-memory-{uuid.uuid4().hex[:8]}"
+    code = MEMORY_PROBE.format(root=str(ROOT), queue=queue, n=n)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    r.delete(queue)  # nobody consumes that queue
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def start_worker() -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "benchmarks.benchapp", "worker", "-P", "prefork", "-c", "2",
+         "-l", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    key = f"bench:ready:{uuid.uuid4()}"
+    noop.delay(key)
+    wait_for(lambda: r.exists(key), timeout=60)
+    return proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--memory-jobs", type=int, default=100_000)
+    args = parser.parse_args()
+
+    from celery_batches.store import drop_schema
+
+    drop_schema(batches.engine, batches.settings.table_prefix)  # a fresh registry: nothing left to relay
+    batches.migrate()
+    r.delete(app.conf.task_default_queue)
+    worker = start_worker()
+    results: dict[str, list[float]] = {"floor": [], "chord": [], "batch": []}
+    try:
+        for rnd in range(args.rounds):
+            for name, run in (("floor", floor), ("chord", with_chord), ("batch", with_batch)):
+                seconds = run(args.n)
+                results[name].append(seconds)
+                print(f"round {rnd + 1}: {name:5s} {seconds:7.2f} s  {args.n / seconds:7.0f} tasks/s", flush=True)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\nN = {args.n} no-op tasks, one worker -P prefork -c 2, median of {args.rounds} round(s)")
+    for name in ("floor", "chord", "batch"):
+        print(f"  {name:5s} {med[name]:7.2f} s  {args.n / med[name]:7.0f} tasks/s  {med[name] / med['floor']:.2f}x floor")
+    print(f"  batch / floor = {med['batch'] / med['floor']:.3f}  (target <= 1.15)")
+    print(f"  chord / batch = {med['chord'] / med['batch']:.3f}  (target >= 1.4)")
+
+    build, commit = commit_time(10_000)
+    print(f"\nbuild a 10,000-job batch in memory: {build:.3f} s; commit it on "
+          f"{batches.engine.dialect.name}: {commit:.3f} s  (target <= 0.5 s)")
+    mem = peak_memory_mb(args.memory_jobs)
+    print(f"peak memory creating a {args.memory_jobs:,}-job batch: +{mem:.0f} MB over baseline  (target <= 200 MB)")
+
+
+if __name__ == "__main__":
+    main()
