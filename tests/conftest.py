@@ -1,0 +1,136 @@
+"""Fixtures for the integration tests: real PostgreSQL, real Redis, real ``celery worker`` processes.
+
+Every session gets its own table prefix, queue and Redis database keys, set in the environment
+before ``tests.proj`` is imported, so the workers the fixtures start (which import the same
+module) see the same configuration. A missing service skips these tests locally and fails them
+when ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SESSION = uuid.uuid4().hex[:8]
+os.environ.setdefault("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+os.environ.setdefault("TEST_BROKER_URL", "redis://127.0.0.1:6379/9")
+os.environ.setdefault("TEST_BACKEND_URL", "redis://127.0.0.1:6379/9")
+os.environ.setdefault("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+os.environ["TEST_PREFIX"] = f"cbt_{SESSION}_"
+os.environ["TEST_QUEUE"] = f"cbt-{SESSION}"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    missing = [name for name, port in (("PostgreSQL", 5432), ("Redis", 6379)) if not _answers("127.0.0.1", port)]
+    if missing:
+        message = f"{' and '.join(missing)} not answering on 127.0.0.1"
+        if IN_CI:
+            pytest.fail(f"{message}: in CI a missing service fails the test")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def proj(services: None) -> Any:
+    """The test app module, with a fresh registry schema for this session (dropped afterwards)."""
+    from celery_batches.store import drop_schema
+    from tests import proj
+
+    proj.batches.migrate()
+    yield proj
+    drop_schema(proj.batches.engine, proj.batches.settings.table_prefix)
+    proj.r.delete(os.environ["TEST_QUEUE"])
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Worker:
+    """A real ``celery -A tests.proj worker -P prefork -c 2`` process."""
+
+    def __init__(self, proj: Any, queue: str, **env: str) -> None:
+        self.proj = proj
+        self.queue = queue
+        self.log = Path(f"/tmp/celery_batches-worker-{SESSION}-{queue}.log")
+        environ = dict(os.environ, TEST_QUEUE=queue, PYTHONPATH=str(ROOT), **env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tests.proj", "worker", "-P", "prefork", "-c", "2",
+             "-Q", queue, "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+             "-n", f"{queue}@%h"],
+            cwd=ROOT, env=environ, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        tag = f"ready:{uuid.uuid4()}"
+        proj.noop.apply_async((tag,), queue=queue)
+        eventually(lambda: proj.r.exists(tag) or self.proc.poll() is not None, "the worker to start", 60)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited at start:\n{self.log.read_text()[-3000:]}")
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
+    def kill_children(self) -> list[int]:
+        pids = self.children()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def worker(proj: Any) -> Worker:
+    """The session's shared worker, consuming the session queue."""
+    w = Worker(proj, os.environ["TEST_QUEUE"])
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def start_worker(proj: Any) -> Callable[..., Worker]:
+    """Start a dedicated worker on its own queue (for tests that kill or reconfigure it)."""
+    started: list[Worker] = []
+
+    def start(**env: str) -> Worker:
+        w = Worker(proj, f"cbt-{SESSION}-{uuid.uuid4().hex[:6]}", **env)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

@@ -1,0 +1,320 @@
+"""End-to-end flows against real PostgreSQL, Redis and ``celery worker -P prefork -c 2`` processes."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import sqlalchemy as sa
+
+from celery_batches import BatchStatus, InvalidBatchError, RunStatus
+from celery_batches.builder import Message
+from celery_batches.models import ContinuationStatus
+from celery_batches.publish import publish
+from tests.conftest import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+WAIT = 60.0
+
+
+def tag(label: str) -> str:
+    return f"t:{label}:{uuid.uuid4().hex}"
+
+
+def count(proj, key: str) -> int:
+    return int(proj.r.get(key) or 0)
+
+
+def drain(proj, queue: str | None = None) -> None:
+    """Wait until everything published so far on the queue has been taken by the worker.
+
+    Sentinels go in behind it (Redis lists are FIFO); once all of them ran, every earlier message
+    was received, and anything as quick as a continuation has run.
+    """
+    key = tag("drain")
+    for _ in range(4):
+        proj.plain.apply_async((key,), queue=queue or proj.app.conf.task_default_queue)
+    eventually(lambda: count(proj, key) == 4, "the queue to drain", WAIT)
+
+
+def continuations(proj, batch_id: str) -> dict[str, ContinuationStatus]:
+    return {c.kind.value: c.status for c in proj.batches.get_continuations(batch_id)}
+
+
+def fired_once(proj, key: str) -> None:
+    eventually(lambda: count(proj, key) >= 1, f"continuation {key}", WAIT)
+    drain(proj)
+    assert count(proj, key) == 1
+
+
+def with_continuations(b, proj) -> dict[str, str]:
+    keys = {kind: tag(kind) for kind in ("success", "failure", "complete")}
+    b.on_success(proj.record, keys["success"])
+    b.on_failure(proj.record.s(keys["failure"]))
+    b.on_complete("tests.proj.record", keys["complete"])
+    return keys
+
+
+def test_seed_order_example(proj, worker):
+    seen = tag("seen")
+    with proj.batches.batch("process-order-123", created_by="checkout") as b:
+        b.enqueue(proj.noop, seen)
+        b.enqueue(proj.noop.s(seen).set(queue=worker.queue))
+        b.enqueue("tests.proj.noop", tag=seen)
+        with b.batch("payment-processing") as payment:
+            payment.enqueue(proj.noop, seen)
+            payment.enqueue(proj.plain, seen)
+        keys = with_continuations(b, proj)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.total_jobs, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 4, 4, 0)
+    assert done.progress == 1.0 and done.created_by == "checkout"
+    assert done.expires_at - done.completed_at == proj.batches.settings.expires
+    [child] = proj.batches.list_batches(parent_id=b.id)
+    assert (child.name, child.status, child.total_jobs, child.completed_jobs) == (
+        "payment-processing", BatchStatus.COMPLETED, 2, 2)
+    jobs = proj.batches.get_batch_jobs(b.id)
+    assert [j.order for j in jobs] == [0, 1, 2] and all(j.status == RunStatus.COMPLETED for j in jobs)
+    assert jobs[2].kwargs == {"tag": seen} and jobs[1].queue == worker.queue
+    assert all(j.started_at and j.finished_at and j.started_at <= j.finished_at for j in jobs)
+    fired_once(proj, keys["success"])
+    fired_once(proj, keys["complete"])
+    assert count(proj, keys["failure"]) == 0
+    assert continuations(proj, b.id) == {"success": ContinuationStatus.DISPATCHED,
+                                         "complete": ContinuationStatus.DISPATCHED,
+                                         "failure": ContinuationStatus.SKIPPED}
+    assert count(proj, seen) == 5
+
+
+def test_failing_member_fails_the_batch(proj, worker):
+    with proj.batches.batch("fails") as b:
+        b.enqueue(proj.add, 1, 2)
+        bad = b.enqueue(proj.fail)
+        keys = with_continuations(b, proj)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 1, 1)
+    failed = [j for j in proj.batches.get_batch_jobs(b.id) if j.id == bad][0]
+    assert failed.status == RunStatus.FAILED and "fails on purpose" in failed.error
+    fired_once(proj, keys["failure"])
+    fired_once(proj, keys["complete"])
+    assert count(proj, keys["success"]) == 0
+    assert continuations(proj, b.id)["success"] == ContinuationStatus.SKIPPED
+
+
+def test_retry_then_success_counts_once(proj, worker):
+    attempts = tag("attempts")
+    with proj.batches.batch("retries") as b:
+        b.enqueue(proj.flaky, attempts, 2)
+        keys = with_continuations(b, proj)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 1, 0)
+    [job] = proj.batches.get_batch_jobs(b.id)
+    assert job.status == RunStatus.COMPLETED and job.retries == 2 and count(proj, attempts) == 3
+    fired_once(proj, keys["success"])
+
+
+def test_retries_exhausted_counts_one_failure(proj, worker):
+    attempts = tag("attempts")
+    with proj.batches.batch("exhausted") as b:
+        b.enqueue(proj.always_retry, attempts)
+        keys = with_continuations(b, proj)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 0, 1)
+    [job] = proj.batches.get_batch_jobs(b.id)
+    assert job.status == RunStatus.FAILED and job.retries == 2 and "still broken" in job.error
+    assert count(proj, attempts) == 3  # max_retries=2: three attempts
+    fired_once(proj, keys["failure"])
+
+
+def test_hard_time_limit_counts_once(proj, worker):
+    """Celery 5.7 sends task_failure twice (main process) for a hard time limit: counted once."""
+    ran = tag("overrun")
+    with proj.batches.batch("time-limit") as b:
+        b.enqueue(proj.overrun, ran)
+        b.enqueue(proj.add, 1, 1)
+        keys = with_continuations(b, proj)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.total_jobs, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 2, 1, 1)
+    job = proj.batches.get_batch_jobs(b.id)[0]
+    assert job.status == RunStatus.FAILED and "TimeLimitExceeded" in job.error
+    fired_once(proj, keys["failure"])
+    assert proj.batches.get_batch(b.id).failed_jobs == 1
+
+
+def test_message_delivered_twice_counts_once(proj, worker):
+    ran = tag("ran")
+    with proj.batches.batch("duplicate") as b:
+        run_id = b.enqueue(proj.sleep_then, 0.3, ran)
+        b.enqueue(proj.add, 1, 1)
+        keys = with_continuations(b, proj)
+    job = proj.batches.get_batch_jobs(b.id)[0]
+    # the same message again: same task id, same batch header (what a redelivery or a relay republish sends)
+    assert publish(proj.app, [Message(run_id, job.task_name, "[0.3]", f'{{"tag": "{ran}"}}', None, b.id)])
+    eventually(lambda: count(proj, ran) == 2, "both deliveries to run", WAIT)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.total_jobs, done.completed_jobs) == (BatchStatus.COMPLETED, 2, 2)
+    fired_once(proj, keys["success"])
+    assert proj.batches.get_batch(b.id).completed_jobs == 2
+
+
+def test_nested_failure_propagates_to_the_parent(proj, worker):
+    with proj.batches.batch("parent") as b:
+        b.enqueue(proj.add, 1, 1)
+        with b.batch("child") as child:
+            child.enqueue(proj.add, 2, 2)
+            with child.batch("grandchild") as grandchild:
+                grandchild.enqueue(proj.fail)
+            child_keys = with_continuations(child, proj)
+        keys = with_continuations(b, proj)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.total_jobs, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 2, 1, 1)
+    c = proj.batches.get_batch(child.id)
+    assert (c.status, c.total_jobs, c.completed_jobs, c.failed_jobs) == (BatchStatus.FAILED, 2, 1, 1)
+    assert proj.batches.get_batch(grandchild.id).status == BatchStatus.FAILED
+    fired_once(proj, child_keys["failure"])
+    fired_once(proj, keys["failure"])
+    assert count(proj, keys["success"]) == count(proj, child_keys["success"]) == 0
+
+
+def test_empty_batch_completes_at_once(proj, worker):
+    with proj.batches.batch("empty") as b:
+        keys = with_continuations(b, proj)
+    now = proj.batches.get_batch(b.id)
+    assert (now.status, now.total_jobs, now.progress) == (BatchStatus.COMPLETED, 0, 1.0)
+    fired_once(proj, keys["success"])
+    fired_once(proj, keys["complete"])
+    assert count(proj, keys["failure"]) == 0
+
+
+@pytest.mark.slow
+def test_last_two_members_finishing_together_fire_one_continuation(proj, worker):
+    """Two members released by a barrier finish at the same instant on the two pool processes."""
+    created = []
+    for _ in range(15):
+        barrier = tag("barrier")
+        with proj.batches.batch("photo-finish") as b:
+            b.enqueue(proj.barrier, barrier, 2)
+            b.enqueue(proj.barrier, barrier, 2)
+            keys = with_continuations(b, proj)
+        created.append((b.id, keys))
+        done = proj.batches.wait(b.id, timeout=WAIT)
+        assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 2)
+    drain(proj)
+    for batch_id, keys in created:
+        assert count(proj, keys["success"]) == 1, batch_id
+        assert count(proj, keys["complete"]) == 1, batch_id
+        assert count(proj, keys["failure"]) == 0, batch_id
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_batches_have_exact_counters(proj, worker):
+    def create(i: int) -> tuple[str, dict[str, str]]:
+        with proj.batches.batch(f"concurrent-{i}") as b:
+            for j in range(8):
+                b.enqueue(proj.add, i, j)
+            for _ in range(i % 3):  # 0, 1 or 2 failures
+                b.enqueue(proj.fail)
+            with b.batch("inner") as inner:
+                inner.enqueue(proj.add, 0, 0)
+            keys = with_continuations(b, proj)
+        return b.id, keys
+
+    with ThreadPoolExecutor(10) as pool:
+        created = list(pool.map(create, range(50)))
+    for i, (batch_id, keys) in enumerate(created):
+        done = proj.batches.wait(batch_id, timeout=WAIT)
+        failures = i % 3
+        assert (done.total_jobs, done.completed_jobs, done.failed_jobs, done.cancelled_jobs) == (
+            8 + failures + 1, 9, failures, 0), done
+        assert done.status == (BatchStatus.FAILED if failures else BatchStatus.COMPLETED)
+    drain(proj)
+    for i, (batch_id, keys) in enumerate(created):
+        expected = "failure" if i % 3 else "success"
+        assert count(proj, keys[expected]) == 1 and count(proj, keys["complete"]) == 1, batch_id
+        assert count(proj, keys["failure" if expected == "success" else "success"]) == 0, batch_id
+
+
+def _rows(proj, name: str) -> int:
+    t = proj.batches.store.t
+    with proj.batches.engine.connect() as conn:
+        ids = sa.select(t.batches.c.id).where(t.batches.c.name == name)
+        return sum(conn.scalar(sa.select(sa.func.count()).select_from(table).where(column.in_(ids)))
+                   for table, column in ((t.batches, t.batches.c.id), (t.runs, t.runs.c.batch_id),
+                                         (t.batch_jobs, t.batch_jobs.c.batch_id),
+                                         (t.continuations, t.continuations.c.batch_id)))
+
+
+@pytest.mark.parametrize("failure", ["bad 5th job", "exception in block"])
+def test_atomic_creation_writes_and_runs_nothing_on_error(proj, worker, failure):
+    name, ran = f"atomic-{uuid.uuid4().hex}", tag("ran")
+    expected = InvalidBatchError if failure == "bad 5th job" else RuntimeError
+    with pytest.raises(expected) as info:
+        with proj.batches.batch(name) as b:
+            for _ in range(4):
+                b.enqueue(proj.noop, ran)
+            with b.batch("nested") as nested:
+                nested.enqueue(proj.noop, ran)
+            b.on_success(proj.record, ran)
+            if failure == "bad 5th job":
+                b.enqueue(proj.noop, object())
+            raise RuntimeError("the caller's code failed")
+    if failure == "bad 5th job":
+        assert "job #5" in str(info.value)
+    assert _rows(proj, name) == 0
+    drain(proj)
+    assert count(proj, ran) == 0
+
+
+def test_current_batch_id_inside_a_member(proj, worker):
+    key = tag("whoami")
+    with proj.batches.batch("who") as b:
+        with b.batch("inner") as inner:
+            inner.enqueue(proj.whoami, key)
+    proj.batches.wait(b.id, timeout=WAIT)
+    assert proj.r.get(key).decode() == inner.id
+
+
+@pytest.mark.slow
+def test_group_commit_lost_with_a_killed_pool_process_is_recovered(proj, start_worker):
+    """Completions held in a pool process's group-commit buffer die with it (SIGKILL); the
+    reconciler recovers them from the result backend, each counted once."""
+    w = start_worker(TEST_FLUSH_INTERVAL="3600", TEST_FLUSH_MAX="100000",
+                     TEST_RELAY_INTERVAL="0.5", TEST_RECONCILE_GRACE="1")
+    ran = tag("ran")
+    with proj.batches.batch("recovered") as b:
+        ids = [b.enqueue(proj.noop.s(ran).set(queue=w.queue)) for _ in range(6)]
+        b.on_success(proj.record.s(tag("unused")).set(queue=w.queue))
+        b.on_complete(proj.record.s(key := tag("complete")).set(queue=w.queue))
+    eventually(lambda: all(proj.app.AsyncResult(i).state == "SUCCESS" for i in ids), "results stored", WAIT)
+    assert count(proj, ran) == 6
+    assert proj.batches.get_batch(b.id).completed_jobs == 0  # still in the pool processes' buffers
+    assert w.kill_children()
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 6, 0)
+    eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
+    drain(proj, w.queue)
+    assert count(proj, key) == 1 and count(proj, ran) == 6
+    assert "runs_reconciled=" in w.log.read_text()
+
+
+@pytest.mark.slow
+def test_relay_publishes_runs_a_dead_producer_left_unpublished(proj, start_worker):
+    """Commit without publishing (what a producer killed between the two leaves behind):
+    the relay publishes each run once after the grace period."""
+    from celery_batches.builder import BatchBuilder
+    from celery_batches.store import utcnow
+
+    w = start_worker(TEST_RELAY_INTERVAL="0.5", TEST_RELAY_GRACE="1")
+    ran, key = tag("ran"), tag("complete")
+    builder = BatchBuilder(proj.app, "orphaned")
+    for _ in range(5):
+        builder.enqueue(proj.noop.s(ran).set(queue=w.queue))
+    builder.on_complete(proj.record.s(key).set(queue=w.queue))
+    with proj.batches.engine.begin() as conn:
+        proj.batches.store.insert_tree(conn, builder._close(), utcnow())
+    done = proj.batches.wait(builder.id, timeout=WAIT)
+    assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 5)
+    eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
+    drain(proj, w.queue)
+    assert count(proj, ran) == 5 and count(proj, key) == 1
+    assert "runs_published=5" in w.log.read_text()
