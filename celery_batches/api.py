@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
-from celery import Celery
-from celery._state import get_current_task
+from celery import Celery, current_task
 
 from .builder import BatchBuilder, Message
-from .errors import BatchNotFoundError
+from .errors import BatchNotFoundError, InvalidBatchError
 from .models import Batch, BatchStatus, Continuation, JobRun
 from .publish import HEADER, publish
 from .settings import Settings
@@ -28,8 +28,16 @@ log = logging.getLogger(__name__)
 
 def current_batch_id() -> str | None:
     """Inside a running batch member: its batch id. Anywhere else: None."""
-    task = get_current_task()
+    task = current_task._get_current_object()  # None outside a task
     return getattr(task.request, HEADER, None) if task is not None else None
+
+
+def _batch_id(value: object) -> str:
+    """Batch ids are UUIDs; anything else is a caller's mistake, not an unknown batch."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise InvalidBatchError(f"{value!r} is not a batch id (a UUID)") from None
 
 
 class Batches:
@@ -126,24 +134,31 @@ class Batches:
 
     # -- reads -------------------------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> Batch | None:
-        return self.store.get_batch(str(batch_id))
+        return self.store.get_batch(_batch_id(batch_id))
 
     def get_batch_jobs(self, batch_id: str) -> list[JobRun]:
         """The batch's direct jobs in enqueue order."""
-        return self.store.get_jobs(str(batch_id))
+        return self.store.get_jobs(_batch_id(batch_id))
 
     def get_continuations(self, batch_id: str) -> list[Continuation]:
-        return self.store.get_continuations(str(batch_id))
+        return self.store.get_continuations(_batch_id(batch_id))
 
-    def list_batches(self, *, status: BatchStatus | None = None, parent_id: str | None = None,
+    def list_batches(self, *, status: BatchStatus | int | None = None, parent_id: str | None = None,
                      name: str | None = None, limit: int = 50, offset: int = 0) -> list[Batch]:
         """Newest first; top-level batches unless ``parent_id`` is given; ``name`` matches a substring."""
-        return self.store.list_batches(status=None if status is None else BatchStatus(status),
-                                       parent_id=parent_id, name=name, limit=limit, offset=offset)
+        if not (isinstance(limit, int) and isinstance(offset, int) and limit >= 0 and offset >= 0):
+            raise InvalidBatchError(f"limit and offset must be non-negative integers, got {limit!r}, {offset!r}")
+        try:
+            wanted = None if status is None else BatchStatus(status)
+        except ValueError:
+            raise InvalidBatchError(f"{status!r} is not a BatchStatus") from None
+        return self.store.list_batches(status=wanted, parent_id=None if parent_id is None else _batch_id(parent_id),
+                                       name=name, limit=limit, offset=offset)
 
     def wait(self, batch_id: str, timeout: float | None = None) -> Batch:
         """Poll until the batch is finished; raises ``TimeoutError`` after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        batch_id = _batch_id(batch_id)
         while True:
             batch = self.get_batch(batch_id)
             if batch is None:

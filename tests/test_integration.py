@@ -318,3 +318,40 @@ def test_relay_publishes_runs_a_dead_producer_left_unpublished(proj, start_worke
     drain(proj, w.queue)
     assert count(proj, ran) == 5 and count(proj, key) == 1
     assert "runs_published=5" in w.log.read_text()
+
+
+def test_migrate_from_many_processes_at_once(proj):
+    """Several processes migrating a fresh schema at the same time: all succeed, one schema."""
+    import subprocess
+    import sys
+
+    from celery_batches.store import drop_schema
+
+    prefix = f"cbt_mig_{uuid.uuid4().hex[:6]}_"
+    code = ("import sys; from celery import Celery; from celery_batches import Batches; "
+            f"Batches(Celery('m'), database_url={str(proj.batches.engine.url.render_as_string(False))!r}, "
+            f"table_prefix={prefix!r}).migrate(); print('migrated')")
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+        with proj.batches.engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+            version = conn.exec_driver_sql(f"SELECT version_num FROM {prefix}alembic_version").scalars().all()
+        assert {f"{prefix}{t}" for t in ("batches", "runs", "batch_jobs", "batch_continuations")} <= tables
+        assert version == ["0001"]
+    finally:
+        drop_schema(proj.batches.engine, prefix)
+
+
+def test_malformed_ids_and_arguments_are_refused(proj):
+    with pytest.raises(InvalidBatchError):
+        proj.batches.get_batch("not-a-uuid")
+    with pytest.raises(InvalidBatchError):
+        proj.batches.wait("42", timeout=1)
+    with pytest.raises(InvalidBatchError):
+        proj.batches.list_batches(limit=-1)
+    with pytest.raises(InvalidBatchError):
+        proj.batches.list_batches(status=9)
+    assert proj.batches.get_batch(str(uuid.uuid4())) is None

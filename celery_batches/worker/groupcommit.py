@@ -34,13 +34,14 @@ class GroupCommit:
         self._pending: list[RunEvent] = []
         self._writing = 0  # events taken by the thread and not yet committed
         self._pid = 0
-        self._thread: threading.Thread | None = None
+        self._running = False  # a writer thread serves this process (it clears this as it exits)
         self._closing = False
+        self._urgent = 0  # callers blocked in flush(): skip the wait that lets a group fill up
         atexit.register(self.close)
 
     def add(self, event: RunEvent) -> None:
         with self._cond:
-            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+            if self._pid != os.getpid() or not self._running:
                 self._start()
             self._pending.append(event)
             if len(self._pending) == 1 or len(self._pending) >= self._max_events or self._interval == 0:
@@ -52,17 +53,21 @@ class GroupCommit:
         with self._cond:
             if self._pid != os.getpid():
                 return True
+            self._urgent += 1
             self._cond.notify_all()
-            while self._pending or self._writing:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._cond.wait(remaining if remaining is not None else 1.0)
-            return True
+            try:
+                while self._pending or self._writing:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                return True
+            finally:
+                self._urgent -= 1
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is buffered (bounded by ``timeout``) and stop the thread."""
-        if self._pid != os.getpid() or self._thread is None:
+        if self._pid != os.getpid() or not self._running:
             return
         if not self.flush(timeout):
             with self._cond:
@@ -80,8 +85,8 @@ class GroupCommit:
             self._pending = []
             self._writing = 0
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="celery_batches-groupcommit", daemon=True)
-        self._thread.start()
+        self._running = True
+        threading.Thread(target=self._run, name="celery_batches-groupcommit", daemon=True).start()
 
     def _run(self) -> None:
         while True:
@@ -89,8 +94,10 @@ class GroupCommit:
                 while not self._pending and not self._closing:
                     self._cond.wait()
                 if self._closing and not self._pending:
+                    self._running = False
                     return
-                if len(self._pending) < self._max_events and self._interval > 0 and not self._closing:
+                if (len(self._pending) < self._max_events and self._interval > 0
+                        and not self._closing and not self._urgent):
                     self._cond.wait(self._interval)  # let the group fill up
                 group, self._pending = self._pending, []
                 self._writing = len(group)

@@ -1,0 +1,124 @@
+"""The seed's order example, end to end.
+
+With no configuration it runs on a fresh machine with no services: the registry is a SQLite file
+(``celery_batches.sqlite3`` in the working directory), the broker is Celery's in-memory transport
+and a worker runs in this process. Run it with::
+
+    python examples/order_pipeline.py
+
+With ``CELERY_BROKER_URL`` and ``CELERY_BATCHES_DATABASE_URL`` set, it uses Redis (or RabbitMQ)
+and PostgreSQL instead, and expects a worker started separately::
+
+    export CELERY_BROKER_URL=redis://127.0.0.1:6379/0
+    export CELERY_BATCHES_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/test
+    celery -A examples.order_pipeline worker -l INFO      # in another terminal
+    python examples/order_pipeline.py
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import threading
+import time
+import warnings
+
+from celery import Celery
+from celery.exceptions import SecurityWarning
+
+from celery_batches import Batches, BatchStatus
+
+EMBEDDED = not os.environ.get("CELERY_BROKER_URL")
+
+app = Celery("shop", broker=os.environ.get("CELERY_BROKER_URL", "memory://localhost/"))
+app.conf.update(worker_hijack_root_logger=False, worker_redirect_stdouts=False,
+                broker_connection_retry_on_startup=True,
+                broker_transport_options={"polling_interval": 0.05} if EMBEDDED else {})
+# database URL: CELERY_BATCHES_DATABASE_URL if set, else the embedded SQLite default
+batches = Batches(app)
+
+
+def work(step: str, order_id: int) -> str:
+    time.sleep(random.uniform(0.1, 0.4))  # pretend to do something
+    return f"{step} done for order {order_id}"
+
+
+@batches.task(name="shop.validate_order")
+def validate_order(order_id: int) -> str:
+    return work("validation", order_id)
+
+
+@batches.task(name="shop.check_inventory")
+def check_inventory(order_id: int) -> str:
+    return work("inventory check", order_id)
+
+
+@batches.task(name="shop.calculate_shipping")
+def calculate_shipping(order_id: int) -> str:
+    return work("shipping", order_id)
+
+
+@batches.task(name="shop.process_payment")
+def process_payment(order_id: int) -> str:
+    return work("payment", order_id)
+
+
+@batches.task(name="shop.send_receipt")
+def send_receipt(order_id: int) -> str:
+    return work("receipt", order_id)
+
+
+@app.task(name="shop.complete_order")
+def complete_order(order_id: int) -> None:
+    print(f"  -> continuation: order {order_id} is complete (on_success)", flush=True)
+
+
+@app.task(name="shop.notify_failure")
+def notify_failure(order_id: int) -> None:
+    print(f"  -> continuation: order {order_id} failed (on_failure)", flush=True)
+
+
+def start_embedded_worker() -> None:
+    warnings.filterwarnings("ignore", category=SecurityWarning)  # the demo may well run as root
+    worker = app.Worker(pool="threads", concurrency=4, loglevel="WARNING", without_heartbeat=True,
+                        without_mingle=True, without_gossip=True, quiet=True)
+    threading.Thread(target=worker.start, name="embedded-worker", daemon=True).start()
+
+
+def main() -> int:
+    batches.migrate()
+    if EMBEDDED:
+        start_embedded_worker()
+    order_id = 123
+    with batches.batch(f"process-order-{order_id}", created_by="checkout") as b:
+        b.enqueue(validate_order, order_id)
+        b.enqueue(check_inventory, order_id)
+        b.enqueue(calculate_shipping, order_id)
+        with b.batch("payment-processing") as payment:
+            payment.enqueue(process_payment, order_id)
+            payment.enqueue(send_receipt, order_id)
+        b.on_success(complete_order, order_id)
+        b.on_failure(notify_failure, order_id)
+    print(f"created batch {b.id} ({batches.settings.database_url})")
+
+    deadline = time.monotonic() + 60
+    batch = batches.get_batch(b.id)
+    while batch is not None and not batch.is_finished and time.monotonic() < deadline:
+        print(f"  {batch.name}: {batch.status.name:9s} {batch.completed_jobs}/{batch.total_jobs} done "
+              f"({batch.progress:4.0%})", flush=True)
+        time.sleep(0.3)
+        batch = batches.get_batch(b.id)
+    batch = batches.wait(b.id, timeout=max(deadline - time.monotonic(), 1))
+    print(f"batch {batch.name}: {batch.status.name}, total={batch.total_jobs} completed={batch.completed_jobs} "
+          f"failed={batch.failed_jobs} cancelled={batch.cancelled_jobs}")
+    for child in batches.list_batches(parent_id=b.id):
+        print(f"  nested {child.name}: {child.status.name}, {child.completed_jobs}/{child.total_jobs} completed")
+    for job in batches.get_batch_jobs(b.id):
+        print(f"  job #{job.order} {job.task_name}{tuple(job.args)}: {job.status.name}")
+    time.sleep(0.5 if EMBEDDED else 0)  # let the embedded worker print the continuation
+    return 0 if batch.status == BatchStatus.COMPLETED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
