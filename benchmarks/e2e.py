@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -91,29 +90,44 @@ def commit_time(n: int) -> tuple[float, float]:
 
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 from benchmarks.benchapp import app, batches, noop
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 app.conf.task_default_queue = {queue!r}
 with batches.engine.connect():
     pass
 with app.connection_for_write() as c:
     c.ensure_connection()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = status("VmRSS")
 with batches.batch("bench-memory") as b:
     for i in range({n}):
         b.enqueue(noop, "bench:memory")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+print(batches.get_batch(b.id).total_jobs, status("VmHWM") - before)
 """
 
 
 def peak_memory_mb(n: int) -> float:
-    """Peak RSS growth (MB) of a fresh process creating an n-job batch, publishing included."""
+    """Peak RSS growth (MB) of a fresh process creating an n-job batch, publishing included.
+
+    Measured as the process's high-water mark (VmHWM) minus its resident size just before the
+    ``with`` block, after imports and the first database and broker connections.
+    """
     queue = f"bench-memory-{uuid.uuid4().hex[:8]}"
     code = MEMORY_PROBE.format(root=str(ROOT), queue=queue, n=n)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    r.delete(queue)  # nobody consumes that queue
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    finally:
+        r.delete(queue)  # nobody consumes that queue
+    total, kib = map(int, out.stdout.split()[-2:])
+    assert total == n, f"the probe created {total} jobs, not {n}"
+    return kib / 1024
 
 
 def start_worker() -> subprocess.Popen:
