@@ -11,11 +11,12 @@ from typing import Any, Callable, Iterator, Sequence
 from celery import Celery, current_task
 
 from .builder import BatchBuilder, Message
-from .errors import BatchNotFoundError, InvalidBatchError
+from .aftercommit import caller_connection, on_commit
+from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
 from .models import Batch, BatchStatus, Continuation, JobRun
 from .publish import HEADER, publish
 from .settings import Settings
-from .store import RunEvent, Store, build_tables, make_engine, migrate, utcnow
+from .store import Outbox, RunEvent, Store, build_tables, make_engine, migrate, utcnow
 from .worker import signals
 from .worker.bootstep import make_bootstep
 from .worker.groupcommit import GroupCommit
@@ -57,8 +58,10 @@ class Batches:
         self._group_commit = GroupCommit(self._write_events, interval=self.settings.flush_interval,
                                          max_events=self.settings.flush_max,
                                          max_delay=self.settings.write_retry_max_delay)
+        self._cancel_cache: dict[str, tuple[bool, float]] = {}
         signals.connect(self)
         app.steps["worker"].add(make_bootstep(self))
+        app.task(name="celery_batches.purge_expired", shared=False, ignore_result=True)(self.purge_expired)
 
     # -- schema ------------------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -69,19 +72,31 @@ class Batches:
     def task(self, *args: Any, **options: Any) -> Any:
         """``app.task`` with :class:`BatchTask` as base: ``@batches.task`` or ``@batches.task(name=...)``."""
         options.setdefault("base", BatchTask)
+        options.setdefault("_batches", self)
         return self.app.task(*args, **options)
 
     # -- creation ----------------------------------------------------------------------------------
     @contextmanager
-    def batch(self, name: str, *, created_by: str | None = None) -> Iterator[BatchBuilder]:
-        """Build a batch in a ``with`` block: written atomically on a clean exit, not at all otherwise."""
+    def batch(self, name: str, *, created_by: str | None = None, connection: Any = None) -> Iterator[BatchBuilder]:
+        """Build a batch in a ``with`` block: written atomically on a clean exit, not at all otherwise.
+
+        With ``connection`` (a SQLAlchemy ``Session`` or a ``Connection`` in a transaction, on the
+        registry's database) the batch is written in the caller's transaction: it exists only if the
+        caller commits, and its messages are published right after that commit (or by the relay).
+        """
         builder = BatchBuilder(self.app, name, created_by=created_by)
-        try:
+        with self._building(builder):
             yield builder
-        except BaseException:
-            builder._discard()
-            raise
-        self._create(builder)
+        plan = builder._close()
+        if connection is None:
+            with self.engine.begin() as conn:
+                outbox = self.store.insert_tree(conn, plan, utcnow())
+            self._publish(outbox)
+            return
+        conn = caller_connection(connection)
+        outbox = self.store.insert_tree(conn, plan, utcnow())
+        on_commit(connection, lambda: self._publish(outbox),
+                  visible=lambda: self.store.get_batch(plan.id) is not None, timeout=self.settings.relay_grace)
 
     def create_batch(self, name: str, configure: Callable[[BatchBuilder], Any], *,
                      created_by: str | None = None) -> str:
@@ -90,15 +105,105 @@ class Batches:
             configure(builder)
         return builder.id
 
-    def _create(self, builder: BatchBuilder) -> None:
+    @contextmanager
+    def reopen(self, batch_id: str) -> Iterator[BatchBuilder]:
+        """Add jobs, nested batches and continuations to an unfinished batch, atomically.
+
+        Raises ``BatchNotFoundError`` for an unknown id and ``BatchClosedError`` if the batch is
+        finished or cancelled (checked under the batch's row lock when the block exits).
+        """
+        batch_id = _batch_id(batch_id)
+        batch = self.get_batch(batch_id)
+        if batch is None:
+            raise BatchNotFoundError(batch_id)
+        if batch.is_finished:
+            raise BatchClosedError(batch_id, batch.status)
+        builder = BatchBuilder(self.app, batch.name, created_by=batch.created_by, batch_id=batch_id)
+        with self._building(builder):
+            yield builder
         plan = builder._close()
         with self.engine.begin() as conn:
-            due = self.store.insert_tree(conn, plan, utcnow())
-        self._publish_runs([job for node in plan.walk() for job in node.jobs])
-        self._publish_continuations(due)
+            outbox = self.store.add_to_batch(conn, batch_id, plan, utcnow())
+        self._publish(outbox)
+
+    def add_jobs_to_batch(self, batch_id: str, configure: Callable[[BatchBuilder], Any]) -> list[str]:
+        """Seed-style add: ``configure(builder)``; returns the run ids of the direct jobs added."""
+        with self.reopen(batch_id) as builder:
+            configure(builder)
+        return [job.id for job in builder._plan.jobs]
+
+    def continue_batch_with(self, batch_id: str, name: str, configure: Callable[[BatchBuilder], Any], *,
+                            when: str = "success") -> str:
+        """A new batch that starts when ``batch_id`` finishes and ``when`` matches its outcome.
+
+        ``when``: "success" (antecedent COMPLETED), "failure" (FAILED) or "complete" (either). Until
+        then the new batch is CREATED with its runs unpublished; if the antecedent finishes the other
+        way, or is cancelled, the new batch is CANCELLED. Returns the new batch id.
+        """
+        if when not in ("success", "failure", "complete"):
+            raise InvalidBatchError(f"when must be 'success', 'failure' or 'complete', not {when!r}")
+        antecedent = _batch_id(batch_id)
+        builder = BatchBuilder(self.app, name)
+        with self._building(builder):
+            configure(builder)
+        plan = builder._close()
+        with self.engine.begin() as conn:
+            outbox = self.store.insert_tree(conn, plan, utcnow(), antecedent=(antecedent, when))
+        self._publish(outbox)
+        return plan.id
+
+    @staticmethod
+    @contextmanager
+    def _building(builder: BatchBuilder) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            builder._discard()
+            raise
+
+    # -- cancel and expiry -------------------------------------------------------------------------
+    def cancel_batch(self, batch_id: str) -> int:
+        """Cancel the batch's whole subtree (and the continue-with stages waiting on it).
+
+        Pending runs become CANCELLED and are revoked in Celery; running ones finish and are
+        recorded; no continuation of a cancelled batch fires. Returns how many runs were cancelled.
+        """
+        batch_id = _batch_id(batch_id)
+        with self.engine.begin() as conn:
+            run_ids, outbox = self.store.cancel(conn, batch_id, utcnow())
+        self._cancel_cache[batch_id] = (True, time.monotonic())
+        for start in range(0, len(run_ids), 1000):
+            try:
+                self.app.control.revoke(run_ids[start:start + 1000])
+            except Exception:  # the registry already says CANCELLED; BatchTask skips them anyway
+                log.exception("celery_batches: could not broadcast the revoke of %d run(s)", len(run_ids))
+        self._publish(outbox)
+        return len(run_ids)
+
+    def purge_expired(self) -> int:
+        """Delete finished top-level batches past ``expires_at``, with their whole tree; returns batches deleted."""
+        return self.store.purge_expired(utcnow())
+
+    def _is_cancelled(self, batch_id: str) -> bool:
+        """For BatchTask: is this batch cancelled? Read from the registry at most every
+        ``cancel_check_interval`` seconds per batch and process (a cancel is final, so cached for good)."""
+        cached = self._cancel_cache.get(batch_id)
+        now = time.monotonic()
+        if cached and (cached[0] or now - cached[1] < self.settings.cancel_check_interval):
+            return cached[0]
+        if len(self._cancel_cache) > 10_000:
+            self._cancel_cache.clear()
+        cancelled = self.store.batch_status(batch_id) == BatchStatus.CANCELLED
+        self._cancel_cache[batch_id] = (cancelled, now)
+        return cancelled
 
     # -- publishing (after commit) -----------------------------------------------------------------
-    def _publish_runs(self, runs: Sequence[Message], chunk: int = 5000) -> list[str]:
+    def _publish(self, outbox: Outbox) -> None:
+        self._publish_runs(outbox.runs)
+        self._publish_continuations(outbox.continuations)
+
+    def _publish_runs(self, runs: Sequence[Message], chunk: int = 1000) -> list[str]:
+        """Publish and flag in chunks, so a producer that dies leaves few published-but-unflagged runs."""
         sent: list[str] = []
         for start in range(0, len(runs), chunk):
             ids = publish(self.app, runs[start:start + chunk])
@@ -129,8 +234,8 @@ class Batches:
                     time.sleep(0.05 * 2 ** attempt)
 
     def _write_events(self, events: Sequence[RunEvent]) -> None:
-        """Commit a group of run transitions, then publish the continuations it made due."""
-        self._publish_continuations(self.store.apply_events(events))
+        """Commit a group of run transitions, then publish what it made due."""
+        self._publish(self.store.apply_events(events))
 
     # -- reads -------------------------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> Batch | None:

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from kombu.utils import json as kjson
 
 from ..builder import BatchPlan, Message
+from ..errors import BatchClosedError, BatchNotFoundError
 from ..models import (
     Batch,
     BatchStatus,
@@ -29,8 +30,13 @@ from ..models import (
 )
 from .tables import Tables
 
-__all__ = ["RunEvent", "Store", "utcnow"]
+__all__ = ["Outbox", "RunEvent", "Store", "utcnow"]
 
+_WHEN_MATCHES = {
+    "success": (BatchStatus.COMPLETED,),
+    "failure": (BatchStatus.FAILED,),
+    "complete": (BatchStatus.COMPLETED, BatchStatus.FAILED),
+}
 _FIRES_ON = {
     BatchStatus.COMPLETED: (ContinuationKind.SUCCESS.value, ContinuationKind.COMPLETE.value),
     BatchStatus.FAILED: (ContinuationKind.FAILURE.value, ContinuationKind.COMPLETE.value),
@@ -52,6 +58,18 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value
+
+
+@dataclass
+class Outbox:
+    """What a transaction made publishable, to publish after it commits: runs and continuations."""
+
+    runs: list[Message] = field(default_factory=list)
+    continuations: list[Message] = field(default_factory=list)
+
+    def extend(self, other: "Outbox") -> None:
+        self.runs += other.runs
+        self.continuations += other.continuations
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,26 +95,82 @@ class Store:
         self.expires = expires
 
     # -- creation -------------------------------------------------------------------------------
-    def insert_tree(self, conn: sa.Connection, root: BatchPlan, now: datetime) -> list[Message]:
-        """Write a batch tree with set-based inserts; returns continuations due because empty batches finished."""
-        t = self.t
+    def insert_tree(self, conn: sa.Connection, root: BatchPlan, now: datetime, *,
+                    antecedent: tuple[str, str] | None = None) -> Outbox:
+        """Write a new batch tree with set-based inserts; returns what to publish after commit.
+
+        With ``antecedent=(batch_id, when)`` the tree is a continue-with stage: stored CREATED with
+        its runs unpublished, settled at once if the antecedent has already finished.
+        """
         nodes = list(root.walk())
-        conn.execute(sa.insert(t.batches), [{
-            "id": node.id, "name": node.name, "parent_id": node.parent_id,
-            "status": int(BatchStatus.STARTED), "total_jobs": node.total_units,
-            "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
-            "created_by": node.created_by, "created_at": now,
-        } for node in nodes])
-        self._insert_runs(conn, [node.id for node in nodes], ((node.id, position, job) for node in nodes
-                                                              for position, job in enumerate(node.jobs)), now)
-        cont_rows = [{
-            "id": c.message.id, "batch_id": node.id, "kind": c.kind.value, "position": position,
-            "task_name": c.message.task_name, "args": c.message.args, "kwargs": c.message.kwargs,
-            "options": c.message.options, "status": int(ContinuationStatus.WAITING),
-        } for node in nodes for position, c in enumerate(node.continuations)]
-        if cont_rows:
-            conn.execute(sa.insert(t.continuations), cont_rows)
-        return self._finish(conn, [node.id for node in nodes if node.total_units == 0], now)
+        status = BatchStatus.CREATED if antecedent else BatchStatus.STARTED
+        if antecedent:
+            antecedent_row = self._lock_batch(conn, antecedent[0])
+        self._insert_nodes(conn, nodes, status, now, root_extra={
+            "antecedent_id": antecedent[0], "continue_when": antecedent[1]} if antecedent else {})
+        self._insert_runs(conn, [node.id for node in nodes],
+                          ((node.id, position, job) for node in nodes for position, job in enumerate(node.jobs)), now)
+        self._insert_continuations(conn, [(node.id, 0, node) for node in nodes])
+        if antecedent:
+            if antecedent_row.status.is_final:
+                return self._settle_successors(conn, {antecedent_row.id: antecedent_row.status}, now)
+            return Outbox()
+        outbox = Outbox(runs=[job for node in nodes for job in node.jobs])
+        outbox.extend(self._finish(conn, [node.id for node in nodes if node.total_units == 0], now))
+        return outbox
+
+    def add_to_batch(self, conn: sa.Connection, batch_id: str, plan: BatchPlan, now: datetime) -> Outbox:
+        """Add jobs, nested batches and continuations to an unfinished batch, its row locked throughout.
+
+        Inserting the runs and raising ``total_jobs`` happen under that lock in one transaction, so
+        the batch cannot finish in between: a worker's group commit waits for it.
+        """
+        r, c, b = self.t.runs, self.t.continuations, self.t.batches
+        batch = self._lock_batch(conn, batch_id)
+        if batch.status.is_final:
+            raise BatchClosedError(batch_id, batch.status)
+        first_job = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(r.c.position) + 1, 0))
+                                .where(r.c.batch_id == batch_id))
+        first_cont = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(c.c.position) + 1, 0))
+                                 .where(c.c.batch_id == batch_id))
+        children = [node for child in plan.children for node in child.walk()]
+        self._insert_nodes(conn, children, batch.status, now)
+        jobs = [(batch_id, first_job + i, job) for i, job in enumerate(plan.jobs)]
+        jobs += [(node.id, i, job) for node in children for i, job in enumerate(node.jobs)]
+        self._insert_runs(conn, [batch_id] + [node.id for node in children], iter(jobs), now)
+        self._insert_continuations(conn, [(batch_id, first_cont, plan)] + [(node.id, 0, node) for node in children])
+        conn.execute(sa.update(b).where(b.c.id == batch_id).values(total_jobs=b.c.total_jobs + plan.total_units))
+        if batch.status != BatchStatus.STARTED:
+            return Outbox()  # a continue-with stage still waiting: published when it starts
+        outbox = Outbox(runs=[job for _, _, job in jobs])
+        outbox.extend(self._finish(conn, [node.id for node in children if node.total_units == 0], now))
+        return outbox
+
+    def _lock_batch(self, conn: sa.Connection, batch_id: str) -> Batch:
+        b = self.t.batches
+        row = conn.execute(sa.select(b).where(b.c.id == batch_id).with_for_update()).first()
+        if row is None:
+            raise BatchNotFoundError(batch_id)
+        return _batch(row)
+
+    def _insert_nodes(self, conn: sa.Connection, nodes: list[BatchPlan], status: BatchStatus, now: datetime,
+                      root_extra: dict | None = None) -> None:
+        if nodes:
+            conn.execute(sa.insert(self.t.batches), [{
+                "id": node.id, "name": node.name, "parent_id": node.parent_id, "status": int(status),
+                "total_jobs": node.total_units, "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
+                "created_by": node.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
+                **(root_extra if i == 0 and root_extra else {}),
+            } for i, node in enumerate(nodes)])
+
+    def _insert_continuations(self, conn: sa.Connection, owners: list[tuple[str, int, BatchPlan]]) -> None:
+        rows = [{
+            "id": cont.message.id, "batch_id": batch_id, "kind": cont.kind.value, "position": first + i,
+            "task_name": cont.message.task_name, "args": cont.message.args, "kwargs": cont.message.kwargs,
+            "options": cont.message.options, "status": int(ContinuationStatus.WAITING),
+        } for batch_id, first, node in owners for i, cont in enumerate(node.continuations)]
+        if rows:
+            conn.execute(sa.insert(self.t.continuations), rows)
 
     _RUN_COLUMNS = ("id", "batch_id", "position", "status", "task_name", "args", "kwargs", "queue", "options",
                     "created_at", "retries", "published")
@@ -143,7 +217,7 @@ class Store:
             )
 
     # -- transitions (the group commit) -----------------------------------------------------------
-    def apply_events(self, events: Iterable[RunEvent]) -> list[Message]:
+    def apply_events(self, events: Iterable[RunEvent]) -> Outbox:
         """Apply a group of run transitions in one transaction; returns the continuations now due.
 
         Per run the group keeps its latest progress event and its first final event; a progress
@@ -164,7 +238,7 @@ class Store:
             if started is not None:
                 final[run_id] = replace(event, retries=max(event.retries, started.retries), started=started.at)
         if not progress and not final:
-            return []
+            return Outbox()
         with self.engine.begin() as conn:
             apply = self._apply_pg if conn.dialect.name == "postgresql" else self._apply_rows
             counted = apply(conn, list(progress.values()), list(final.values()))
@@ -238,15 +312,19 @@ class Store:
         return counted
 
     def _count(self, conn: sa.Connection, finished_units: list[tuple[str, RunStatus | BatchStatus]],
-               now: datetime) -> list[Message]:
+               now: datetime) -> Outbox:
         """Count finished units (runs or child batches) in their batches, then finish what is complete."""
         if not finished_units:
-            return []
+            return Outbox()
         deltas: dict[str, Counter] = defaultdict(Counter)
         for batch_id, status in finished_units:
             deltas[batch_id][_COUNTER[status.name]] += 1
+        self._bump(conn, deltas)
+        return self._finish(conn, list(deltas), now)
+
+    def _bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
         b = self.t.batches
-        # lock rows in one order so two groups touching the same batches cannot deadlock each other
+        # rows in one order, so two transactions touching the same batches wait instead of deadlocking
         conn.execute(
             sa.update(b).where(b.c.id == sa.bindparam("b_id")).values(
                 completed_jobs=b.c.completed_jobs + sa.bindparam("b_c"),
@@ -256,13 +334,12 @@ class Store:
             [{"b_id": bid, "b_c": d["completed_jobs"], "b_f": d["failed_jobs"], "b_x": d["cancelled_jobs"]}
              for bid, d in sorted(deltas.items())],
         )
-        return self._finish(conn, list(deltas), now)
 
-    def _finish(self, conn: sa.Connection, batch_ids: list[str], now: datetime) -> list[Message]:
+    def _finish(self, conn: sa.Connection, batch_ids: list[str], now: datetime) -> Outbox:
         """Finish the given batches that have every unit done: one conditional UPDATE decides."""
         if not batch_ids:
-            return []
-        b, c = self.t.batches, self.t.continuations
+            return Outbox()
+        b = self.t.batches
         done = b.c.completed_jobs + b.c.failed_jobs + b.c.cancelled_jobs
         finished = conn.execute(
             sa.update(b)
@@ -276,25 +353,146 @@ class Store:
             .returning(b.c.id, b.c.parent_id, b.c.status)
         ).all()
         if not finished:
-            return []
+            return Outbox()
+        statuses = {row.id: BatchStatus(row.status) for row in finished}
+        outbox = Outbox(continuations=self._fire_continuations(conn, statuses, now))
+        outbox.extend(self._settle_successors(conn, statuses, now))
+        outbox.extend(self._count(conn, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id],
+                                  now))
+        return outbox
+
+    def _fire_continuations(self, conn: sa.Connection, finished: dict[str, BatchStatus], now: datetime
+                            ) -> list[Message]:
+        """Make the matching continuations of finished batches due (outbox rows); skip the others."""
+        c = self.t.continuations
         by_status: dict[BatchStatus, list[str]] = defaultdict(list)
-        for row in finished:
-            by_status[BatchStatus(row.status)].append(row.id)
-        fires = sa.or_(*(sa.and_(c.c.batch_id.in_(ids), c.c.kind.in_(_FIRES_ON[status]))
-                         for status, ids in by_status.items()))
+        for batch_id, status in finished.items():
+            by_status[status].append(batch_id)
+        fires = [sa.and_(c.c.batch_id.in_(ids), c.c.kind.in_(_FIRES_ON[status]))
+                 for status, ids in by_status.items() if status in _FIRES_ON]
         due = conn.execute(
-            sa.update(c).where(c.c.status == int(ContinuationStatus.WAITING), fires)
+            sa.update(c).where(c.c.status == int(ContinuationStatus.WAITING), sa.or_(sa.false(), *fires))
             .values(status=int(ContinuationStatus.DUE), due_at=now)
             .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options)
-        ).all()
+        ).all() if fires else []
         conn.execute(
-            sa.update(c).where(c.c.batch_id.in_([row.id for row in finished]),
-                               c.c.status == int(ContinuationStatus.WAITING))
+            sa.update(c).where(c.c.batch_id.in_(list(finished)), c.c.status == int(ContinuationStatus.WAITING))
             .values(status=int(ContinuationStatus.SKIPPED))
         )
-        messages = [Message(row.id, row.task_name, row.args, row.kwargs, row.options) for row in due]
-        parents = [(row.parent_id, BatchStatus(row.status)) for row in finished if row.parent_id]
-        return messages + self._count(conn, parents, now)
+        return [Message(row.id, row.task_name, row.args, row.kwargs, row.options) for row in due]
+
+    def _settle_successors(self, conn: sa.Connection, finished: dict[str, BatchStatus], now: datetime) -> Outbox:
+        """Continue-with: start the stages waiting on these batches whose ``when`` matches; cancel the rest."""
+        b = self.t.batches
+        waiting = conn.execute(
+            sa.select(b.c.id, b.c.antecedent_id, b.c.continue_when)
+            .where(b.c.antecedent_id.in_(list(finished)), b.c.status == int(BatchStatus.CREATED))
+        ).all()
+        outbox = Outbox()
+        for row in waiting:
+            status = finished[row.antecedent_id]
+            if status in _WHEN_MATCHES.get(row.continue_when, ()):
+                outbox.extend(self._start_stage(conn, row.id, now))
+            else:
+                outbox.extend(self._cancel_tree(conn, row.id, now)[1])
+        return outbox
+
+    def _start_stage(self, conn: sa.Connection, batch_id: str, now: datetime) -> Outbox:
+        b, r = self.t.batches, self.t.runs
+        tree = self._subtree(batch_id, successors=False)
+        started = conn.execute(
+            sa.update(b).where(b.c.id.in_(sa.select(tree.c.id)), b.c.status == int(BatchStatus.CREATED))
+            .values(status=int(BatchStatus.STARTED)).returning(b.c.id, b.c.total_jobs)
+        ).all()
+        runs = conn.execute(
+            sa.select(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id)
+            .where(r.c.batch_id.in_([row.id for row in started]), r.c.status == int(RunStatus.PENDING),
+                   sa.not_(r.c.published))
+            .order_by(r.c.batch_id, r.c.position)
+        ).all()
+        outbox = Outbox(runs=[Message(row.id, row.task_name, row.args, row.kwargs, row.options, row.batch_id)
+                              for row in runs])
+        outbox.extend(self._finish(conn, [row.id for row in started if row.total_jobs == 0], now))
+        return outbox
+
+    def _subtree(self, batch_id: str, *, successors: bool) -> sa.CTE:
+        """The batch, its descendants and (with ``successors``) the continue-with stages waiting on them."""
+        b = self.t.batches
+        tree = sa.select(b.c.id).where(b.c.id == batch_id).cte("tree", recursive=True)
+        link = b.c.parent_id == tree.c.id
+        if successors:
+            link = sa.or_(link, sa.and_(b.c.antecedent_id == tree.c.id, b.c.status == int(BatchStatus.CREATED)))
+        return tree.union_all(sa.select(b.c.id).join(tree, link))
+
+    # -- cancel -----------------------------------------------------------------------------------
+    def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:
+        """Cancel a batch's whole subtree; returns the cancelled run ids (to revoke) and what to publish."""
+        batch = self._lock_batch(conn, batch_id)
+        if batch.status.is_final:
+            return [], Outbox()
+        return self._cancel_tree(conn, batch_id, now)
+
+    def _cancel_tree(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:
+        b, r, c = self.t.batches, self.t.runs, self.t.continuations
+        tree = self._subtree(batch_id, successors=True)
+        cancelled = conn.execute(
+            sa.update(b)
+            .where(b.c.id.in_(sa.select(tree.c.id)), b.c.status <= int(BatchStatus.STARTED))
+            .values(status=int(BatchStatus.CANCELLED), completed_at=now, expires_at=now + self.expires)
+            .returning(b.c.id, b.c.parent_id)
+        ).all()
+        ids = {row.id for row in cancelled}
+        if not ids:
+            return [], Outbox()
+        runs = conn.execute(
+            sa.update(r)
+            .where(r.c.batch_id.in_(list(ids)), r.c.status.in_([int(RunStatus.PENDING), int(RunStatus.RETRYING)]))
+            .values(status=int(RunStatus.CANCELLED), finished_at=now, error="cancelled")
+            .returning(r.c.id, r.c.batch_id)
+        ).all()
+        conn.execute(sa.update(c).where(c.c.batch_id.in_(list(ids)), c.c.status == int(ContinuationStatus.WAITING))
+                     .values(status=int(ContinuationStatus.SKIPPED)))
+        deltas: dict[str, Counter] = defaultdict(Counter)
+        for row in runs:
+            deltas[row.batch_id]["cancelled_jobs"] += 1
+        outside = []  # a cancelled batch whose parent goes on: one cancelled unit of that parent
+        for row in cancelled:
+            if row.parent_id in ids:
+                deltas[row.parent_id]["cancelled_jobs"] += 1
+            elif row.parent_id is not None:
+                outside.append((row.parent_id, BatchStatus.CANCELLED))
+        if deltas:
+            self._bump(conn, deltas)
+        return [row.id for row in runs], self._count(conn, outside, now)
+
+    def batch_status(self, batch_id: str) -> BatchStatus | None:
+        b = self.t.batches
+        with self.engine.connect() as conn:
+            status = conn.scalar(sa.select(b.c.status).where(b.c.id == batch_id))
+        return None if status is None else BatchStatus(status)
+
+    # -- expiry -----------------------------------------------------------------------------------
+    def purge_expired(self, now: datetime, chunk: int = 100) -> int:
+        """Delete expired top-level batches with their whole tree, ``chunk`` trees per transaction."""
+        b, r, j, c = self.t.batches, self.t.runs, self.t.batch_jobs, self.t.continuations
+        deleted = 0
+        while True:
+            with self.engine.begin() as conn:
+                roots = conn.execute(
+                    sa.select(b.c.id).where(b.c.parent_id.is_(None), b.c.expires_at < now,
+                                            b.c.status >= int(BatchStatus.COMPLETED))
+                    .order_by(b.c.expires_at).limit(chunk).with_for_update(skip_locked=True)
+                ).scalars().all()
+                if not roots:
+                    return deleted
+                tree = sa.select(b.c.id).where(b.c.id.in_(roots)).cte("tree", recursive=True)
+                tree = tree.union_all(sa.select(b.c.id).join(tree, b.c.parent_id == tree.c.id))
+                ids = conn.execute(sa.select(tree.c.id)).scalars().all()
+                conn.execute(sa.update(b).where(b.c.antecedent_id.in_(ids)).values(antecedent_id=None))
+                conn.execute(sa.delete(c).where(c.c.batch_id.in_(ids)))
+                conn.execute(sa.delete(j).where(j.c.batch_id.in_(ids)))
+                conn.execute(sa.delete(r).where(r.c.batch_id.in_(ids)))
+                deleted += conn.execute(sa.delete(b).where(b.c.id.in_(ids))).rowcount
 
     # -- reads ------------------------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> Batch | None:
