@@ -88,7 +88,13 @@ class Worker:
             cwd=ROOT, env=environ, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
         )
         tag = f"ready:{uuid.uuid4()}"
-        proj.noop.apply_async((tag,), queue=queue)
+        if "TEST_BROKER_URL" in env:  # a worker on another broker: say hello through that broker
+            from celery import Celery
+
+            Celery("hello", broker=env["TEST_BROKER_URL"], set_as_current=False).send_task(
+                "tests.proj.noop", (tag,), queue=queue)
+        else:
+            proj.noop.apply_async((tag,), queue=queue)
         eventually(lambda: proj.r.exists(tag) or self.proc.poll() is not None, "the worker to start", 60)
         if self.proc.poll() is not None:
             raise RuntimeError(f"worker exited at start:\n{self.log.read_text()[-3000:]}")
@@ -102,6 +108,13 @@ class Worker:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         return pids
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, pool processes first (what an OOM kill or a lost node does)."""
+        for pid in self.children():
+            os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

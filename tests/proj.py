@@ -24,6 +24,9 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
     result_expires=3600,
+    # unacknowledged (acks_late) messages of a killed worker come back after this many seconds
+    broker_transport_options={"visibility_timeout": int(env("TEST_VISIBILITY_TIMEOUT", "3600")),
+                              "unacked_restore_interval": 1, "unacked_restore_throttle": 1},
 )
 batches = Batches(
     app,
@@ -34,6 +37,8 @@ batches = Batches(
     relay_interval=float(env("TEST_RELAY_INTERVAL", "1")),
     relay_grace=float(env("TEST_RELAY_GRACE", "30")),
     reconcile_grace=float(env("TEST_RECONCILE_GRACE", "30")),
+    # lets a fault test find (and kill) exactly this process's database connections
+    engine_options={"connect_args": {"application_name": env("TEST_APPLICATION_NAME", "celery_batches_tests")}},
 )
 r = redis.Redis.from_url(env("TEST_REDIS_URL", "redis://127.0.0.1:6379/9"))
 
@@ -98,6 +103,20 @@ def sleep_then(seconds: float, tag: str | None = None) -> None:
 def whoami(key: str) -> None:
     """Stores the batch id it sees through current_batch_id()."""
     r.set(key, current_batch_id() or "none")
+
+
+@batches.task(acks_late=True)
+def slow_ack(seconds: float, tag: str) -> None:
+    """acks_late: a worker killed while running it leaves the message to be delivered again."""
+    r.incr(tag)
+    time.sleep(seconds)
+
+
+@batches.task
+def crawl(key: str, limit: int) -> None:
+    """Adds one more crawl to its own batch until ``limit`` ran (a crawler discovering pages)."""
+    if r.incr(key) < limit:
+        batches.add_jobs_to_batch(current_batch_id(), lambda b: b.enqueue(crawl, key, limit))
 
 
 @app.task

@@ -1,0 +1,232 @@
+"""Fault tests with real processes: workers, producers, Redis and PostgreSQL connections killed.
+
+Each asserts exact final counters and that continuations fired exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+import redis as redis_lib
+import sqlalchemy as sa
+from celery import Celery
+
+from celery_batches import BatchClosedError, BatchStatus, RunStatus
+from tests.conftest import ROOT, Worker, eventually
+from tests.test_integration import count, drain, tag
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+WAIT = 90.0
+
+
+def test_worker_killed_mid_batch_with_acks_late(proj, start_worker):
+    """SIGKILL the whole worker while acks_late members run; a new worker finishes the batch."""
+    env = dict(TEST_VISIBILITY_TIMEOUT="3", TEST_RECONCILE_GRACE="2", TEST_RELAY_INTERVAL="0.5")
+    first = start_worker(**env)
+    started, key = tag("started"), tag("complete")
+    with proj.batches.batch("killed-worker") as b:
+        for _ in range(6):
+            b.enqueue(proj.slow_ack.s(1.5, started).set(queue=first.queue))
+        b.on_complete(proj.record.s(key).set(queue=first.queue))
+    eventually(lambda: count(proj, started) >= 2, "two members to be running", WAIT)
+    first.kill()
+    assert not proj.batches.get_batch(b.id).is_finished
+    second = Worker(proj, first.queue, **env)
+    try:
+        done = proj.batches.wait(b.id, timeout=WAIT)
+        assert (done.status, done.total_jobs, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 6, 6, 0)
+        eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
+        drain(proj, first.queue)
+        assert count(proj, key) == 1
+        assert count(proj, started) >= 6  # the interrupted members ran again
+    finally:
+        second.stop()
+
+
+PRODUCER = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.proj import batches, noop, record
+with batches.batch("dying-producer") as b:
+    for _ in range({n}):
+        b.enqueue(noop.s({ran!r}).set(queue={queue!r}))
+    b.on_complete(record.s({key!r}).set(queue={queue!r}))
+    print(b.id, flush=True)
+"""
+
+
+def test_producer_killed_between_commit_and_publish(proj, start_worker):
+    """SIGKILL the producer while it publishes: the relay publishes the rest, each job runs once."""
+    w = start_worker(TEST_RELAY_INTERVAL="0.5", TEST_RELAY_GRACE="8")
+    n, ran, key = 3000, tag("ran"), tag("complete")
+    code = PRODUCER.format(root=str(ROOT), n=n, ran=ran, key=key, queue=w.queue)
+    producer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    batch_id = producer.stdout.readline().strip()
+    # committed: the batch row exists; now wait for the first messages and kill it mid-publish
+    eventually(lambda: proj.batches.get_batch(batch_id) is not None, "the commit", WAIT, 0.005)
+    eventually(lambda: count(proj, ran) >= 1 or producer.poll() is not None, "publishing to start", WAIT, 0.005)
+    producer.send_signal(signal.SIGKILL)
+    producer.wait(10)
+    assert count(proj, ran) < n, "the producer finished publishing before it was killed; nothing was tested"
+    done = proj.batches.wait(batch_id, timeout=WAIT)
+    assert (done.status, done.total_jobs, done.completed_jobs) == (BatchStatus.COMPLETED, n, n)
+    eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
+    drain(proj, w.queue)
+    assert count(proj, ran) == n, "every job ran exactly once"
+    assert count(proj, key) == 1
+    assert "runs_published=" in w.log.read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_redis_down_while_a_batch_is_created(proj, tmp_path):
+    """The broker is down at creation: the batch is committed, publishing is deferred to the
+    relay, and after Redis returns every job runs once and the continuation fires once."""
+    port = _free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start_redis() -> subprocess.Popen:
+        p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        eventually(lambda: _pings(url), "redis to start", 20)
+        return p
+
+    server = start_redis()
+    env = dict(TEST_BROKER_URL=url, TEST_BACKEND_URL=url, TEST_RELAY_INTERVAL="0.5", TEST_RELAY_GRACE="2")
+    w = Worker(proj, f"cbt-redis-{uuid.uuid4().hex[:6]}", **env)
+    try:
+        server.terminate()
+        server.wait(10)
+        ran, key = tag("ran"), tag("complete")
+        code = PRODUCER.format(root=str(ROOT), n=10, ran=ran, key=key, queue=w.queue)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), **env))
+        assert out.returncode == 0, out.stderr[-3000:]
+        batch_id = out.stdout.strip().splitlines()[-1]
+        assert "the relay will publish the rest" in out.stderr
+        batch = proj.batches.get_batch(batch_id)
+        assert batch.status == BatchStatus.STARTED and count(proj, ran) == 0
+        server = start_redis()
+        done = proj.batches.wait(batch_id, timeout=WAIT)
+        assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 10)
+        eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
+        sentinel = tag("sentinel")  # drain the private queue: sentinels behind everything else
+        private = Celery("private", broker=url, set_as_current=False)
+        for _ in range(4):
+            private.send_task("tests.proj.plain", (sentinel,), queue=w.queue)
+        eventually(lambda: count(proj, sentinel) == 4, "the private queue to drain", WAIT)
+        assert count(proj, ran) == 10 and count(proj, key) == 1
+    finally:
+        w.stop()
+        server.terminate()
+        server.wait(10)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return redis_lib.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+    except redis_lib.RedisError:
+        return False
+
+
+def test_postgresql_connections_killed_mid_batch(proj, start_worker):
+    """pg_terminate_backend on every connection of the worker, repeatedly, while a batch runs:
+    group commits are retried, counters stay exact, the continuation fires once."""
+    app_name = f"cbt-fault-{uuid.uuid4().hex[:8]}"
+    w = start_worker(TEST_APPLICATION_NAME=app_name, TEST_FLUSH_INTERVAL="0.05")
+    ran, key = tag("ran"), tag("complete")
+    with proj.batches.batch("pg-killed") as b:
+        for i in range(300):
+            b.enqueue(proj.sleep_then.s(0.01, ran).set(queue=w.queue))
+        b.enqueue(proj.fail.s().set(queue=w.queue))
+        b.on_complete(proj.record.s(key).set(queue=w.queue))
+    killed, stop = [0], threading.Event()
+
+    def killer() -> None:
+        with proj.batches.engine.connect() as conn:
+            while not stop.is_set():
+                killed[0] += len(conn.execute(sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :n"),
+                    {"n": app_name}).all())
+                conn.commit()
+                time.sleep(0.1)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        eventually(lambda: count(proj, ran) >= 300, "every member to run", WAIT)
+    finally:
+        stop.set()
+        t.join(10)
+    assert killed[0] > 0, "no connection was killed; nothing was tested"
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.total_jobs, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 301, 300, 1)
+    eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
+    drain(proj, w.queue)
+    assert count(proj, key) == 1 and count(proj, ran) == 300
+    assert "registry write" in w.log.read_text()  # the failed writes were logged, then retried
+
+
+def test_cancel_racing_with_completion(proj, worker):
+    """Cancel while the last members finish, many times: either the batch completed (cancel
+    returns 0, continuation once) or it is CANCELLED (nothing fires) — never both, never neither."""
+    outcomes = []
+    for i in range(20):
+        ran, key = tag("ran"), tag("complete")
+        with proj.batches.batch("race-cancel") as b:
+            b.enqueue(proj.noop, ran)
+            b.enqueue(proj.noop, ran)
+            b.on_complete(proj.record, key)
+        time.sleep(random.uniform(0, 0.05))
+        cancelled = proj.batches.cancel_batch(b.id)
+        final = eventually(lambda: (x := proj.batches.get_batch(b.id)).is_finished and
+                           x.completed_jobs + x.failed_jobs + x.cancelled_jobs == x.total_jobs and x, "settled", WAIT)
+        outcomes.append((b.id, final.status, cancelled, key))
+    drain(proj)
+    for batch_id, status, cancelled, key in outcomes:
+        if status == BatchStatus.COMPLETED:
+            assert cancelled == 0 and count(proj, key) == 1, batch_id
+        else:
+            assert status == BatchStatus.CANCELLED and count(proj, key) == 0, batch_id
+            jobs = proj.batches.get_batch_jobs(batch_id)
+            assert sum(j.status == RunStatus.CANCELLED for j in jobs) == cancelled
+    print("cancel race outcomes:", {s.name: sum(o[1] == s for o in outcomes) for s in BatchStatus})
+
+
+def test_add_racing_with_the_last_member_finishing(proj, worker):
+    """Add while the only member finishes, many times: the add either succeeds and the batch waits
+    for the new job, or raises BatchClosedError; never a finished batch with unfinished jobs."""
+    results = []
+    for i in range(20):
+        key = tag("complete")
+        with proj.batches.batch("race-add") as b:
+            b.enqueue(proj.add, 1, 1)
+            b.on_complete(proj.record, key)
+        time.sleep(random.uniform(0, 0.05))
+        try:
+            proj.batches.add_jobs_to_batch(b.id, lambda x: x.enqueue(proj.add, 2, 2))
+            added = True
+        except BatchClosedError:
+            added = False
+        done = proj.batches.wait(b.id, timeout=WAIT)
+        assert done.status == BatchStatus.COMPLETED
+        assert done.total_jobs == (2 if added else 1) == done.completed_jobs
+        results.append((added, key))
+    drain(proj)
+    assert all(count(proj, key) == 1 for _, key in results)
+    print("add race outcomes: added", sum(a for a, _ in results), "closed", sum(not a for a, _ in results))
