@@ -17,24 +17,18 @@ and PostgreSQL instead, and expects a worker started separately::
 
 from __future__ import annotations
 
-import os
 import random
 import sys
-import threading
 import time
-import warnings
-
-from celery import Celery
-from celery.exceptions import SecurityWarning
 
 from celery_batches import Batches, BatchStatus
 
-EMBEDDED = not os.environ.get("CELERY_BROKER_URL")
+try:
+    from examples.embedded import EMBEDDED, make_app, start_worker
+except ImportError:  # run as a script from the examples folder
+    from embedded import EMBEDDED, make_app, start_worker
 
-app = Celery("shop", broker=os.environ.get("CELERY_BROKER_URL", "memory://localhost/"))
-app.conf.update(worker_hijack_root_logger=False, worker_redirect_stdouts=False,
-                broker_connection_retry_on_startup=True,
-                broker_transport_options={"polling_interval": 0.05} if EMBEDDED else {})
+app = make_app("shop")
 # database URL: CELERY_BATCHES_DATABASE_URL if set, else the embedded SQLite default
 batches = Batches(app)
 
@@ -79,17 +73,9 @@ def notify_failure(order_id: int) -> None:
     print(f"  -> continuation: order {order_id} failed (on_failure)", flush=True)
 
 
-def start_embedded_worker() -> None:
-    warnings.filterwarnings("ignore", category=SecurityWarning)  # the demo may well run as root
-    worker = app.Worker(pool="threads", concurrency=4, loglevel="WARNING", without_heartbeat=True,
-                        without_mingle=True, without_gossip=True, quiet=True)
-    threading.Thread(target=worker.start, name="embedded-worker", daemon=True).start()
-
-
 def main() -> int:
     batches.migrate()
-    if EMBEDDED:
-        start_embedded_worker()
+    start_worker(app)
     order_id = 123
     with batches.batch(f"process-order-{order_id}", created_by="checkout") as b:
         b.enqueue(validate_order, order_id)

@@ -1,4 +1,4 @@
-"""The README's first command and the example's Redis + PostgreSQL mode, run as a user would."""
+"""The examples run as a user would: embedded (no services) and on Redis + PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,37 +11,47 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "order_pipeline.py"
+EXPECTED = {
+    "order_pipeline": ["batch process-order-123: COMPLETED, total=4 completed=4 failed=0 cancelled=0",
+                       "nested payment-processing: COMPLETED, 2/2 completed"],
+    "web_order": ["COMPLETED (2/2); the continuation marked the order 'paid'",
+                  "after the rollback the order row is gone and the batch is gone"],
+}
 
 
-def test_order_pipeline_embedded(tmp_path):
-    """No services: SQLite file in the working directory, in-memory broker, in-process worker."""
-    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "CELERY_BATCHES_DATABASE_URL")}
-    out = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=120)
+def run_example(name: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py")], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "batch process-order-123: COMPLETED, total=4 completed=4 failed=0 cancelled=0" in out.stdout
-    assert "nested payment-processing: COMPLETED, 2/2 completed" in out.stdout
-    assert out.stdout.count("order 123 is complete (on_success)") == 1
-    assert "on_failure" not in out.stdout
+    for line in EXPECTED[name]:
+        assert line in out.stdout, out.stdout
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_embedded(name, tmp_path):
+    """README command 1's path: SQLite file in the working directory, in-memory broker, in-process worker."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "CELERY_BATCHES_DATABASE_URL")}
+    out = run_example(name, tmp_path, env)
     assert (tmp_path / "celery_batches.sqlite3").exists()
+    if name == "order_pipeline":
+        assert out.stdout.count("order 123 is complete (on_success)") == 1 and "on_failure" not in out.stdout
 
 
 @pytest.mark.integration
-def test_order_pipeline_on_redis_and_postgresql(services, tmp_path):
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_on_redis_and_postgresql(name, services, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CELERY_BROKER_URL="redis://127.0.0.1:6379/10",
                CELERY_BATCHES_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "examples.order_pipeline", "worker",
-                               "-P", "prefork", "-c", "2", "-l", "INFO", "--without-gossip", "--without-mingle",
-                               "--without-heartbeat"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", f"examples.{name}", "worker", "-P", "prefork",
+                               "-c", "2", "-l", "INFO", "-Q", f"examples-{name}", "--without-gossip",
+                               "--without-mingle", "--without-heartbeat"],
+                              cwd=ROOT, env=dict(env, CELERY_EXAMPLE_QUEUE=f"examples-{name}"),
+                              stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
-        out = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert "postgresql" in out.stdout
-        assert "COMPLETED, total=4 completed=4 failed=0 cancelled=0" in out.stdout
+        run_example(name, tmp_path, dict(env, CELERY_EXAMPLE_QUEUE=f"examples-{name}"))
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
-    assert "shop.complete_order" in (tmp_path / "worker.log").read_text()
+    assert "succeeded" in log.read_text()
