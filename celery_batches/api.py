@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from celery import Celery, current_task
 
-from .builder import BatchBuilder, Message
 from .aftercommit import caller_connection, on_commit
+from .builder import BatchBuilder, Message
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
 from .models import Batch, BatchStatus, Continuation, JobRun
 from .publish import HEADER, publish
@@ -59,6 +59,7 @@ class Batches:
                                          max_events=self.settings.flush_max,
                                          max_delay=self.settings.write_retry_max_delay)
         self._cancel_cache: dict[str, tuple[bool, float]] = {}
+        app.celery_batches = self  # how `celery -A proj batches ...` finds this instance
         signals.connect(self)
         app.steps["worker"].add(make_bootstep(self))
         app.task(name="celery_batches.purge_expired", shared=False, ignore_result=True)(self.purge_expired)
