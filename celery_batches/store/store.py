@@ -108,8 +108,8 @@ class Store:
             antecedent_row = self._lock_batch(conn, antecedent[0])
         self._insert_nodes(conn, nodes, status, now, root_extra={
             "antecedent_id": antecedent[0], "continue_when": antecedent[1]} if antecedent else {})
-        self._insert_runs(conn, [node.id for node in nodes],
-                          ((node.id, position, job) for node in nodes for position, job in enumerate(node.jobs)), now)
+        self._insert_runs(conn, ((node.id, position, job) for node in nodes for position, job in enumerate(node.jobs)),
+                          now, new_batches=[node.id for node in nodes])
         self._insert_continuations(conn, [(node.id, 0, node) for node in nodes])
         if antecedent:
             if antecedent_row.status.is_final:
@@ -137,7 +137,8 @@ class Store:
         self._insert_nodes(conn, children, batch.status, now)
         jobs = [(batch_id, first_job + i, job) for i, job in enumerate(plan.jobs)]
         jobs += [(node.id, i, job) for node in children for i, job in enumerate(node.jobs)]
-        self._insert_runs(conn, [batch_id] + [node.id for node in children], iter(jobs), now)
+        self._insert_runs(conn, iter(jobs), now, new_batches=[node.id for node in children],
+                          appended=(batch_id, first_job))
         self._insert_continuations(conn, [(batch_id, first_cont, plan)] + [(node.id, 0, node) for node in children])
         conn.execute(sa.update(b).where(b.c.id == batch_id).values(total_jobs=b.c.total_jobs + plan.total_units))
         if batch.status != BatchStatus.STARTED:
@@ -175,9 +176,13 @@ class Store:
     _RUN_COLUMNS = ("id", "batch_id", "position", "status", "task_name", "args", "kwargs", "queue", "options",
                     "created_at", "retries", "published")
 
-    def _insert_runs(self, conn: sa.Connection, batch_ids: list[str], jobs: Iterable[tuple[str, int, Message]],
-                     now: datetime) -> None:
-        """Insert runs, streaming: COPY on PostgreSQL, chunked executemany elsewhere; then their links."""
+    def _insert_runs(self, conn: sa.Connection, jobs: Iterable[tuple[str, int, Message]], now: datetime, *,
+                     new_batches: list[str], appended: tuple[str, int] | None = None) -> None:
+        """Insert runs, streaming: COPY on PostgreSQL, chunked executemany elsewhere; then their links.
+
+        ``new_batches`` hold only new runs; ``appended=(batch_id, first_position)`` names the runs
+        added to an existing batch. Both are index ranges, so linking never rescans old runs.
+        """
         r, j = self.t.runs, self.t.batch_jobs
         rows = ((job.id, batch_id, position, int(RunStatus.PENDING), job.task_name, job.args, job.kwargs,
                  job.queue, job.options, now, 0, False) for batch_id, position, job in jobs)
@@ -190,9 +195,11 @@ class Store:
             while chunk := list(itertools.islice(rows, 1000)):
                 conn.execute(sa.insert(r), [dict(zip(self._RUN_COLUMNS, row)) for row in chunk])
         # the batch_jobs links are derived in SQL from the runs just written: no second client round trip per job
-        new = sa.select(r.c.batch_id, r.c.position, r.c.id).where(
-            r.c.batch_id.in_(batch_ids), ~sa.exists().where(j.c.run_id == r.c.id))
-        conn.execute(sa.insert(j).from_select(["batch_id", "position", "run_id"], new))
+        new = r.c.batch_id.in_(new_batches)
+        if appended:
+            new = sa.or_(new, sa.and_(r.c.batch_id == appended[0], r.c.position >= appended[1]))
+        conn.execute(sa.insert(j).from_select(["batch_id", "position", "run_id"],
+                                              sa.select(r.c.batch_id, r.c.position, r.c.id).where(new)))
 
     def mark_published(self, run_ids: Sequence[str]) -> None:
         """Flag runs as published so the relay leaves them alone.
