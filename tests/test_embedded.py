@@ -32,6 +32,7 @@ from celery_batches import (
 )
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,17 +49,6 @@ def record(key: str, *item: Any) -> None:
 def records(key: str, kind: str | None = None) -> list[tuple]:
     with _lock:
         return [r for r in RECORDS[key] if kind is None or r[0] == kind]
-
-
-def eventually(check: Callable[[], Any], what: str, timeout: float = WAIT, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
