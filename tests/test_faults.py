@@ -151,7 +151,7 @@ def test_postgresql_connections_killed_mid_batch(proj, start_worker):
     w = start_worker(TEST_APPLICATION_NAME=app_name, TEST_FLUSH_INTERVAL="0.05")
     ran, key = tag("ran"), tag("complete")
     with proj.batches.batch("pg-killed") as b:
-        for i in range(300):
+        for _ in range(300):
             b.enqueue(proj.sleep_then.s(0.01, ran).set(queue=w.queue))
         b.enqueue(proj.fail.s().set(queue=w.queue))
         b.on_complete(proj.record.s(key).set(queue=w.queue))
@@ -186,7 +186,7 @@ def test_cancel_racing_with_completion(proj, worker):
     """Cancel while the last members finish, many times: either the batch completed (cancel
     returns 0, continuation once) or it is CANCELLED (nothing fires) — never both, never neither."""
     outcomes = []
-    for i in range(20):
+    for _ in range(20):
         ran, key = tag("ran"), tag("complete")
         with proj.batches.batch("race-cancel") as b:
             b.enqueue(proj.noop, ran)
@@ -212,7 +212,7 @@ def test_add_racing_with_the_last_member_finishing(proj, worker):
     """Add while the only member finishes, many times: the add either succeeds and the batch waits
     for the new job, or raises BatchClosedError; never a finished batch with unfinished jobs."""
     results = []
-    for i in range(20):
+    for _ in range(20):
         key = tag("complete")
         with proj.batches.batch("race-add") as b:
             b.enqueue(proj.add, 1, 1)

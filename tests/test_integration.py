@@ -221,7 +221,7 @@ def test_fifty_concurrent_batches_have_exact_counters(proj, worker):
 
     with ThreadPoolExecutor(10) as pool:
         created = list(pool.map(create, range(50)))
-    for i, (batch_id, keys) in enumerate(created):
+    for i, (batch_id, _) in enumerate(created):
         done = proj.batches.wait(batch_id, timeout=WAIT)
         failures = i % 3
         assert (done.total_jobs, done.completed_jobs, done.failed_jobs, done.cancelled_jobs) == (

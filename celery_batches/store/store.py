@@ -193,7 +193,7 @@ class Store:
                     copy.write_row(row)
         else:
             while chunk := list(itertools.islice(rows, 1000)):
-                conn.execute(sa.insert(r), [dict(zip(self._RUN_COLUMNS, row)) for row in chunk])
+                conn.execute(sa.insert(r), [dict(zip(self._RUN_COLUMNS, row, strict=True)) for row in chunk])
         # the batch_jobs links are derived in SQL from the runs just written: no second client round trip per job
         new = r.c.batch_id.in_(new_batches)
         if appended:
