@@ -1,22 +1,25 @@
 """Publish after the caller's transaction commits, never if it rolls back.
 
 Used when a batch is written inside the caller's SQLAlchemy ``Session`` or ``Connection``
-(``Batches.batch(..., connection=...)``). A Session has an exact ``after_commit`` event. A Connection
-only announces a commit before it happens, so there the publisher waits, in a thread, until the
-batch is visible from another connection (proof of the commit) and gives up after a deadline (the
-commit failed; or, if it was merely slow, the relay publishes later).
+(``Batches.batch(..., connection=...)``). Whatever ended the caller's outermost transaction — a
+commit, a rollback, ``Session.close()`` — the batch is published only if it is visible from
+another connection afterwards, which only a commit makes it. Savepoints neither publish nor
+discard: only the outermost transaction decides.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Callable
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 __all__ = ["on_commit", "caller_connection"]
+
+log = logging.getLogger(__name__)
 
 
 def caller_connection(connection: Any) -> sa.Connection:
@@ -31,33 +34,42 @@ def caller_connection(connection: Any) -> sa.Connection:
 
 
 def on_commit(connection: Any, publish: Callable[[], None], visible: Callable[[], bool], timeout: float) -> None:
-    """Call ``publish`` once the caller's transaction has committed; forget it on rollback."""
-    fired = threading.Event()
+    """Call ``publish`` once the caller's outermost transaction has committed; never otherwise."""
 
-    def committed_session(*_: Any) -> None:
-        if not fired.is_set():
-            fired.set()
-            publish()
-
-    def committing_connection(*_: Any) -> None:
-        if not fired.is_set():
-            fired.set()
-            threading.Thread(target=publish_when_visible, name="celery_batches-aftercommit", daemon=True).start()
-
-    def publish_when_visible() -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def settle() -> None:
+        try:
             if visible():
                 publish()
-                return
-            time.sleep(0.01)
-
-    def rolled_back(*_: Any) -> None:
-        fired.set()
+        except Exception:  # the relay publishes whatever this could not
+            log.exception("celery_batches: publishing after the caller's commit failed; the relay will do it")
 
     if isinstance(connection, Session):
-        sa.event.listen(connection, "after_commit", committed_session, once=True)
-        sa.event.listen(connection, "after_rollback", rolled_back, once=True)
-    else:
-        sa.event.listen(connection, "commit", committing_connection, once=True)
-        sa.event.listen(connection, "rollback", rolled_back, once=True)
+        # fires after the DBAPI commit or rollback (or close) of each transaction; only the outermost
+        # counts, once (a listener cannot be removed while the event is being dispatched)
+        done = threading.Event()
+
+        def ended(_session: Session, transaction: SessionTransaction) -> None:
+            if transaction.parent is None and not done.is_set():
+                done.set()
+                settle()
+
+        sa.event.listen(connection, "after_transaction_end", ended)
+        return
+
+    # A Connection announces its commit before the DBAPI commit runs: settle in a thread once the
+    # commit has finished (the connection has left its transaction) or the batch became visible.
+    def committing(_conn: sa.Connection) -> None:
+        sa.event.remove(connection, "rollback", rolled_back)
+        threading.Thread(target=settle_when_committed, name="celery_batches-aftercommit", daemon=True).start()
+
+    def rolled_back(_conn: sa.Connection) -> None:
+        sa.event.remove(connection, "commit", committing)
+
+    def settle_when_committed() -> None:
+        deadline = time.monotonic() + timeout
+        while connection.in_transaction() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        settle()
+
+    sa.event.listen(connection, "commit", committing, once=True)
+    sa.event.listen(connection, "rollback", rolled_back, once=True)

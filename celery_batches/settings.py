@@ -58,8 +58,10 @@ class Settings:
     run_timeout: float | None = None
     """Seconds after which a run with no recorded outcome is marked FAILED by the reconciler (None: never)."""
 
-    cancel_check_interval: float = 1.0
-    """Seconds a worker process trusts its last registry read of "is this batch cancelled?"."""
+    cancel_check_interval: float = 0.1
+    """Seconds a worker process trusts its last registry read of "is this batch cancelled?".
+
+    Bounds how soon after a cancel a run that missed Celery's revoke broadcast is still skipped."""
 
     wait_interval: float = 0.2
     """Seconds between two registry reads in :meth:`Batches.wait`."""

@@ -4,7 +4,8 @@
   (the producer died between commit and publish, or the broker was down) are published. The task
   id is the run id, so a republish can never make a second distinct job.
 * Reconciler: runs with no final state after ``reconcile_grace`` seconds are checked against the
-  result backend (a worker process killed before its group commit, a write that kept failing);
+  result backend (SUCCESS, FAILURE, REVOKED) — a worker process killed before its group commit, a
+  write that kept failing;
   with ``run_timeout`` set, a run older than that with no outcome anywhere is marked FAILED.
 
 Only one worker node does this at a time: on PostgreSQL a session advisory lock elects it.
@@ -110,6 +111,8 @@ class Maintenance:
                 events.append(RunEvent(run_id, RunStatus.COMPLETED))
             elif state == states.FAILURE:
                 events.append(RunEvent(run_id, RunStatus.FAILED, 0, f"{type(result).__name__}: {result}"))
+            elif state == states.REVOKED:
+                events.append(RunEvent(run_id, RunStatus.CANCELLED, 0, "revoked"))
             elif timeout is not None and since < now - timedelta(seconds=timeout):
                 events.append(RunEvent(run_id, RunStatus.FAILED, 0, f"no outcome recorded within {timeout}s"))
         if events:

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.exceptions import Ignore
 
+from ..models import RunStatus
 from ..publish import HEADER
+from ..store import RunEvent
 
 if TYPE_CHECKING:
     from ..api import Batches
@@ -29,5 +31,8 @@ class BatchTask(Task):
         batch_id = getattr(self.request, HEADER, None)
         if batch_id and self._batches is not None and self._batches._is_cancelled(batch_id):
             self.backend.mark_as_revoked(task_id, "batch cancelled", request=self.request)
+            # a run that was RUNNING at cancel time and comes back (a retry, a redelivery) ends here
+            self._batches._group_commit.add(RunEvent(task_id, RunStatus.CANCELLED, self.request.retries or 0,
+                                                     "skipped: batch cancelled"))
             raise Ignore()
 
