@@ -6,8 +6,9 @@ import logging
 import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+import sqlalchemy as sa
 from celery import Celery, current_task
 
 from .aftercommit import caller_connection, on_commit
@@ -25,6 +26,7 @@ from .worker.task import BatchTask
 __all__ = ["Batches", "current_batch_id"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def current_batch_id() -> str | None:
@@ -90,9 +92,7 @@ class Batches:
             yield builder
         plan = builder._close()
         if connection is None:
-            with self.engine.begin() as conn:
-                outbox = self.store.insert_tree(conn, plan, utcnow())
-            self._publish(outbox)
+            self._publish(self._write(lambda conn: self.store.insert_tree(conn, plan, utcnow())))
             return
         conn = caller_connection(connection)
         outbox = self.store.insert_tree(conn, plan, utcnow())
@@ -123,9 +123,7 @@ class Batches:
         with self._building(builder):
             yield builder
         plan = builder._close()
-        with self.engine.begin() as conn:
-            outbox = self.store.add_to_batch(conn, batch_id, plan, utcnow())
-        self._publish(outbox)
+        self._publish(self._write(lambda conn: self.store.add_to_batch(conn, batch_id, plan, utcnow())))
 
     def add_jobs_to_batch(self, batch_id: str, configure: Callable[[BatchBuilder], Any]) -> list[str]:
         """Seed-style add: ``configure(builder)``; returns the run ids of the direct jobs added."""
@@ -148,9 +146,8 @@ class Batches:
         with self._building(builder):
             configure(builder)
         plan = builder._close()
-        with self.engine.begin() as conn:
-            outbox = self.store.insert_tree(conn, plan, utcnow(), antecedent=(antecedent, when))
-        self._publish(outbox)
+        self._publish(self._write(lambda conn: self.store.insert_tree(conn, plan, utcnow(),
+                                                                      antecedent=(antecedent, when))))
         return plan.id
 
     @staticmethod
@@ -170,8 +167,7 @@ class Batches:
         recorded; no continuation of a cancelled batch fires. Returns how many runs were cancelled.
         """
         batch_id = _batch_id(batch_id)
-        with self.engine.begin() as conn:
-            run_ids, outbox = self.store.cancel(conn, batch_id, utcnow())
+        run_ids, outbox = self._write(lambda conn: self.store.cancel(conn, batch_id, utcnow()))
         self._cancel_cache[batch_id] = (True, time.monotonic())
         for start in range(0, len(run_ids), 1000):
             try:
@@ -197,6 +193,21 @@ class Batches:
         cancelled = self.store.batch_status(batch_id) == BatchStatus.CANCELLED
         self._cancel_cache[batch_id] = (cancelled, now)
         return cancelled
+
+    def _write(self, work: Callable[[Any], _T], attempts: int = 5) -> _T:
+        """Run ``work(conn)`` in a transaction of its own, again if PostgreSQL chose it as the victim
+        of a deadlock or a serialization failure (a cancel and a worker's group commit lock the same
+        rows in different orders); the whole transaction is repeated, so nothing is half-done."""
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except sa.exc.DBAPIError as exc:
+                if attempt == attempts or getattr(exc.orig, "sqlstate", None) not in ("40P01", "40001"):
+                    raise
+                log.warning("celery_batches: transaction lost a deadlock (attempt %d); retrying", attempt)
+                time.sleep(0.01 * attempt)
+        raise AssertionError("unreachable")
 
     # -- publishing (after commit) -----------------------------------------------------------------
     def _publish(self, outbox: Outbox) -> None:
