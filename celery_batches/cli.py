@@ -187,3 +187,21 @@ def cancel(ctx: click.Context, batch_id: str) -> None:
 def purge(ctx: click.Context) -> None:
     """Delete expired finished batches with their whole tree."""
     click.echo(f"deleted {_service(ctx).purge_expired()} batch(es)")
+
+
+@batches.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.option("--prefix", default="", help="serve under this path prefix, e.g. /batches")
+@click.option("--read-only", is_flag=True, help="hide and refuse the Cancel action")
+@click.option("--basic-auth", metavar="USER:PASSWORD", envvar="CELERY_BATCHES_DASHBOARD_AUTH",
+              help="require HTTP basic auth (or set CELERY_BATCHES_DASHBOARD_AUTH)")
+@click.pass_context
+def dashboard(ctx: click.Context, host: str, port: int, prefix: str, read_only: bool, basic_auth: str | None) -> None:
+    """Serve the web dashboard (local requests only unless --basic-auth is given)."""
+    import logging
+
+    from .dashboard.__main__ import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(_service(ctx), host=host, port=port, prefix=prefix, read_only=read_only, credentials=basic_auth)

@@ -77,3 +77,32 @@ def test_cancel_and_purge(proj):
     assert proj.batches.get_batch(b.id).status == BatchStatus.CANCELLED
     purged = celery("purge")
     assert purged.returncode == 0 and purged.stdout.startswith("deleted ")
+
+
+def test_dashboard_command_serves_the_dashboard(proj, tmp_path):
+    import socket
+    import urllib.request
+
+    from tests.conftest import eventually
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with proj.batches.batch(f"cli-dash-{uuid.uuid4().hex[:6]}") as b:
+        pass
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.proj", "batches", "dashboard", "--port",
+                             str(port)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def fetch():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/batches/{b.id}", timeout=2) as r:
+                    return json.loads(r.read())
+            except OSError:
+                return None
+
+        data = eventually(fetch, "the dashboard to answer", 30, 0.2)
+        assert data["batch"]["id"] == b.id and data["batch"]["status"] == "COMPLETED"
+    finally:
+        proc.terminate()
+        proc.wait(10)

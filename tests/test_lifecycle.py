@@ -9,7 +9,6 @@ exactly once or never.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from dataclasses import replace
 from datetime import timedelta

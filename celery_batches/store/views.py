@@ -1,0 +1,411 @@
+"""Read-only queries of the dashboard (``celery_batches.dashboard``).
+
+Every statement is index-backed and bounded, so a page answers in milliseconds on a registry of
+100,000 batches and millions of runs:
+
+* batch lists are keyset-paginated on ``(created_at, id)`` (``ix_*_batches_created`` and
+  ``ix_*_batches_status_created``); a cursor is the id of the row the page continues from;
+* a batch's jobs are keyset-paginated on ``runs (batch_id, position)`` (the unique index);
+* trees and their roll-ups walk ``batches.parent_id`` (``ix_*_batches_parent``) with recursive CTEs
+  and read the batches' counters, never the runs: the direct (leaf) jobs of a batch are its units
+  minus its child batches, per outcome, because a child batch counts exactly once in its parent.
+
+Nothing here writes; every function takes the :class:`~celery_batches.store.Store`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Sequence
+
+import sqlalchemy as sa
+
+from ..models import Batch, BatchStatus, ContinuationStatus, RunStatus
+from .store import Store, _aware, _batch
+
+__all__ = [
+    "BatchDetail",
+    "BatchPage",
+    "BatchRef",
+    "BatchRow",
+    "ContinuationRow",
+    "Counts",
+    "JobPage",
+    "JobRow",
+    "TreeNode",
+    "batch_detail",
+    "batch_page",
+    "job_page",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Outcome counters of a set of units or jobs."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def pending(self) -> int:
+        return max(self.total - self.completed - self.failed - self.cancelled, 0)
+
+    @property
+    def finished(self) -> int:
+        return self.total - self.pending
+
+    @property
+    def progress(self) -> float:
+        return self.finished / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """A batch as the dashboard lists it: the public :class:`Batch` plus its links."""
+
+    batch: Batch
+    children: int
+    antecedent_id: str | None
+    continue_when: str | None
+
+    @property
+    def units(self) -> Counts:
+        b = self.batch
+        return Counts(b.total_jobs, b.completed_jobs, b.failed_jobs, b.cancelled_jobs)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRef:
+    id: str
+    name: str
+    status: BatchStatus
+    continue_when: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPage:
+    rows: list[BatchRow]
+    has_newer: bool
+    has_older: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TreeNode:
+    """One batch of a subtree: its own units, its direct jobs and the jobs of its whole subtree."""
+
+    id: str
+    name: str
+    parent_id: str | None
+    status: BatchStatus
+    depth: int
+    units: Counts
+    jobs: Counts  # direct jobs (runs) of this batch
+    subtree_jobs: Counts  # direct jobs of this batch and of every descendant
+    subtree_batches: int  # batches in the subtree, this one included
+
+
+@dataclass(frozen=True, slots=True)
+class ContinuationRow:
+    id: str
+    kind: str
+    task_name: str
+    args: str
+    kwargs: str
+    status: ContinuationStatus
+    due_at: datetime | None
+    dispatched_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDetail:
+    row: BatchRow
+    ancestors: list[BatchRef]  # root first, parent last
+    antecedent: BatchRef | None
+    successors: list[BatchRef]
+    tree: list[TreeNode]  # depth-first, the batch itself first; at most ``tree_limit`` nodes
+    tree_truncated: bool
+    continuations: list[ContinuationRow] = field(default_factory=list)
+
+    @property
+    def root(self) -> TreeNode:
+        return self.tree[0]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    id: str
+    position: int
+    status: RunStatus
+    task_name: str
+    args: str  # kombu JSON text, possibly truncated
+    kwargs: str
+    queue: str | None
+    retries: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+
+    @property
+    def duration(self) -> timedelta | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    jobs: list[JobRow]
+    has_previous: bool
+    has_next: bool
+
+
+# -- batch lists -----------------------------------------------------------------------------------
+
+def _children(store: Store) -> sa.ScalarSelect:
+    b = store.t.batches
+    kids = b.alias("kids")
+    return sa.select(sa.func.count()).where(kids.c.parent_id == b.c.id).scalar_subquery()
+
+
+def _row(row: sa.Row) -> BatchRow:
+    return BatchRow(_batch(row), row.children, row.antecedent_id, row.continue_when)
+
+
+def batch_page(store: Store, *, status: BatchStatus | None = None, name: str | None = None,
+               parent_id: str | None = None, limit: int = 50, before: str | None = None,
+               after: str | None = None) -> BatchPage:
+    """A page of batches, newest first.
+
+    Top-level batches unless ``parent_id`` is given; ``name`` matches a substring, ignoring case.
+    ``before``: the page of batches older than the batch with this id; ``after``: the page newer
+    than it (an unknown cursor id reads the newest page).
+    """
+    b = store.t.batches
+    filters = [b.c.parent_id.is_(None) if parent_id is None else b.c.parent_id == parent_id]
+    if status is not None:
+        filters.append(b.c.status == int(status))
+    if name:
+        filters.append(b.c.name.icontains(name, autoescape=True))
+    base = sa.select(b, _children(store).label("children")).where(*filters)
+
+    def exists(condition: sa.ColumnElement) -> sa.Select:
+        return sa.select(sa.exists(sa.select(b.c.id).where(*filters, condition)))
+
+    with store.engine.connect() as conn:
+        cursor = None
+        if before or after:
+            cursor = conn.execute(sa.select(b.c.created_at, b.c.id).where(b.c.id == (before or after))).first()
+        if cursor is not None and after:
+            rows = conn.execute(base.where(_newer(b, cursor.created_at, cursor.id))
+                                .order_by(b.c.created_at, b.c.id).limit(limit + 1)).all()
+            has_newer = len(rows) > limit
+            rows = rows[:limit][::-1]
+            edge = rows[-1] if rows else cursor
+            has_older = bool(conn.scalar(exists(_older(b, edge.created_at, edge.id, inclusive=not rows))))
+        else:
+            q = base
+            if cursor is not None:
+                q = q.where(_older(b, cursor.created_at, cursor.id))
+            rows = conn.execute(q.order_by(b.c.created_at.desc(), b.c.id.desc()).limit(limit + 1)).all()
+            has_older = len(rows) > limit
+            rows = rows[:limit]
+            has_newer = False
+            if cursor is not None:
+                edge = rows[0] if rows else cursor
+                has_newer = bool(conn.scalar(exists(_newer(b, edge.created_at, edge.id, inclusive=not rows))))
+    return BatchPage([_row(row) for row in rows], has_newer=has_newer, has_older=has_older)
+
+
+def _older(b: sa.Table, created_at: datetime, batch_id: str, inclusive: bool = False) -> sa.ColumnElement:
+    """Rows after ``(created_at, id)`` in newest-first order; the redundant first term lets the
+    planner range-scan the created_at index."""
+    same = b.c.id <= batch_id if inclusive else b.c.id < batch_id
+    return sa.and_(b.c.created_at <= created_at, sa.or_(b.c.created_at < created_at, same))
+
+
+def _newer(b: sa.Table, created_at: datetime, batch_id: str, inclusive: bool = False) -> sa.ColumnElement:
+    same = b.c.id >= batch_id if inclusive else b.c.id > batch_id
+    return sa.and_(b.c.created_at >= created_at, sa.or_(b.c.created_at > created_at, same))
+
+
+# -- one batch -------------------------------------------------------------------------------------
+
+def batch_detail(store: Store, batch_id: str, *, tree_limit: int = 200,
+                 successors_limit: int = 100) -> BatchDetail | None:
+    """Everything the batch page shows except its jobs; None for an unknown id."""
+    b = store.t.batches
+    with _snapshot(store) as conn:
+        row = conn.execute(sa.select(b, _children(store).label("children")).where(b.c.id == batch_id)).first()
+        if row is None:
+            return None
+        batch = _row(row)
+        ancestors = _ancestors(store, conn, batch.batch.parent_id)
+        antecedent = None
+        if batch.antecedent_id:
+            ref = conn.execute(sa.select(b.c.id, b.c.name, b.c.status).where(b.c.id == batch.antecedent_id)).first()
+            antecedent = ref and BatchRef(ref.id, ref.name, BatchStatus(ref.status))
+        successors = [
+            BatchRef(r.id, r.name, BatchStatus(r.status), r.continue_when)
+            for r in conn.execute(
+                sa.select(b.c.id, b.c.name, b.c.status, b.c.continue_when).where(b.c.antecedent_id == batch_id)
+                .order_by(b.c.created_at, b.c.id).limit(successors_limit))
+        ]
+        tree, truncated = _tree(store, conn, batch_id, tree_limit)
+        continuations = _continuations(store, conn, batch_id)
+    if not tree:  # deleted (purged) between two statements of a non-snapshot read
+        return None
+    return BatchDetail(batch, ancestors, antecedent, successors, tree, truncated, continuations)
+
+
+def _snapshot(store: Store) -> sa.Connection:
+    """A connection whose statements all read one snapshot (PostgreSQL), so the batch, its tree and
+    its continuations agree with each other. SQLite reads in one transaction anyway."""
+    conn = store.engine.connect()
+    if conn.dialect.name == "postgresql":
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+    return conn
+
+
+def _ancestors(store: Store, conn: sa.Connection, parent_id: str | None) -> list[BatchRef]:
+    if parent_id is None:
+        return []
+    b = store.t.batches
+    up = (sa.select(b.c.id, b.c.name, b.c.status, b.c.parent_id, sa.literal(1).label("depth"))
+          .where(b.c.id == parent_id).cte("up", recursive=True))
+    up = up.union_all(sa.select(b.c.id, b.c.name, b.c.status, b.c.parent_id, up.c.depth + 1)
+                      .join(up, b.c.id == up.c.parent_id).where(up.c.depth < 1000))
+    rows = conn.execute(sa.select(up.c.id, up.c.name, up.c.status).order_by(up.c.depth.desc())).all()
+    return [BatchRef(r.id, r.name, BatchStatus(r.status)) for r in rows]
+
+
+def _tree(store: Store, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[TreeNode], bool]:
+    """The subtree under ``batch_id`` with per-node counters and subtree roll-ups, all in one statement.
+
+    ``tree``: every batch of the subtree with its depth. ``leaf``: per batch, its direct jobs per
+    outcome = its unit counters minus its child batches per status (a finished child counts once in
+    its parent: COMPLETED → completed, FAILED → failed, CANCELLED → cancelled). ``pairs``: every
+    (ancestor, descendant) pair of the subtree, so each node's roll-up is one grouped sum.
+    """
+    b = store.t.batches
+    kid = b.alias("kid")
+    tree = (sa.select(b.c.id, sa.literal(0).label("depth")).where(b.c.id == batch_id)
+            .cte("tree", recursive=True))
+    tree = tree.union_all(sa.select(b.c.id, tree.c.depth + 1).join(tree, b.c.parent_id == tree.c.id))
+
+    def by_status(status: BatchStatus) -> sa.ColumnElement:
+        return sa.func.coalesce(sa.func.sum(sa.case((kid.c.status == int(status), 1), else_=0)), 0)
+
+    kids = (sa.select(kid.c.parent_id.label("id"), sa.func.count().label("n"),
+                      by_status(BatchStatus.COMPLETED).label("c"), by_status(BatchStatus.FAILED).label("f"),
+                      by_status(BatchStatus.CANCELLED).label("x"))
+            .where(kid.c.parent_id.in_(sa.select(tree.c.id))).group_by(kid.c.parent_id).cte("kids"))
+    leaf = (sa.select(
+        tree.c.id, tree.c.depth,
+        (b.c.total_jobs - sa.func.coalesce(kids.c.n, 0)).label("jt"),
+        (b.c.completed_jobs - sa.func.coalesce(kids.c.c, 0)).label("jc"),
+        (b.c.failed_jobs - sa.func.coalesce(kids.c.f, 0)).label("jf"),
+        (b.c.cancelled_jobs - sa.func.coalesce(kids.c.x, 0)).label("jx"),
+    ).select_from(tree.join(b, b.c.id == tree.c.id).outerjoin(kids, kids.c.id == tree.c.id)).cte("leaf"))
+    pairs = sa.select(tree.c.id.label("anc"), tree.c.id.label("des")).cte("pairs", recursive=True)
+    pairs = pairs.union_all(sa.select(pairs.c.anc, b.c.id).join(pairs, b.c.parent_id == pairs.c.des))
+    own = pairs.c.anc == pairs.c.des
+
+    def mine(column: sa.ColumnElement) -> sa.ColumnElement:  # the ancestor's own value (des = anc)
+        return sa.cast(sa.func.max(sa.case((own, column), else_=None)), sa.BigInteger)
+
+    def total(column: sa.ColumnElement) -> sa.ColumnElement:  # sum(bigint) is numeric in PostgreSQL
+        return sa.cast(sa.func.sum(column), sa.BigInteger)
+
+    rollup = (sa.select(pairs.c.anc.label("id"), sa.func.count().label("n"),
+                        mine(leaf.c.depth).label("depth"), mine(leaf.c.jt).label("jt"), mine(leaf.c.jc).label("jc"),
+                        mine(leaf.c.jf).label("jf"), mine(leaf.c.jx).label("jx"),
+                        total(leaf.c.jt).label("st"), total(leaf.c.jc).label("sc"),
+                        total(leaf.c.jf).label("sf"), total(leaf.c.jx).label("sx"))
+              .join(leaf, leaf.c.id == pairs.c.des).group_by(pairs.c.anc).subquery("rollup"))
+    # breadth-first, so the first ``limit`` rows are a connected top of the tree (each parent comes first)
+    q = (sa.select(b.c.id, b.c.name, b.c.parent_id, b.c.status, b.c.total_jobs, b.c.completed_jobs,
+                   b.c.failed_jobs, b.c.cancelled_jobs, b.c.created_at, rollup)
+         .select_from(rollup.join(b, b.c.id == rollup.c.id))
+         .order_by(rollup.c.depth, b.c.created_at, b.c.name, b.c.id).limit(limit + 1))
+    rows = conn.execute(q).all()
+    truncated = len(rows) > limit
+    rows = rows[:limit]
+    nodes = {
+        r.id: TreeNode(
+            r.id, r.name, r.parent_id, BatchStatus(r.status), r.depth,
+            Counts(r.total_jobs, r.completed_jobs, r.failed_jobs, r.cancelled_jobs),
+            Counts(r.jt, r.jc, r.jf, r.jx), Counts(r.st, r.sc, r.sf, r.sx), r.n)
+        for r in rows
+    }
+    children: dict[str | None, list[str]] = {}
+    for r in rows:  # already in sibling order (created_at, name, id)
+        if r.id != batch_id:
+            children.setdefault(r.parent_id, []).append(r.id)
+    out: list[TreeNode] = []
+    stack = [batch_id]
+    if batch_id not in nodes:
+        return [], False
+    while stack:  # depth-first for display
+        node = nodes[stack.pop()]
+        out.append(node)
+        stack.extend(reversed(children.get(node.id, ())))
+    return out, truncated
+
+
+def _continuations(store: Store, conn: sa.Connection, batch_id: str) -> list[ContinuationRow]:
+    c = store.t.continuations
+    q = (sa.select(c.c.id, c.c.kind, c.c.task_name, c.c.args, c.c.kwargs, c.c.status, c.c.due_at,
+                   c.c.dispatched_at).where(c.c.batch_id == batch_id).order_by(c.c.position, c.c.kind))
+    return [ContinuationRow(r.id, r.kind, r.task_name, r.args, r.kwargs, ContinuationStatus(r.status),
+                            _aware(r.due_at), _aware(r.dispatched_at)) for r in conn.execute(q)]
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+def job_page(store: Store, batch_id: str, *, status: Sequence[RunStatus] | RunStatus | None = None,
+             start: int | None = None, before: int | None = None, limit: int = 100,
+             text_chars: int | None = None) -> JobPage:
+    """A page of a batch's direct jobs in enqueue order, on the ``(batch_id, position)`` index.
+
+    ``start``: the first position of the page (inclusive); ``before``: the page that ends just
+    before this position. ``status`` keeps only jobs in that status (or those statuses).
+    ``text_chars`` truncates args, kwargs and error in SQL (for list views of huge arguments).
+    """
+    r = store.t.runs
+    filters = [r.c.batch_id == batch_id]
+    if status is not None:
+        wanted = [status] if isinstance(status, RunStatus) else list(status)
+        filters.append(r.c.status == int(wanted[0]) if len(wanted) == 1 else r.c.status.in_([int(s) for s in wanted]))
+
+    def text(column: sa.Column) -> sa.ColumnElement:
+        return (sa.func.substr(column, 1, text_chars) if text_chars else column).label(column.name)
+
+    cols = [r.c.id, r.c.position, r.c.status, r.c.task_name, text(r.c.args), text(r.c.kwargs), r.c.queue,
+            r.c.retries, r.c.created_at, r.c.started_at, r.c.finished_at, text(r.c.error)]
+
+    def exists(condition: sa.ColumnElement) -> sa.Select:
+        return sa.select(sa.exists(sa.select(r.c.id).where(*filters, condition)))
+
+    with store.engine.connect() as conn:
+        if before is not None:
+            rows = conn.execute(sa.select(*cols).where(*filters, r.c.position < before)
+                                .order_by(r.c.position.desc()).limit(limit + 1)).all()
+            has_previous = len(rows) > limit
+            rows = rows[:limit][::-1]
+            has_next = bool(conn.scalar(exists(r.c.position >= before)))
+        else:
+            q = sa.select(*cols).where(*filters)
+            if start is not None:
+                q = q.where(r.c.position >= start)
+            rows = conn.execute(q.order_by(r.c.position).limit(limit + 1)).all()
+            has_next = len(rows) > limit
+            rows = rows[:limit]
+            has_previous = bool(start) and bool(conn.scalar(exists(r.c.position < start)))
+    jobs = [JobRow(row.id, row.position, RunStatus(row.status), row.task_name, row.args, row.kwargs, row.queue,
+                   row.retries, _aware(row.created_at), _aware(row.started_at), _aware(row.finished_at), row.error)
+            for row in rows]
+    return JobPage(jobs, has_previous=has_previous, has_next=has_next)
