@@ -53,7 +53,7 @@ def _ts(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def as_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything we store is UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
@@ -152,7 +152,7 @@ class Store:
         row = conn.execute(sa.select(b).where(b.c.id == batch_id).with_for_update()).first()
         if row is None:
             raise BatchNotFoundError(batch_id)
-        return _batch(row)
+        return batch_from_row(row)
 
     def _insert_nodes(self, conn: sa.Connection, nodes: list[BatchPlan], status: BatchStatus, now: datetime,
                       root_extra: dict | None = None) -> None:
@@ -506,7 +506,7 @@ class Store:
         b = self.t.batches
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(b).where(b.c.id == batch_id)).first()
-        return _batch(row) if row else None
+        return batch_from_row(row) if row else None
 
     def list_batches(self, *, status: BatchStatus | None, parent_id: str | None, name: str | None,
                      limit: int, offset: int) -> list[Batch]:
@@ -518,7 +518,7 @@ class Store:
             q = q.where(b.c.name.contains(name, autoescape=True))
         q = q.order_by(b.c.created_at.desc(), b.c.id.desc()).limit(limit).offset(offset)
         with self.engine.connect() as conn:
-            return [_batch(row) for row in conn.execute(q)]
+            return [batch_from_row(row) for row in conn.execute(q)]
 
     def get_jobs(self, batch_id: str, *, limit: int | None = None, offset: int = 0) -> list[JobRun]:
         r, j = self.t.runs, self.t.batch_jobs
@@ -534,7 +534,7 @@ class Store:
             return [
                 Continuation(row.id, row.batch_id, ContinuationKind(row.kind), row.task_name,
                              kjson.loads(row.args), kjson.loads(row.kwargs), ContinuationStatus(row.status),
-                             _aware(row.dispatched_at))
+                             as_utc(row.dispatched_at))
                 for row in conn.execute(q)
             ]
 
@@ -568,15 +568,15 @@ class Store:
                     r.c.created_at < older_than, since < older_than)
              .order_by(r.c.created_at).limit(limit))
         with self.engine.connect() as conn:
-            return [(row.id, _aware(row.since)) for row in conn.execute(q)]
+            return [(row.id, as_utc(row.since)) for row in conn.execute(q)]
 
 
-def _batch(row: sa.Row) -> Batch:
+def batch_from_row(row: sa.Row) -> Batch:
     return Batch(
         id=row.id, name=row.name, parent_id=row.parent_id, status=BatchStatus(row.status),
         total_jobs=row.total_jobs, completed_jobs=row.completed_jobs, failed_jobs=row.failed_jobs,
-        cancelled_jobs=row.cancelled_jobs, created_by=row.created_by, created_at=_aware(row.created_at),
-        completed_at=_aware(row.completed_at), expires_at=_aware(row.expires_at),
+        cancelled_jobs=row.cancelled_jobs, created_by=row.created_by, created_at=as_utc(row.created_at),
+        completed_at=as_utc(row.completed_at), expires_at=as_utc(row.expires_at),
     )
 
 
@@ -584,6 +584,6 @@ def _run(row: sa.Row) -> JobRun:
     return JobRun(
         id=row.id, batch_id=row.batch_id, task_name=row.task_name, args=kjson.loads(row.args),
         kwargs=kjson.loads(row.kwargs), queue=row.queue, status=RunStatus(row.status), order=row.position,
-        created_at=_aware(row.created_at), started_at=_aware(row.started_at),
-        finished_at=_aware(row.finished_at), error=row.error, retries=row.retries,
+        created_at=as_utc(row.created_at), started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at), error=row.error, retries=row.retries,
     )

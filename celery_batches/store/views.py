@@ -22,7 +22,7 @@ from typing import Sequence
 import sqlalchemy as sa
 
 from ..models import Batch, BatchStatus, ContinuationStatus, RunStatus
-from .store import Store, _aware, _batch
+from .store import Store, as_utc, batch_from_row
 
 __all__ = [
     "BatchDetail",
@@ -172,7 +172,7 @@ def _children(store: Store) -> sa.ScalarSelect:
 
 
 def _row(row: sa.Row) -> BatchRow:
-    return BatchRow(_batch(row), row.children, row.antecedent_id, row.continue_when)
+    return BatchRow(batch_from_row(row), row.children, row.antecedent_id, row.continue_when)
 
 
 def batch_page(store: Store, *, status: BatchStatus | None = None, name: str | None = None,
@@ -361,7 +361,7 @@ def _continuations(store: Store, conn: sa.Connection, batch_id: str) -> list[Con
     q = (sa.select(c.c.id, c.c.kind, c.c.task_name, c.c.args, c.c.kwargs, c.c.status, c.c.due_at,
                    c.c.dispatched_at).where(c.c.batch_id == batch_id).order_by(c.c.position, c.c.kind))
     return [ContinuationRow(r.id, r.kind, r.task_name, r.args, r.kwargs, ContinuationStatus(r.status),
-                            _aware(r.due_at), _aware(r.dispatched_at)) for r in conn.execute(q)]
+                            as_utc(r.due_at), as_utc(r.dispatched_at)) for r in conn.execute(q)]
 
 
 # -- jobs ------------------------------------------------------------------------------------------
@@ -406,6 +406,6 @@ def job_page(store: Store, batch_id: str, *, status: Sequence[RunStatus] | RunSt
             rows = rows[:limit]
             has_previous = bool(start) and bool(conn.scalar(exists(r.c.position < start)))
     jobs = [JobRow(row.id, row.position, RunStatus(row.status), row.task_name, row.args, row.kwargs, row.queue,
-                   row.retries, _aware(row.created_at), _aware(row.started_at), _aware(row.finished_at), row.error)
+                   row.retries, as_utc(row.created_at), as_utc(row.started_at), as_utc(row.finished_at), row.error)
             for row in rows]
     return JobPage(jobs, has_previous=has_previous, has_next=has_next)
