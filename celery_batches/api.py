@@ -262,7 +262,7 @@ class Batches:
 
     def list_batches(self, *, status: BatchStatus | int | None = None, parent_id: str | None = None,
                      name: str | None = None, limit: int = 50, offset: int = 0) -> list[Batch]:
-        """Newest first; top-level batches unless ``parent_id`` is given; ``name`` matches a substring."""
+        """Newest first; top-level batches unless ``parent_id`` is given; ``name`` matches a substring, ignoring case."""
         if not (isinstance(limit, int) and isinstance(offset, int) and limit >= 0 and offset >= 0):
             raise InvalidBatchError(f"limit and offset must be non-negative integers, got {limit!r}, {offset!r}")
         try:

@@ -355,3 +355,14 @@ def test_malformed_ids_and_arguments_are_refused(proj):
     with pytest.raises(InvalidBatchError):
         proj.batches.list_batches(status=9)
     assert proj.batches.get_batch(str(uuid.uuid4())) is None
+
+
+def test_list_batches_name_search_ignores_case_and_wildcards(proj):
+    token = uuid.uuid4().hex[:8]
+    with proj.batches.batch(f"Report_{token}-100%") as b:
+        pass
+    with proj.batches.batch(f"reportX{token}-1000") as other:
+        pass
+    assert [x.id for x in proj.batches.list_batches(name=f"report_{token}")] == [b.id]
+    assert [x.id for x in proj.batches.list_batches(name=f"{token}-100%")] == [b.id]
+    assert {x.id for x in proj.batches.list_batches(name=token.upper())} == {b.id, other.id}

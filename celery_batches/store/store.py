@@ -515,7 +515,7 @@ class Store:
         if status is not None:
             q = q.where(b.c.status == int(status))
         if name:
-            q = q.where(b.c.name.contains(name, autoescape=True))
+            q = q.where(b.c.name.icontains(name, autoescape=True))  # case-insensitive, like the dashboard
         q = q.order_by(b.c.created_at.desc(), b.c.id.desc()).limit(limit).offset(offset)
         with self.engine.connect() as conn:
             return [batch_from_row(row) for row in conn.execute(q)]
