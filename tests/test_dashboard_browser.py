@@ -95,6 +95,8 @@ def test_watch_a_batch_run_open_it_and_cancel_another(proj, worker, browser, ser
     seen, screenshot_taken = [], False
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        # status first, counts second: a refresh landing in between can only make the counts newer
+        status = page.locator(f'tr[data-batch-id="{running.id}"]').get_attribute("data-status")
         counts = page.locator(f'tr[data-batch-id="{running.id}"] .counts')
         completed = int(counts.get_attribute("data-completed"))
         if not seen or seen[-1] != completed:
@@ -102,7 +104,7 @@ def test_watch_a_batch_run_open_it_and_cancel_another(proj, worker, browser, ser
         if 0 < completed < total and not screenshot_taken:
             page.screenshot(path=str(SCREENSHOTS / "dashboard.png"))
             screenshot_taken = True
-        if page.locator(f'tr[data-batch-id="{running.id}"]').get_attribute("data-status") == "COMPLETED":
+        if status == "COMPLETED":
             break
         time.sleep(0.05)
     assert seen[-1] == total and seen == sorted(seen), seen
