@@ -272,19 +272,25 @@ class Dashboard:
         return self.render(request, "batch.html", d=detail, b=detail.row.batch, jobs=jobs, job_status=status,
                            pages=pages, nav=nav, notice=notice, unfinished=unfinished, text_chars=TEXT_CHARS)
 
-    def on_cancel(self, request: Request, batch_id: Any) -> Response:
+    def _cancel(self, request: Request, batch_id: str) -> tuple[Any, int | None]:
+        """Shared by the page and the API: the batch as it was, and the runs cancelled (None: it had finished)."""
         self.check_action(request)
-        batch_id = str(batch_id)
         batch = self.batches.get_batch(batch_id)
         if batch is None:
             raise NotFound("No batch with this id.")
-        url = request.adapter.build("batch", {"batch_id": batch_id})
         if batch.is_finished:
-            return _redirect(f"{url}?notice=finished")
+            return batch, None
         try:
-            runs = self.batches.cancel_batch(batch_id)
+            return batch, self.batches.cancel_batch(batch_id)
         except BatchNotFoundError:
             raise NotFound("No batch with this id.") from None
+
+    def on_cancel(self, request: Request, batch_id: Any) -> Response:
+        batch_id = str(batch_id)
+        _, runs = self._cancel(request, batch_id)
+        url = request.adapter.build("batch", {"batch_id": batch_id})
+        if runs is None:
+            return _redirect(f"{url}?notice=finished")
         return _redirect(f"{url}?notice=cancelled&runs={runs}")
 
     def on_static(self, request: Request, filename: str) -> Response:
@@ -344,18 +350,11 @@ class Dashboard:
         })
 
     def on_api_cancel(self, request: Request, batch_id: Any) -> Response:
-        self.check_action(request)
         batch_id = str(batch_id)
-        batch = self.batches.get_batch(batch_id)
-        if batch is None:
-            raise NotFound("No batch with this id.")
-        if batch.is_finished:
+        batch, runs = self._cancel(request, batch_id)
+        if runs is None:
             return self.json({"error": f"the batch is already {batch.status.name}", "status": 409,
                               "cancelled_runs": 0, "batch_status": batch.status.name}, 409)
-        try:
-            runs = self.batches.cancel_batch(batch_id)
-        except BatchNotFoundError:
-            raise NotFound("No batch with this id.") from None
         batch = self.batches.get_batch(batch_id)
         return self.json({"cancelled_runs": runs, "batch_status": batch.status.name if batch else None})
 
