@@ -190,9 +190,32 @@ class Batches:
             return cached[0]
         if len(self._cancel_cache) > 10_000:
             self._cancel_cache.clear()
-        cancelled = self.store.batch_status(batch_id) == BatchStatus.CANCELLED
+        try:
+            status = self._read(lambda: self.store.batch_status(batch_id))
+        except sa.exc.DBAPIError:
+            # failing the member (counted FAILED, firing on_failure) would be worse than running it
+            log.error("celery_batches: cannot read batch %s from the registry; running the member "
+                      "(its outcome is recorded when the registry answers again)", batch_id, exc_info=True)
+            return False
+        cancelled = status == BatchStatus.CANCELLED
         self._cancel_cache[batch_id] = (cancelled, now)
         return cancelled
+
+    def _read(self, read: Callable[[], _T], attempts: int = 4) -> _T:
+        """Run a registry read, again if its connection died (a restarted or failed-over database,
+        a killed backend: the pool has already dropped the dead connections) or the server refused it."""
+        delay = 0.05
+        for attempt in range(1, attempts + 1):
+            try:
+                return read()
+            except sa.exc.OperationalError as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("celery_batches: registry read failed (attempt %d): %s; retrying", attempt, exc.orig)
+                if not exc.connection_invalidated:
+                    time.sleep(delay)
+                    delay *= 2
+        raise AssertionError("unreachable")
 
     def _write(self, work: Callable[[Any], _T], attempts: int = 5) -> _T:
         """Run ``work(conn)`` in a transaction of its own, again if PostgreSQL chose it as the victim

@@ -126,6 +126,14 @@ class Worker:
                 self.proc.wait(10)
 
 
+@pytest.fixture
+def nowhere(proj: Any) -> Any:
+    """A queue no worker consumes: runs sent there stay PENDING for as long as the test needs."""
+    queue = f"cbt-nowhere-{uuid.uuid4().hex}"
+    yield queue
+    proj.r.delete(queue, f"_kombu.binding.{queue}")
+
+
 @pytest.fixture(scope="session")
 def worker(proj: Any) -> Worker:
     """The session's shared worker, consuming the session queue."""

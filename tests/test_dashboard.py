@@ -56,14 +56,6 @@ def csrf_from(html: str) -> str:
 
 
 @pytest.fixture
-def nowhere(proj):
-    """A queue no worker consumes: runs sent there stay PENDING for as long as the test needs."""
-    queue = f"cbt-dash-nowhere-{uuid.uuid4().hex}"
-    yield queue
-    proj.r.delete(queue, f"_kombu.binding.{queue}")
-
-
-@pytest.fixture
 def client(proj):
     return Local(create_app(proj.batches))
 

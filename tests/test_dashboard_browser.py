@@ -58,13 +58,6 @@ def server(proj):
     httpd.server_close()
 
 
-@pytest.fixture
-def nowhere(proj):
-    queue = f"cbt-dash-nowhere-{uuid.uuid4().hex}"
-    yield queue
-    proj.r.delete(queue, f"_kombu.binding.{queue}")
-
-
 def test_watch_a_batch_run_open_it_and_cancel_another(proj, worker, browser, server, nowhere):
     t = uuid.uuid4().hex[:8]
     with proj.batches.batch(f"sync-customers-{t}", created_by="cron") as failed:

@@ -39,14 +39,6 @@ WAIT = 60.0
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-@pytest.fixture
-def nowhere(proj):
-    """A queue no worker consumes: runs sent there stay PENDING for as long as the test needs."""
-    queue = f"cbt-nowhere-{uuid.uuid4().hex}"
-    yield queue
-    proj.r.delete(queue, f"_kombu.binding.{queue}")
-
-
 def counters(batch) -> tuple:
     return batch.status, batch.total_jobs, batch.completed_jobs, batch.failed_jobs, batch.cancelled_jobs
 
@@ -343,6 +335,49 @@ def test_a_cancelled_run_that_missed_the_revoke_is_skipped_by_batch_task(proj, w
     never_fired(proj, ran, *keys.values())
     assert counters(proj.batches.get_batch(b.id)) == (BatchStatus.CANCELLED, 3, 0, 0, 3)
     assert statuses(proj, b.id) == [RunStatus.CANCELLED] * 3
+
+
+def test_the_cancel_check_survives_a_registry_connection_killed_under_it(proj, nowhere):
+    """The pool hands BatchTask's cancel read a connection whose backend is gone (killed after the
+    pool's pre-ping): the read is repeated on a fresh connection instead of failing the member."""
+    with proj.batches.batch("cancel-check-killed") as b:
+        b.enqueue(proj.noop.s(tag("ran")).set(queue=nowhere))
+    assert proj.batches.cancel_batch(b.id) == 1
+    proj.batches._cancel_cache.clear()  # the cancel cached the answer in this process
+    killed: list[int] = []
+    other = sa.create_engine(proj.batches.engine.url, poolclass=sa.pool.NullPool)
+
+    def kill_once(dbapi_conn, _record, _proxy) -> None:
+        if killed:
+            return
+        killed.append(dbapi_conn.info.backend_pid)
+        with other.begin() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": killed[0]})
+
+        def gone() -> bool:  # a fresh transaction each time: pg_stat_activity is a per-transaction snapshot
+            with other.connect() as conn:
+                return not conn.scalar(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"),
+                                       {"p": killed[0]})
+        eventually(gone, "the backend to exit", WAIT)
+
+    sa.event.listen(proj.batches.engine, "checkout", kill_once)
+    try:
+        assert proj.batches._is_cancelled(b.id) is True
+    finally:
+        sa.event.remove(proj.batches.engine, "checkout", kill_once)
+        other.dispose()
+    assert killed, "no connection was killed; nothing was tested"
+
+
+def test_the_cancel_check_runs_the_member_when_the_registry_is_unreachable(caplog):
+    """With no registry to ask, the member runs (its outcome is recorded later) rather than fail."""
+    app = Celery(f"unreachable_{uuid.uuid4().hex[:8]}", broker="memory://", set_as_current=False)
+    unreachable = Batches(app, database_url="postgresql://127.0.0.1:1/nothing", relay_interval=0)
+    try:
+        assert unreachable._is_cancelled(str(uuid.uuid4())) is False
+    finally:
+        unreachable.engine.dispose()
+    assert "cannot read batch" in caplog.text
 
 
 def test_a_running_member_whose_next_attempt_is_skipped_is_counted_cancelled(proj, worker, nowhere):
