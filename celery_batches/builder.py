@@ -80,6 +80,8 @@ def validate_name(name: object, what: str = "batch name") -> str:
         raise InvalidBatchError(f"{what} must be a non-empty string, got {name!r}")
     if len(name) > MAX_NAME:
         raise InvalidBatchError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME}")
+    if "\x00" in name:  # PostgreSQL text cannot hold it
+        raise InvalidBatchError(f"{what} contains a NUL character: {name!r}")
     return name
 
 
@@ -194,6 +196,8 @@ def _resolve(task: TaskRef, args: tuple, kwargs: dict, what: str) -> tuple[str, 
             raise InvalidBatchError(f"{what}: option(s) {sorted(reserved)} are set by the batch itself")
         if hasattr(options.get("queue"), "name"):  # a kombu Queue
             options["queue"] = options["queue"].name
+        if options.get("queue") is not None:
+            validate_name(options["queue"], f"{what}: queue")
     elif isinstance(task, Task):
         name = task.name
     elif isinstance(task, str):

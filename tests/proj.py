@@ -56,10 +56,10 @@ def add(x: int, y: int) -> int:
 
 
 @batches.task
-def fail(tag: str | None = None) -> None:
+def fail(tag: str | None = None, message: str = "this member fails on purpose") -> None:
     if tag:
         r.incr(tag)
-    raise ValueError("this member fails on purpose")
+    raise ValueError(message)
 
 
 @batches.task(bind=True, max_retries=5)

@@ -101,6 +101,22 @@ def test_failing_member_fails_the_batch(proj, worker):
     assert continuations(proj, b.id)["success"] == ContinuationStatus.SKIPPED
 
 
+def test_a_nul_in_a_members_error_is_stored_escaped_and_stalls_nothing(proj, worker):
+    """PostgreSQL text cannot hold NUL: stored as is, the error would fail its group commit on every
+    retry and stall every later transition of that pool process."""
+    ran = tag("ran")
+    with proj.batches.batch("nul-error") as b:
+        bad = b.enqueue(proj.fail, None, "bad\x00byte")
+        for _ in range(6):
+            b.enqueue(proj.noop, ran)
+        keys = with_continuations(b, proj)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 6, 1)
+    failed = [j for j in proj.batches.get_batch_jobs(b.id) if j.id == bad][0]
+    assert failed.error == "ValueError: bad\\x00byte"
+    fired_once(proj, keys["failure"])
+
+
 def test_retry_then_success_counts_once(proj, worker):
     attempts = tag("attempts")
     with proj.batches.batch("retries") as b:

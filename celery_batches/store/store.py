@@ -53,6 +53,12 @@ def _ts(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
 
 
+def _text(error: str | None) -> str | None:
+    """An error message as PostgreSQL can store it: a NUL in an exception's text would make the
+    whole group commit fail on every retry, stalling every transition of that process."""
+    return error.replace("\x00", "\\x00") if error and "\x00" in error else error
+
+
 def as_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything we store is UTC."""
     if value is not None and value.tzinfo is None:
@@ -284,7 +290,7 @@ class Store:
         rows = conn.execute(sa.text(self._PG_FINAL.format(runs=runs)), {
             "ids": [e.run_id for e in final], "statuses": [int(e.status) for e in final],
             "retries": [e.retries for e in final], "ats": [_ts(e.at) for e in final],
-            "starts": [_ts(e.started) for e in final], "errors": [e.error for e in final],
+            "starts": [_ts(e.started) for e in final], "errors": [_text(e.error) for e in final],
         }).all()
         return [(str(row.batch_id), RunStatus(row.status)) for row in rows]
 
@@ -309,7 +315,7 @@ class Store:
         for e in final:
             row = conn.execute(
                 sa.update(r).where(r.c.id == e.run_id, unfinished)
-                .values(status=int(e.status), finished_at=_ts(e.at), error=e.error,
+                .values(status=int(e.status), finished_at=_ts(e.at), error=_text(e.error),
                         started_at=sa.func.coalesce(r.c.started_at, _ts(e.started)),
                         retries=sa.case((r.c.retries > e.retries, r.c.retries), else_=e.retries))
                 .returning(r.c.batch_id)
