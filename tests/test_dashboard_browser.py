@@ -17,7 +17,8 @@ from werkzeug.serving import make_server
 
 from celery_batches import BatchStatus
 from celery_batches.dashboard import create_app
-from tests.conftest import IN_CI, ROOT
+from celery_batches.models import ContinuationStatus
+from tests.conftest import IN_CI, ROOT, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -108,6 +109,9 @@ def test_watch_a_batch_run_open_it_and_cancel_another(proj, worker, browser, ser
     assert screenshot_taken
 
     # open the finished batch: counters, tree with its roll-up, jobs
+    # (the continuation is flagged dispatched just after the batch's commit, by whoever published it)
+    eventually(lambda: [c.status for c in proj.batches.get_continuations(running.id)]
+               == [ContinuationStatus.DISPATCHED], "the continuation to be dispatched", 30)
     page.locator(f'tr[data-batch-id="{running.id}"] td.name a').click()
     page.wait_for_url(f"**/batches/{running.id}")
     assert page.locator('[data-field="completed"]').inner_text() == str(total)

@@ -114,9 +114,9 @@ def test_add_jobs_a_nested_batch_and_a_continuation_to_a_running_batch(proj, wor
         fired_once(proj, key)
     never_fired(proj, keys["failure"], child_keys["failure"])
     assert count(proj, ran) == 3 + 1 + 1 + 1 and count(proj, slow) == 1
-    assert conts(proj, b.id) == {"success": {ContinuationStatus.DISPATCHED},
-                                 "complete": {ContinuationStatus.DISPATCHED},
-                                 "failure": {ContinuationStatus.SKIPPED}}
+    expected = {"success": {ContinuationStatus.DISPATCHED}, "complete": {ContinuationStatus.DISPATCHED},
+                "failure": {ContinuationStatus.SKIPPED}}  # flagged dispatched just after publishing
+    eventually(lambda: conts(proj, b.id) == expected, "the continuations' final states", WAIT)
 
 
 def test_adding_to_a_nested_batch_grows_only_that_batch(proj, worker):
@@ -214,7 +214,11 @@ def test_a_member_adding_to_its_own_batch_until_a_limit(proj, worker):
     fired_once(proj, success_key)
     # only after all of them: every member finished before the batch did, and the batch before its continuations
     assert max(j.finished_at for j in crawled) <= done.completed_at
-    assert all(c.dispatched_at >= done.completed_at for c in proj.batches.get_continuations(b.id))
+    def flagged() -> list:
+        cs = proj.batches.get_continuations(b.id)
+        return cs if all(c.dispatched_at for c in cs) else []
+    dispatched = eventually(flagged, "the continuations to be flagged dispatched", WAIT)
+    assert len(dispatched) == 2 and all(c.dispatched_at >= done.completed_at for c in dispatched)
 
 
 # -- 4. cancel --------------------------------------------------------------------------------------------
