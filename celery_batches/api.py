@@ -208,8 +208,8 @@ class Batches:
         for attempt in range(1, attempts + 1):
             try:
                 return read()
-            except sa.exc.OperationalError as exc:
-                if attempt == attempts:
+            except sa.exc.DBAPIError as exc:
+                if attempt == attempts or not (exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError)):
                     raise
                 log.warning("celery_batches: registry read failed (attempt %d): %s; retrying", attempt, exc.orig)
                 if not exc.connection_invalidated:
