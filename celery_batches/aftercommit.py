@@ -33,6 +33,18 @@ def caller_connection(connection: Any) -> sa.Connection:
     raise TypeError(f"connection= takes a SQLAlchemy Session or Connection, not {type(connection).__name__}")
 
 
+_PENDING = "celery_batches.after_commit"
+_LISTENING = "celery_batches.after_commit.listening"
+
+
+def _settle_pending(session: Session, transaction: SessionTransaction) -> None:
+    """End of a Session transaction: when the outermost one ends, settle (and forget) what it held."""
+    if transaction.parent is None:
+        pending, session.info[_PENDING] = session.info.get(_PENDING, []), []
+        for settle in pending:
+            settle()
+
+
 def on_commit(connection: Any, publish: Callable[[], None], visible: Callable[[], bool], timeout: float) -> None:
     """Call ``publish`` once the caller's outermost transaction has committed; never otherwise."""
 
@@ -44,16 +56,14 @@ def on_commit(connection: Any, publish: Callable[[], None], visible: Callable[[]
             log.exception("celery_batches: publishing after the caller's commit failed; the relay will do it")
 
     if isinstance(connection, Session):
-        # fires after the DBAPI commit or rollback (or close) of each transaction; only the outermost
-        # counts, once (a listener cannot be removed while the event is being dispatched)
-        done = threading.Event()
-
-        def ended(_session: Session, transaction: SessionTransaction) -> None:
-            if transaction.parent is None and not done.is_set():
-                done.set()
-                settle()
-
-        sa.event.listen(connection, "after_transaction_end", ended)
+        # One listener per Session, registered once: it fires after the DBAPI commit or rollback (or
+        # close) of each transaction and settles what the outermost one held. A listener per batch
+        # would stay on a long-lived Session, and keep its batch's outbox, for as long as it lives.
+        pending = connection.info.setdefault(_PENDING, [])
+        pending.append(settle)
+        if not connection.info.get(_LISTENING):
+            connection.info[_LISTENING] = True
+            sa.event.listen(connection, "after_transaction_end", _settle_pending)
         return
 
     # A Connection announces its commit before the DBAPI commit runs: settle in a thread once the

@@ -14,10 +14,10 @@ from celery import Celery, current_task
 from .aftercommit import caller_connection, on_commit
 from .builder import BatchBuilder, Message
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
-from .models import Batch, BatchStatus, Continuation, JobRun
+from .models import Batch, BatchStatus, Continuation, JobRun, RunStatus
 from .publish import HEADER, publish
 from .settings import Settings
-from .store import Outbox, RunEvent, Store, build_tables, make_engine, migrate, utcnow
+from .store import Outbox, RunEvent, Store, build_tables, make_engine, migrate, refused_for_good, utcnow
 from .worker import signals
 from .worker.bootstep import make_bootstep
 from .worker.groupcommit import GroupCommit
@@ -43,6 +43,15 @@ def _batch_id(value: object) -> str:
         raise InvalidBatchError(f"{value!r} is not a batch id (a UUID)") from None
 
 
+def _refusal(event: RunEvent, exc: BaseException) -> RunEvent | None:
+    """What to record instead of a transition the registry refuses for good: the run FAILED, saying why."""
+    if event.status == RunStatus.FAILED and event.error and event.error.startswith("celery_batches:"):
+        return None  # already a refusal
+    return RunEvent(event.run_id, RunStatus.FAILED, event.retries,
+                    f"celery_batches: the registry refused this run's {event.status.name} transition: "
+                    f"{type(exc).__name__}: {str(exc)[:1000]}")
+
+
 class Batches:
     """Atomic batches for one Celery app.
 
@@ -59,7 +68,8 @@ class Batches:
         self.store = Store(self.engine, build_tables(self.settings.table_prefix), self.settings.expires)
         self._group_commit = GroupCommit(self._write_events, interval=self.settings.flush_interval,
                                          max_events=self.settings.flush_max,
-                                         max_delay=self.settings.write_retry_max_delay)
+                                         max_delay=self.settings.write_retry_max_delay,
+                                         refused_for_good=refused_for_good, replace_refused=_refusal)
         self._cancel_cache: dict[str, tuple[bool, float]] = {}
         app.celery_batches = self  # how `celery -A proj batches ...` finds this instance
         signals.connect(self)
@@ -274,7 +284,12 @@ class Batches:
 
     # -- reads -------------------------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> Batch | None:
-        return self.store.get_batch(_batch_id(batch_id))
+        """The batch, or None if no batch has that id (a malformed id names no batch either)."""
+        try:
+            batch_id = _batch_id(batch_id)
+        except InvalidBatchError:
+            return None
+        return self.store.get_batch(batch_id)
 
     def get_batch_jobs(self, batch_id: str) -> list[JobRun]:
         """The batch's direct jobs in enqueue order."""

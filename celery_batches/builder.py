@@ -82,6 +82,10 @@ def validate_name(name: object, what: str = "batch name") -> str:
         raise InvalidBatchError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME}")
     if "\x00" in name:  # PostgreSQL text cannot hold it
         raise InvalidBatchError(f"{what} contains a NUL character: {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (os.fsdecode of a non-UTF-8 name): no database stores it
+        raise InvalidBatchError(f"{what} is not valid Unicode text: {name!r}") from None
     return name
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from typing import Any
 
 import click
 
 from .api import Batches
-from .errors import BatchError
 from .models import Batch, BatchStatus
 
 __all__ = ["batches"]
@@ -134,9 +134,10 @@ def _children(service: Batches, batch_id: str) -> list[Batch]:
 
 def _get(service: Batches, batch_id: str) -> Batch:
     try:
-        batch = service.get_batch(batch_id)
-    except BatchError as exc:
-        raise click.BadParameter(str(exc), param_hint="BATCH_ID") from None
+        uuid.UUID(batch_id)
+    except ValueError:  # a usage error, not an unknown batch
+        raise click.BadParameter(f"{batch_id!r} is not a batch id (a UUID)", param_hint="BATCH_ID") from None
+    batch = service.get_batch(batch_id)
     if batch is None:
         raise click.ClickException(f"no batch with id {batch_id}")
     return batch

@@ -81,8 +81,9 @@ def not_a_task(order_id):  # a plain function, not a Celery task
 
 
 # -- batch name and created_by --------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["", "   ", "\t\n", None, 123, b"bytes", "x" * 256, "nul\x00"],
-                         ids=["empty", "spaces", "whitespace", "none", "int", "bytes", "256-chars", "nul"])
+@pytest.mark.parametrize("name", ["", "   ", "\t\n", None, 123, b"bytes", "x" * 256, "nul\x00", "path-\udcff"],
+                         ids=["empty", "spaces", "whitespace", "none", "int", "bytes", "256-chars", "nul",
+                              "lone-surrogate"])
 def test_invalid_batch_name_raises_and_writes_nothing(registry, tasks, name):
     with pytest.raises(InvalidBatchError, match="batch name") as info:
         with registry.batch(name) as b:
@@ -319,7 +320,8 @@ def test_kombu_queue_option_is_stored_by_name(registry, tasks):
     assert registry.get_batch_jobs(b.id)[0].queue == name
 
 
-@pytest.mark.parametrize("queue", ["", "q" * 256, "q\x00", 42], ids=["empty", "256-chars", "nul", "int"])
+@pytest.mark.parametrize("queue", ["", "q" * 256, "q\x00", "q\udcff", 42],
+                         ids=["empty", "256-chars", "nul", "lone-surrogate", "int"])
 def test_a_queue_the_registry_cannot_store_is_refused(registry, tasks, queue):
     with pytest.raises(InvalidBatchError, match=r"job #2 of batch 'orders': queue"):
         with registry.batch("orders") as b:

@@ -7,6 +7,7 @@ PENDING go to a queue no worker consumes. Tests that need finished jobs use the 
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import socket
@@ -403,6 +404,26 @@ def test_authorize_callable_and_basic_auth(proj):
     assert both.get("/", environ_base=remote, auth=("admin", "pw"), headers={"X-User": "ops"}).status_code == 200
     with pytest.raises(ValueError):
         create_app(proj.batches, basic_auth=("admin", ""))
+
+
+def test_basic_auth_compares_the_password_even_when_the_user_name_is_wrong(proj, monkeypatch):
+    """Comparing the password only after the user name matched answers faster for a wrong name:
+    the timing tells an attacker which user name is right."""
+    import celery_batches.dashboard.app as dashboard_app
+
+    compared = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        compared.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(dashboard_app.hmac, "compare_digest", spy)
+    protected = Client(create_app(proj.batches, basic_auth=("admin", "s3cret")))
+    for auth in (("intruder", "guess"), ("admin", "guess"), None):
+        compared.clear()
+        assert protected.get("/", environ_base={"REMOTE_ADDR": "203.0.113.9"}, auth=auth).status_code == 401
+        assert compared == [b"admin", b"s3cret"], auth
 
 
 def test_user_supplied_text_is_escaped(proj, client, nowhere):

@@ -75,3 +75,99 @@ def test_close_commits_what_is_buffered():
     assert gc.flush(5)
     assert write.groups[-1] == ["late"]
     gc.close(timeout=5)
+
+
+class Refusing:
+    """A registry that refuses, for good, any group holding one of ``bad`` (as PostgreSQL refuses a
+    malformed UUID or text it cannot store), and records the groups it committed."""
+
+    def __init__(self, bad: set[str]) -> None:
+        self.bad = bad
+        self.committed: list[str] = []
+
+    def __call__(self, group) -> None:
+        if any(e.run_id in self.bad for e in group):
+            raise ValueError("refused")
+        self.committed += [e.run_id for e in group]
+
+
+def test_a_refused_event_is_isolated_and_replaced_and_the_rest_committed_in_order():
+    write = Refusing({"r7", "r42"})
+    replaced = []
+
+    def replace_refused(event, exc):
+        replaced.append((event.run_id, str(exc)))
+        return RunEvent(f"failed-{event.run_id}", RunStatus.FAILED, error=str(exc))
+
+    gc = GroupCommit(write, interval=0.05, max_events=1000, max_delay=0.1,
+                     refused_for_good=lambda exc: isinstance(exc, ValueError), replace_refused=replace_refused)
+    for e in events(100):
+        gc.add(e)
+    assert gc.flush(10)
+    good = [f"r{i}" for i in range(100) if i not in (7, 42)]
+    assert [r for r in write.committed if not r.startswith("failed-")] == good
+    assert sorted(r for r in write.committed if r.startswith("failed-")) == ["failed-r42", "failed-r7"]
+    assert sorted(replaced) == [("r42", "refused"), ("r7", "refused")]
+    gc.add(RunEvent("r200", RunStatus.COMPLETED))  # later transitions keep flowing
+    assert gc.flush(10) and write.committed[-1] == "r200"
+    gc.close()
+
+
+def test_a_refused_replacement_is_dropped_not_retried_forever(caplog):
+    write = Refusing({"r1", "failed-r1"})
+    gc = GroupCommit(write, interval=0, max_events=1000, max_delay=0.1,
+                     refused_for_good=lambda exc: isinstance(exc, ValueError),
+                     replace_refused=lambda e, exc: RunEvent(f"failed-{e.run_id}", RunStatus.FAILED))
+    with caplog.at_level(logging.ERROR):
+        for e in events(3):
+            gc.add(e)
+        assert gc.flush(10)
+    assert write.committed == ["r0", "r2"]
+    assert "dropping it" in caplog.text
+    gc.close()
+
+
+def test_a_passing_failure_is_repeated_not_isolated():
+    write = Recorder(failures=3)
+    replaced = []
+    gc = GroupCommit(write, interval=0.05, max_events=1000, max_delay=0.1,
+                     refused_for_good=lambda exc: isinstance(exc, ValueError),
+                     replace_refused=lambda e, exc: replaced.append(e))
+    for e in events(10):
+        gc.add(e)
+    assert gc.flush(10)
+    assert [r for g in write.groups for r in g] == [f"r{i}" for i in range(10)] and not replaced
+    gc.close()
+
+
+def test_a_forked_child_does_not_inherit_a_lock_held_by_the_parents_thread():
+    """The relay thread may hold the group commit's lock at the instant a prefork worker forks;
+    the child must still be able to buffer and commit its own transitions."""
+    import os
+    import signal
+
+    write = Recorder()
+    gc = GroupCommit(write, interval=0, max_events=1000, max_delay=0.1)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with gc._cond:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: must not block on the lock its parent's thread holds
+        signal.alarm(10)
+        try:
+            gc.add(RunEvent("child", RunStatus.COMPLETED))
+            os._exit(0 if gc.flush(5) and write.groups == [["child"]] else 1)
+        except BaseException:
+            os._exit(2)
+    release.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    gc.close()

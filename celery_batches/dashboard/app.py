@@ -147,9 +147,12 @@ class Dashboard:
         if self.basic_auth is not None:
             auth = request.authorization
             user, password = self.basic_auth
-            if not (auth is not None and auth.type == "basic"
-                    and hmac.compare_digest((auth.username or "").encode(), user.encode())
-                    and hmac.compare_digest((auth.password or "").encode(), password.encode())):
+            basic = auth is not None and auth.type == "basic"
+            given_user, given_password = (auth.username or "", auth.password or "") if basic else ("", "")
+            # both compared every time: answering faster for a wrong user name would reveal the right one
+            user_ok = hmac.compare_digest(given_user.encode(), user.encode())
+            password_ok = hmac.compare_digest(given_password.encode(), password.encode())
+            if not (basic and user_ok and password_ok):
                 response = self.error(request, 401, "Authentication required.")
                 response.headers["WWW-Authenticate"] = 'Basic realm="celery_batches", charset="UTF-8"'
                 return response

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["make_engine"]
+__all__ = ["make_engine", "refused_for_good"]
 
 
 def make_engine(url: str, options: Mapping[str, Any]) -> sa.Engine:
@@ -36,22 +37,23 @@ def make_engine(url: str, options: Mapping[str, Any]) -> sa.Engine:
 
 
 def _fork_safe(engine: sa.Engine) -> None:
-    """Never use a pooled connection in a process other than the one that opened it.
+    """Never use a pooled connection, or a pool lock, in a process other than the one that made it.
 
-    A prefork worker child inherits the parent's pool; sharing one socket between two processes
-    corrupts both sessions. SQLAlchemy's recipe: remember the pid, and have the pool replace a
-    connection checked out in another process.
+    A prefork worker child inherits the parent's pool: sharing one socket between two processes
+    corrupts both sessions, and a lock a parent's thread (the relay, the group commit) held at the
+    instant of the fork stays held forever in the child. So every forked child starts with a new,
+    empty pool (SQLAlchemy's ``dispose(close=False)``: the parent's connections are left alone).
     """
+    if isinstance(engine.pool, StaticPool):
+        return  # one in-memory SQLite connection: nothing a child could share safely anyway
+    ref = weakref.ref(engine)
 
-    @sa.event.listens_for(engine, "connect")
-    def _remember_pid(_dbapi_conn: Any, record: Any) -> None:
-        record.info["pid"] = os.getpid()
+    def after_fork_in_child() -> None:
+        forked = ref()
+        if forked is not None:
+            forked.dispose(close=False)
 
-    @sa.event.listens_for(engine, "checkout")
-    def _check_pid(_dbapi_conn: Any, record: Any, proxy: Any) -> None:
-        if record.info.get("pid") != os.getpid():
-            record.dbapi_connection = proxy.dbapi_connection = None
-            raise sa.exc.DisconnectionError("connection was opened in another process")
+    os.register_at_fork(after_in_child=after_fork_in_child)
 
 
 def _serialise_sqlite_writers(engine: sa.Engine) -> None:
@@ -66,3 +68,18 @@ def _serialise_sqlite_writers(engine: sa.Engine) -> None:
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """Did the registry refuse this write because of what it carries (so repeating it cannot help)?
+
+    True for a value the database rejects (a malformed UUID, text it cannot store, a violated
+    constraint) and for values that cannot even be sent. Everything else — a lost connection, a
+    deadlock, a restarting server, an error we do not know — is worth repeating.
+    """
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        exc = exc.orig or exc  # raised while binding parameters
+    if isinstance(exc, sa.exc.DBAPIError):
+        return not exc.connection_invalidated and isinstance(
+            exc, (sa.exc.DataError, sa.exc.IntegrityError, sa.exc.ProgrammingError))
+    return isinstance(exc, (UnicodeError, ValueError, TypeError))

@@ -8,8 +8,9 @@ the same run changes nothing, and exactly one transaction finishes a batch.
 from __future__ import annotations
 
 import itertools
-from collections import Counter, defaultdict
 import time
+import uuid
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
@@ -53,10 +54,30 @@ def _ts(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
 
 
-def _text(error: str | None) -> str | None:
-    """An error message as PostgreSQL can store it: a NUL in an exception's text would make the
-    whole group commit fail on every retry, stalling every transition of that process."""
-    return error.replace("\x00", "\\x00") if error and "\x00" in error else error
+def storable_text(text: str | None) -> str | None:
+    """Untrusted text (an exception's message) as every database can store it.
+
+    PostgreSQL text cannot hold NUL, and no UTF-8 database takes a lone surrogate (what
+    ``os.fsdecode`` makes of a non-UTF-8 path); either would fail the whole transaction that
+    carries it, on every retry. Both are written as backslash escapes instead.
+    """
+    if not text:
+        return text
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def is_run_id(value: object) -> bool:
+    """Run ids are UUIDs (the Celery task id a batch gave its member); anything else is not ours."""
+    try:
+        return str(uuid.UUID(str(value))) == str(value).lower()
+    except ValueError:
+        return False
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -99,6 +120,10 @@ class Store:
         self.engine = engine
         self.t = tables
         self.expires = expires
+
+    def _sql_name(self, table: sa.Table) -> str:
+        """A table's name for hand-written SQL, quoted where the dialect needs it (a mixed-case prefix)."""
+        return self.engine.dialect.identifier_preparer.format_table(table)
 
     # -- creation -------------------------------------------------------------------------------
     def insert_tree(self, conn: sa.Connection, root: BatchPlan, now: datetime, *,
@@ -154,11 +179,26 @@ class Store:
         return outbox
 
     def _lock_batch(self, conn: sa.Connection, batch_id: str) -> Batch:
+        """Lock the batch and its whole lineage, top first; return the batch as it is under the locks.
+
+        The lineage is the chain of parents up to the root and on through the antecedent of a
+        continue-with stage. Every transaction that changes a tree's shape or cancels part of it
+        (add, cancel, a new stage) takes these locks, so two of them that share any batch of a
+        lineage run one after the other: a cancel sees every add under any descendant that
+        committed before it, and an add that waited for a cancel finds its batch CANCELLED.
+        Locking top first everywhere keeps two such transactions from deadlocking.
+        """
         b = self.t.batches
-        row = conn.execute(sa.select(b).where(b.c.id == batch_id).with_for_update()).first()
-        if row is None:
+        up = (sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id).label("above"),
+                        sa.literal(0).label("depth"))
+              .where(b.c.id == batch_id).cte("lineage", recursive=True))
+        up = up.union_all(sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id), up.c.depth + 1)
+                          .join(up, b.c.id == up.c.above))
+        rows = conn.execute(sa.select(b).join(up, up.c.id == b.c.id).order_by(up.c.depth.desc())
+                            .with_for_update(of=b)).all()
+        if not rows:
             raise BatchNotFoundError(batch_id)
-        return batch_from_row(row)
+        return batch_from_row(rows[-1])
 
     def _insert_nodes(self, conn: sa.Connection, nodes: list[BatchPlan], status: BatchStatus, now: datetime,
                       root_extra: dict | None = None) -> None:
@@ -194,7 +234,7 @@ class Store:
                  job.queue, job.options, now, 0, False) for batch_id, position, job in jobs)
         if conn.dialect.name == "postgresql":
             cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
-            with cursor.copy(f"COPY {r.name} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
+            with cursor.copy(f"COPY {self._sql_name(r)} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
         else:
@@ -240,6 +280,8 @@ class Store:
         progress: dict[str, RunEvent] = {}
         final: dict[str, RunEvent] = {}
         for event in events:
+            if not is_run_id(event.run_id):
+                continue  # a task of the app that is no batch member (its id is not a UUID we made)
             if event.status.is_final:
                 final.setdefault(event.run_id, event)
             else:
@@ -279,7 +321,7 @@ class Store:
 
     def _apply_pg(self, conn: sa.Connection, progress: list[RunEvent],
                   final: list[RunEvent]) -> list[tuple[str, RunStatus]]:
-        runs = self.t.runs.name
+        runs = self._sql_name(self.t.runs)
         if progress:
             conn.execute(sa.text(self._PG_PROGRESS.format(runs=runs)), {
                 "ids": [e.run_id for e in progress], "statuses": [int(e.status) for e in progress],
@@ -290,7 +332,7 @@ class Store:
         rows = conn.execute(sa.text(self._PG_FINAL.format(runs=runs)), {
             "ids": [e.run_id for e in final], "statuses": [int(e.status) for e in final],
             "retries": [e.retries for e in final], "ats": [_ts(e.at) for e in final],
-            "starts": [_ts(e.started) for e in final], "errors": [_text(e.error) for e in final],
+            "starts": [_ts(e.started) for e in final], "errors": [storable_text(e.error) for e in final],
         }).all()
         return [(str(row.batch_id), RunStatus(row.status)) for row in rows]
 
@@ -315,7 +357,7 @@ class Store:
         for e in final:
             row = conn.execute(
                 sa.update(r).where(r.c.id == e.run_id, unfinished)
-                .values(status=int(e.status), finished_at=_ts(e.at), error=_text(e.error),
+                .values(status=int(e.status), finished_at=_ts(e.at), error=storable_text(e.error),
                         started_at=sa.func.coalesce(r.c.started_at, _ts(e.started)),
                         retries=sa.case((r.c.retries > e.retries, r.c.retries), else_=e.retries))
                 .returning(r.c.batch_id)
@@ -425,7 +467,8 @@ class Store:
         ).all()
         outbox = Outbox(runs=[Message(row.id, row.task_name, row.args, row.kwargs, row.options, row.batch_id)
                               for row in runs])
-        outbox.extend(self._finish(conn, [row.id for row in started if row.total_jobs == 0], now))
+        # a stage whose units all finished while it waited (a cancelled child, an empty stage) finishes now
+        outbox.extend(self._finish(conn, [row.id for row in started], now))
         return outbox
 
     def _subtree(self, batch_id: str, *, successors: bool) -> sa.CTE:

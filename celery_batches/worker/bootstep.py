@@ -31,4 +31,7 @@ def make_bootstep(batches: "Batches") -> type[bootsteps.StartStopStep]:
             self.maintenance.stop()
             batches._group_commit.close()
 
+        # a cold shutdown (a second Ctrl-C, SIGQUIT) calls terminate, not stop: commit what is buffered all the same
+        terminate = stop
+
     return BatchesMaintenance

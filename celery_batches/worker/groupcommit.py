@@ -2,9 +2,11 @@
 
 A handler never waits for the database: it appends to a buffer and returns. A thread per process
 commits the buffer as one transaction every ``flush_interval`` seconds (or at ``flush_max``
-events), which turns N round trips into one. A failed write is retried with backoff and logged
-loudly until it succeeds; what a killed process held in memory is recovered by the reconciler
-(from the result backend, or after ``run_timeout``).
+events), which turns N round trips into one. A write that fails for a passing reason (the
+registry unreachable, a deadlock) is repeated with backoff until it succeeds. A group the
+registry refuses for good is split in halves until the one event it refuses is found; that event
+is replaced by ``replace_refused(event, error)`` (the run FAILED with the reason) or dropped, and
+every other event of the group is committed: one bad value never stalls the others.
 """
 
 from __future__ import annotations
@@ -14,32 +16,45 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Sequence
-
-from ..store import RunEvent
+from typing import Callable, Generic, Sequence, TypeVar
 
 __all__ = ["GroupCommit"]
 
 log = logging.getLogger(__name__)
+E = TypeVar("E")
 
 
-class GroupCommit:
-    def __init__(self, write: Callable[[Sequence[RunEvent]], None], *, interval: float, max_events: int,
-                 max_delay: float) -> None:
+class GroupCommit(Generic[E]):
+    def __init__(self, write: Callable[[Sequence[E]], None], *, interval: float, max_events: int,
+                 max_delay: float, refused_for_good: Callable[[BaseException], bool] = lambda exc: False,
+                 replace_refused: Callable[[E, BaseException], E | None] = lambda event, exc: None) -> None:
         self._write = write
         self._interval = interval
         self._max_events = max_events
         self._max_delay = max_delay
+        self._refused_for_good = refused_for_good
+        self._replace_refused = replace_refused
         self._cond = threading.Condition()
-        self._pending: list[RunEvent] = []
+        self._pending: list[E] = []
         self._writing = 0  # events taken by the thread and not yet committed
         self._pid = 0
         self._running = False  # a writer thread serves this process (it clears this as it exits)
         self._closing = False
         self._urgent = 0  # callers blocked in flush(): skip the wait that lets a group fill up
         atexit.register(self.close)
+        os.register_at_fork(after_in_child=self._after_fork)
 
-    def add(self, event: RunEvent) -> None:
+    def _after_fork(self) -> None:
+        """A forked child starts empty, with a lock of its own: the parent's lock may have been held
+        by its writer thread at the instant of the fork, and that thread does not exist here."""
+        self._cond = threading.Condition()
+        self._pid = 0
+        self._pending = []
+        self._writing = 0
+        self._running = False
+        self._urgent = 0
+
+    def add(self, event: E) -> None:
         with self._cond:
             if self._pid != os.getpid() or not self._running:
                 self._start()
@@ -72,7 +87,7 @@ class GroupCommit:
         if not self.flush(timeout):
             with self._cond:
                 lost = len(self._pending) + self._writing
-            log.error("celery_batches: %d run transition(s) not committed at exit; the reconciler "
+            log.error("celery_batches: %d run transition(s) not committed at exit; recovery "
                       "will resolve them", lost)
         with self._cond:
             self._closing = True
@@ -106,7 +121,8 @@ class GroupCommit:
                 self._writing = 0
                 self._cond.notify_all()
 
-    def _commit(self, group: list[RunEvent]) -> None:
+    def _commit(self, group: Sequence[E], replaced: bool = False) -> None:
+        """Write ``group``: repeat what failed for a passing reason, isolate what the registry refuses."""
         delay, attempt = 0.05, 0
         while True:
             try:
@@ -114,9 +130,24 @@ class GroupCommit:
                 if attempt:
                     log.warning("celery_batches: registry write succeeded after %d retries", attempt)
                 return
-            except Exception:
+            except Exception as exc:
+                if self._refused_for_good(exc):
+                    return self._isolate(group, exc, replaced)
                 attempt += 1
                 log.exception("celery_batches: registry write of %d run transition(s) failed "
                               "(attempt %d); retrying in %.2fs", len(group), attempt, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, self._max_delay)
+
+    def _isolate(self, group: Sequence[E], exc: BaseException, replaced: bool) -> None:
+        if len(group) > 1:  # halves in order, so a run's later events still follow its earlier ones
+            middle = len(group) // 2
+            self._commit(group[:middle], replaced)
+            self._commit(group[middle:], replaced)
+            return
+        [event] = group
+        replacement = None if replaced else self._replace_refused(event, exc)
+        log.error("celery_batches: the registry refuses %r for good (%s); %s", event, exc,
+                  "recording it as failed instead" if replacement is not None else "dropping it")
+        if replacement is not None:
+            self._commit([replacement], replaced=True)

@@ -1,0 +1,194 @@
+"""Never stuck, never doubled: each test names a path that once left a batch stuck or ran a job twice.
+
+Store-level tests drive the registry (real PostgreSQL) the way a worker or a producer would, so
+they can hold a transaction open at exactly the wrong moment; the others use real workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from celery_batches import Batches, BatchStatus, RunStatus
+from celery_batches.builder import BatchBuilder
+from celery_batches.store import RunEvent, drop_schema, make_engine, utcnow
+from tests.conftest import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+WAIT = 60.0
+
+
+def _waiting_for_a_lock(proj) -> bool:
+    """Is one of this session's registry connections waiting for a row lock right now?"""
+    with proj.batches.engine.connect() as conn:
+        return bool(conn.scalar(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"),
+            {"q": f"%{proj.batches.settings.table_prefix}%"}))
+
+
+# -- one bad value never blocks the others ----------------------------------------------------------
+def test_a_transition_of_a_task_whose_id_is_not_a_uuid_is_ignored_and_the_rest_are_applied(proj, nowhere):
+    """A task of the app with a custom task id that fails in the worker's main process (hard time
+    limit, lost worker, revoke) produces an event whose id no run has; it used to fail the cast to
+    uuid[] and, with it, every transition in that process's group commit, forever."""
+    with proj.batches.batch("custom-id-neighbour") as b:
+        run = b.enqueue(proj.noop.s().set(queue=nowhere))
+    proj.batches.store.apply_events([RunEvent("my-custom-task-id", RunStatus.FAILED, error="TimeLimitExceeded"),
+                                     RunEvent(run, RunStatus.COMPLETED)])
+    done = proj.batches.get_batch(b.id)
+    assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 1)
+
+
+def test_an_error_text_with_a_lone_surrogate_is_stored_escaped(proj, nowhere):
+    """``os.fsdecode`` of a non-UTF-8 path puts a lone surrogate in an exception's text; no UTF-8
+    database takes it, and it used to fail its whole group on every retry."""
+    with proj.batches.batch("surrogate-error") as b:
+        bad = b.enqueue(proj.noop.s().set(queue=nowhere))
+        good = b.enqueue(proj.noop.s().set(queue=nowhere))
+    proj.batches.store.apply_events([RunEvent(bad, RunStatus.FAILED, error="FileNotFoundError: /data/\udcffile"),
+                                     RunEvent(good, RunStatus.COMPLETED)])
+    done = proj.batches.get_batch(b.id)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 1, 1)
+    failed = next(j for j in proj.batches.get_batch_jobs(b.id) if j.id == bad)
+    assert failed.error == "FileNotFoundError: /data/\\udcffile"
+
+
+def test_a_failing_members_lone_surrogate_and_a_custom_id_task_stall_nothing_on_a_real_worker(proj, worker):
+    """End to end: a member raising with a lone surrogate in its message, and a non-member task with
+    a custom id killed by its hard time limit in the main process, next to batches that must finish."""
+    from tests.test_integration import count, tag
+
+    ran = tag("ran")
+    proj.overrun.apply_async((tag("custom"),), task_id=f"custom-{uuid.uuid4().hex}")  # not a UUID
+    with proj.batches.batch("surrogate-and-custom-id") as b:
+        bad = b.enqueue(proj.fail, None, "cannot open /data/\udcffile")
+        timed_out = b.enqueue(proj.overrun, ran)  # its FAILED comes from the main process, after the custom id's
+        for _ in range(4):
+            b.enqueue(proj.noop, ran)
+    done = proj.batches.wait(b.id, timeout=WAIT)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 4, 2)
+    jobs = {j.id: j for j in proj.batches.get_batch_jobs(b.id)}
+    assert jobs[bad].error == "ValueError: cannot open /data/\\udcffile"
+    assert "TimeLimitExceeded" in jobs[timed_out].error
+    assert count(proj, ran) == 5
+
+
+# -- cancel wins over every concurrent add ------------------------------------------------------------
+def test_cancel_waits_for_an_add_under_a_descendant_and_cancels_what_it_added(proj, nowhere):
+    """Cancel used to lock only the batch it was given; a nested batch being added under one of its
+    descendants at that moment escaped the cancel, and its jobs ran and its continuations fired."""
+    with proj.batches.batch("root") as b:
+        with b.batch("child") as child:
+            child.enqueue(proj.noop.s().set(queue=nowhere))
+    adding = BatchBuilder(proj.app, "child", batch_id=child.id)
+    with adding.batch("late") as late:
+        late_run = late.enqueue(proj.noop.s().set(queue=nowhere))
+    plan = adding._close()
+    conn = proj.batches.engine.connect()
+    tx = conn.begin()
+    proj.batches.store.add_to_batch(conn, child.id, plan, utcnow())  # not committed yet
+    cancelled: list[int] = []
+    canceller = threading.Thread(target=lambda: cancelled.append(proj.batches.cancel_batch(b.id)))
+    canceller.start()
+    eventually(lambda: not canceller.is_alive() or _waiting_for_a_lock(proj), "the cancel to wait or finish", WAIT)
+    tx.commit()
+    conn.close()
+    canceller.join(WAIT)
+    assert cancelled == [2]  # the child's job and the late one
+    assert proj.batches.get_batch(late.id).status == BatchStatus.CANCELLED
+    assert [j.status for j in proj.batches.get_batch_jobs(late.id) if j.id == late_run] == [RunStatus.CANCELLED]
+    parent = proj.batches.get_batch(child.id)
+    assert (parent.status, parent.total_jobs, parent.cancelled_jobs) == (BatchStatus.CANCELLED, 2, 2)
+
+
+# -- continue-with ------------------------------------------------------------------------------------
+def test_a_waiting_stage_whose_only_child_was_cancelled_finishes_when_it_starts(proj, nowhere):
+    """Cancelling the nested child of a stage that waits for its antecedent used to leave the stage
+    STARTED forever once it started: only stages with no units at all were finished at start."""
+    with proj.batches.batch("antecedent") as a:
+        run = a.enqueue(proj.noop.s().set(queue=nowhere))
+
+    def configure(stage):
+        with stage.batch("only-child") as c:
+            c.enqueue(proj.noop.s().set(queue=nowhere))
+
+    stage_id = proj.batches.continue_batch_with(a.id, "stage", configure)
+    [child] = proj.batches.list_batches(parent_id=stage_id)
+    assert proj.batches.cancel_batch(child.id) == 1
+    proj.batches.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])  # the antecedent finishes
+    assert proj.batches.get_batch(a.id).status == BatchStatus.COMPLETED
+    stage = proj.batches.get_batch(stage_id)
+    assert (stage.status, stage.total_jobs, stage.cancelled_jobs) == (BatchStatus.FAILED, 1, 1)
+
+
+# -- the registry ------------------------------------------------------------------------------------
+def test_a_mixed_case_table_prefix_writes_to_its_own_tables(proj):
+    """Hand-written SQL (COPY, the group commit) used the prefix unquoted, so PostgreSQL folded it to
+    lower case: ``Audit_`` wrote into ``audit_runs`` — another registry's table, or none."""
+    prefix = f"Cbt_{uuid.uuid4().hex[:6]}_"
+    app = Celery("mixed-case", broker="memory://", set_as_current=False)
+    batches = Batches(app, database_url=os.environ["TEST_DATABASE_URL"], table_prefix=prefix, relay_interval=0)
+    batches.migrate()
+    try:
+        with batches.batch("mixed") as b:
+            run = b.enqueue("tests.proj.noop")
+        batches.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])
+        assert batches.get_batch(b.id).status == BatchStatus.COMPLETED
+        with batches.engine.connect() as conn:
+            assert conn.scalar(sa.text(f'SELECT count(*) FROM "{prefix}runs"')) == 1
+    finally:
+        drop_schema(batches.engine, prefix)
+        batches.engine.dispose()
+
+
+def test_a_forked_child_gets_a_pool_of_its_own(proj):
+    """A prefork worker child inherits the parent's connection pool, whose lock a parent thread (the
+    relay) may hold at the instant of the fork: the child must start with a fresh pool."""
+    engine = make_engine(os.environ["TEST_DATABASE_URL"], {})
+    with engine.connect() as conn:
+        conn.scalar(sa.text("SELECT 1"))  # a pooled connection the child must not reuse
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with engine.pool._pool.mutex:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        try:
+            with engine.connect() as conn:
+                os._exit(0 if conn.scalar(sa.text("SELECT 1")) == 1 else 1)
+        except BaseException:
+            os._exit(2)
+    release.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    engine.dispose()
+
+
+def test_batches_written_through_one_session_leave_no_listener_behind(proj, nowhere):
+    """Each batch written through a Session used to add an ``after_transaction_end`` listener that
+    stayed on the Session (with the batch's outbox) for as long as the Session lived."""
+    with Session(proj.batches.engine) as session:
+        ids = []
+        for _ in range(5):
+            with proj.batches.batch("in-session", connection=session) as b:
+                b.enqueue(proj.noop.s().set(queue=nowhere))
+            session.commit()
+            ids.append(b.id)
+        assert len(session.dispatch.after_transaction_end) <= 1
+    assert all(proj.batches.get_batch(i).status == BatchStatus.STARTED for i in ids)
+    eventually(lambda: proj.r.llen(nowhere) == 5, "every batch's job to be published after its commit", WAIT)
