@@ -61,6 +61,26 @@ def proj(services: None) -> Any:
     proj.r.delete(os.environ["TEST_QUEUE"])
 
 
+@pytest.fixture
+def fresh_database_url(services: None) -> Any:
+    """A PostgreSQL database of its own (dropped afterwards), for scripts that use the default table prefix.
+
+    Whatever other registries share the ``test`` database (another session, another version's schema)
+    cannot leak into it."""
+    import sqlalchemy as sa
+
+    name = f"cbt_{SESSION}_{uuid.uuid4().hex[:6]}"
+    admin = sa.create_engine(os.environ["TEST_DATABASE_URL"], isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
 def eventually(check: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout

@@ -48,9 +48,9 @@ def test_example_embedded(name, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_on_redis_and_postgresql(name, services, tmp_path):
+def test_example_on_redis_and_postgresql(name, fresh_database_url, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CELERY_BROKER_URL="redis://127.0.0.1:6379/10",
-               CELERY_BATCHES_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+               CELERY_BATCHES_DATABASE_URL=fresh_database_url)
     log = tmp_path / "worker.log"
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", f"examples.{name}", "worker", "-P", "prefork",
                                "-c", "2", "-l", "INFO", "-Q", f"examples-{name}", "--without-gossip",
