@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import sqlalchemy as sa
@@ -15,9 +16,10 @@ from .aftercommit import caller_connection, on_commit
 from .builder import BatchBuilder, Message
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
 from .models import Batch, BatchStatus, Continuation, JobRun, RunStatus
-from .publish import HEADER, publish
+from .outbox import CONTINUATION_HEADER, HEADER, Publisher
 from .settings import Settings
 from .store import Outbox, RunEvent, Store, build_tables, make_engine, migrate, refused_for_good, utcnow
+from .store.outbox import OutboxStore
 from .worker import signals
 from .worker.bootstep import make_bootstep
 from .worker.groupcommit import GroupCommit
@@ -30,9 +32,12 @@ _T = TypeVar("_T")
 
 
 def current_batch_id() -> str | None:
-    """Inside a running batch member: its batch id. Anywhere else: None."""
+    """Inside a running batch member: its batch id; inside a continuation: the batch that fired it.
+    Anywhere else: None."""
     task = current_task._get_current_object()  # None outside a task
-    return getattr(task.request, HEADER, None) if task is not None else None
+    if task is None:
+        return None
+    return getattr(task.request, HEADER, None) or getattr(task.request, CONTINUATION_HEADER, None)
 
 
 def _batch_id(value: object) -> str:
@@ -65,12 +70,15 @@ class Batches:
         self.settings = Settings.resolve(app.conf, dict(settings, database_url=database_url,
                                                         table_prefix=table_prefix))
         self.engine = make_engine(self.settings.database_url, self.settings.engine_options)
-        self.store = Store(self.engine, build_tables(self.settings.table_prefix), self.settings.expires)
+        tables = build_tables(self.settings.table_prefix)
+        lease = timedelta(seconds=self.settings.publish_lease)
+        self.store = Store(self.engine, tables, self.settings.expires, lease)
+        self.outbox = Publisher(app, OutboxStore(self.engine, tables, lease), self.store.apply_events,
+                                chunk=self.settings.publish_chunk)
         self._group_commit = GroupCommit(self._write_events, interval=self.settings.flush_interval,
                                          max_events=self.settings.flush_max,
                                          max_delay=self.settings.write_retry_max_delay,
                                          refused_for_good=refused_for_good, replace_refused=_refusal)
-        self._cancel_cache: dict[str, tuple[bool, float]] = {}
         app.celery_batches = self  # how `celery -A proj batches ...` finds this instance
         signals.connect(self)
         app.steps["worker"].add(make_bootstep(self))
@@ -107,7 +115,7 @@ class Batches:
         conn = caller_connection(connection)
         outbox = self.store.insert_tree(conn, plan, utcnow())
         on_commit(connection, lambda: self._publish(outbox),
-                  visible=lambda: self.store.get_batch(plan.id) is not None, timeout=self.settings.relay_grace)
+                  visible=lambda: self.store.get_batch(plan.id) is not None, timeout=self.settings.publish_lease)
 
     def create_batch(self, name: str, configure: Callable[[BatchBuilder], Any], *,
                      created_by: str | None = None) -> str:
@@ -178,7 +186,6 @@ class Batches:
         """
         batch_id = _batch_id(batch_id)
         run_ids, outbox = self._write(lambda conn: self.store.cancel(conn, batch_id, utcnow()))
-        self._cancel_cache[batch_id] = (True, time.monotonic())
         for start in range(0, len(run_ids), 1000):
             try:
                 self.app.control.revoke(run_ids[start:start + 1000])
@@ -191,25 +198,25 @@ class Batches:
         """Delete finished top-level batches past ``expires_at``, with their whole tree; returns batches deleted."""
         return self.store.purge_expired(utcnow())
 
-    def _is_cancelled(self, batch_id: str) -> bool:
-        """For BatchTask: is this batch cancelled? Read from the registry at most every
-        ``cancel_check_interval`` seconds per batch and process (a cancel is final, so cached for good)."""
-        cached = self._cancel_cache.get(batch_id)
-        now = time.monotonic()
-        if cached and (cached[0] or now - cached[1] < self.settings.cancel_check_interval):
-            return cached[0]
-        if len(self._cancel_cache) > 10_000:
-            self._cancel_cache.clear()
+    def _delivery_verdict(self, run_id: str, continuation_of: str | None) -> str:
+        """For BatchTask, before a delivery runs: "run", "skip" (already finished: a redelivery or a
+        republish of a finished run, or a continuation that already ran) or "cancel" (the run or its
+        batch was cancelled). A registry that cannot be read says "run": failing the task would be worse."""
         try:
-            status = self._read(lambda: self.store.batch_status(batch_id))
+            if continuation_of is not None:
+                token = str(uuid.uuid4())
+                return "skip" if self._read(lambda: self.store.claim_continuation(run_id, token)) is False else "run"
+            state = self._read(lambda: self.store.member_state(run_id))
         except sa.exc.DBAPIError:
-            # failing the member (counted FAILED, firing on_failure) would be worse than running it
-            log.error("celery_batches: cannot read batch %s from the registry; running the member "
-                      "(its outcome is recorded when the registry answers again)", batch_id, exc_info=True)
-            return False
-        cancelled = status == BatchStatus.CANCELLED
-        self._cancel_cache[batch_id] = (cancelled, now)
-        return cancelled
+            log.error("celery_batches: cannot read run %s from the registry; running it (its outcome is "
+                      "recorded when the registry answers again)", run_id, exc_info=True)
+            return "run"
+        if state is None:
+            return "run"
+        run, batch = state
+        if run == RunStatus.CANCELLED or (batch == BatchStatus.CANCELLED and not run.is_final):
+            return "cancel"
+        return "skip" if run.is_final else "run"
 
     def _read(self, read: Callable[[], _T], attempts: int = 4) -> _T:
         """Run a registry read, again if its connection died (a restarted or failed-over database,
@@ -244,43 +251,11 @@ class Batches:
 
     # -- publishing (after commit) -----------------------------------------------------------------
     def _publish(self, outbox: Outbox) -> None:
-        self._publish_runs(outbox.runs)
-        self._publish_continuations(outbox.continuations)
-
-    def _publish_runs(self, runs: Sequence[Message], chunk: int = 1000) -> list[str]:
-        """Publish and flag in chunks, so a producer that dies leaves few published-but-unflagged runs."""
-        sent: list[str] = []
-        for start in range(0, len(runs), chunk):
-            ids = publish(self.app, runs[start:start + chunk])
-            if ids:
-                self._retry_write(self.store.mark_published, ids)
-            sent += ids
-            if len(ids) < len(runs[start:start + chunk]):
-                break  # the broker failed; the relay publishes the rest
-        return sent
-
-    def _publish_continuations(self, continuations: Sequence[Message]) -> list[str]:
-        ids = publish(self.app, continuations)
-        if ids:
-            self._retry_write(self.store.mark_dispatched, ids)
-        return ids
-
-    def _retry_write(self, write: Callable[[Sequence[str]], None], ids: Sequence[str], attempts: int = 5) -> None:
-        """Record a publish. The messages are already out, so a failure here must not raise to the
-        caller; if every attempt fails the relay will publish those ids again (same task ids)."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return write(ids)
-            except Exception:
-                if attempt == attempts:
-                    log.exception("celery_batches: could not record %d published message(s); the relay "
-                                  "will publish them again (same task ids)", len(ids))
-                else:
-                    time.sleep(0.05 * 2 ** attempt)
+        self.outbox.publish(outbox)
 
     def _write_events(self, events: Sequence[RunEvent]) -> None:
         """Commit a group of run transitions, then publish what it made due."""
-        self._publish(self.store.apply_events(events))
+        self.outbox.publish(self.store.apply_events(events))
 
     # -- reads -------------------------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> Batch | None:

@@ -7,6 +7,7 @@ block, before anything is written or published.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -32,7 +33,7 @@ _RESERVED_OPTIONS = frozenset({"task_id", "headers", "chord", "group_id", "group
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One Celery message to publish: a job (with its batch id) or a continuation (without)."""
+    """One Celery message to publish: a job (with its batch id) or a continuation (with the batch that fired it)."""
 
     id: str
     task_name: str
@@ -40,6 +41,7 @@ class Message:
     kwargs: str  # kombu JSON
     options: str | None  # kombu JSON
     batch_id: str | None = None
+    continuation_of: str | None = None  # a continuation: the batch whose finish fired it
 
     @property
     def queue(self) -> str | None:
@@ -202,6 +204,7 @@ def _resolve(task: TaskRef, args: tuple, kwargs: dict, what: str) -> tuple[str, 
             options["queue"] = options["queue"].name
         if options.get("queue") is not None:
             validate_name(options["queue"], f"{what}: queue")
+        _check_publish_options(options, what)
     elif isinstance(task, Task):
         name = task.name
     elif isinstance(task, str):
@@ -210,3 +213,44 @@ def _resolve(task: TaskRef, args: tuple, kwargs: dict, what: str) -> tuple[str, 
         raise InvalidBatchError(f"{what}: expected a Celery task, a task name or a signature, got {task!r}")
     name = validate_name(name, f"{what}: task name")
     return name, list(args), dict(kwargs), options
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _when(value: Any) -> bool:
+    if isinstance(value, datetime):
+        return True
+    if isinstance(value, str):
+        try:
+            datetime.fromisoformat(value)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+#: publish options Celery reads at publish time, and what each must be: a bad one is refused here,
+#: before anything is written (at publish time it would fail only that run, long after the caller left)
+_OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "countdown": (_number, "a number of seconds"),
+    "eta": (_when, "a datetime or an ISO 8601 string"),
+    "expires": (lambda v: _number(v) or _when(v), "a number of seconds, a datetime or an ISO 8601 string"),
+    "priority": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255, "an integer 0-255"),
+    "time_limit": (_number, "a number of seconds"),
+    "soft_time_limit": (_number, "a number of seconds"),
+    "exchange": (lambda v: isinstance(v, str) or hasattr(v, "name"), "an exchange name"),
+    "routing_key": (lambda v: isinstance(v, str), "a string"),
+    "compression": (lambda v: isinstance(v, str), "a compression name"),
+    "serializer": (lambda v: isinstance(v, str), "a serializer name"),
+}
+
+
+def _check_publish_options(options: dict[str, Any], what: str) -> None:
+    for name, value in options.items():
+        check = _OPTION_CHECKS.get(name)
+        if value is not None and check is not None and not check[0](value):
+            raise InvalidBatchError(f"{what}: option {name}={value!r} must be {check[1]}")
+    if hasattr(options.get("exchange"), "name"):  # a kombu Exchange
+        options["exchange"] = options["exchange"].name

@@ -51,6 +51,7 @@ class ContinuationStatus(enum.IntEnum):
     DUE = 1  # batch finished with a matching status; to be published (outbox)
     DISPATCHED = 2  # published to the broker
     SKIPPED = 3  # batch finished with a status this continuation does not fire on, or was cancelled
+    FAILED = 4  # the broker refused its message for good (a bad option); ``error`` says why
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +113,4 @@ class Continuation:
     kwargs: dict[str, Any]
     status: ContinuationStatus
     dispatched_at: datetime | None
+    error: str | None = None  # why it could not be published (status FAILED)

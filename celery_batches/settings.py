@@ -49,19 +49,21 @@ class Settings:
     relay_interval: float = 5.0
     """Seconds between two passes of the worker's relay and reconciler thread (0 turns it off)."""
 
-    relay_grace: float = 30.0
-    """Age, in seconds, after which an unpublished run or continuation is published by the relay."""
+    publish_lease: float = 30.0
+    """Seconds a publisher holds what its transaction made publishable, renewed before every chunk it sends.
+
+    The relay publishes a run or continuation only once its lease has lapsed (the publisher died,
+    or the broker was down), so a live publisher is never doubled. Keep it above the time one
+    chunk takes to send, and the clocks of producers and workers within a fraction of it."""
+
+    publish_chunk: int = 1000
+    """Messages a publisher sends between two lease renewals and published-flag writes."""
 
     reconcile_grace: float = 60.0
     """Age, in seconds, after which an unfinished run is checked against the result backend."""
 
     run_timeout: float | None = None
     """Seconds after which a run with no recorded outcome is marked FAILED by the reconciler (None: never)."""
-
-    cancel_check_interval: float = 0.1
-    """Seconds a worker process trusts its last registry read of "is this batch cancelled?".
-
-    Bounds how soon after a cancel a run that missed Celery's revoke broadcast is still skipped."""
 
     wait_interval: float = 0.2
     """Seconds between two registry reads in :meth:`Batches.wait`."""
@@ -79,6 +81,8 @@ class Settings:
             object.__setattr__(self, "expires", timedelta(seconds=self.expires))
         if self.flush_interval < 0 or self.flush_max < 1:
             raise InvalidBatchError("flush_interval must be >= 0 and flush_max >= 1")
+        if self.publish_lease <= 0 or self.publish_chunk < 1:
+            raise InvalidBatchError("publish_lease must be > 0 and publish_chunk >= 1")
 
     @classmethod
     def resolve(cls, conf: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> "Settings":

@@ -81,6 +81,20 @@ def fresh_database_url(services: None) -> Any:
         admin.dispose()
 
 
+def publish(app: Any, messages: list) -> list[str]:
+    """Send stored messages as the outbox does (same task ids and headers), bypassing it and its flags:
+    what a redelivery or a second publisher sends. Returns the ids sent."""
+    from kombu.utils import json as kjson
+
+    from celery_batches.outbox import CONTINUATION_HEADER, HEADER
+
+    for m in messages:
+        headers = {HEADER: m.batch_id} if m.batch_id else {CONTINUATION_HEADER: m.continuation_of}
+        app.send_task(m.task_name, kjson.loads(m.args), kjson.loads(m.kwargs), task_id=m.id, headers=headers,
+                      **(kjson.loads(m.options) if m.options else {}))
+    return [m.id for m in messages]
+
+
 def eventually(check: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.02) -> Any:
     """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
@@ -91,6 +105,12 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 30.0, inter
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def relay_log() -> str:
+    """Every worker log of this session: the relay's report is in the log of whichever node ran the pass."""
+    return "".join(path.read_text(errors="replace")
+                   for path in Path("/tmp").glob(f"celery_batches-worker-{SESSION}-*.log"))
 
 
 class Worker:

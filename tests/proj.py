@@ -35,7 +35,7 @@ batches = Batches(
     flush_interval=float(env("TEST_FLUSH_INTERVAL", "0.02")),
     flush_max=int(env("TEST_FLUSH_MAX", "500")),
     relay_interval=float(env("TEST_RELAY_INTERVAL", "1")),
-    relay_grace=float(env("TEST_RELAY_GRACE", "30")),
+    publish_lease=float(env("TEST_PUBLISH_LEASE", "30")),
     reconcile_grace=float(env("TEST_RECONCILE_GRACE", "30")),
     # lets a fault test find (and kill) exactly this process's database connections
     engine_options={"connect_args": {"application_name": env("TEST_APPLICATION_NAME", "celery_batches_tests")}},
@@ -128,4 +128,10 @@ def plain(tag: str) -> None:
 @app.task
 def record(key: str, *values: object) -> None:
     """A continuation: counts how often it ran."""
+    r.incr(key)
+
+
+@batches.task
+def record_once(key: str, *values: object) -> None:
+    """A ``@batches.task`` continuation: counts its runs (a second delivery of it is skipped)."""
     r.incr(key)

@@ -14,7 +14,7 @@ from celery import Celery, chain, group
 from kombu import Queue
 
 from celery_batches import BatchBuilder, BatchError, Batches, BatchStatus, InvalidBatchError, RunStatus
-from celery_batches.publish import HEADER
+from celery_batches.outbox import HEADER
 
 DEFAULT_URL = "sqlite:///celery_batches.sqlite3"
 ENV = "CELERY_BATCHES_DATABASE_URL"
@@ -151,6 +151,27 @@ def test_signature_with_reserved_option_is_rejected(registry, tasks):
             b.enqueue(tasks.validate, 1)
             b.enqueue(tasks.validate.s(2).set(task_id=str(uuid.uuid4())))
     assert_nothing_written(registry)
+
+
+@pytest.mark.parametrize("option", [{"countdown": "5"}, {"expires": "soon"}, {"eta": "tomorrow"},
+                                    {"priority": 300}, {"time_limit": "1m"}, {"routing_key": 5}])
+def test_a_publish_option_celery_would_refuse_is_rejected_before_anything_is_written(registry, tasks, option):
+    """Issue 8 #4: such an option passed the builder, was committed, and failed only at publish."""
+    [(name, value)] = option.items()
+    with pytest.raises(InvalidBatchError, match=rf"job #2 of batch 'orders'.*option {name}="):
+        with registry.batch("orders") as b:
+            b.enqueue(tasks.validate, 1)
+            b.enqueue(tasks.validate.s(2).set(**option))
+    assert_nothing_written(registry)
+
+
+def test_good_publish_options_pass(registry, tasks):
+    from datetime import datetime, timezone
+
+    with registry.batch("orders") as b:
+        b.enqueue(tasks.validate.s(1).set(countdown=5, expires=60, priority=3, time_limit=10.5,
+                                          eta=datetime.now(timezone.utc), routing_key="orders"))
+    assert len(registry.get_batch_jobs(b.id)) == 1
 
 
 def test_bad_job_in_nested_batch_names_the_nested_batch(registry, tasks):

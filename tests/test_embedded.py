@@ -203,9 +203,10 @@ def test_batch_with_nested_batch_completes_and_fires_success_once(env, worker):
                                 ("failure", ContinuationStatus.SKIPPED),
                                 ("success", ContinuationStatus.DISPATCHED)])
     env.drain()
-    assert sorted(records(env.key, "cont")) == [("cont", "complete", (), None),
-                                                ("cont", "success", (bb.id,), None)]
-    # every member ran once and saw its own batch id (continuations are not members: None)
+    # a continuation sees the batch whose finish fired it
+    assert sorted(records(env.key, "cont")) == [("cont", "complete", (), bb.id),
+                                                ("cont", "success", (bb.id,), bb.id)]
+    # every member ran once and saw its own batch id
     members = sorted((r[1], r[2]) for r in records(env.key) if r[0] in ("ok", "plain"))
     assert members == [("a", bb.id), ("b", bb.id), ("c", bb.id), ("p1", payment.id), ("p2", payment.id)]
 
@@ -296,7 +297,7 @@ def test_empty_batch_is_completed_at_once(env, worker):
     assert final.status == BatchStatus.COMPLETED and (final.total_jobs, final.completed_jobs) == (2, 2)
 
     env.drain()
-    assert records(env.key, "cont") == [("cont", "success", ("empty",), None)]
+    assert records(env.key, "cont") == [("cont", "success", ("empty",), bb.id)]
 
 
 # -- retries ---------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ import redis as redis_lib
 import sqlalchemy as sa
 from celery import Celery
 
-from celery_batches import BatchClosedError, BatchStatus, RunStatus
-from tests.conftest import ROOT, Worker, eventually
+from celery_batches import BatchClosedError, Batches, BatchStatus, RunStatus
+from celery_batches.store import drop_schema
+from tests.conftest import ROOT, Worker, eventually, relay_log
 from tests.test_integration import count, drain, tag
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -65,7 +66,7 @@ with batches.batch("dying-producer") as b:
 
 def test_producer_killed_between_commit_and_publish(proj, start_worker):
     """SIGKILL the producer while it publishes: the relay publishes the rest, each job runs once."""
-    w = start_worker(TEST_RELAY_INTERVAL="0.5", TEST_RELAY_GRACE="8")
+    w = start_worker(TEST_RELAY_INTERVAL="0.5", TEST_PUBLISH_LEASE="8")
     n, ran, key = 3000, tag("ran"), tag("complete")
     code = PRODUCER.format(root=str(ROOT), n=n, ran=ran, key=key, queue=w.queue)
     producer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
@@ -84,7 +85,7 @@ def test_producer_killed_between_commit_and_publish(proj, start_worker):
     assert count(proj, ran) == n, "every job ran exactly once"
     assert count(proj, key) == 1
     # the report is logged after the pass commits, so the batch may finish before it is written
-    eventually(lambda: "runs_published=" in w.log.read_text(), "the relay's report in the worker log", WAIT)
+    eventually(lambda: "runs_published=" in relay_log(), "the relay's report in a worker log", WAIT)
 
 
 def _free_port() -> int:
@@ -108,7 +109,13 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
         return p
 
     server = start_redis()
-    env = dict(TEST_BROKER_URL=url, TEST_BACKEND_URL=url, TEST_RELAY_INTERVAL="0.5", TEST_RELAY_GRACE="2")
+    # a registry of its own: the session's worker publishes to the session's broker, not this one
+    prefix = f"cbt_redis_{uuid.uuid4().hex[:6]}_"
+    registry = Batches(Celery("private-registry", broker=url, set_as_current=False),
+                       database_url=os.environ["TEST_DATABASE_URL"], table_prefix=prefix, relay_interval=0)
+    registry.migrate()
+    env = dict(TEST_BROKER_URL=url, TEST_BACKEND_URL=url, TEST_RELAY_INTERVAL="0.5", TEST_PUBLISH_LEASE="2",
+               TEST_PREFIX=prefix)
     w = Worker(proj, f"cbt-redis-{uuid.uuid4().hex[:6]}", **env)
     try:
         server.terminate()
@@ -120,10 +127,10 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         batch_id = out.stdout.strip().splitlines()[-1]
         assert "the relay will publish the rest" in out.stderr
-        batch = proj.batches.get_batch(batch_id)
+        batch = registry.get_batch(batch_id)
         assert batch.status == BatchStatus.STARTED and count(proj, ran) == 0
         server = start_redis()
-        done = proj.batches.wait(batch_id, timeout=WAIT)
+        done = registry.wait(batch_id, timeout=WAIT)
         assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 10)
         eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
         sentinel = tag("sentinel")  # drain the private queue: sentinels behind everything else
@@ -136,6 +143,8 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
         w.stop()
         server.terminate()
         server.wait(10)
+        drop_schema(registry.engine, prefix)
+        registry.engine.dispose()
 
 
 def _pings(url: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,8 +12,7 @@ import sqlalchemy as sa
 from celery_batches import BatchStatus, InvalidBatchError, RunStatus
 from celery_batches.builder import Message
 from celery_batches.models import ContinuationStatus
-from celery_batches.publish import publish
-from tests.conftest import eventually
+from tests.conftest import eventually, publish, relay_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 WAIT = 60.0
@@ -311,31 +311,32 @@ def test_group_commit_lost_with_a_killed_pool_process_is_recovered(proj, start_w
     drain(proj, w.queue)
     assert count(proj, key) == 1 and count(proj, ran) == 6
     # the report is logged after the pass commits, so the batch may finish before it is written
-    eventually(lambda: "runs_reconciled=" in w.log.read_text(), "the relay's report in the worker log", WAIT)
+    eventually(lambda: "runs_reconciled=" in relay_log(), "the relay's report in a worker log", WAIT)
 
 
 @pytest.mark.slow
 def test_relay_publishes_runs_a_dead_producer_left_unpublished(proj, start_worker):
     """Commit without publishing (what a producer killed between the two leaves behind):
-    the relay publishes each run once after the grace period."""
+    the relay publishes each run once after the publish lease lapsed."""
     from celery_batches.builder import BatchBuilder
     from celery_batches.store import utcnow
 
-    w = start_worker(TEST_RELAY_INTERVAL="0.5", TEST_RELAY_GRACE="1")
+    w = start_worker(TEST_RELAY_INTERVAL="0.5", TEST_PUBLISH_LEASE="1")
     ran, key = tag("ran"), tag("complete")
     builder = BatchBuilder(proj.app, "orphaned")
     for _ in range(5):
         builder.enqueue(proj.noop.s(ran).set(queue=w.queue))
     builder.on_complete(proj.record.s(key).set(queue=w.queue))
-    with proj.batches.engine.begin() as conn:
-        proj.batches.store.insert_tree(conn, builder._close(), utcnow())
+    with proj.batches.engine.begin() as conn:  # a lease of 1 s, which nobody renews
+        lease = proj.batches.settings.publish_lease
+        proj.batches.store.insert_tree(conn, builder._close(), utcnow() - timedelta(seconds=lease - 1))
     done = proj.batches.wait(builder.id, timeout=WAIT)
     assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 5)
     eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
     drain(proj, w.queue)
     assert count(proj, ran) == 5 and count(proj, key) == 1
     # the report is logged after the pass commits, so the batch may finish before it is written
-    eventually(lambda: "runs_published=5" in w.log.read_text(), "the relay's report in the worker log", WAIT)
+    eventually(lambda: "runs_published=5" in relay_log(), "the relay's report in a worker log", WAIT)
 
 
 def test_migrate_from_many_processes_at_once(proj):
@@ -344,6 +345,7 @@ def test_migrate_from_many_processes_at_once(proj):
     import sys
 
     from celery_batches.store import drop_schema
+    from celery_batches.store.migrate import head_revision
 
     prefix = f"cbt_mig_{uuid.uuid4().hex[:6]}_"
     code = ("import sys; from celery import Celery; from celery_batches import Batches; "
@@ -358,7 +360,7 @@ def test_migrate_from_many_processes_at_once(proj):
             tables = set(sa.inspect(conn).get_table_names())
             version = conn.exec_driver_sql(f"SELECT version_num FROM {prefix}alembic_version").scalars().all()
         assert {f"{prefix}{t}" for t in ("batches", "runs", "batch_jobs", "batch_continuations")} <= tables
-        assert version == ["0001"]
+        assert version == [head_revision()]
     finally:
         drop_schema(proj.batches.engine, prefix)
 

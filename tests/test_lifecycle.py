@@ -29,9 +29,8 @@ from celery_batches import (
 )
 from celery_batches.builder import Message
 from celery_batches.models import ContinuationStatus
-from celery_batches.publish import publish
 from celery_batches.store import RunEvent, utcnow
-from tests.conftest import eventually
+from tests.conftest import eventually, publish
 from tests.test_integration import count, drain, fired_once, tag, with_continuations
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -341,13 +340,13 @@ def test_a_cancelled_run_that_missed_the_revoke_is_skipped_by_batch_task(proj, w
     assert statuses(proj, b.id) == [RunStatus.CANCELLED] * 3
 
 
-def test_the_cancel_check_survives_a_registry_connection_killed_under_it(proj, nowhere):
-    """The pool hands BatchTask's cancel read a connection whose backend is gone (killed after the
+def test_the_delivery_check_survives_a_registry_connection_killed_under_it(proj, nowhere):
+    """The pool hands BatchTask's delivery check a connection whose backend is gone (killed after the
     pool's pre-ping): the read is repeated on a fresh connection instead of failing the member."""
     with proj.batches.batch("cancel-check-killed") as b:
         b.enqueue(proj.noop.s(tag("ran")).set(queue=nowhere))
     assert proj.batches.cancel_batch(b.id) == 1
-    proj.batches._cancel_cache.clear()  # the cancel cached the answer in this process
+    [run] = jobs(proj, b.id)
     killed: list[int] = []
     other = sa.create_engine(proj.batches.engine.url, poolclass=sa.pool.NullPool)
 
@@ -366,22 +365,22 @@ def test_the_cancel_check_survives_a_registry_connection_killed_under_it(proj, n
 
     sa.event.listen(proj.batches.engine, "checkout", kill_once)
     try:
-        assert proj.batches._is_cancelled(b.id) is True
+        assert proj.batches._delivery_verdict(run.id, None) == "cancel"
     finally:
         sa.event.remove(proj.batches.engine, "checkout", kill_once)
         other.dispose()
     assert killed, "no connection was killed; nothing was tested"
 
 
-def test_the_cancel_check_runs_the_member_when_the_registry_is_unreachable(caplog):
+def test_the_delivery_check_runs_the_member_when_the_registry_is_unreachable(caplog):
     """With no registry to ask, the member runs (its outcome is recorded later) rather than fail."""
     app = Celery(f"unreachable_{uuid.uuid4().hex[:8]}", broker="memory://", set_as_current=False)
     unreachable = Batches(app, database_url="postgresql://127.0.0.1:1/nothing", relay_interval=0)
     try:
-        assert unreachable._is_cancelled(str(uuid.uuid4())) is False
+        assert unreachable._delivery_verdict(str(uuid.uuid4()), None) == "run"
     finally:
         unreachable.engine.dispose()
-    assert "cannot read batch" in caplog.text
+    assert "cannot read run" in caplog.text
 
 
 def test_a_running_member_whose_next_attempt_is_skipped_is_counted_cancelled(proj, worker, nowhere):
@@ -668,9 +667,9 @@ def test_a_batch_in_the_callers_rolled_back_connection(proj, worker):
 
 
 def test_a_batch_in_a_rolled_back_savepoint_of_a_committed_connection(proj, worker, monkeypatch):
-    # after the outer commit the publisher waits up to relay_grace for the batch to become visible:
+    # after the outer commit the publisher waits up to publish_lease for the batch to become visible:
     # shortened here so that wait ends (without publishing) inside this test
-    monkeypatch.setattr(proj.batches, "settings", replace(proj.batches.settings, relay_grace=1.0))
+    monkeypatch.setattr(proj.batches, "settings", replace(proj.batches.settings, publish_lease=1.0))
     ran, key = tag("ran"), tag("complete")
     with proj.batches.engine.begin() as conn:
         savepoint = conn.begin_nested()

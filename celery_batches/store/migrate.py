@@ -8,24 +8,36 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-__all__ = ["migrate"]
+__all__ = ["drop_schema", "head_revision", "migrate"]
 
 
-def migrate(engine: sa.Engine, prefix: str) -> None:
-    """Upgrade to the newest revision; idempotent and safe when many processes start at once.
+def _config(prefix: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", "celery_batches.store:migrations")
+    cfg.attributes["prefix"] = prefix
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of celery_batches knows."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_config("")).get_current_head() or ""
+
+
+def migrate(engine: sa.Engine, prefix: str, revision: str = "head") -> None:
+    """Upgrade to ``revision`` (the newest by default); idempotent and safe when many processes start at once.
 
     On PostgreSQL a transaction-level advisory lock (keyed by the prefix) serialises concurrent
     callers, and the DDL runs in that same transaction, so a loser sees the finished schema.
     """
-    cfg = Config()
-    cfg.set_main_option("script_location", "celery_batches.store:migrations")
-    cfg.attributes["prefix"] = prefix
+    cfg = _config(prefix)
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             key = zlib.crc32(f"celery_batches.migrate:{prefix}".encode())
             conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 def drop_schema(engine: sa.Engine, prefix: str) -> None:

@@ -89,14 +89,41 @@ def as_utc(value: datetime | None) -> datetime | None:
 
 @dataclass
 class Outbox:
-    """What a transaction made publishable, to publish after it commits: runs and continuations."""
+    """What a transaction made publishable, to publish after it commits: runs and continuations,
+    under the transaction's publish lease (``publication``, a row of the publications table)."""
 
     runs: list[Message] = field(default_factory=list)
     continuations: list[Message] = field(default_factory=list)
+    publication: str | None = None
 
     def extend(self, other: "Outbox") -> None:
         self.runs += other.runs
         self.continuations += other.continuations
+        self.publication = self.publication or other.publication
+
+
+class Tx:
+    """One registry transaction: its connection, its clock, and (made on first use) its publish lease.
+
+    Everything a transaction makes publishable carries the lease's id; the publisher renews it
+    while it publishes, and the relay takes only what carries a lapsed lease. So the relay never
+    publishes what a live producer (or the group commit that released it) is still publishing.
+    """
+
+    __slots__ = ("conn", "now", "_store", "_publication")
+
+    def __init__(self, store: "Store", conn: sa.Connection, now: datetime) -> None:
+        self.conn, self.now, self._store, self._publication = conn, now, store, None
+
+    def publication(self) -> str:
+        if self._publication is None:
+            self._publication = str(uuid.uuid4())
+            self.conn.execute(sa.insert(self._store.t.publications).values(
+                id=self._publication, expires_at=utcnow() + self._store.publish_lease))
+        return self._publication
+
+    def outbox(self, runs: list[Message] | None = None, continuations: list[Message] | None = None) -> Outbox:
+        return Outbox(runs or [], continuations or [], self._publication)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +143,12 @@ class RunEvent:
 
 
 class Store:
-    def __init__(self, engine: sa.Engine, tables: Tables, expires: timedelta) -> None:
+    def __init__(self, engine: sa.Engine, tables: Tables, expires: timedelta,
+                 publish_lease: timedelta = timedelta(seconds=30)) -> None:
         self.engine = engine
         self.t = tables
         self.expires = expires
+        self.publish_lease = publish_lease
 
     def _sql_name(self, table: sa.Table) -> str:
         """A table's name for hand-written SQL, quoted where the dialect needs it (a mixed-case prefix)."""
@@ -133,21 +162,22 @@ class Store:
         With ``antecedent=(batch_id, when)`` the tree is a continue-with stage: stored CREATED with
         its runs unpublished, settled at once if the antecedent has already finished.
         """
+        tx = Tx(self, conn, now)
         nodes = list(root.walk())
         status = BatchStatus.CREATED if antecedent else BatchStatus.STARTED
         if antecedent:
             antecedent_row = self._lock_batch(conn, antecedent[0])
         self._insert_nodes(conn, nodes, status, now, root_extra={
             "antecedent_id": antecedent[0], "continue_when": antecedent[1]} if antecedent else {})
-        self._insert_runs(conn, ((node.id, position, job) for node in nodes for position, job in enumerate(node.jobs)),
-                          now, new_batches=[node.id for node in nodes])
+        self._insert_runs(tx, ((node.id, position, job) for node in nodes for position, job in enumerate(node.jobs)),
+                          new_batches=[node.id for node in nodes], publishable=not antecedent)
         self._insert_continuations(conn, [(node.id, 0, node) for node in nodes])
         if antecedent:
             if antecedent_row.status.is_final:
-                return self._settle_successors(conn, {antecedent_row.id: antecedent_row.status}, now)
-            return Outbox()
-        outbox = Outbox(runs=[job for node in nodes for job in node.jobs])
-        outbox.extend(self._finish(conn, [node.id for node in nodes if node.total_units == 0], now))
+                return self._settle_successors(tx, {antecedent_row.id: antecedent_row.status})
+            return tx.outbox()
+        outbox = tx.outbox(runs=[job for node in nodes for job in node.jobs])
+        outbox.extend(self._finish(tx, [node.id for node in nodes if node.total_units == 0]))
         return outbox
 
     def add_to_batch(self, conn: sa.Connection, batch_id: str, plan: BatchPlan, now: datetime) -> Outbox:
@@ -157,6 +187,7 @@ class Store:
         the batch cannot finish in between: a worker's group commit waits for it.
         """
         r, c, b = self.t.runs, self.t.continuations, self.t.batches
+        tx = Tx(self, conn, now)
         batch = self._lock_batch(conn, batch_id)
         if batch.status.is_final:
             raise BatchClosedError(batch_id, batch.status)
@@ -168,14 +199,15 @@ class Store:
         self._insert_nodes(conn, children, batch.status, now)
         jobs = [(batch_id, first_job + i, job) for i, job in enumerate(plan.jobs)]
         jobs += [(node.id, i, job) for node in children for i, job in enumerate(node.jobs)]
-        self._insert_runs(conn, iter(jobs), now, new_batches=[node.id for node in children],
-                          appended=(batch_id, first_job))
+        started = batch.status == BatchStatus.STARTED
+        self._insert_runs(tx, iter(jobs), new_batches=[node.id for node in children],
+                          appended=(batch_id, first_job), publishable=started)
         self._insert_continuations(conn, [(batch_id, first_cont, plan)] + [(node.id, 0, node) for node in children])
         conn.execute(sa.update(b).where(b.c.id == batch_id).values(total_jobs=b.c.total_jobs + plan.total_units))
-        if batch.status != BatchStatus.STARTED:
-            return Outbox()  # a continue-with stage still waiting: published when it starts
-        outbox = Outbox(runs=[job for _, _, job in jobs])
-        outbox.extend(self._finish(conn, [node.id for node in children if node.total_units == 0], now))
+        if not started:
+            return tx.outbox()  # a continue-with stage still waiting: published when it starts
+        outbox = tx.outbox(runs=[job for _, _, job in jobs])
+        outbox.extend(self._finish(tx, [node.id for node in children if node.total_units == 0]))
         return outbox
 
     def _lock_batch(self, conn: sa.Connection, batch_id: str) -> Batch:
@@ -220,18 +252,20 @@ class Store:
             conn.execute(sa.insert(self.t.continuations), rows)
 
     _RUN_COLUMNS = ("id", "batch_id", "position", "status", "task_name", "args", "kwargs", "queue", "options",
-                    "created_at", "retries", "published")
+                    "created_at", "retries", "published", "publication_id")
 
-    def _insert_runs(self, conn: sa.Connection, jobs: Iterable[tuple[str, int, Message]], now: datetime, *,
-                     new_batches: list[str], appended: tuple[str, int] | None = None) -> None:
+    def _insert_runs(self, tx: Tx, jobs: Iterable[tuple[str, int, Message]], *, new_batches: list[str],
+                     appended: tuple[str, int] | None = None, publishable: bool) -> None:
         """Insert runs, streaming: COPY on PostgreSQL, chunked executemany elsewhere; then their links.
 
         ``new_batches`` hold only new runs; ``appended=(batch_id, first_position)`` names the runs
         added to an existing batch. Both are index ranges, so linking never rescans old runs.
+        ``publishable`` runs are published after the commit, under the transaction's lease.
         """
-        r, j = self.t.runs, self.t.batch_jobs
+        r, j, conn, now = self.t.runs, self.t.batch_jobs, tx.conn, tx.now
+        publication = tx.publication() if publishable else None
         rows = ((job.id, batch_id, position, int(RunStatus.PENDING), job.task_name, job.args, job.kwargs,
-                 job.queue, job.options, now, 0, False) for batch_id, position, job in jobs)
+                 job.queue, job.options, now, 0, False, publication) for batch_id, position, job in jobs)
         if conn.dialect.name == "postgresql":
             cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
             with cursor.copy(f"COPY {self._sql_name(r)} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
@@ -246,28 +280,6 @@ class Store:
             new = sa.or_(new, sa.and_(r.c.batch_id == appended[0], r.c.position >= appended[1]))
         conn.execute(sa.insert(j).from_select(["batch_id", "position", "run_id"],
                                               sa.select(r.c.batch_id, r.c.position, r.c.id).where(new)))
-
-    def mark_published(self, run_ids: Sequence[str]) -> None:
-        """Flag runs as published so the relay leaves them alone.
-
-        Only PENDING runs need the flag (a run a worker has touched was published). Rows a worker
-        is transitioning right now are skipped rather than waited for: waiting would let this
-        statement and a worker's group commit lock the same rows in opposite orders (deadlock).
-        """
-        r = self.t.runs
-        pending = (sa.select(r.c.id).where(r.c.id.in_(run_ids), r.c.status == int(RunStatus.PENDING))
-                   .with_for_update(skip_locked=True))
-        with self.engine.begin() as conn:
-            conn.execute(sa.update(r).where(r.c.id.in_(pending.scalar_subquery())).values(published=True))
-
-    def mark_dispatched(self, continuation_ids: Sequence[str]) -> None:
-        c = self.t.continuations
-        with self.engine.begin() as conn:
-            conn.execute(
-                sa.update(c)
-                .where(c.c.id.in_(continuation_ids), c.c.status == int(ContinuationStatus.DUE))
-                .values(status=int(ContinuationStatus.DISPATCHED), dispatched_at=utcnow())
-            )
 
     # -- transitions (the group commit) -----------------------------------------------------------
     def apply_events(self, events: Iterable[RunEvent]) -> Outbox:
@@ -297,7 +309,7 @@ class Store:
         with self.engine.begin() as conn:
             apply = self._apply_pg if conn.dialect.name == "postgresql" else self._apply_rows
             counted = apply(conn, list(progress.values()), list(final.values()))
-            return self._count(conn, counted, utcnow())
+            return self._count(Tx(self, conn, utcnow()), counted)
 
     # On PostgreSQL a whole group is two statements: the events travel as arrays and are joined
     # to the runs with unnest(). Conditions (all keyed by run id, final statuses are >= 3):
@@ -366,16 +378,15 @@ class Store:
                 counted.append((row.batch_id, e.status))
         return counted
 
-    def _count(self, conn: sa.Connection, finished_units: list[tuple[str, RunStatus | BatchStatus]],
-               now: datetime) -> Outbox:
+    def _count(self, tx: Tx, finished_units: list[tuple[str, RunStatus | BatchStatus]]) -> Outbox:
         """Count finished units (runs or child batches) in their batches, then finish what is complete."""
         if not finished_units:
-            return Outbox()
+            return tx.outbox()
         deltas: dict[str, Counter] = defaultdict(Counter)
         for batch_id, status in finished_units:
             deltas[batch_id][_COUNTER[status.name]] += 1
-        self._bump(conn, deltas)
-        return self._finish(conn, list(deltas), now)
+        self._bump(tx.conn, deltas)
+        return self._finish(tx, list(deltas))
 
     def _bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
         b = self.t.batches
@@ -390,11 +401,11 @@ class Store:
              for bid, d in sorted(deltas.items())],
         )
 
-    def _finish(self, conn: sa.Connection, batch_ids: list[str], now: datetime) -> Outbox:
+    def _finish(self, tx: Tx, batch_ids: list[str]) -> Outbox:
         """Finish the given batches that have every unit done: one conditional UPDATE decides."""
         if not batch_ids:
-            return Outbox()
-        b = self.t.batches
+            return tx.outbox()
+        b, conn, now = self.t.batches, tx.conn, tx.now
         done = b.c.completed_jobs + b.c.failed_jobs + b.c.cancelled_jobs
         finished = conn.execute(
             sa.update(b)
@@ -408,18 +419,16 @@ class Store:
             .returning(b.c.id, b.c.parent_id, b.c.status)
         ).all()
         if not finished:
-            return Outbox()
+            return tx.outbox()
         statuses = {row.id: BatchStatus(row.status) for row in finished}
-        outbox = Outbox(continuations=self._fire_continuations(conn, statuses, now))
-        outbox.extend(self._settle_successors(conn, statuses, now))
-        outbox.extend(self._count(conn, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id],
-                                  now))
+        outbox = self._fire_continuations(tx, statuses)
+        outbox.extend(self._settle_successors(tx, statuses))
+        outbox.extend(self._count(tx, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id]))
         return outbox
 
-    def _fire_continuations(self, conn: sa.Connection, finished: dict[str, BatchStatus], now: datetime
-                            ) -> list[Message]:
+    def _fire_continuations(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
         """Make the matching continuations of finished batches due (outbox rows); skip the others."""
-        c = self.t.continuations
+        c, conn = self.t.continuations, tx.conn
         by_status: dict[BatchStatus, list[str]] = defaultdict(list)
         for batch_id, status in finished.items():
             by_status[status].append(batch_id)
@@ -427,48 +436,52 @@ class Store:
                  for status, ids in by_status.items() if status in _FIRES_ON]
         due = conn.execute(
             sa.update(c).where(c.c.status == int(ContinuationStatus.WAITING), sa.or_(sa.false(), *fires))
-            .values(status=int(ContinuationStatus.DUE), due_at=now)
-            .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options)
+            .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.publication())
+            .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.kind,
+                       c.c.position)
         ).all() if fires else []
         conn.execute(
             sa.update(c).where(c.c.batch_id.in_(list(finished)), c.c.status == int(ContinuationStatus.WAITING))
             .values(status=int(ContinuationStatus.SKIPPED))
         )
-        return [Message(row.id, row.task_name, row.args, row.kwargs, row.options) for row in due]
+        due = sorted(due, key=lambda row: (str(row.batch_id), row.kind, row.position))
+        return tx.outbox(continuations=[continuation_message(row) for row in due])
 
-    def _settle_successors(self, conn: sa.Connection, finished: dict[str, BatchStatus], now: datetime) -> Outbox:
+    def _settle_successors(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
         """Continue-with: start the stages waiting on these batches whose ``when`` matches; cancel the rest."""
         b = self.t.batches
-        waiting = conn.execute(
+        waiting = tx.conn.execute(
             sa.select(b.c.id, b.c.antecedent_id, b.c.continue_when)
             .where(b.c.antecedent_id.in_(list(finished)), b.c.status == int(BatchStatus.CREATED))
         ).all()
-        outbox = Outbox()
+        outbox = tx.outbox()
         for row in waiting:
             status = finished[row.antecedent_id]
             if status in _WHEN_MATCHES.get(row.continue_when, ()):
-                outbox.extend(self._start_stage(conn, row.id, now))
+                outbox.extend(self._start_stage(tx, row.id))
             else:
-                outbox.extend(self._cancel_tree(conn, row.id, now)[1])
+                outbox.extend(self._cancel_tree(tx, row.id)[1])
         return outbox
 
-    def _start_stage(self, conn: sa.Connection, batch_id: str, now: datetime) -> Outbox:
-        b, r = self.t.batches, self.t.runs
+    def _start_stage(self, tx: Tx, batch_id: str) -> Outbox:
+        """Start a continue-with stage: its runs become publishable under this transaction's lease."""
+        b, r, conn = self.t.batches, self.t.runs, tx.conn
         tree = self._subtree(batch_id, successors=False)
         started = conn.execute(
             sa.update(b).where(b.c.id.in_(sa.select(tree.c.id)), b.c.status == int(BatchStatus.CREATED))
             .values(status=int(BatchStatus.STARTED)).returning(b.c.id, b.c.total_jobs)
         ).all()
         runs = conn.execute(
-            sa.select(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id)
+            sa.update(r)
             .where(r.c.batch_id.in_([row.id for row in started]), r.c.status == int(RunStatus.PENDING),
                    sa.not_(r.c.published))
-            .order_by(r.c.batch_id, r.c.position)
-        ).all()
-        outbox = Outbox(runs=[Message(row.id, row.task_name, row.args, row.kwargs, row.options, row.batch_id)
-                              for row in runs])
+            .values(publication_id=tx.publication())
+            .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position)
+        ).all() if started else []
+        runs = sorted(runs, key=lambda row: (str(row.batch_id), row.position))
+        outbox = tx.outbox(runs=[run_message(row) for row in runs])
         # a stage whose units all finished while it waited (a cancelled child, an empty stage) finishes now
-        outbox.extend(self._finish(conn, [row.id for row in started], now))
+        outbox.extend(self._finish(tx, [row.id for row in started]))
         return outbox
 
     def _subtree(self, batch_id: str, *, successors: bool) -> sa.CTE:
@@ -486,10 +499,10 @@ class Store:
         batch = self._lock_batch(conn, batch_id)
         if batch.status.is_final:
             return [], Outbox()
-        return self._cancel_tree(conn, batch_id, now)
+        return self._cancel_tree(Tx(self, conn, now), batch_id)
 
-    def _cancel_tree(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:
-        b, r, c = self.t.batches, self.t.runs, self.t.continuations
+    def _cancel_tree(self, tx: Tx, batch_id: str) -> tuple[list[str], Outbox]:
+        b, r, c, conn, now = self.t.batches, self.t.runs, self.t.continuations, tx.conn, tx.now
         tree = self._subtree(batch_id, successors=True)
         cancelled = conn.execute(
             sa.update(b)
@@ -499,7 +512,7 @@ class Store:
         ).all()
         ids = {row.id for row in cancelled}
         if not ids:
-            return [], Outbox()
+            return [], tx.outbox()
         runs = conn.execute(
             sa.update(r)
             .where(r.c.batch_id.in_(list(ids)), r.c.status.in_([int(RunStatus.PENDING), int(RunStatus.RETRYING)]))
@@ -519,7 +532,28 @@ class Store:
                 outside.append((row.parent_id, BatchStatus.CANCELLED))
         if deltas:
             self._bump(conn, deltas)
-        return [row.id for row in runs], self._count(conn, outside, now)
+        return [row.id for row in runs], self._count(tx, outside)
+
+    def member_state(self, run_id: str) -> tuple[RunStatus, BatchStatus] | None:
+        """A run's status and its batch's, in one read: what a delivery of the run must do."""
+        r, b = self.t.runs, self.t.batches
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(r.c.status, b.c.status.label("batch_status"))
+                               .join(b, b.c.id == r.c.batch_id).where(r.c.id == run_id)).first()
+        return None if row is None else (RunStatus(row.status), BatchStatus(row.batch_status))
+
+    def claim_continuation(self, continuation_id: str, token: str) -> bool | None:
+        """The first delivery of a continuation claims it: True for that one, False for any later
+        delivery (a republish), None if no continuation row has that id. ``token`` is one per
+        delivery, so a repeat of the same claim (its commit went unanswered) finds it its own."""
+        c = self.t.continuations
+        with self.engine.begin() as conn:
+            claimed = conn.execute(sa.update(c).where(c.c.id == continuation_id,
+                                                      sa.or_(c.c.claimed_by.is_(None), c.c.claimed_by == token))
+                                   .values(started_at=utcnow(), claimed_by=token)).rowcount
+            if claimed:
+                return True
+            return False if conn.scalar(sa.select(c.c.id).where(c.c.id == continuation_id)) else None
 
     def batch_status(self, batch_id: str) -> BatchStatus | None:
         b = self.t.batches
@@ -583,41 +617,40 @@ class Store:
             return [
                 Continuation(row.id, row.batch_id, ContinuationKind(row.kind), row.task_name,
                              kjson.loads(row.args), kjson.loads(row.kwargs), ContinuationStatus(row.status),
-                             as_utc(row.dispatched_at))
+                             as_utc(row.dispatched_at), row.error)
                 for row in conn.execute(q)
             ]
 
-    # -- outbox and reconciliation ----------------------------------------------------------------
-    def unpublished_runs(self, older_than: datetime, limit: int) -> list[Message]:
-        """Runs committed but never published (the producer died, or the broker was down)."""
-        r, b = self.t.runs, self.t.batches
-        q = (sa.select(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id)
-             .join(b, b.c.id == r.c.batch_id)
-             .where(sa.not_(r.c.published), r.c.created_at < older_than,
-                    r.c.status == int(RunStatus.PENDING), b.c.status == int(BatchStatus.STARTED))
-             .order_by(r.c.created_at).limit(limit))
-        with self.engine.connect() as conn:
-            return [Message(row.id, row.task_name, row.args, row.kwargs, row.options, row.batch_id)
-                    for row in conn.execute(q)]
+    # -- reconciliation -------------------------------------------------------------------------
+    def open_runs(self, older_than: datetime, limit: int, *, after: tuple[datetime, str] | None = None
+                  ) -> list[tuple[str, datetime, datetime]]:
+        """Published runs with no final state whose last known change is older than ``older_than``,
+        as ``(id, since, created_at)`` in ``(created_at, id)`` order, starting after the cursor ``after``.
 
-    def due_continuations(self, older_than: datetime, limit: int) -> list[Message]:
-        c = self.t.continuations
-        q = (sa.select(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options)
-             .where(c.c.status == int(ContinuationStatus.DUE), c.c.due_at < older_than)
-             .order_by(c.c.due_at).limit(limit))
-        with self.engine.connect() as conn:
-            return [Message(row.id, row.task_name, row.args, row.kwargs, row.options) for row in conn.execute(q)]
-
-    def open_runs(self, older_than: datetime, limit: int) -> list[tuple[str, datetime]]:
-        """Published runs with no final state whose last known change is older than ``older_than``."""
+        A run a worker has touched counts as published whether or not its flag was written; one that
+        started late is measured from its start, not from when it was created.
+        """
         r = self.t.runs
         since = sa.func.coalesce(r.c.started_at, r.c.created_at)
-        q = (sa.select(r.c.id, since.label("since"))
-             .where(r.c.status < int(RunStatus.COMPLETED), r.c.published,
+        q = (sa.select(r.c.id, since.label("since"), r.c.created_at)
+             .where(r.c.status < int(RunStatus.COMPLETED),
+                    sa.or_(r.c.published, r.c.status > int(RunStatus.PENDING)),
                     r.c.created_at < older_than, since < older_than)
-             .order_by(r.c.created_at).limit(limit))
+             .order_by(r.c.created_at, r.c.id).limit(limit))
+        if after is not None:
+            q = q.where(sa.or_(r.c.created_at > after[0], sa.and_(r.c.created_at == after[0], r.c.id > after[1])))
         with self.engine.connect() as conn:
-            return [(row.id, as_utc(row.since)) for row in conn.execute(q)]
+            return [(str(row.id), as_utc(row.since), row.created_at) for row in conn.execute(q)]
+
+
+def run_message(row: sa.Row) -> Message:
+    """A run row as the message that publishes it."""
+    return Message(str(row.id), row.task_name, row.args, row.kwargs, row.options, str(row.batch_id))
+
+
+def continuation_message(row: sa.Row) -> Message:
+    """A continuation row as the message that publishes it (it knows the batch that fired it)."""
+    return Message(str(row.id), row.task_name, row.args, row.kwargs, row.options, continuation_of=str(row.batch_id))
 
 
 def batch_from_row(row: sa.Row) -> Batch:

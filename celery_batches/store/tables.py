@@ -19,6 +19,8 @@ class Tables:
     runs: sa.Table
     batch_jobs: sa.Table
     continuations: sa.Table
+    publications: sa.Table
+    leases: sa.Table
     prefix: str
 
 
@@ -67,6 +69,8 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("error", sa.Text, nullable=True),
         sa.Column("retries", sa.Integer, nullable=False, default=0),
         sa.Column("published", sa.Boolean, nullable=False, default=False),
+        # who publishes this run, and until when (a row of `publications`): the relay waits for it to lapse
+        sa.Column("publication_id", UUID, nullable=True),
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # the outbox and the reconciler only look at the few rows that are not done yet
         sa.Index(
@@ -103,6 +107,11 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("status", sa.SmallInteger, nullable=False),
         sa.Column("due_at", TIMESTAMP, nullable=True),
         sa.Column("dispatched_at", TIMESTAMP, nullable=True),
+        sa.Column("publication_id", UUID, nullable=True),
+        # set by the first delivery a @batches.task continuation runs: a second delivery is skipped
+        sa.Column("started_at", TIMESTAMP, nullable=True),
+        sa.Column("claimed_by", UUID, nullable=True),  # the delivery that claimed it (repeatable by that one)
+        sa.Column("error", sa.Text, nullable=True),  # why it could not be published (status FAILED)
         sa.Index(f"ix_{prefix}continuations_batch", "batch_id"),
         sa.Index(
             f"ix_{prefix}continuations_due",
@@ -111,4 +120,21 @@ def build_tables(prefix: str) -> Tables:
             sqlite_where=sa.text("status = 1"),
         ),
     )
-    return Tables(md, batches, runs, batch_jobs, continuations, prefix)
+    # A publisher's lease on what its transaction made publishable: renewed before every chunk it
+    # publishes; the relay only takes runs and continuations whose lease has lapsed.
+    publications = sa.Table(
+        f"{prefix}publications",
+        md,
+        sa.Column("id", UUID, primary_key=True),
+        sa.Column("expires_at", TIMESTAMP, nullable=False),
+        sa.Index(f"ix_{prefix}publications_expires", "expires_at"),
+    )
+    # Named leases (the relay's election): a row, not a session lock, so it works through any pooler and on SQLite.
+    leases = sa.Table(
+        f"{prefix}leases",
+        md,
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("holder", sa.String(255), nullable=False),
+        sa.Column("expires_at", TIMESTAMP, nullable=False),
+    )
+    return Tables(md, batches, runs, batch_jobs, continuations, publications, leases, prefix)

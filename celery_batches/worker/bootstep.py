@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
-from .relay import Maintenance
+from .relay import Relay
 
 if TYPE_CHECKING:
     from ..api import Batches
@@ -22,7 +22,7 @@ def make_bootstep(batches: "Batches") -> type[bootsteps.StartStopStep]:
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
-            self.maintenance = Maintenance(batches)
+            self.maintenance = Relay(batches)
 
         def start(self, parent: Any) -> None:
             self.maintenance.start()

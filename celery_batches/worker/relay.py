@@ -1,25 +1,29 @@
-"""The relay (outbox publisher) and the reconciler, run periodically by the worker bootstep.
+"""The relay (outbox publisher of last resort) and the reconciler, run periodically by the worker bootstep.
 
-* Relay: runs and continuations committed but still unpublished after ``relay_grace`` seconds
-  (the producer died between commit and publish, or the broker was down) are published. The task
-  id is the run id, so a republish can never make a second distinct job.
+* Relay: runs and continuations whose publish lease lapsed while still unpublished (the producer
+  died between commit and publish, the broker was down, a flag could not be written) are
+  published under a lease of the relay's own (:mod:`celery_batches.outbox`). The task id is the
+  run id, so a republish can never make a second distinct job.
 * Reconciler: runs with no final state after ``reconcile_grace`` seconds are checked against the
   result backend (SUCCESS, FAILURE, REVOKED) — a worker process killed before its group commit, a
-  write that kept failing;
-  with ``run_timeout`` set, a run older than that with no outcome anywhere is marked FAILED.
+  write that kept failing; with ``run_timeout`` set, a run older than that with no outcome
+  anywhere is marked FAILED. It walks the open runs with a cursor, so old runs that stay open
+  never hide newer ones.
 
-Only one worker node does this at a time: on PostgreSQL a session advisory lock elects it.
+Only one worker node runs a pass at a time: it holds the ``relay`` lease row for the pass (a row,
+not a session lock, so it works through PgBouncer's transaction pooling and on SQLite).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
-import zlib
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 from celery import states
 from celery.backends.base import DisabledBackend
 
@@ -29,16 +33,21 @@ from ..store import RunEvent, utcnow
 if TYPE_CHECKING:
     from ..api import Batches
 
-__all__ = ["Maintenance"]
+__all__ = ["Relay"]
 
 log = logging.getLogger(__name__)
+#: runs and continuations one relay step takes over; open runs one reconciler step reads
 BATCH = 500
+#: seconds a relay pass holds its lease: a node that dies mid-pass blocks the others this long at most
+PASS_TTL = 120.0
 
 
-class Maintenance:
+class Relay:
     def __init__(self, batches: "Batches") -> None:
         self.batches = batches
         self.settings = batches.settings
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._cursor: tuple[datetime, str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -63,46 +72,31 @@ class Maintenance:
                               self.settings.relay_interval)
 
     def run_once(self) -> dict[str, int]:
-        """One pass, if this node wins the lock. Returns what it did."""
-        engine = self.batches.engine
-        if engine.dialect.name != "postgresql":
-            return self._pass()
-        key = zlib.crc32(f"celery_batches.relay:{self.settings.table_prefix}".encode())
-        with engine.connect() as lock:
-            if not lock.scalar(sa.select(sa.func.pg_try_advisory_lock(key))):
-                return {}
-            lock.commit()
-            try:
-                return self._pass()
-            finally:
-                lock.execute(sa.select(sa.func.pg_advisory_unlock(key)))
-                lock.commit()
-
-    def _pass(self) -> dict[str, int]:
-        b = self.batches
-        now = utcnow()
-        done = {"runs_published": 0, "continuations_published": 0, "runs_reconciled": 0}
-        relay_cutoff = now - timedelta(seconds=self.settings.relay_grace)
-        runs = b.store.unpublished_runs(relay_cutoff, BATCH)
-        if runs:
-            done["runs_published"] = len(b._publish_runs(runs))
-        conts = b.store.due_continuations(relay_cutoff, BATCH)
-        if conts:
-            done["continuations_published"] = len(b._publish_continuations(conts))
-        done["runs_reconciled"] = self._reconcile(now)
+        """One pass, if this node holds (or takes) the relay lease. Returns what it did."""
+        leases = self.batches.outbox.store
+        if not leases.elect("relay", self.holder, timedelta(seconds=PASS_TTL)):
+            return {}
+        try:
+            report = self.batches.outbox.relay(BATCH)
+            done = {"runs_published": report.runs, "continuations_published": report.continuations,
+                    "refused": report.refused, "runs_reconciled": self._reconcile(utcnow())}
+            leases.prune(timedelta(hours=1))
+        finally:  # the next pass is anyone's (a node that dies mid-pass loses the lease after PASS_TTL)
+            leases.resign("relay", self.holder)
         if any(done.values()):
             log.warning("celery_batches: relay/reconciler %s", ", ".join(f"{k}={v}" for k, v in done.items()))
         return done
 
-    def _reconcile(self, now) -> int:  # type: ignore[no-untyped-def]
+    def _reconcile(self, now: datetime) -> int:
         b = self.batches
-        stale = b.store.open_runs(now - timedelta(seconds=self.settings.reconcile_grace), BATCH)
+        stale = b.store.open_runs(now - timedelta(seconds=self.settings.reconcile_grace), BATCH, after=self._cursor)
+        self._cursor = (stale[-1][2], stale[-1][0]) if len(stale) == BATCH else None  # wrap around at the end
         if not stale:
             return 0
         backend = b.app.backend
         timeout = self.settings.run_timeout
         events: list[RunEvent] = []
-        for run_id, since in stale:
+        for run_id, since, _created in stale:
             state, result = None, None
             if not isinstance(backend, DisabledBackend):
                 meta = backend.get_task_meta(run_id)

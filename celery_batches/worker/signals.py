@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 
 from ..models import RunStatus
-from ..publish import HEADER
+from ..outbox import HEADER
 from ..store import RunEvent
 
 if TYPE_CHECKING:

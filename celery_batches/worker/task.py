@@ -8,7 +8,7 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from ..models import RunStatus
-from ..publish import HEADER
+from ..outbox import CONTINUATION_HEADER, HEADER
 from ..store import RunEvent
 
 if TYPE_CHECKING:
@@ -18,21 +18,29 @@ __all__ = ["BatchTask"]
 
 
 class BatchTask(Task):
-    """Base class for batch members declared with ``@batches.task``.
+    """Base class for batch members and continuations declared with ``@batches.task``.
 
-    Any Celery task can be a batch member; this base adds the cancel-skip: a run whose batch was
-    cancelled and that still reaches a worker (the revoke broadcast missed it) is never executed.
+    Any Celery task can be a batch member; this base adds what only the registry can tell, read
+    before the task body runs: a delivery of a run that is already final (a redelivery, a relay
+    republish) or a second delivery of a continuation is not executed, and a run whose batch was
+    cancelled (the revoke broadcast missed it) is skipped and counted CANCELLED.
     """
 
     _batches: "Batches | None" = None
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         # Ignore from before_start stops the task (from task_prerun it would not)
-        batch_id = getattr(self.request, HEADER, None)
-        if batch_id and self._batches is not None and self._batches._is_cancelled(batch_id):
-            self.backend.mark_as_revoked(task_id, "batch cancelled", request=self.request)
+        batches, request = self._batches, self.request
+        batch_id = getattr(request, HEADER, None)
+        continuation_of = getattr(request, CONTINUATION_HEADER, None)
+        if batches is None or not (batch_id or continuation_of):
+            return
+        verdict = batches._delivery_verdict(task_id, None if batch_id else continuation_of)
+        if verdict == "run":
+            return
+        if verdict == "cancel":
+            self.backend.mark_as_revoked(task_id, "batch cancelled", request=request)
             # a run that was RUNNING at cancel time and comes back (a retry, a redelivery) ends here
-            self._batches._group_commit.add(RunEvent(task_id, RunStatus.CANCELLED, self.request.retries or 0,
-                                                     "skipped: batch cancelled"))
-            raise Ignore()
-
+            batches._group_commit.add(RunEvent(task_id, RunStatus.CANCELLED, request.retries or 0,
+                                               "skipped: batch cancelled"))
+        raise Ignore()

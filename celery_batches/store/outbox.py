@@ -1,0 +1,159 @@
+"""The outbox's SQL: publish leases, published flags, what the relay may take, the relay's election.
+
+A run or continuation is *waiting* while it is not flagged published (a run also only while it is
+PENDING: one a worker has touched was published). It carries the publish lease of the transaction
+that made it publishable; the relay takes only waiting rows whose lease has lapsed (or that carry
+none, like rows written before leases existed), and takes them over under a lease of its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Sequence
+
+import sqlalchemy as sa
+
+from ..builder import Message
+from ..models import BatchStatus, ContinuationStatus, RunStatus
+from .store import continuation_message, run_message, storable_text, utcnow
+from .tables import Tables
+
+__all__ = ["OutboxStore"]
+
+
+class OutboxStore:
+    def __init__(self, engine: sa.Engine, tables: Tables, lease: timedelta) -> None:
+        self.engine = engine
+        self.t = tables
+        self.lease = lease
+
+    # -- leases --------------------------------------------------------------------------------------
+    def renew(self, publication: str) -> bool:
+        """Extend a publish lease that has not lapsed; False if it has (the relay may own its rows now).
+
+        A publisher calls this before every chunk, so it holds at least ``lease`` seconds per chunk.
+        """
+        p, now = self.t.publications, utcnow()
+        with self.engine.begin() as conn:
+            return conn.execute(sa.update(p).where(p.c.id == publication, p.c.expires_at > now)
+                                .values(expires_at=now + self.lease)).rowcount == 1
+
+    def release(self, publication: str) -> None:
+        """The publisher is done: its lease goes, and whatever it left unpublished is the relay's now."""
+        p = self.t.publications
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(p).where(p.c.id == publication))
+
+    def elect(self, name: str, holder: str, ttl: timedelta) -> bool:
+        """Take or keep the named lease for ``ttl``: True if ``holder`` has it now.
+
+        A plain row, so it needs no session state: it works through PgBouncer's transaction
+        pooling and on SQLite, and a holder that dies loses it when ``ttl`` runs out.
+        """
+        leases, now = self.t.leases, utcnow()
+        with self.engine.begin() as conn:
+            taken = conn.execute(sa.update(leases).where(
+                leases.c.name == name, sa.or_(leases.c.holder == holder, leases.c.expires_at < now))
+                .values(holder=holder, expires_at=now + ttl)).rowcount
+            if taken:
+                return True
+            exists = conn.scalar(sa.select(sa.func.count()).select_from(leases).where(leases.c.name == name))
+            if exists:
+                return False
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.insert(leases).values(name=name, holder=holder, expires_at=now + ttl))
+            return True
+        except sa.exc.IntegrityError:  # another node inserted it first
+            return False
+
+    def resign(self, name: str, holder: str) -> None:
+        leases = self.t.leases
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(leases).where(leases.c.name == name, leases.c.holder == holder))
+
+    # -- flags ---------------------------------------------------------------------------------------
+    def mark_published(self, run_ids: Sequence[str]) -> list[str]:
+        """Flag runs published; returns the PENDING ones it could not flag yet (a worker holds their row).
+
+        Rows a worker is transitioning right now are skipped rather than waited for: waiting would
+        let this statement and a group commit lock the same rows in opposite orders (deadlock).
+        A run a worker moved past PENDING needs no flag: only PENDING runs are ever waiting.
+        """
+        r = self.t.runs
+        mine = (sa.select(r.c.id).where(r.c.id.in_(run_ids), r.c.status == int(RunStatus.PENDING),
+                                        sa.not_(r.c.published))
+                .with_for_update(skip_locked=True))
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(r).where(r.c.id.in_(mine.scalar_subquery())).values(published=True))
+            return [str(i) for i in conn.execute(sa.select(r.c.id).where(
+                r.c.id.in_(run_ids), r.c.status == int(RunStatus.PENDING), sa.not_(r.c.published))).scalars()]
+
+    def mark_dispatched(self, continuation_ids: Sequence[str]) -> None:
+        c = self.t.continuations
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(c).where(c.c.id.in_(continuation_ids), c.c.status == int(ContinuationStatus.DUE))
+                         .values(status=int(ContinuationStatus.DISPATCHED), dispatched_at=utcnow()))
+
+    def refuse_continuation(self, continuation_id: str, error: str) -> None:
+        """The broker refused this continuation's message for good: FAILED, with the reason."""
+        c = self.t.continuations
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(c).where(c.c.id == continuation_id, c.c.status == int(ContinuationStatus.DUE))
+                         .values(status=int(ContinuationStatus.FAILED), error=storable_text(error)))
+
+    # -- the relay -----------------------------------------------------------------------------------
+    def _lapsed(self, table: sa.Table, now: datetime) -> sa.ColumnElement[bool]:
+        p = self.t.publications
+        live = sa.select(p.c.id).where(p.c.id == table.c.publication_id, p.c.expires_at >= now)
+        return sa.not_(sa.exists(live))
+
+    def take_lapsed(self, limit: int) -> tuple[str | None, list[Message], list[Message]]:
+        """Take over up to ``limit`` waiting runs and continuations whose lease lapsed, under a new lease.
+
+        Returns ``(lease, runs, continuations)``; the caller publishes them like a producer would.
+        """
+        r, b, c, p = self.t.runs, self.t.batches, self.t.continuations, self.t.publications
+        now = utcnow()
+        with self.engine.begin() as conn:
+            runs_q = (sa.select(r.c.id).join(b, b.c.id == r.c.batch_id)
+                      .where(sa.not_(r.c.published), r.c.status == int(RunStatus.PENDING),
+                             b.c.status == int(BatchStatus.STARTED), self._lapsed(r, now))
+                      .order_by(r.c.created_at).limit(limit).with_for_update(of=r, skip_locked=True))
+            run_ids = list(conn.execute(runs_q).scalars())
+            cont_q = (sa.select(c.c.id).where(c.c.status == int(ContinuationStatus.DUE), self._lapsed(c, now))
+                      .order_by(c.c.due_at).limit(limit).with_for_update(skip_locked=True))
+            cont_ids = list(conn.execute(cont_q).scalars())
+            if not run_ids and not cont_ids:
+                return None, [], []
+            lease = str(uuid.uuid4())
+            conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease))
+            runs = conn.execute(sa.update(r).where(r.c.id.in_(run_ids)).values(publication_id=lease).returning(
+                r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.created_at,
+                r.c.position)).all() if run_ids else []
+            conts = conn.execute(sa.update(c).where(c.c.id.in_(cont_ids)).values(publication_id=lease).returning(
+                c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.due_at)
+            ).all() if cont_ids else []
+        runs = sorted(runs, key=lambda row: (row.created_at, str(row.batch_id), row.position))
+        conts = sorted(conts, key=lambda row: row.due_at)
+        return lease, [run_message(row) for row in runs], [continuation_message(row) for row in conts]
+
+    def lease_runs(self, run_ids: Sequence[str]) -> tuple[str, list[Message]]:
+        """Publish these (waiting) runs again under a new lease: recovery found their message lost."""
+        r, p = self.t.runs, self.t.publications
+        lease, now = str(uuid.uuid4()), utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease))
+            rows = conn.execute(sa.update(r).where(r.c.id.in_(list(run_ids)),
+                                                   r.c.status.in_([int(RunStatus.PENDING), int(RunStatus.RETRYING)]))
+                                .values(publication_id=lease).returning(
+                r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position)).all()
+        rows = sorted(rows, key=lambda row: (str(row.batch_id), row.position))
+        return lease, [run_message(row) for row in rows]
+
+    def prune(self, older_than: timedelta) -> int:
+        """Delete leases that lapsed long ago (rows pointing to a missing lease count as lapsed)."""
+        p = self.t.publications
+        with self.engine.begin() as conn:
+            return conn.execute(sa.delete(p).where(p.c.expires_at < utcnow() - older_than)).rowcount

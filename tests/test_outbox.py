@@ -1,0 +1,222 @@
+"""The outbox: publish leases, the relay's takeover, refused messages, deliveries of finished work.
+
+Registry-level tests use a private table prefix with no worker attached (nothing else publishes
+or relays there), on the real PostgreSQL; the end-to-end ones run on the session's real worker.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+from celery_batches import Batches, BatchStatus, RunStatus
+from celery_batches.models import ContinuationStatus
+from celery_batches.store import RunEvent, drop_schema, utcnow
+from tests.conftest import eventually, publish
+from tests.test_integration import WAIT, count, drain, tag
+
+HOUR = timedelta(hours=1)
+
+
+@pytest.fixture
+def registry(services):
+    """A Batches on a private prefix of the real PostgreSQL, publishing to the real Redis, no worker."""
+    app = Celery(f"outbox_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_BROKER_URL"], set_as_current=False)
+    batches = Batches(app, database_url=os.environ["TEST_DATABASE_URL"],
+                      table_prefix=f"cbt_ob_{uuid.uuid4().hex[:6]}_", relay_interval=0)
+    batches.migrate()
+    batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"  # consumed by no worker
+    yield batches
+    drop_schema(batches.engine, batches.settings.table_prefix)
+    batches.engine.dispose()
+    app.connection_for_write().default_channel.client.delete(batches.queue)
+
+
+def written_unpublished(batches, n=3, *, now=None, **options):
+    """A batch committed by a producer that has not published yet (or died before it could)."""
+    from celery_batches.builder import BatchBuilder
+
+    builder = BatchBuilder(batches.app, "unpublished")
+    ids = [builder.enqueue(builder_sig(batches, i, **options)) for i in range(n)]
+    with batches.engine.begin() as conn:
+        outbox = batches.store.insert_tree(conn, builder._close(), now or utcnow())
+    return builder.id, ids, outbox
+
+
+def builder_sig(batches, i, **options):
+    return batches.app.signature("tests.proj.noop", (f"x{i}",)).set(queue=batches.queue, **options)
+
+
+def lapse(batches, publication) -> None:
+    p = batches.store.t.publications
+    with batches.engine.begin() as conn:
+        conn.execute(sa.update(p).where(p.c.id == publication).values(expires_at=utcnow() - HOUR))
+
+
+def taken_ids(batches):
+    lease, runs, continuations = batches.outbox.store.take_lapsed(1000)
+    return lease, [m.id for m in runs], [m.id for m in continuations]
+
+
+def test_the_relay_takes_only_runs_whose_publish_lease_lapsed(registry):
+    """A producer still publishing holds a lease: the relay leaves its runs alone, however old they
+    are, and takes them over (once) only when the lease lapsed."""
+    batch_id, ids, outbox = written_unpublished(registry, now=utcnow() - HOUR)  # created an hour ago
+    assert outbox.publication and [m.id for m in outbox.runs] == ids
+    assert taken_ids(registry) == (None, [], [])
+    lapse(registry, outbox.publication)
+    lease, runs, _ = taken_ids(registry)
+    assert lease and runs == ids
+    assert taken_ids(registry) == (None, [], [])  # now under the relay's own lease
+
+
+def test_a_stage_created_long_before_its_antecedent_finishes_is_not_republished(registry):
+    """Issue 8 #1: the stage's runs become publishable when the antecedent finishes, under the lease
+    of the group commit that started it; their age is irrelevant."""
+    antecedent, [run], _ = written_unpublished(registry, 1)
+    stage_id = registry.continue_batch_with(antecedent, "stage", lambda b: [
+        b.enqueue(builder_sig(registry, i)) for i in range(4)])
+    r = registry.store.t.runs
+    with registry.engine.begin() as conn:  # the stage was created an hour ago
+        conn.execute(sa.update(r).where(r.c.batch_id == stage_id).values(created_at=utcnow() - HOUR))
+    started = registry.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])
+    assert len(started.runs) == 4 and started.publication
+    assert registry.get_batch(stage_id).status == BatchStatus.STARTED
+    lease, runs, _ = taken_ids(registry)
+    assert not set(runs) & {m.id for m in started.runs}
+
+
+def test_a_run_a_worker_started_before_it_was_flagged_is_seen_by_the_reconciler(registry):
+    """Issue 8 #2: the flag only covered PENDING runs, and the reconciler only flagged ones."""
+    _, [run], _ = written_unpublished(registry, 1)
+    registry.store.apply_events([RunEvent(run, RunStatus.RUNNING)])
+    assert [r[0] for r in registry.store.open_runs(utcnow() + HOUR, 10)] == [run]
+
+
+def test_the_reconciler_walks_open_runs_with_a_cursor(registry):
+    """Issue 8 #8: it always read the oldest runs, so runs that stay open hid every newer one."""
+    _, ids, outbox = written_unpublished(registry, 5)
+    registry.store.apply_events([RunEvent(i, RunStatus.RUNNING) for i in ids])
+    first = registry.store.open_runs(utcnow() + HOUR, 2)
+    second = registry.store.open_runs(utcnow() + HOUR, 2, after=(first[-1][2], first[-1][0]))
+    third = registry.store.open_runs(utcnow() + HOUR, 2, after=(second[-1][2], second[-1][0]))
+    seen = [r[0] for r in first + second + third]
+    assert sorted(seen) == sorted(ids) and len(set(seen)) == 5
+
+
+def test_a_message_the_broker_refuses_fails_its_run_and_nothing_else(registry):
+    """Issue 8 #4: a bad publish option stopped the publisher at that run, and the relay sorted it
+    first in every pass: nothing behind it was ever published. Now the run FAILS with the reason,
+    the rest go out, and the batch finishes."""
+    batch_id, ids, outbox = written_unpublished(registry, 3)
+    r = registry.store.t.runs
+    with registry.engine.begin() as conn:  # what an option that passed the builder could hold
+        conn.execute(sa.update(r).where(r.c.id == ids[1]).values(
+            options=f'{{"queue": "{registry.queue}", "countdown": "soon"}}'))
+    lapse(registry, outbox.publication)
+    report = registry.outbox.relay(1000)
+    assert (report.runs, report.refused, report.broker_down) == (2, 1, False)
+    jobs = {j.id: j for j in registry.get_batch_jobs(batch_id)}
+    assert jobs[ids[1]].status == RunStatus.FAILED and "refused" in jobs[ids[1]].error
+    assert "TypeError" in jobs[ids[1]].error
+    assert registry.outbox.relay(1000).runs == 0  # nothing left behind it
+    registry.store.apply_events([RunEvent(i, RunStatus.COMPLETED) for i in (ids[0], ids[2])])
+    done = registry.get_batch(batch_id)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 2, 1)
+
+
+def test_a_continuation_the_broker_refuses_is_failed_with_the_reason(registry):
+    with registry.batch("bad-continuation") as b:
+        run = b.enqueue(builder_sig(registry, 0))
+        b.on_complete(registry.app.signature("tests.proj.record", ("k",)).set(queue=registry.queue,
+                                                                             countdown=1))
+    c = registry.store.t.continuations
+    with registry.engine.begin() as conn:
+        conn.execute(sa.update(c).where(c.c.batch_id == b.id).values(options='{"countdown": "soon"}'))
+    registry._write_events([RunEvent(run, RunStatus.COMPLETED)])
+    [cont] = registry.get_continuations(b.id)
+    assert cont.status == ContinuationStatus.FAILED and "refused" in cont.error
+
+
+@pytest.mark.parametrize("url", ["postgresql", "sqlite"])
+def test_the_relay_is_elected_by_a_lease_row(registry, tmp_path, url):
+    """Issue 8 #10: a session advisory lock strands under transaction pooling and does nothing on
+    SQLite; a lease row works on both, and a holder that dies loses it when it lapses."""
+    batches = registry
+    if url == "sqlite":
+        batches = Batches(Celery("sqlite-lease", broker="memory://", set_as_current=False),
+                          database_url=f"sqlite:///{tmp_path}/reg.sqlite3", relay_interval=0)
+        batches.migrate()
+    store = batches.outbox.store
+    assert store.elect("relay", "a", timedelta(seconds=60))
+    assert store.elect("relay", "a", timedelta(seconds=60))  # renewed
+    assert not store.elect("relay", "b", timedelta(seconds=60))
+    store.resign("relay", "a")
+    assert store.elect("relay", "b", timedelta(seconds=-1))  # taken, and already lapsed (b died)
+    assert store.elect("relay", "a", timedelta(seconds=60))
+
+
+def test_a_finished_run_delivered_again_is_not_executed(proj, worker):
+    """Issue 8 / design §6: a @batches.task member whose run is already final is not run again."""
+    ran = tag("ran")
+    with proj.batches.batch("delivered-again") as b:
+        run = b.enqueue(proj.noop, ran)
+    assert proj.batches.wait(b.id, timeout=WAIT).status == BatchStatus.COMPLETED
+    [job] = proj.batches.get_batch_jobs(b.id)
+    from celery_batches.builder import Message
+
+    publish(proj.app, [Message(run, job.task_name, f'["{ran}"]', "{}", None, b.id)])
+    drain(proj)
+    assert count(proj, ran) == 1
+    assert proj.app.AsyncResult(run).state == "SUCCESS"  # the skip left the stored result alone
+
+
+def test_a_batches_task_continuation_delivered_twice_runs_once(proj, worker):
+    """Issue 8 #9: a republished continuation (its producer died between publish and flag) runs once."""
+    key = tag("cont")
+    with proj.batches.batch("continuation-twice") as b:
+        b.enqueue(proj.noop)
+        b.on_complete(proj.record_once.s(key))
+    assert proj.batches.wait(b.id, timeout=WAIT).is_finished
+    eventually(lambda: count(proj, key) == 1, "the continuation", WAIT)
+    [cont] = proj.batches.get_continuations(b.id)
+    from celery_batches.builder import Message
+
+    publish(proj.app, [Message(cont.id, cont.task_name, f'["{key}"]', "{}", None, continuation_of=b.id)])
+    drain(proj)
+    assert count(proj, key) == 1
+
+
+def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data(services):
+    """Migrate to 0001, write a batch as 0001 stored it, upgrade: the batch reads back, and its
+    unpublished runs (no lease: written before leases existed) are the relay's at once."""
+    from celery_batches.store.migrate import head_revision, migrate
+
+    app = Celery("upgrade", broker="memory://", set_as_current=False)
+    batches = Batches(app, database_url=os.environ["TEST_DATABASE_URL"],
+                      table_prefix=f"cbt_up_{uuid.uuid4().hex[:6]}_", relay_interval=0)
+    prefix = batches.settings.table_prefix
+    try:
+        migrate(batches.engine, prefix, revision="0001")
+        batch_id, run_id, now = str(uuid.uuid4()), str(uuid.uuid4()), utcnow()
+        with batches.engine.begin() as conn:
+            conn.execute(sa.text(f"INSERT INTO {prefix}batches (id, name, status, total_jobs, completed_jobs, "
+                                 "failed_jobs, cancelled_jobs, created_at) VALUES (:id, 'old', 1, 1, 0, 0, 0, :now)"),
+                         {"id": batch_id, "now": now})
+            conn.execute(sa.text(f"INSERT INTO {prefix}runs (id, batch_id, position, status, task_name, args, kwargs, "
+                                 "created_at, retries, published) VALUES (:id, :b, 0, 0, 'tests.proj.noop', '[]', "
+                                 "'{}', :now, 0, false)"), {"id": run_id, "b": batch_id, "now": now})
+        batches.migrate()
+        with batches.engine.connect() as conn:
+            assert conn.scalar(sa.text(f"SELECT version_num FROM {prefix}alembic_version")) == head_revision()
+        assert batches.get_batch(batch_id).status == BatchStatus.STARTED
+        lease, runs, _ = batches.outbox.store.take_lapsed(10)
+        assert [m.id for m in runs] == [run_id] and runs[0].batch_id == batch_id
+    finally:
+        drop_schema(batches.engine, prefix)
+        batches.engine.dispose()
