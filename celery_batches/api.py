@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -13,12 +15,14 @@ import sqlalchemy as sa
 from celery import Celery, current_task
 
 from .aftercommit import caller_connection, on_commit
-from .builder import BatchBuilder, Message
+from .broker import probe_for
+from .builder import BatchBuilder
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
 from .models import Batch, BatchStatus, Continuation, JobRun, RunStatus
 from .outbox import CONTINUATION_HEADER, HEADER, Publisher
 from .settings import Settings
 from .store import Outbox, RunEvent, Store, build_tables, make_engine, migrate, refused_for_good, utcnow
+from .store.liveness import UNCLAIMED, Claim, Liveness
 from .store.outbox import OutboxStore
 from .worker import signals
 from .worker.bootstep import make_bootstep
@@ -75,6 +79,10 @@ class Batches:
         self.store = Store(self.engine, tables, self.settings.expires, lease)
         self.outbox = Publisher(app, OutboxStore(self.engine, tables, lease), self.store.apply_events,
                                 chunk=self.settings.publish_chunk)
+        # this worker process's incarnation: a restarted worker is a new node; pool processes inherit it
+        self.node = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.liveness = Liveness(self.engine, tables, self._claim_engine())
+        self.probe = probe_for(app, self.settings.probe_scan_limit)
         self._group_commit = GroupCommit(self._write_events, interval=self.settings.flush_interval,
                                          max_events=self.settings.flush_max,
                                          max_delay=self.settings.write_retry_max_delay,
@@ -83,6 +91,16 @@ class Batches:
         signals.connect(self)
         app.steps["worker"].add(make_bootstep(self))
         app.task(name="celery_batches.purge_expired", shared=False, ignore_result=True)(self.purge_expired)
+
+    def _claim_engine(self) -> sa.Engine:
+        """Claims (one per task start) commit without waiting for the disk on PostgreSQL: a claim
+        lost in a server crash leaves the run PENDING, which recovery handles like a lost message."""
+        if self.engine.dialect.name != "postgresql":
+            return self.engine
+        options = dict(self.settings.engine_options)
+        connect_args = dict(options.pop("connect_args", {}))
+        connect_args["options"] = f"{connect_args.get('options', '')} -c synchronous_commit=off".strip()
+        return make_engine(self.settings.database_url, {**options, "connect_args": connect_args})
 
     # -- schema ------------------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -198,25 +216,43 @@ class Batches:
         """Delete finished top-level batches past ``expires_at``, with their whole tree; returns batches deleted."""
         return self.store.purge_expired(utcnow())
 
-    def _delivery_verdict(self, run_id: str, continuation_of: str | None) -> str:
+    def _claim(self, run_id: str, retries: int) -> Claim | None:
+        """For the worker, as a member starts: mark its run RUNNING on this process (see Liveness.claim).
+        None if the registry cannot be reached: the member runs, its RUNNING goes through the group commit."""
+        node = f"{self.node}/{os.getpid()}"
+        try:
+            return self._read(lambda: self.liveness.claim(run_id, retries, node, utcnow()))
+        except sa.exc.DBAPIError:
+            log.error("celery_batches: cannot claim run %s in the registry; running it (its outcome is "
+                      "recorded when the registry answers again)", run_id, exc_info=True)
+            return None
+
+    def _claim_continuation(self, continuation_id: str) -> bool | None:
+        """For the worker, as a continuation starts: True if this delivery is its first, False if an
+        earlier one claimed it, None if it is no continuation of ours or the registry cannot be reached."""
+        token = str(uuid.uuid4())
+        try:
+            return self._read(lambda: self.liveness.claim_continuation(continuation_id, token))
+        except sa.exc.DBAPIError:
+            log.error("celery_batches: cannot claim continuation %s in the registry; running it",
+                      continuation_id, exc_info=True)
+            return None
+
+    def _delivery_verdict(self, run_id: str, continuation_of: str | None, claim: Any = UNCLAIMED) -> str:
         """For BatchTask, before a delivery runs: "run", "skip" (already finished: a redelivery or a
         republish of a finished run, or a continuation that already ran) or "cancel" (the run or its
         batch was cancelled). A registry that cannot be read says "run": failing the task would be worse."""
-        try:
-            if continuation_of is not None:
-                token = str(uuid.uuid4())
-                return "skip" if self._read(lambda: self.store.claim_continuation(run_id, token)) is False else "run"
-            state = self._read(lambda: self.store.member_state(run_id))
-        except sa.exc.DBAPIError:
-            log.error("celery_batches: cannot read run %s from the registry; running it (its outcome is "
-                      "recorded when the registry answers again)", run_id, exc_info=True)
-            return "run"
-        if state is None:
-            return "run"
-        run, batch = state
-        if run == RunStatus.CANCELLED or (batch == BatchStatus.CANCELLED and not run.is_final):
+        if continuation_of is not None:
+            claimed = self._claim_continuation(run_id) if claim is UNCLAIMED else claim
+            return "skip" if claimed is False else "run"
+        if claim is UNCLAIMED:
+            claim = self._claim(run_id, 0)
+        if claim is None or claim.run_status is None:
+            return "run"  # no registry to ask, or not a run of ours
+        if claim.run_status == RunStatus.CANCELLED or (
+                claim.batch_status == BatchStatus.CANCELLED and not claim.run_status.is_final):
             return "cancel"
-        return "skip" if run.is_final else "run"
+        return "run" if claim.claimed else "skip"  # finished, or running elsewhere
 
     def _read(self, read: Callable[[], _T], attempts: int = 4) -> _T:
         """Run a registry read, again if its connection died (a restarted or failed-over database,

@@ -42,6 +42,7 @@ class Message:
     options: str | None  # kombu JSON
     batch_id: str | None = None
     continuation_of: str | None = None  # a continuation: the batch whose finish fired it
+    retries: int = 0  # the attempt it starts (a run published again after its retry's message was lost)
 
     @property
     def queue(self) -> str | None:

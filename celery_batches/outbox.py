@@ -166,6 +166,8 @@ class Publisher:
             headers[HEADER] = m.batch_id
         if m.continuation_of:
             headers[CONTINUATION_HEADER] = m.continuation_of
+        if m.retries:
+            options["retries"] = m.retries
         self.app.send_task(m.task_name, kjson.loads(m.args), kjson.loads(m.kwargs), task_id=m.id,
                            producer=producer, headers=headers or None, **options)
 

@@ -59,6 +59,23 @@ class Settings:
     publish_chunk: int = 1000
     """Messages a publisher sends between two lease renewals and published-flag writes."""
 
+    heartbeat_interval: float = 5.0
+    """Seconds between two heartbeats of a worker node (its row in the registry, with its live pool pids)."""
+
+    node_timeout: float = 60.0
+    """Seconds without a heartbeat after which a node is gone: its open runs are resolved
+    (FAILED "worker lost" where Celery would not run them again, released where it would)."""
+
+    lost_after: float = 60.0
+    """Age, in seconds, after which a published run that no worker holds is looked for in the broker
+    (Redis); a run whose message is in no queue and no worker's hands at two looks is published again."""
+
+    recovery_batch: int = 500
+    """Runs one recovery step (gone nodes, dead pool processes, lost messages) handles per relay pass."""
+
+    probe_scan_limit: int = 50_000
+    """Messages per queue the lost-message search reads at most; a longer queue is not searched."""
+
     reconcile_grace: float = 60.0
     """Age, in seconds, after which an unfinished run is checked against the result backend."""
 
@@ -81,6 +98,10 @@ class Settings:
             object.__setattr__(self, "expires", timedelta(seconds=self.expires))
         if self.flush_interval < 0 or self.flush_max < 1:
             raise InvalidBatchError("flush_interval must be >= 0 and flush_max >= 1")
+        if min(self.heartbeat_interval, self.node_timeout, self.lost_after) <= 0 or self.recovery_batch < 1:
+            raise InvalidBatchError("heartbeat_interval, node_timeout and lost_after must be > 0, recovery_batch >= 1")
+        if self.node_timeout <= 2 * self.heartbeat_interval:
+            raise InvalidBatchError("node_timeout must be more than twice heartbeat_interval")
         if self.publish_lease <= 0 or self.publish_chunk < 1:
             raise InvalidBatchError("publish_lease must be > 0 and publish_chunk >= 1")
 

@@ -81,6 +81,25 @@ def fresh_database_url(services: None) -> Any:
         admin.dispose()
 
 
+@pytest.fixture
+def registry(services: None) -> Any:
+    """A Batches on a private prefix of the real PostgreSQL, publishing to the real Redis, no worker."""
+    from celery import Celery
+
+    from celery_batches import Batches
+    from celery_batches.store import drop_schema
+
+    app = Celery(f"private_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_BROKER_URL"], set_as_current=False)
+    batches = Batches(app, database_url=os.environ["TEST_DATABASE_URL"],
+                      table_prefix=f"cbt_ob_{uuid.uuid4().hex[:6]}_", relay_interval=0)
+    batches.migrate()
+    batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"  # consumed by no worker
+    yield batches
+    drop_schema(batches.engine, batches.settings.table_prefix)
+    batches.engine.dispose()
+    app.connection_for_write().default_channel.client.delete(batches.queue)
+
+
 def publish(app: Any, messages: list) -> list[str]:
     """Send stored messages as the outbox does (same task ids and headers), bypassing it and its flags:
     what a redelivery or a second publisher sends. Returns the ids sent."""

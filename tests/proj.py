@@ -36,6 +36,9 @@ batches = Batches(
     flush_max=int(env("TEST_FLUSH_MAX", "500")),
     relay_interval=float(env("TEST_RELAY_INTERVAL", "1")),
     publish_lease=float(env("TEST_PUBLISH_LEASE", "30")),
+    heartbeat_interval=float(env("TEST_HEARTBEAT_INTERVAL", "1")),
+    node_timeout=float(env("TEST_NODE_TIMEOUT", "10")),
+    lost_after=float(env("TEST_LOST_AFTER", "10")),
     reconcile_grace=float(env("TEST_RECONCILE_GRACE", "30")),
     # lets a fault test find (and kill) exactly this process's database connections
     engine_options={"connect_args": {"application_name": env("TEST_APPLICATION_NAME", "celery_batches_tests")}},
@@ -135,3 +138,17 @@ def record(key: str, *values: object) -> None:
 def record_once(key: str, *values: object) -> None:
     """A ``@batches.task`` continuation: counts its runs (a second delivery of it is skipped)."""
     r.incr(key)
+
+
+@batches.task(bind=True)
+def track(self, key: str, seconds: float = 0.0) -> None:
+    """Counts its starts per run (hash ``key``), then sleeps: tells a killed run from one run twice."""
+    r.hincrby(key, self.request.id)
+    time.sleep(seconds)
+
+
+@batches.task(bind=True, acks_late=True)
+def track_late(self, key: str, seconds: float = 0.0) -> None:
+    """``track`` with acks_late: Celery delivers it again if its worker dies while it runs."""
+    r.hincrby(key, self.request.id)
+    time.sleep(seconds)

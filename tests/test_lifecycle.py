@@ -363,11 +363,12 @@ def test_the_delivery_check_survives_a_registry_connection_killed_under_it(proj,
                                        {"p": killed[0]})
         eventually(gone, "the backend to exit", WAIT)
 
-    sa.event.listen(proj.batches.engine, "checkout", kill_once)
+    claims = proj.batches.liveness.claim_engine  # the check is the run's claim, on the claim connections
+    sa.event.listen(claims, "checkout", kill_once)
     try:
         assert proj.batches._delivery_verdict(run.id, None) == "cancel"
     finally:
-        sa.event.remove(proj.batches.engine, "checkout", kill_once)
+        sa.event.remove(claims, "checkout", kill_once)
         other.dispose()
     assert killed, "no connection was killed; nothing was tested"
 
@@ -380,7 +381,7 @@ def test_the_delivery_check_runs_the_member_when_the_registry_is_unreachable(cap
         assert unreachable._delivery_verdict(str(uuid.uuid4()), None) == "run"
     finally:
         unreachable.engine.dispose()
-    assert "cannot read run" in caplog.text
+    assert "cannot claim run" in caplog.text
 
 
 def test_a_running_member_whose_next_attempt_is_skipped_is_counted_cancelled(proj, worker, nowhere):

@@ -23,20 +23,6 @@ from tests.test_integration import WAIT, count, drain, tag
 HOUR = timedelta(hours=1)
 
 
-@pytest.fixture
-def registry(services):
-    """A Batches on a private prefix of the real PostgreSQL, publishing to the real Redis, no worker."""
-    app = Celery(f"outbox_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_BROKER_URL"], set_as_current=False)
-    batches = Batches(app, database_url=os.environ["TEST_DATABASE_URL"],
-                      table_prefix=f"cbt_ob_{uuid.uuid4().hex[:6]}_", relay_interval=0)
-    batches.migrate()
-    batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"  # consumed by no worker
-    yield batches
-    drop_schema(batches.engine, batches.settings.table_prefix)
-    batches.engine.dispose()
-    app.connection_for_write().default_channel.client.delete(batches.queue)
-
-
 def written_unpublished(batches, n=3, *, now=None, **options):
     """A batch committed by a producer that has not published yet (or died before it could)."""
     from celery_batches.builder import BatchBuilder

@@ -131,26 +131,13 @@ class OutboxStore:
             conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease))
             runs = conn.execute(sa.update(r).where(r.c.id.in_(run_ids)).values(publication_id=lease).returning(
                 r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.created_at,
-                r.c.position)).all() if run_ids else []
+                r.c.position, r.c.retries)).all() if run_ids else []
             conts = conn.execute(sa.update(c).where(c.c.id.in_(cont_ids)).values(publication_id=lease).returning(
                 c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.due_at)
             ).all() if cont_ids else []
         runs = sorted(runs, key=lambda row: (row.created_at, str(row.batch_id), row.position))
         conts = sorted(conts, key=lambda row: row.due_at)
         return lease, [run_message(row) for row in runs], [continuation_message(row) for row in conts]
-
-    def lease_runs(self, run_ids: Sequence[str]) -> tuple[str, list[Message]]:
-        """Publish these (waiting) runs again under a new lease: recovery found their message lost."""
-        r, p = self.t.runs, self.t.publications
-        lease, now = str(uuid.uuid4()), utcnow()
-        with self.engine.begin() as conn:
-            conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease))
-            rows = conn.execute(sa.update(r).where(r.c.id.in_(list(run_ids)),
-                                                   r.c.status.in_([int(RunStatus.PENDING), int(RunStatus.RETRYING)]))
-                                .values(publication_id=lease).returning(
-                r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position)).all()
-        rows = sorted(rows, key=lambda row: (str(row.batch_id), row.position))
-        return lease, [run_message(row) for row in rows]
 
     def prune(self, older_than: timedelta) -> int:
         """Delete leases that lapsed long ago (rows pointing to a missing lease count as lapsed)."""

@@ -13,7 +13,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import sqlalchemy as sa
 from kombu.utils import json as kjson
@@ -136,6 +136,8 @@ class RunEvent:
     error: str | None = None
     at: float = field(default_factory=time.time)  # when the signal fired (epoch seconds)
     started: float | None = None  # a final event's folded RUNNING time
+    node: str | None = None  # RUNNING: the ``<node>/<pid>`` running it (when its claim could not be written);
+    # RETRYING clears it: the retry is a new message, whoever holds it marks it
 
     def rank(self) -> tuple[int, int]:
         """Order of two progress events of one run: the later attempt, then RETRYING after RUNNING."""
@@ -317,9 +319,10 @@ class Store:
     #             become RETRYING but not back;
     #   final:    only the first final event of a run changes it (and only that one is counted).
     _PG_PROGRESS = """
-        UPDATE {runs} AS r SET status = v.status, retries = v.retries, started_at = coalesce(r.started_at, v.at)
+        UPDATE {runs} AS r SET status = v.status, retries = v.retries, started_at = coalesce(r.started_at, v.at),
+               node = CASE WHEN v.status = 2 THEN NULL ELSE coalesce(v.node, r.node) END
         FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
-                    CAST(:ats AS timestamptz[])) AS v(id, status, retries, at)
+                    CAST(:ats AS timestamptz[]), CAST(:nodes AS text[])) AS v(id, status, retries, at, node)
         WHERE r.id = v.id AND r.status < 3
           AND (r.retries < v.retries OR (r.retries = v.retries AND r.status <= 1))"""
     _PG_FINAL = """
@@ -338,6 +341,7 @@ class Store:
             conn.execute(sa.text(self._PG_PROGRESS.format(runs=runs)), {
                 "ids": [e.run_id for e in progress], "statuses": [int(e.status) for e in progress],
                 "retries": [e.retries for e in progress], "ats": [_ts(e.at) for e in progress],
+                "nodes": [e.node for e in progress],
             })
         if not final:
             return []
@@ -361,9 +365,11 @@ class Store:
                               sa.and_(r.c.retries == sa.bindparam("b_retries"),
                                       r.c.status <= int(RunStatus.RUNNING))))
                 .values(status=sa.bindparam("b_status"), retries=sa.bindparam("b_retries"),
-                        started_at=sa.func.coalesce(r.c.started_at, sa.bindparam("b_at"))),
-                [{"b_id": e.run_id, "b_status": int(e.status), "b_retries": e.retries, "b_at": _ts(e.at)}
-                 for e in progress],
+                        started_at=sa.func.coalesce(r.c.started_at, sa.bindparam("b_at")),
+                        node=sa.case((sa.bindparam("b_status") == int(RunStatus.RETRYING), None),
+                                     else_=sa.func.coalesce(sa.bindparam("b_node", type_=sa.String), r.c.node))),
+                [{"b_id": e.run_id, "b_status": int(e.status), "b_retries": e.retries, "b_at": _ts(e.at),
+                  "b_node": e.node} for e in progress],
             )
         counted = []
         for e in final:
@@ -534,27 +540,6 @@ class Store:
             self._bump(conn, deltas)
         return [row.id for row in runs], self._count(tx, outside)
 
-    def member_state(self, run_id: str) -> tuple[RunStatus, BatchStatus] | None:
-        """A run's status and its batch's, in one read: what a delivery of the run must do."""
-        r, b = self.t.runs, self.t.batches
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(r.c.status, b.c.status.label("batch_status"))
-                               .join(b, b.c.id == r.c.batch_id).where(r.c.id == run_id)).first()
-        return None if row is None else (RunStatus(row.status), BatchStatus(row.batch_status))
-
-    def claim_continuation(self, continuation_id: str, token: str) -> bool | None:
-        """The first delivery of a continuation claims it: True for that one, False for any later
-        delivery (a republish), None if no continuation row has that id. ``token`` is one per
-        delivery, so a repeat of the same claim (its commit went unanswered) finds it its own."""
-        c = self.t.continuations
-        with self.engine.begin() as conn:
-            claimed = conn.execute(sa.update(c).where(c.c.id == continuation_id,
-                                                      sa.or_(c.c.claimed_by.is_(None), c.c.claimed_by == token))
-                                   .values(started_at=utcnow(), claimed_by=token)).rowcount
-            if claimed:
-                return True
-            return False if conn.scalar(sa.select(c.c.id).where(c.c.id == continuation_id)) else None
-
     def batch_status(self, batch_id: str) -> BatchStatus | None:
         b = self.t.batches
         with self.engine.connect() as conn:
@@ -644,8 +629,9 @@ class Store:
 
 
 def run_message(row: sa.Row) -> Message:
-    """A run row as the message that publishes it."""
-    return Message(str(row.id), row.task_name, row.args, row.kwargs, row.options, str(row.batch_id))
+    """A run row as the message that publishes it: its next attempt is ``retries`` (0 for a new run)."""
+    return Message(str(row.id), row.task_name, row.args, row.kwargs, row.options, str(row.batch_id),
+                   retries=getattr(row, "retries", 0) or 0)
 
 
 def continuation_message(row: sa.Row) -> Message:

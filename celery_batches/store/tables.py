@@ -21,6 +21,7 @@ class Tables:
     continuations: sa.Table
     publications: sa.Table
     leases: sa.Table
+    nodes: sa.Table
     prefix: str
 
 
@@ -71,6 +72,8 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("published", sa.Boolean, nullable=False, default=False),
         # who publishes this run, and until when (a row of `publications`): the relay waits for it to lapse
         sa.Column("publication_id", UUID, nullable=True),
+        # the worker node holding (``<node>``) or running (``<node>/<pid>``) this run, while it is open
+        sa.Column("node", sa.String(255), nullable=True),
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # the outbox and the reconciler only look at the few rows that are not done yet
         sa.Index(
@@ -78,6 +81,12 @@ def build_tables(prefix: str) -> Tables:
             "created_at",
             postgresql_where=sa.text("NOT published"),
             sqlite_where=sa.text("NOT published"),
+        ),
+        sa.Index(
+            f"ix_{prefix}runs_node",
+            "node",
+            postgresql_where=sa.text("status < 3"),
+            sqlite_where=sa.text("status < 3"),
         ),
         sa.Index(
             f"ix_{prefix}runs_open",
@@ -137,4 +146,13 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("holder", sa.String(255), nullable=False),
         sa.Column("expires_at", TIMESTAMP, nullable=False),
     )
-    return Tables(md, batches, runs, batch_jobs, continuations, publications, leases, prefix)
+    # One row per live worker node (a worker process incarnation): its heartbeat and live pool pids.
+    nodes = sa.Table(
+        f"{prefix}nodes",
+        md,
+        sa.Column("name", sa.String(255), primary_key=True),
+        sa.Column("started_at", TIMESTAMP, nullable=False),
+        sa.Column("heartbeat_at", TIMESTAMP, nullable=False),
+        sa.Column("pids", sa.Text, nullable=True),
+    )
+    return Tables(md, batches, runs, batch_jobs, continuations, publications, leases, nodes, prefix)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
+from .heartbeat import Heartbeat
 from .relay import Relay
 
 if TYPE_CHECKING:
@@ -23,8 +24,12 @@ def make_bootstep(batches: "Batches") -> type[bootsteps.StartStopStep]:
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
             self.maintenance = Relay(batches)
+            self.heartbeat = Heartbeat(batches.liveness, batches.node, batches.settings.heartbeat_interval, parent)
 
         def start(self, parent: Any) -> None:
+            # The heartbeat goes on until the process exits: on a warm shutdown the pool finishes
+            # its tasks after this step stopped, and the node must not look gone meanwhile.
+            self.heartbeat.start()
             self.maintenance.start()
 
         def stop(self, parent: Any) -> None:

@@ -4,6 +4,8 @@
   died between commit and publish, the broker was down, a flag could not be written) are
   published under a lease of the relay's own (:mod:`celery_batches.outbox`). The task id is the
   run id, so a republish can never make a second distinct job.
+* Recovery (:mod:`.recovery`): runs a gone node or a dead pool process left open, and published
+  runs whose message the broker lost, are resolved.
 * Reconciler: runs with no final state after ``reconcile_grace`` seconds are checked against the
   result backend (SUCCESS, FAILURE, REVOKED) — a worker process killed before its group commit, a
   write that kept failing; with ``run_timeout`` set, a run older than that with no outcome
@@ -24,11 +26,11 @@ import uuid
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from celery import states
 from celery.backends.base import DisabledBackend
 
 from ..models import RunStatus
 from ..store import RunEvent, utcnow
+from .recovery import Recovery, backend_outcome
 
 if TYPE_CHECKING:
     from ..api import Batches
@@ -38,8 +40,10 @@ __all__ = ["Relay"]
 log = logging.getLogger(__name__)
 #: runs and continuations one relay step takes over; open runs one reconciler step reads
 BATCH = 500
-#: seconds a relay pass holds its lease: a node that dies mid-pass blocks the others this long at most
-PASS_TTL = 120.0
+#: seconds a relay pass holds its lease, renewed between its steps: a node that dies mid-pass blocks
+#: the others this long at most (two passes overlapping after a longer step do no harm: each step's
+#: writes are conditional, and what the relay publishes it holds under a publish lease first)
+PASS_TTL = 30.0
 
 
 class Relay:
@@ -48,6 +52,8 @@ class Relay:
         self.settings = batches.settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._cursor: tuple[datetime, str] | None = None
+        self.recovery = Recovery(batches.app, self.settings, batches.liveness, batches.probe, batches.outbox,
+                                 batches._write_events, me=batches.node)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -76,10 +82,15 @@ class Relay:
         leases = self.batches.outbox.store
         if not leases.elect("relay", self.holder, timedelta(seconds=PASS_TTL)):
             return {}
+        ttl = timedelta(seconds=PASS_TTL)
         try:
             report = self.batches.outbox.relay(BATCH)
             done = {"runs_published": report.runs, "continuations_published": report.continuations,
-                    "refused": report.refused, "runs_reconciled": self._reconcile(utcnow())}
+                    "refused": report.refused}
+            leases.elect("relay", self.holder, ttl)
+            done.update(self.recovery.run_once())
+            leases.elect("relay", self.holder, ttl)
+            done["runs_reconciled"] = self._reconcile(utcnow())
             leases.prune(timedelta(hours=1))
         finally:  # the next pass is anyone's (a node that dies mid-pass loses the lease after PASS_TTL)
             leases.resign("relay", self.holder)
@@ -93,20 +104,14 @@ class Relay:
         self._cursor = (stale[-1][2], stale[-1][0]) if len(stale) == BATCH else None  # wrap around at the end
         if not stale:
             return 0
-        backend = b.app.backend
+        if isinstance(b.app.backend, DisabledBackend) and self.settings.run_timeout is None:
+            return 0
         timeout = self.settings.run_timeout
         events: list[RunEvent] = []
         for run_id, since, _created in stale:
-            state, result = None, None
-            if not isinstance(backend, DisabledBackend):
-                meta = backend.get_task_meta(run_id)
-                state, result = meta.get("status"), meta.get("result")
-            if state == states.SUCCESS:
-                events.append(RunEvent(run_id, RunStatus.COMPLETED))
-            elif state == states.FAILURE:
-                events.append(RunEvent(run_id, RunStatus.FAILED, 0, f"{type(result).__name__}: {result}"))
-            elif state == states.REVOKED:
-                events.append(RunEvent(run_id, RunStatus.CANCELLED, 0, "revoked"))
+            event = backend_outcome(b.app, run_id)
+            if event is not None:
+                events.append(event)
             elif timeout is not None and since < now - timedelta(seconds=timeout):
                 events.append(RunEvent(run_id, RunStatus.FAILED, 0, f"no outcome recorded within {timeout}s"))
         if events:

@@ -11,12 +11,13 @@ their own app. Fork safety needs no signal: the engine and the group commit noti
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
 from ..models import RunStatus
-from ..outbox import HEADER
+from ..outbox import CONTINUATION_HEADER, HEADER
 from ..store import RunEvent
 
 if TYPE_CHECKING:
@@ -42,8 +43,18 @@ def connect(batches: "Batches") -> None:
 
     def on_prerun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
         request, batch_id = member(sender)
+        if request is not None and not batch_id and getattr(request, CONTINUATION_HEADER, None):
+            # a continuation notes its first start (recovery's lost-message search needs to know it ran)
+            request.celery_batches_claim = batches._claim_continuation(task_id or request.id)
+            return
         if batch_id:
-            add(RunEvent(task_id or request.id, RunStatus.RUNNING, request.retries or 0))
+            # synchronous: the run names this process before its body runs, so if the process dies
+            # (with whatever it had buffered) recovery knows the run was executing here
+            claim = batches._claim(task_id or request.id, request.retries or 0)
+            request.celery_batches_claim = claim
+            if claim is None:
+                add(RunEvent(task_id or request.id, RunStatus.RUNNING, request.retries or 0,
+                             node=f"{batches.node}/{os.getpid()}"))
 
     def on_success(sender: Any = None, **_: Any) -> None:
         request, batch_id = member(sender)

@@ -10,6 +10,7 @@ from celery.exceptions import Ignore
 from ..models import RunStatus
 from ..outbox import CONTINUATION_HEADER, HEADER
 from ..store import RunEvent
+from ..store.liveness import UNCLAIMED
 
 if TYPE_CHECKING:
     from ..api import Batches
@@ -35,7 +36,8 @@ class BatchTask(Task):
         continuation_of = getattr(request, CONTINUATION_HEADER, None)
         if batches is None or not (batch_id or continuation_of):
             return
-        verdict = batches._delivery_verdict(task_id, None if batch_id else continuation_of)
+        claim = getattr(request, "celery_batches_claim", UNCLAIMED)  # made by the task_prerun handler
+        verdict = batches._delivery_verdict(task_id, None if batch_id else continuation_of, claim)
         if verdict == "run":
             return
         if verdict == "cancel":

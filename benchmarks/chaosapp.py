@@ -1,0 +1,114 @@
+"""The Celery app of the chaos soak (``benchmarks/chaos.py``): its workers, producers and checker import it.
+
+Everything comes from environment variables chaos.py sets, so every process sees the same run:
+``CHAOS_BROKER_URL`` (the private Redis the soak restarts), ``CHAOS_COUNTER_URL`` (the shared Redis
+that keeps the execution counts across those restarts), ``CHAOS_DATABASE_URL``, ``CHAOS_PREFIX``
+(table prefix), ``CHAOS_KEYS`` (counter key prefix) and ``CHAOS_APP_NAME`` (the PostgreSQL
+``application_name`` the fault loop uses to find this process's connections).
+
+Celery's reliability settings stay at their defaults on purpose (no global acks_late, no result
+backend, the default visibility timeout): the product must cope with them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery, Task, signals
+
+from celery_batches import Batches
+
+env = os.environ.get
+MAX_RETRIES = 3
+#: tasks Celery itself may run again after a kill (their message is acknowledged only at the end)
+ACKS_LATE_TASKS = frozenset({"chaos.work_late"})
+
+app = Celery("chaosapp", broker=env("CHAOS_BROKER_URL", "redis://127.0.0.1:6390/0"), backend=None)
+app.conf.update(task_default_queue=env("CHAOS_QUEUE", "chaos"), broker_connection_retry_on_startup=True)
+# Recovery speed. Set through app.conf, where a setting this version does not know yet is ignored
+# (an unknown keyword argument to Batches would raise).
+app.conf.update(batches_relay_interval=1, batches_publish_lease=5, batches_heartbeat_interval=1,
+                batches_node_timeout=10, batches_lost_after=10, batches_flush_interval=0.05)
+batches = Batches(
+    app,
+    database_url=env("CHAOS_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    table_prefix=env("CHAOS_PREFIX", "cbchaos_"),
+    engine_options={"connect_args": {"application_name": env("CHAOS_APP_NAME", "cbchaos")}},
+)
+counters = redis.Redis.from_url(env("CHAOS_COUNTER_URL", "redis://127.0.0.1:6379/11"))
+KEYS = env("CHAOS_KEYS", "cbchaos")
+STARTS, ENDS, CONTINUATIONS = f"{KEYS}:starts", f"{KEYS}:ends", f"{KEYS}:continuations"
+PUBLISHED, PUBLOG = f"{KEYS}:published", f"{KEYS}:publog"
+
+
+@signals.after_task_publish.connect(weak=False, dispatch_uid="chaos-publish-spy")
+def count_publish(sender: str | None = None, headers: dict | None = None, **_: object) -> None:
+    """Count every message that reached the broker per (task id, attempt), and note who sent it:
+    tells a message lost in the broker or a killed worker from one never published, and names
+    both publishers of a job that ran twice."""
+    if not headers or sender == "chaos.sentinel":
+        return
+    field = f"{headers.get('id')}:{headers.get('retries') or 0}"
+    pipe = counters.pipeline(transaction=False)
+    pipe.hincrby(PUBLISHED, field)
+    now = time.time()
+    pipe.rpush(PUBLOG, f"{field} {env('CHAOS_APP_NAME', '?')} pid {os.getpid()} at "
+                       f"{time.strftime('%H:%M:%S', time.localtime(now))}.{int(now % 1 * 1000):03d}")
+    pipe.execute()
+
+
+class ChaosFailure(Exception):
+    """A member that fails on purpose (the producer decided so)."""
+
+
+def _execute(task: Task, spec: dict) -> str:
+    """The body every member shares. ``spec`` (chosen by the producer) fixes the outcome:
+    retry ``retries`` times, then fail if ``fail``, else succeed. ``retries`` above MAX_RETRIES
+    exhausts them (a FAILED run)."""
+    attempt = task.request.retries or 0
+    field = f"{task.request.id}:{attempt}"
+    counters.hincrby(STARTS, field)  # first thing: every start counts, even one killed a moment later
+    if spec.get("sleep"):
+        time.sleep(spec["sleep"])
+    counters.hincrby(ENDS, field)
+    if attempt < spec.get("retries", 0):
+        raise task.retry(countdown=spec.get("countdown", 0), exc=ChaosFailure(f"retry after attempt {attempt}"))
+    if spec.get("fail"):
+        raise ChaosFailure("fails on purpose")
+    return "ok"
+
+
+@batches.task(name="chaos.work", bind=True, max_retries=MAX_RETRIES)
+def work(self: Task, spec: dict) -> str:
+    return _execute(self, spec)
+
+
+@batches.task(name="chaos.work_late", bind=True, max_retries=MAX_RETRIES, acks_late=True)
+def work_late(self: Task, spec: dict) -> str:
+    return _execute(self, spec)
+
+
+@app.task(name="chaos.plain_work", bind=True, max_retries=MAX_RETRIES)
+def plain_work(self: Task, spec: dict) -> str:
+    """A plain ``@app.task`` member: no cancel-skip."""
+    return _execute(self, spec)
+
+
+@app.task(name="chaos.continuation", bind=True)
+def continuation(self: Task, kind: str) -> None:
+    """Counts its executions by task id, which is the continuation row's id."""
+    counters.hincrby(CONTINUATIONS, self.request.id)
+
+
+@batches.task(name="chaos.continuation_member", bind=True)
+def continuation_member(self: Task, kind: str) -> None:
+    """The same as a ``@batches.task``."""
+    counters.hincrby(CONTINUATIONS, self.request.id)
+
+
+@app.task(name="chaos.sentinel")
+def sentinel(key: str) -> None:
+    """Sent behind everything else to drain the queue before the final check."""
+    counters.incr(key)

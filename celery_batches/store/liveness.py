@@ -1,0 +1,204 @@
+"""Worker liveness in the registry: node heartbeats, run claims, and what a dead node left open.
+
+A worker node (one ``celery worker`` process, one *incarnation*: a restarted worker is a new node)
+heartbeats a row with the pids of its live pool processes, and marks the runs whose messages it
+holds but has not started (prefetched, or waiting for an ETA). A pool process claims a run when
+it starts it, synchronously, writing ``<node>/<pid>`` into the run: so a run that was executing
+when its process or node died is known, even if every transition buffered there was lost.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Sequence
+
+import sqlalchemy as sa
+
+from ..models import BatchStatus, ContinuationStatus, RunStatus
+from .store import as_utc, run_message, utcnow
+from .tables import Tables
+
+__all__ = ["UNCLAIMED", "Claim", "Liveness"]
+
+#: what a worker's request carries when its task_prerun handler made no claim for it
+UNCLAIMED = object()
+
+_OPEN = (int(RunStatus.PENDING), int(RunStatus.RUNNING), int(RunStatus.RETRYING))
+_WAITING = (int(RunStatus.PENDING), int(RunStatus.RETRYING))
+
+
+class Claim:
+    """What a claim found: the run was open and is now RUNNING here (``claimed``), and its batch's status."""
+
+    __slots__ = ("claimed", "run_status", "batch_status")
+
+    def __init__(self, claimed: bool, run_status: RunStatus | None, batch_status: BatchStatus | None) -> None:
+        self.claimed, self.run_status, self.batch_status = claimed, run_status, batch_status
+
+
+class Liveness:
+    def __init__(self, engine: sa.Engine, tables: Tables, claim_engine: sa.Engine | None = None) -> None:
+        self.engine = engine
+        self.claim_engine = claim_engine or engine
+        self.t = tables
+
+    # -- a pool process starting a run ----------------------------------------------------------------
+    def claim(self, run_id: str, retries: int, node: str, at: datetime) -> Claim:
+        """Mark the run RUNNING on ``node`` before its body runs, in one statement; say what it found.
+
+        Nothing changes for a final run (a redelivery of finished work) or one running elsewhere:
+        the caller skips it.
+        """
+        r, b = self.t.runs, self.t.batches
+        batch_status = sa.select(b.c.status).where(b.c.id == r.c.batch_id).scalar_subquery()
+        # Claimable: waiting (PENDING, RETRYING), or RUNNING in an earlier attempt (a retry's message
+        # can arrive before the RETRYING transition is committed), or RUNNING here already (this
+        # claim repeated after its commit went unanswered). A second delivery of a run RUNNING
+        # elsewhere is not claimed: a republish never makes it run twice at once.
+        claimable = sa.or_(r.c.status.in_(_WAITING),
+                           sa.and_(r.c.status == int(RunStatus.RUNNING),
+                                   sa.or_(r.c.retries < retries, r.c.node == node)))
+        with self.claim_engine.begin() as conn:
+            row = conn.execute(
+                sa.update(r).where(r.c.id == run_id, claimable)
+                .values(status=int(RunStatus.RUNNING), node=node,
+                        retries=sa.case((r.c.retries > retries, r.c.retries), else_=retries),
+                        started_at=sa.func.coalesce(r.c.started_at, at))
+                .returning(batch_status.label("batch_status"))
+            ).first()
+            if row is not None:
+                return Claim(True, RunStatus.RUNNING, BatchStatus(row.batch_status))
+            found = conn.execute(sa.select(r.c.status, batch_status.label("batch_status"))
+                                 .where(r.c.id == run_id)).first()
+        if found is None:
+            return Claim(False, None, None)
+        return Claim(False, RunStatus(found.status), BatchStatus(found.batch_status))
+
+    def claim_continuation(self, continuation_id: str, token: str) -> bool | None:
+        """The first delivery of a continuation claims it: True for that one, False for any later
+        delivery (a republish), None if no continuation row has that id. ``token`` is one per
+        delivery, so a repeat of the same claim (its commit went unanswered) finds it its own."""
+        c = self.t.continuations
+        with self.claim_engine.begin() as conn:
+            claimed = conn.execute(sa.update(c).where(c.c.id == continuation_id,
+                                                      sa.or_(c.c.claimed_by.is_(None), c.c.claimed_by == token))
+                                   .values(started_at=utcnow(), claimed_by=token)).rowcount
+            if claimed:
+                return True
+            return False if conn.scalar(sa.select(c.c.id).where(c.c.id == continuation_id)) else None
+
+    # -- a node's heartbeat -----------------------------------------------------------------------------
+    def beat(self, node: str, pids: Sequence[int], held: Sequence[str]) -> None:
+        """Refresh the node's row (and its live pool pids); mark the runs it holds but has not started."""
+        n, r, now = self.t.nodes, self.t.runs, utcnow()
+        pid_text = ",".join(str(p) for p in sorted(pids))
+        with self.engine.begin() as conn:
+            updated = conn.execute(sa.update(n).where(n.c.name == node)
+                                   .values(heartbeat_at=now, pids=pid_text)).rowcount
+            if not updated:
+                conn.execute(sa.insert(n).values(name=node, started_at=now, heartbeat_at=now, pids=pid_text))
+            if held:
+                conn.execute(sa.update(r).where(r.c.id.in_(list(held)), r.c.status.in_(_WAITING),
+                                                sa.or_(r.c.node.is_(None), r.c.node != node))
+                             .values(node=node))
+
+    def nodes(self) -> dict[str, tuple[datetime, set[int]]]:
+        """Every node row: its last heartbeat and live pool pids."""
+        n = self.t.nodes
+        with self.engine.connect() as conn:
+            return {row.name: (as_utc(row.heartbeat_at), {int(p) for p in (row.pids or "").split(",") if p})
+                    for row in conn.execute(sa.select(n))}
+
+    def forget(self, node: str) -> None:
+        n = self.t.nodes
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(n).where(n.c.name == node))
+
+    # -- what a dead node or process left ---------------------------------------------------------------
+    def left_by(self, node: str, *, pid: int | None = None, started_before: datetime | None = None,
+                limit: int = 500) -> list[sa.Row]:
+        """Open runs that name ``node`` (with ``pid``: only those that pool process claimed)."""
+        r = self.t.runs
+        where = [r.c.status.in_(_OPEN)]
+        if pid is None:
+            where.append(sa.or_(r.c.node == node, r.c.node.like(f"{node}/%")))
+        else:
+            where.append(r.c.node == f"{node}/{pid}")
+        if started_before is not None:
+            where.append(r.c.started_at < started_before)
+        q = sa.select(r.c.id, r.c.status, r.c.node, r.c.task_name, r.c.args, r.c.kwargs, r.c.options,
+                      r.c.batch_id, r.c.position, r.c.queue).where(*where).limit(limit)
+        with self.engine.connect() as conn:
+            return list(conn.execute(q))
+
+    def claimed_by_dead_processes(self, node: str, live: set[int], before: datetime, limit: int = 500) -> list[sa.Row]:
+        """RUNNING runs claimed by a pool process of ``node`` that is not among its live pids
+        (claimed before the heartbeat that reported them, so a newly forked process is not mistaken)."""
+        r = self.t.runs
+        q = (sa.select(r.c.id, r.c.status, r.c.node, r.c.task_name, r.c.args, r.c.kwargs, r.c.options,
+                       r.c.batch_id, r.c.position, r.c.queue)
+             .where(r.c.status == int(RunStatus.RUNNING), r.c.node.like(f"{node}/%"), r.c.started_at < before)
+             .limit(limit))
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(q))
+        return [row for row in rows if int(row.node.rsplit("/", 1)[1]) not in live]
+
+    def release(self, run_ids: Sequence[str], *, unpublish: bool = False) -> int:
+        """Open runs whose holder is gone and that Celery would deliver again: PENDING, no node.
+        With ``unpublish`` (their message is lost) they wait in the outbox: the relay publishes them."""
+        r = self.t.runs
+        if not run_ids:
+            return 0
+        # a RETRYING run's lost message was its next attempt: the run is published again as that attempt
+        values: dict = {"status": int(RunStatus.PENDING), "node": None,
+                        "retries": sa.case((r.c.status == int(RunStatus.RETRYING), r.c.retries + 1),
+                                           else_=r.c.retries)}
+        if unpublish:
+            values.update(published=False, publication_id=None)
+        with self.engine.begin() as conn:
+            return conn.execute(sa.update(r).where(r.c.id.in_(list(run_ids)), r.c.status.in_(_OPEN))
+                                .values(**values)).rowcount
+
+    def unstarted_continuations(self, older_than: datetime, limit: int) -> list[sa.Row]:
+        """Continuations published before ``older_than`` that no delivery has claimed yet."""
+        c = self.t.continuations
+        q = (sa.select(c.c.id, c.c.task_name, c.c.options)
+             .where(c.c.status == int(ContinuationStatus.DISPATCHED), c.c.claimed_by.is_(None),
+                    c.c.dispatched_at < older_than)
+             .order_by(c.c.dispatched_at).limit(limit))
+        with self.engine.connect() as conn:
+            return list(conn.execute(q))
+
+    def redue(self, continuation_ids: Sequence[str]) -> int:
+        """Continuations whose message is lost go back to the outbox (DUE, no lease): the relay publishes them."""
+        c = self.t.continuations
+        if not continuation_ids:
+            return 0
+        with self.engine.begin() as conn:
+            return conn.execute(sa.update(c).where(c.c.id.in_(list(continuation_ids)),
+                                                   c.c.status == int(ContinuationStatus.DISPATCHED),
+                                                   c.c.claimed_by.is_(None))
+                                .values(status=int(ContinuationStatus.DUE), publication_id=None)).rowcount
+
+    def unheld(self, older_than: datetime, limit: int, after: tuple[datetime, str] | None) -> list[sa.Row]:
+        """Published runs of STARTED batches that no node holds or runs, created before ``older_than``:
+        the candidates for a lost message, in ``(created_at, id)`` order after the cursor."""
+        r, b = self.t.runs, self.t.batches
+        q = (sa.select(r.c.id, r.c.status, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id,
+                       r.c.position, r.c.queue, r.c.created_at)
+             .join(b, b.c.id == r.c.batch_id)
+             .where(r.c.status.in_(_WAITING), r.c.node.is_(None), r.c.created_at < older_than,
+                    sa.or_(r.c.published, r.c.status == int(RunStatus.RETRYING)),
+                    b.c.status == int(BatchStatus.STARTED))
+             .order_by(r.c.created_at, r.c.id).limit(limit))
+        if after is not None:
+            q = q.where(sa.or_(r.c.created_at > after[0], sa.and_(r.c.created_at == after[0], r.c.id > after[1])))
+        with self.engine.connect() as conn:
+            return list(conn.execute(q))
+
+    @staticmethod
+    def messages(rows: Sequence[sa.Row]) -> list:
+        return [run_message(row) for row in sorted(rows, key=lambda row: (str(row.batch_id), row.position))]
+
+    def now(self) -> datetime:
+        return utcnow()

@@ -1,0 +1,233 @@
+"""Recovery: every run reaches a final state, whatever a worker or the broker lost.
+
+Runs in the relay pass (one node at a time). Three steps, each bounded per pass:
+
+1. **Gone nodes.** A node whose heartbeat this process has not seen change for ``node_timeout``
+   seconds is gone (measured on this process's own clock, so clock skew and a registry outage
+   that stopped every heartbeat at once do not count). Its RUNNING runs end as Celery would end
+   them: FAILED "worker lost", unless the task is ``acks_late`` (Celery redelivers those): then,
+   like the runs it held but had not started, the run is released — its message put back at the
+   head of its queue if the broker still holds it for the dead consumer (Redis), else left to the
+   lost-message search below (or to the broker: RabbitMQ returns a dead consumer's messages).
+2. **Dead pool processes** of a live node: runs they had claimed and not finished end FAILED
+   "worker lost" (the process died: a hard time limit, an OOM kill), even where Celery's own
+   report of it was lost, or where the outcome was buffered in the process when it died.
+3. **Lost messages** (Redis): published runs that no live node holds or runs, older than
+   ``lost_after`` seconds, are looked for in the broker. A message in no queue and no consumer's
+   hands at two looks some seconds apart (a message in flight between two places is seen at one of
+   them) is published again under a new lease (same task id). One held unacknowledged that no live
+   node has marked as its own for as long (its consumer died) is put back at the head of its queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Sequence
+
+from celery import states
+from celery.backends.base import DisabledBackend
+from kombu.utils import json as kjson
+
+from ..broker import Probe, Snapshot
+from ..models import RunStatus
+from ..store import RunEvent, utcnow
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from ..outbox import Publisher
+    from ..settings import Settings
+    from ..store.liveness import Liveness
+
+__all__ = ["Recovery", "backend_outcome"]
+
+log = logging.getLogger(__name__)
+
+
+def backend_outcome(app: "Celery", run_id: str) -> RunEvent | None:
+    """The run's outcome as the app's result backend recorded it (SUCCESS, FAILURE, REVOKED), if any."""
+    backend = app.backend
+    if isinstance(backend, DisabledBackend):
+        return None
+    meta = backend.get_task_meta(run_id)
+    state, result = meta.get("status"), meta.get("result")
+    if state == states.SUCCESS:
+        return RunEvent(run_id, RunStatus.COMPLETED)
+    if state == states.FAILURE:
+        return RunEvent(run_id, RunStatus.FAILED, 0, f"{type(result).__name__}: {result}")
+    if state == states.REVOKED:
+        return RunEvent(run_id, RunStatus.CANCELLED, 0, "revoked")
+    return None
+
+
+class Recovery:
+    def __init__(self, app: "Celery", settings: "Settings", liveness: "Liveness", probe: Probe,
+                 publisher: "Publisher", record: Any, me: str) -> None:
+        self.app = app
+        self.settings = settings
+        self.liveness = liveness
+        self.probe = probe
+        self.publisher = publisher
+        self.record = record  # commit RunEvents and publish what they made due
+        self.me = me
+        self._seen: dict[str, tuple[object, float]] = {}  # node -> (last heartbeat value, when it changed)
+        self._absent: dict[str, tuple[str, float]] = {}  # run id -> ("held" | "absent", since when)
+        self._cursor: tuple[Any, str] | None = None
+
+    def run_once(self) -> dict[str, int]:
+        done = {"runs_worker_lost": 0, "runs_released": 0, "messages_restored": 0, "runs_republished": 0,
+                "continuations_republished": 0}
+        nodes = self.liveness.nodes()
+        now = time.monotonic()
+        for name, (beat, _pids) in nodes.items():
+            if self._seen.get(name, (None,))[0] != beat:
+                self._seen[name] = (beat, now)
+        for name in list(self._seen):
+            if name not in nodes:
+                del self._seen[name]
+        for name, (beat, pids) in nodes.items():
+            if name != self.me and now - self._seen[name][1] > self.settings.node_timeout:
+                self._resolve_gone(name, done)
+            else:
+                self._resolve_dead_processes(name, beat, pids, done)
+        if self.probe.knows:
+            self._search_lost(done)
+            self._search_lost_continuations(done)
+        return done
+
+    # -- 1. gone nodes ------------------------------------------------------------------------------
+    def _resolve_gone(self, node: str, done: dict[str, int]) -> None:
+        rows = self.liveness.left_by(node, limit=self.settings.recovery_batch)
+        running = [row for row in rows if row.status == int(RunStatus.RUNNING)]
+        lost = [row for row in running if not self._redelivered_by_celery(row.task_name)]
+        held = [row for row in rows if row not in lost]
+        self._fail(lost, f"worker lost: node {node} stopped heartbeating while this run was running", done)
+        if held:
+            done["messages_restored"] += self._restore(held)
+            done["runs_released"] += self.liveness.release([str(row.id) for row in held])
+        if len(rows) < self.settings.recovery_batch:
+            log.warning("celery_batches: node %s is gone (no heartbeat for %ss); resolved %d open run(s)",
+                        node, self.settings.node_timeout, len(rows))
+            self.liveness.forget(node)
+            self._seen.pop(node, None)
+
+    def _redelivered_by_celery(self, task_name: str) -> bool:
+        """Would Celery deliver this task's message again after its worker died? Only ``acks_late``."""
+        task = self.app.tasks.get(task_name)
+        return bool(task.acks_late if task is not None else self.app.conf.task_acks_late)
+
+    def _restore(self, rows: Sequence[Any]) -> int:
+        if not self.probe.knows:
+            return 0
+        snap = self.probe.look(self._queues(rows))
+        tags = [snap.held[str(row.id)] for row in rows if str(row.id) in snap.held]
+        return self.probe.restore(tags) if tags else 0
+
+    # -- 2. dead pool processes ---------------------------------------------------------------------
+    def _resolve_dead_processes(self, node: str, beat: Any, pids: set[int], done: dict[str, int]) -> None:
+        if not pids or beat is None:
+            return
+        rows = self.liveness.claimed_by_dead_processes(node, pids, beat - timedelta(seconds=1),
+                                                       limit=self.settings.recovery_batch)
+        self._fail(rows, f"worker lost: its pool process on node {node} died while running it "
+                         "(an outcome it had not yet recorded was lost with it)", done)
+
+    def _fail(self, rows: Sequence[Any], error: str, done: dict[str, int]) -> None:
+        """End runs whose process died: with the outcome the result backend kept, if the app has one
+        and it kept one; FAILED with ``error`` otherwise."""
+        if rows:
+            self.record([backend_outcome(self.app, str(row.id)) or RunEvent(str(row.id), RunStatus.FAILED, 0, error)
+                         for row in rows])
+            done["runs_worker_lost"] += len(rows)
+
+    # -- 3. lost messages ---------------------------------------------------------------------------
+    def _search_lost(self, done: dict[str, int]) -> None:
+        limit = self.settings.recovery_batch
+        window = self.liveness.unheld(utcnow() - timedelta(seconds=self.settings.lost_after), limit, self._cursor)
+        if not window:
+            self._cursor = None
+            return
+        try:
+            self._look(window, done)
+        finally:
+            # the cursor holds this window until every run missing from it had its second look
+            if not any(str(row.id) in self._absent for row in window):
+                self._cursor = (window[-1].created_at, str(window[-1].id)) if len(window) == limit else None
+
+    def _look(self, rows: Sequence[Any], done: dict[str, int]) -> None:
+        limit = self.settings.recovery_batch
+        rows = [row for row in rows if self._queue_of(row)]
+        snap: Snapshot = self.probe.look(self._queues(rows))
+        if not snap.complete:
+            return  # a queue longer than the scan limit: a missing id proves nothing
+        now, confirm = time.monotonic(), self._confirm()
+        lost, orphaned = [], []
+        for row in rows:
+            run_id = str(row.id)
+            state = "held" if run_id in snap.held else "queued" if run_id in snap.queued else "absent"
+            if state == "queued":
+                self._absent.pop(run_id, None)
+                continue
+            seen = self._absent.get(run_id)
+            if seen is None or seen[0] != state:
+                self._absent[run_id] = (state, now)
+            elif now - seen[1] >= confirm:
+                (orphaned if state == "held" else lost).append(row)
+                del self._absent[run_id]
+        if orphaned:  # unacknowledged, and no live node says it holds it: its consumer died
+            done["messages_restored"] += self.probe.restore([snap.held[str(row.id)] for row in orphaned])
+        if lost:  # back to the outbox: the relay publishes them (same task ids)
+            log.warning("celery_batches: %d run(s) published long ago are in no queue and held by no worker; "
+                        "publishing them again", len(lost))
+            done["runs_republished"] += self.liveness.release([str(row.id) for row in lost], unpublish=True)
+        if len(self._absent) > 100 * limit:  # runs that finished meanwhile never come back to clear theirs
+            self._absent.clear()
+
+    def _search_lost_continuations(self, done: dict[str, int]) -> None:
+        """Continuations published long ago that never started, whose message is missing at two looks,
+        go back to the outbox (a plain task continuation claims its row as it starts, like any other)."""
+        rows = self.liveness.unstarted_continuations(utcnow() - timedelta(seconds=self.settings.lost_after),
+                                                     self.settings.recovery_batch)
+        rows = [row for row in rows if self._queue_of(row)]
+        if not rows:
+            return
+        snap = self.probe.look(self._queues(rows))
+        if not snap.complete:
+            return
+        now, confirm = time.monotonic(), self._confirm()
+        lost = []
+        for row in rows:
+            key = f"continuation:{row.id}"
+            if snap.has(str(row.id)):
+                self._absent.pop(key, None)
+            elif now - self._absent.setdefault(key, ("absent", now))[1] >= confirm:
+                lost.append(str(row.id))
+                del self._absent[key]
+        if lost:
+            log.warning("celery_batches: %d continuation(s) published long ago never started and are in no "
+                        "queue; publishing them again", len(lost))
+            done["continuations_republished"] += self.liveness.redue(lost)
+
+    def _confirm(self) -> float:
+        """Seconds between two looks that find a message missing: one in flight between two places is
+        seen at one of them, and a live node marks what it holds at every heartbeat."""
+        return max(2 * self.settings.relay_interval, 3 * self.settings.heartbeat_interval, 1.0)
+
+    def _queues(self, rows: Sequence[Any]) -> set[str]:
+        return {queue for row in rows if (queue := self._queue_of(row))}
+
+    def _queue_of(self, row: Any) -> str | None:
+        """The queue a run's message went to, as Celery routes it; None if we cannot tell (a custom
+        exchange or routing key: the message is wherever the broker's bindings put it)."""
+        options = kjson.loads(row.options) if row.options else {}
+        if options.get("exchange") or options.get("routing_key"):
+            return None
+        if options.get("queue"):
+            return str(options["queue"])
+        try:
+            queue = self.app.amqp.router.route({}, row.task_name)["queue"]
+        except Exception:
+            return None
+        return getattr(queue, "name", None) or (queue if isinstance(queue, str) else None)

@@ -1,0 +1,236 @@
+"""Recovery with Celery's default settings: no acks_late, no result backend read, Redis's one-hour
+visibility timeout. Real prefork workers are SIGKILLed; every batch must still finish, every run
+must end in a final state saying why, and no job may run twice unless Celery itself would run it
+twice. The test app's recovery timings are short (heartbeat 1 s, node timeout 10 s, lost after 10 s).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from celery_batches import BatchStatus, RunStatus
+from celery_batches.models import ContinuationStatus
+from celery_batches.store import utcnow
+from tests.conftest import Worker, eventually
+from tests.test_integration import count, drain, tag
+
+#: node timeout + lost-message search (two looks) + relay passes + a margin for a loaded machine
+RECOVERY = 90.0
+
+
+def starts(proj, key: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in proj.r.hgetall(key).items()}
+
+
+def settled(proj, batch_id: str):
+    done = proj.batches.wait(batch_id, timeout=RECOVERY)
+    jobs = proj.batches.get_batch_jobs(batch_id)
+    assert all(j.status.is_final for j in jobs), [j.status for j in jobs]
+    assert (done.completed_jobs, done.failed_jobs, done.cancelled_jobs) == (
+        sum(j.status == RunStatus.COMPLETED for j in jobs), sum(j.status == RunStatus.FAILED for j in jobs),
+        sum(j.status == RunStatus.CANCELLED for j in jobs))
+    return done, jobs
+
+
+@pytest.mark.slow
+def test_a_whole_worker_killed_with_celery_defaults_leaves_nothing_open(proj, start_worker):
+    """Issue 8 #5: with defaults the messages the killed worker had prefetched sat in Redis's unacked
+    hash for an hour and the runs it was executing stayed open forever. Now the runs it was running
+    are FAILED "worker lost" (Celery acknowledged them: it would not run them again), the ones it
+    held are handed back to the queue, and the batch finishes; nothing runs twice."""
+    w = start_worker()
+    key = tag("starts")
+    with proj.batches.batch("worker-killed") as b:
+        ids = [b.enqueue(proj.track.s(key, 1.0).set(queue=w.queue)) for _ in range(20)]
+    eventually(lambda: len(starts(proj, key)) >= 2, "two members to start", 30)
+    w.kill()
+    replacement = Worker(proj, w.queue)  # a new node on the same queue (the killed one is gone for good)
+    try:
+        done, jobs = settled(proj, b.id)
+    finally:
+        replacement.stop()
+    ran = starts(proj, key)
+    assert max(ran.values()) == 1, "a job ran twice"
+    lost = [j for j in jobs if j.status == RunStatus.FAILED]
+    assert lost and all("worker lost" in j.error for j in lost)
+    assert {j.id for j in lost} <= set(ran), "only runs that had started may be lost"
+    assert done.completed_jobs == 20 - len(lost) and set(ids) == {j.id for j in jobs}
+
+
+@pytest.mark.slow
+def test_pool_processes_killed_like_an_oom_killer(proj, start_worker):
+    """Issue 8 #5: pool processes SIGKILLed one a second left runs open for good (their outcome and
+    their RUNNING were buffered in the dead process). Now each such run ends FAILED "worker lost"."""
+    w = start_worker()
+    key = tag("starts")
+    with proj.batches.batch("oom-killed") as b:
+        for _ in range(120):
+            b.enqueue(proj.track.s(key, 0.05).set(queue=w.queue))
+    killed = 0
+    for _ in range(6):
+        time.sleep(1)
+        for pid in w.children()[:1]:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    assert killed, "no pool process was killed; nothing was tested"
+    done, jobs = settled(proj, b.id)
+    ran = starts(proj, key)
+    assert max(ran.values()) == 1, "a job ran twice"
+    # Celery's own report of the process it saw die, or recovery's for what that report missed
+    assert all("worker lost" in j.error or "WorkerLostError" in j.error for j in jobs if j.status == RunStatus.FAILED)
+    assert done.completed_jobs + done.failed_jobs == 120
+
+
+@pytest.mark.slow
+def test_a_message_the_broker_lost_is_published_again(proj, start_worker, nowhere):
+    """A Redis restart without persistence loses queued messages: runs published, in no queue, held
+    by no worker, are found by the lost-message search and published again, once."""
+    key = tag("starts")
+    with proj.batches.batch("broker-lost") as b:
+        for _ in range(5):
+            b.enqueue(proj.track.s(key).set(queue=nowhere))
+    eventually(lambda: proj.r.llen(nowhere) == 5, "the messages to be queued", 10)
+    proj.r.delete(nowhere)  # what a broker restart without persistence does
+    consumer = Worker(proj, nowhere)
+    try:
+        done, jobs = settled(proj, b.id)
+    finally:
+        consumer.stop()
+    assert done.status == BatchStatus.COMPLETED and done.completed_jobs == 5
+    assert sorted(starts(proj, key).values()) == [1] * 5
+
+
+@pytest.mark.slow
+def test_a_continuation_whose_message_the_broker_lost_is_published_again(proj, worker, nowhere):
+    """A plain @app.task continuation claims its row as it starts; one published long ago, never
+    started and in no queue is published again, and runs once."""
+    key = tag("cont")
+    with proj.batches.batch("continuation-lost") as b:
+        b.enqueue(proj.noop)
+        b.on_complete(proj.record.s(key).set(queue=nowhere))
+    eventually(lambda: proj.r.llen(nowhere) == 1, "the continuation to be queued", 30)
+    proj.r.delete(nowhere)  # lost by the broker
+    consumer = Worker(proj, nowhere)
+    try:
+        eventually(lambda: count(proj, key) == 1, "the continuation to run", RECOVERY)
+        drain(proj, nowhere)
+    finally:
+        consumer.stop()
+    assert count(proj, key) == 1
+    [cont] = proj.batches.get_continuations(b.id)
+    assert cont.status == ContinuationStatus.DISPATCHED
+
+
+@pytest.mark.slow
+def test_an_acks_late_run_of_a_killed_worker_runs_again_as_celery_would(proj, start_worker):
+    """acks_late: Celery delivers the message again after its worker died (Redis: after the
+    visibility timeout, an hour by default). Recovery hands it back at once; it runs again and
+    completes: exactly what Celery promises for acks_late, sooner."""
+    w = start_worker()
+    key = tag("starts")
+    with proj.batches.batch("acks-late-killed") as b:
+        for _ in range(4):
+            b.enqueue(proj.track_late.s(key, 3.0).set(queue=w.queue))
+    eventually(lambda: len(starts(proj, key)) >= 2, "two members to start", 30)
+    w.kill()
+    again = Worker(proj, w.queue)
+    try:
+        done, jobs = settled(proj, b.id)
+    finally:
+        again.stop()
+    assert done.status == BatchStatus.COMPLETED and done.completed_jobs == 4
+    ran = starts(proj, key)
+    assert len(ran) == 4 and sorted(ran.values()) == [1, 1, 2, 2]  # the two killed ones ran again
+
+
+# -- the decisions, one pass at a time, on a private registry ----------------------------------------------
+def _recovery(registry, **settings):
+    from dataclasses import replace
+
+    from celery_batches.worker.recovery import Recovery
+
+    registry.settings = replace(registry.settings, **settings)
+    return Recovery(registry.app, registry.settings, registry.liveness, registry.probe, registry.outbox,
+                    registry._write_events, me="observer")
+
+
+def _claimed(registry, node: str, n: int = 2, task: str = "tests.proj.noop"):
+    with registry.batch("claimed") as b:
+        ids = [b.enqueue(registry.app.signature(task).set(queue=registry.queue)) for _ in range(n)]
+    for run_id in ids:
+        assert registry.liveness.claim(run_id, 0, node, utcnow()).claimed
+    return b.id, ids
+
+
+def test_a_node_is_gone_only_after_its_heartbeat_stood_still_for_the_timeout_on_the_observers_clock(registry):
+    registry.liveness.beat("dead", [100], [])
+    batch_id, ids = _claimed(registry, "dead/100")
+    recovery = _recovery(registry, node_timeout=0.5, heartbeat_interval=0.1)
+    assert recovery.run_once()["runs_worker_lost"] == 0  # first sight: however old the heartbeat, not gone yet
+    time.sleep(0.6)
+    assert recovery.run_once()["runs_worker_lost"] == 2
+    jobs = registry.get_batch_jobs(batch_id)
+    assert {j.status for j in jobs} == {RunStatus.FAILED} and all("worker lost" in j.error for j in jobs)
+    assert registry.get_batch(batch_id).status == BatchStatus.FAILED
+    assert "dead" not in registry.liveness.nodes()  # forgotten once nothing of it is open
+
+
+def test_a_node_that_keeps_beating_is_never_gone(registry):
+    registry.liveness.beat("alive", [100], [])
+    _, ids = _claimed(registry, "alive/100")
+    recovery = _recovery(registry, node_timeout=0.5, heartbeat_interval=0.1)
+    for _ in range(3):
+        registry.liveness.beat("alive", [100], [])
+        assert recovery.run_once()["runs_worker_lost"] == 0
+        time.sleep(0.3)
+    assert "alive" in registry.liveness.nodes()
+
+
+def test_runs_of_a_dead_pool_process_of_a_live_node_are_failed(registry):
+    _, (dead_run,) = _claimed(registry, "node/100", 1)
+    _, (live_run,) = _claimed(registry, "node/200", 1)
+    time.sleep(1.1)  # claimed before the heartbeat below (by more than its one-second margin)
+    registry.liveness.beat("node", [1, 200], [])
+    assert _recovery(registry).run_once()["runs_worker_lost"] == 1
+    assert _status(registry, dead_run) == RunStatus.FAILED
+    assert _status(registry, live_run) == RunStatus.RUNNING
+
+
+def test_an_acks_late_run_of_a_gone_node_is_released_not_failed(registry):
+    def late() -> None:
+        """acks_late: Celery would deliver it again after its worker died."""
+
+    registry.app.task(name="tests.recovery.late", acks_late=True, shared=False)(late)
+    registry.liveness.beat("dead", [100], [])
+    _, (run,) = _claimed(registry, "dead/100", 1, task="tests.recovery.late")
+    recovery = _recovery(registry, node_timeout=0.2, heartbeat_interval=0.05)
+    recovery.run_once()
+    time.sleep(0.3)
+    assert recovery.run_once()["runs_released"] == 1
+    assert _status(registry, run) == RunStatus.PENDING
+
+
+def _status(registry, run_id):
+    r = registry.store.t.runs
+    with registry.engine.connect() as conn:
+        return RunStatus(conn.scalar(sa.select(r.c.status).where(r.c.id == run_id)))
+
+
+def test_a_worker_heartbeats_with_its_pool_processes(proj, start_worker):
+    """The heartbeat lists the main process and every live pool process: recovery fails the runs of
+    a pool process missing from it, so a wrong list would fail healthy runs."""
+    w = start_worker()
+
+    def row():
+        return next((pids for name, (_, pids) in proj.batches.liveness.nodes().items()
+                     if name.split(":")[1] == str(w.proc.pid)), None)
+
+    eventually(lambda: row() == {w.proc.pid, *w.children()}, "the node's row with its pool pids", 30)
+    dead = w.kill_children()
+    eventually(lambda: row() is not None and not row() & set(dead) and len(row()) == 3,
+               "the heartbeat to list the replacement processes instead", 30)
