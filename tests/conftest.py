@@ -100,6 +100,35 @@ def registry(services: None) -> Any:
     app.connection_for_write().default_channel.client.delete(batches.queue)
 
 
+def works_in_a_child_forked_while_held(lock: Any, child: Callable[[], bool]) -> bool:
+    """Fork while another thread of this process holds ``lock`` (what a prefork worker's relay or group
+    commit thread may do at the instant of a fork); True if ``child()`` returned True in the child
+    within 10 seconds, instead of blocking on the lock its parent's thread held."""
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)
+        try:
+            os._exit(0 if child() else 1)
+        except BaseException:
+            os._exit(2)
+    release.set()
+    thread.join()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
 def publish(app: Any, messages: list) -> list[str]:
     """Send stored messages as the outbox does (same task ids and headers), bypassing it and its flags:
     what a redelivery or a second publisher sends. Returns the ids sent."""

@@ -8,6 +8,7 @@ import threading
 from celery_batches.models import RunStatus
 from celery_batches.store import RunEvent
 from celery_batches.worker.groupcommit import GroupCommit
+from tests.conftest import works_in_a_child_forked_while_held
 
 
 class Recorder:
@@ -143,31 +144,12 @@ def test_a_passing_failure_is_repeated_not_isolated():
 def test_a_forked_child_does_not_inherit_a_lock_held_by_the_parents_thread():
     """The relay thread may hold the group commit's lock at the instant a prefork worker forks;
     the child must still be able to buffer and commit its own transitions."""
-    import os
-    import signal
-
     write = Recorder()
     gc = GroupCommit(write, interval=0, max_events=1000, max_delay=0.1)
-    held, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with gc._cond:
-            held.set()
-            release.wait(10)
+    def child() -> bool:  # must not block on the lock its parent's thread holds
+        gc.add(RunEvent("child", RunStatus.COMPLETED))
+        return gc.flush(5) and write.groups == [["child"]]
 
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(10)
-    pid = os.fork()
-    if pid == 0:  # the child: must not block on the lock its parent's thread holds
-        signal.alarm(10)
-        try:
-            gc.add(RunEvent("child", RunStatus.COMPLETED))
-            os._exit(0 if gc.flush(5) and write.groups == [["child"]] else 1)
-        except BaseException:
-            os._exit(2)
-    release.set()
-    t.join()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert works_in_a_child_forked_while_held(gc._cond, child)
     gc.close()

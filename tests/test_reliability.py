@@ -7,7 +7,6 @@ they can hold a transaction open at exactly the wrong moment; the others use rea
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import uuid
 
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 from celery_batches import Batches, BatchStatus, RunStatus
 from celery_batches.builder import BatchBuilder
 from celery_batches.store import RunEvent, drop_schema, make_engine, utcnow
-from tests.conftest import eventually
+from tests.conftest import eventually, works_in_a_child_forked_while_held
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 WAIT = 60.0
@@ -154,28 +153,12 @@ def test_a_forked_child_gets_a_pool_of_its_own(proj):
     engine = make_engine(os.environ["TEST_DATABASE_URL"], {})
     with engine.connect() as conn:
         conn.scalar(sa.text("SELECT 1"))  # a pooled connection the child must not reuse
-    held, release = threading.Event(), threading.Event()
 
-    def hold() -> None:
-        with engine.pool._pool.mutex:
-            held.set()
-            release.wait(10)
+    def child() -> bool:
+        with engine.connect() as conn:
+            return conn.scalar(sa.text("SELECT 1")) == 1
 
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(10)
-    pid = os.fork()
-    if pid == 0:
-        signal.alarm(10)
-        try:
-            with engine.connect() as conn:
-                os._exit(0 if conn.scalar(sa.text("SELECT 1")) == 1 else 1)
-        except BaseException:
-            os._exit(2)
-    release.set()
-    t.join()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert works_in_a_child_forked_while_held(engine.pool._pool.mutex, child)
     engine.dispose()
 
 
