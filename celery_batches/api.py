@@ -219,7 +219,8 @@ class Batches:
     def _claim(self, run_id: str, retries: int) -> Claim | None:
         """For the worker, as a member starts: mark its run RUNNING on this process (see Liveness.claim).
         None if the registry cannot be reached: the member runs, its RUNNING goes through the group commit."""
-        node = f"{self.node}/{os.getpid()}"
+        # <node>/<pid>/<delivery>: a repeat of this claim (its commit went unanswered) finds the run its own
+        node = f"{self.node}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         try:
             return self._read(lambda: self.liveness.claim(run_id, retries, node, utcnow()))
         except sa.exc.DBAPIError:

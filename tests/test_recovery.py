@@ -234,3 +234,13 @@ def test_a_worker_heartbeats_with_its_pool_processes(proj, start_worker):
     dead = w.kill_children()
     eventually(lambda: row() is not None and not row() & set(dead) and len(row()) == 3,
                "the heartbeat to list the replacement processes instead", 30)
+
+
+def test_a_claim_is_one_deliverys_own(registry):
+    """A second delivery of a RUNNING run is not claimed, even in the process that runs the first
+    (its outcome may still be buffered there); the same delivery repeating its claim is."""
+    _, (run,) = _claimed(registry, "n/1/first", 1)
+    assert not registry.liveness.claim(run, 0, "n/1/second", utcnow()).claimed
+    assert not registry.liveness.claim(run, 0, "n/2/third", utcnow()).claimed
+    assert registry.liveness.claim(run, 0, "n/1/first", utcnow()).claimed  # its commit went unanswered
+    assert registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed  # the next attempt

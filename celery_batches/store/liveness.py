@@ -3,7 +3,7 @@
 A worker node (one ``celery worker`` process, one *incarnation*: a restarted worker is a new node)
 heartbeats a row with the pids of its live pool processes, and marks the runs whose messages it
 holds but has not started (prefetched, or waiting for an ETA). A pool process claims a run when
-it starts it, synchronously, writing ``<node>/<pid>`` into the run: so a run that was executing
+it starts it, synchronously, writing ``<node>/<pid>/<delivery>`` into the run: so a run that was executing
 when its process or node died is known, even if every transition buffered there was lost.
 """
 
@@ -52,9 +52,10 @@ class Liveness:
         r, b = self.t.runs, self.t.batches
         batch_status = sa.select(b.c.status).where(b.c.id == r.c.batch_id).scalar_subquery()
         # Claimable: waiting (PENDING, RETRYING), or RUNNING in an earlier attempt (a retry's message
-        # can arrive before the RETRYING transition is committed), or RUNNING here already (this
-        # claim repeated after its commit went unanswered). A second delivery of a run RUNNING
-        # elsewhere is not claimed: a republish never makes it run twice at once.
+        # can arrive before the RETRYING transition is committed), or RUNNING by this very delivery
+        # (``node`` ends with a token of the delivery: this claim repeated after its commit went
+        # unanswered). Any other delivery of a RUNNING run is not claimed: a republish or a
+        # duplicate never makes it run twice.
         claimable = sa.or_(r.c.status.in_(_WAITING),
                            sa.and_(r.c.status == int(RunStatus.RUNNING),
                                    sa.or_(r.c.retries < retries, r.c.node == node)))
@@ -121,9 +122,9 @@ class Liveness:
         r = self.t.runs
         where = [r.c.status.in_(_OPEN)]
         if pid is None:
-            where.append(sa.or_(r.c.node == node, r.c.node.like(f"{node}/%")))
+            where.append(sa.or_(r.c.node == node, r.c.node.startswith(f"{node}/", autoescape=True)))
         else:
-            where.append(r.c.node == f"{node}/{pid}")
+            where.append(sa.or_(r.c.node == f"{node}/{pid}", r.c.node.startswith(f"{node}/{pid}/", autoescape=True)))
         if started_before is not None:
             where.append(r.c.started_at < started_before)
         q = sa.select(r.c.id, r.c.status, r.c.node, r.c.task_name, r.c.args, r.c.kwargs, r.c.options,
@@ -137,11 +138,12 @@ class Liveness:
         r = self.t.runs
         q = (sa.select(r.c.id, r.c.status, r.c.node, r.c.task_name, r.c.args, r.c.kwargs, r.c.options,
                        r.c.batch_id, r.c.position, r.c.queue)
-             .where(r.c.status == int(RunStatus.RUNNING), r.c.node.like(f"{node}/%"), r.c.started_at < before)
+             .where(r.c.status == int(RunStatus.RUNNING), r.c.node.startswith(f"{node}/", autoescape=True),
+                    r.c.started_at < before)
              .limit(limit))
         with self.engine.connect() as conn:
             rows = list(conn.execute(q))
-        return [row for row in rows if int(row.node.rsplit("/", 1)[1]) not in live]
+        return [row for row in rows if int(row.node.split("/")[1]) not in live]
 
     def release(self, run_ids: Sequence[str], *, unpublish: bool = False) -> int:
         """Open runs whose holder is gone and that Celery would deliver again: PENDING, no node.
