@@ -62,7 +62,7 @@ class Liveness:
         with self.claim_engine.begin() as conn:
             row = conn.execute(
                 sa.update(r).where(r.c.id == run_id, claimable)
-                .values(status=int(RunStatus.RUNNING), node=node,
+                .values(status=int(RunStatus.RUNNING), node=node, claimed_at=at,
                         retries=sa.case((r.c.retries > retries, r.c.retries), else_=retries),
                         started_at=sa.func.coalesce(r.c.started_at, at))
                 .returning(batch_status.label("batch_status"))
@@ -139,7 +139,7 @@ class Liveness:
         q = (sa.select(r.c.id, r.c.status, r.c.node, r.c.task_name, r.c.args, r.c.kwargs, r.c.options,
                        r.c.batch_id, r.c.position, r.c.queue)
              .where(r.c.status == int(RunStatus.RUNNING), r.c.node.startswith(f"{node}/", autoescape=True),
-                    r.c.started_at < before)
+                    r.c.claimed_at < before)
              .limit(limit))
         with self.engine.connect() as conn:
             rows = list(conn.execute(q))

@@ -320,7 +320,8 @@ class Store:
     #   final:    only the first final event of a run changes it (and only that one is counted).
     _PG_PROGRESS = """
         UPDATE {runs} AS r SET status = v.status, retries = v.retries, started_at = coalesce(r.started_at, v.at),
-               node = CASE WHEN v.status = 2 THEN NULL ELSE coalesce(v.node, r.node) END
+               node = CASE WHEN v.status = 2 THEN NULL ELSE coalesce(v.node, r.node) END,
+               claimed_at = CASE WHEN v.node IS NULL THEN r.claimed_at ELSE v.at END
         FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
                     CAST(:ats AS timestamptz[]), CAST(:nodes AS text[])) AS v(id, status, retries, at, node)
         WHERE r.id = v.id AND r.status < 3
@@ -367,7 +368,9 @@ class Store:
                 .values(status=sa.bindparam("b_status"), retries=sa.bindparam("b_retries"),
                         started_at=sa.func.coalesce(r.c.started_at, sa.bindparam("b_at")),
                         node=sa.case((sa.bindparam("b_status") == int(RunStatus.RETRYING), None),
-                                     else_=sa.func.coalesce(sa.bindparam("b_node", type_=sa.String), r.c.node))),
+                                     else_=sa.func.coalesce(sa.bindparam("b_node", type_=sa.String), r.c.node)),
+                        claimed_at=sa.case((sa.bindparam("b_node", type_=sa.String).is_(None), r.c.claimed_at),
+                                           else_=sa.bindparam("b_at"))),
                 [{"b_id": e.run_id, "b_status": int(e.status), "b_retries": e.retries, "b_at": _ts(e.at),
                   "b_node": e.node} for e in progress],
             )

@@ -74,6 +74,7 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("publication_id", UUID, nullable=True),
         # the worker node holding (``<node>``) or running (``<node>/<pid>``) this run, while it is open
         sa.Column("node", sa.String(255), nullable=True),
+        sa.Column("claimed_at", TIMESTAMP, nullable=True),  # when its current delivery claimed it
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # the outbox and the reconciler only look at the few rows that are not done yet
         sa.Index(

@@ -21,6 +21,7 @@ def upgrade(prefix: str) -> None:
     p = prefix
     op.add_column(f"{p}runs", sa.Column("publication_id", UUID, nullable=True))
     op.add_column(f"{p}runs", sa.Column("node", sa.String(255), nullable=True))
+    op.add_column(f"{p}runs", sa.Column("claimed_at", TS, nullable=True))
     op.create_index(f"ix_{p}runs_node", f"{p}runs", ["node"],
                     postgresql_where=sa.text("status < 3"), sqlite_where=sa.text("status < 3"))
     op.create_table(
@@ -55,5 +56,6 @@ def downgrade(prefix: str) -> None:
         op.drop_column(f"{p}batch_continuations", column)
     op.drop_table(f"{p}nodes")
     op.drop_index(f"ix_{p}runs_node", f"{p}runs")
+    op.drop_column(f"{p}runs", "claimed_at")
     op.drop_column(f"{p}runs", "node")
     op.drop_column(f"{p}runs", "publication_id")
