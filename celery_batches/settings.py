@@ -70,7 +70,7 @@ class Settings:
     """Age, in seconds, after which a published run that no worker holds is looked for in the broker
     (Redis); a run whose message is in no queue and no worker's hands at two looks is published again."""
 
-    recovery_batch: int = 500
+    recovery_batch: int = 5000
     """Runs one recovery step (gone nodes, dead pool processes, lost messages) handles per relay pass."""
 
     probe_scan_limit: int = 50_000

@@ -183,15 +183,16 @@ class Liveness:
                                 .values(status=int(ContinuationStatus.DUE), publication_id=None)).rowcount
 
     def unheld(self, older_than: datetime, limit: int, after: tuple[datetime, str] | None) -> list[sa.Row]:
-        """Published runs of STARTED batches that no node holds or runs, created before ``older_than``:
-        the candidates for a lost message, in ``(created_at, id)`` order after the cursor."""
-        r, b = self.t.runs, self.t.batches
+        """Published runs that no node holds or runs, created before ``older_than``: the candidates for
+        a lost message, in ``(created_at, id)`` order after the cursor. (Only a STARTED batch has
+        published open runs: a waiting stage's runs are unpublished, a finished batch has none open.)
+        Read along the open-runs index in creation order, whatever the planner's statistics say."""
+        r = self.t.runs
         q = (sa.select(r.c.id, r.c.status, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id,
                        r.c.position, r.c.queue, r.c.created_at)
-             .join(b, b.c.id == r.c.batch_id)
-             .where(r.c.status.in_(_WAITING), r.c.node.is_(None), r.c.created_at < older_than,
-                    sa.or_(r.c.published, r.c.status == int(RunStatus.RETRYING)),
-                    b.c.status == int(BatchStatus.STARTED))
+             .where(r.c.status < int(RunStatus.COMPLETED), r.c.status != int(RunStatus.RUNNING),
+                    r.c.node.is_(None), r.c.created_at < older_than,
+                    sa.or_(r.c.published, r.c.status == int(RunStatus.RETRYING)))
              .order_by(r.c.created_at, r.c.id).limit(limit))
         if after is not None:
             q = q.where(sa.or_(r.c.created_at > after[0], sa.and_(r.c.created_at == after[0], r.c.id > after[1])))

@@ -83,11 +83,11 @@ def build_tables(prefix: str) -> Tables:
             postgresql_where=sa.text("NOT published"),
             sqlite_where=sa.text("NOT published"),
         ),
-        sa.Index(
+        sa.Index(  # only the runs a node holds or runs: "no node" is not worth an index entry
             f"ix_{prefix}runs_node",
             "node",
-            postgresql_where=sa.text("status < 3"),
-            sqlite_where=sa.text("status < 3"),
+            postgresql_where=sa.text("status < 3 AND node IS NOT NULL"),
+            sqlite_where=sa.text("status < 3 AND node IS NOT NULL"),
         ),
         sa.Index(
             f"ix_{prefix}runs_open",

@@ -23,7 +23,8 @@ def upgrade(prefix: str) -> None:
     op.add_column(f"{p}runs", sa.Column("node", sa.String(255), nullable=True))
     op.add_column(f"{p}runs", sa.Column("claimed_at", TS, nullable=True))
     op.create_index(f"ix_{p}runs_node", f"{p}runs", ["node"],
-                    postgresql_where=sa.text("status < 3"), sqlite_where=sa.text("status < 3"))
+                    postgresql_where=sa.text("status < 3 AND node IS NOT NULL"),
+                    sqlite_where=sa.text("status < 3 AND node IS NOT NULL"))
     op.create_table(
         f"{p}nodes",
         sa.Column("name", sa.String(255), primary_key=True),
