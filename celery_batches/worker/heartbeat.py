@@ -22,13 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def held_requests() -> list[str]:
-    """Task ids this worker has received and not started (Celery's reserved and scheduled requests)."""
+    """Task ids this worker has received and not started: Celery's reserved (not active) and scheduled
+    requests. Read from its weak sets, not from ``state.requests``: that dict can keep a request the
+    worker dropped (its connection to the broker was lost), which would mark a lost message as held."""
     from celery.worker import state
 
     for _ in range(5):  # the event loop may change the sets while we copy them
         try:
             active = {id(request) for request in list(state.active_requests)}
-            return [task_id for task_id, request in list(state.requests.items()) if id(request) not in active]
+            waiting = list(state.reserved_requests) + list(state.scheduled_requests)
+            return list({request.id for request in waiting if id(request) not in active})
         except RuntimeError:
             continue
     return []
