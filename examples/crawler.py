@@ -10,13 +10,14 @@ running, so it completes exactly once, after the last page, and its continuation
 from __future__ import annotations
 
 import sys
+import threading
 
 from celery_batches import Batches, BatchStatus, current_batch_id
 
 try:
-    from examples.embedded import make_app, start_worker
+    from examples.embedded import EMBEDDED, make_app, start_worker
 except ImportError:  # run as a script from the examples folder
-    from embedded import make_app, start_worker
+    from embedded import EMBEDDED, make_app, start_worker
 
 app = make_app("crawler")
 batches = Batches(app)
@@ -32,9 +33,13 @@ def crawl(path: str) -> None:
         batches.add_jobs_to_batch(current_batch_id(), lambda b: [b.enqueue(crawl, link) for link in links])
 
 
+finished = threading.Event()  # embedded mode: the continuation runs in this process
+
+
 @app.task(name="crawler.done")
 def done(site: str) -> None:
     print(f"  -> continuation: crawled all of {site}", flush=True)
+    finished.set()
 
 
 def main() -> int:
@@ -44,6 +49,8 @@ def main() -> int:
         b.enqueue(crawl, "/")
         b.on_complete(done, "example.org")
     batch = batches.wait(b.id, timeout=60)
+    if EMBEDDED:  # let the in-process worker run the continuation before this process exits
+        finished.wait(30)
     pages = sorted(job.args[0] for job in batches.get_batch_jobs(b.id))
     print(f"crawl: {batch.status.name}, {batch.completed_jobs}/{batch.total_jobs} pages: {', '.join(pages)}")
     return 0 if batch.status == BatchStatus.COMPLETED and len(pages) == len(SITE) else 1

@@ -145,12 +145,20 @@ class Liveness:
             rows = list(conn.execute(q))
         return [row for row in rows if int(row.node.split("/")[1]) not in live]
 
-    def release(self, run_ids: Sequence[str], *, unpublish: bool = False) -> int:
+    def release(self, run_ids: Sequence[str], *, held_by: str | None = None, unpublish: bool = False) -> int:
         """Open runs whose holder is gone and that Celery would deliver again: PENDING, no node.
-        With ``unpublish`` (their message is lost) they wait in the outbox: the relay publishes them."""
+        With ``unpublish`` (their message is lost) they wait in the outbox: the relay publishes them.
+
+        Only runs still as recovery saw them change: still named by the gone node ``held_by``, or
+        (without it) still waiting with no node. A run a worker claimed meanwhile is left alone:
+        releasing it would publish it again while it runs."""
         r = self.t.runs
         if not run_ids:
             return 0
+        if held_by is None:
+            still = sa.and_(r.c.status.in_(_WAITING), r.c.node.is_(None))
+        else:
+            still = sa.or_(r.c.node == held_by, r.c.node.startswith(f"{held_by}/", autoescape=True))
         # a RETRYING run's lost message was its next attempt: the run is published again as that attempt
         values: dict = {"status": int(RunStatus.PENDING), "node": None,
                         "retries": sa.case((r.c.status == int(RunStatus.RETRYING), r.c.retries + 1),
@@ -158,7 +166,7 @@ class Liveness:
         if unpublish:
             values.update(published=False, publication_id=None)
         with self.engine.begin() as conn:
-            return conn.execute(sa.update(r).where(r.c.id.in_(list(run_ids)), r.c.status.in_(_OPEN))
+            return conn.execute(sa.update(r).where(r.c.id.in_(list(run_ids)), r.c.status.in_(_OPEN), still)
                                 .values(**values)).rowcount
 
     def unstarted_continuations(self, older_than: datetime, limit: int) -> list[sa.Row]:

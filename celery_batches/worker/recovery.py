@@ -106,7 +106,7 @@ class Recovery:
         self._fail(lost, f"worker lost: node {node} stopped heartbeating while this run was running", done)
         if held:
             done["messages_restored"] += self._restore(held)
-            done["runs_released"] += self.liveness.release([str(row.id) for row in held])
+            done["runs_released"] += self.liveness.release([str(row.id) for row in held], held_by=node)
         if len(rows) < self.settings.recovery_batch:
             log.warning("celery_batches: node %s is gone (no heartbeat for %ss); resolved %d open run(s)",
                         node, self.settings.node_timeout, len(rows))
