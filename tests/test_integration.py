@@ -245,6 +245,12 @@ def test_fifty_concurrent_batches_have_exact_counters(proj, worker):
         assert (done.total_jobs, done.completed_jobs, done.failed_jobs, done.cancelled_jobs) == (
             8 + failures + 1, 9, failures, 0), done
         assert done.status == (BatchStatus.FAILED if failures else BatchStatus.COMPLETED)
+    # a continuation is published just after the commit that finished its batch: wait until each ran
+    # once, then drain, so a second run would be seen
+    for i, (batch_id, keys) in enumerate(created):
+        expected = "failure" if i % 3 else "success"
+        eventually(lambda: count(proj, keys[expected]) >= 1 and count(proj, keys["complete"]) >= 1,
+                   f"the continuations of {batch_id}", WAIT)
     drain(proj)
     for i, (batch_id, keys) in enumerate(created):
         expected = "failure" if i % 3 else "success"
