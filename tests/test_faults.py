@@ -189,7 +189,10 @@ def test_postgresql_connections_killed_mid_batch(proj, start_worker):
     eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
     drain(proj, w.queue)
     assert count(proj, key) == 1 and count(proj, ran) == 300
-    assert "registry write" in w.log.read_text()  # the failed writes were logged, then retried
+    # the failed statements were logged, then repeated: group commits ("registry write"), or the
+    # claims each member makes as it starts ("registry read failed": repeated on a fresh connection)
+    log = w.log.read_text()
+    assert "registry write" in log or "registry read failed" in log
 
 
 def test_cancel_racing_with_completion(proj, worker):
