@@ -15,7 +15,7 @@ from typing import Sequence
 import sqlalchemy as sa
 
 from ..models import BatchStatus, ContinuationStatus, RunStatus
-from .store import as_utc, run_message, utcnow
+from .store import as_utc, utcnow
 from .tables import Tables
 
 __all__ = ["UNCLAIMED", "Claim", "Liveness"]
@@ -206,10 +206,3 @@ class Liveness:
             q = q.where(sa.or_(r.c.created_at > after[0], sa.and_(r.c.created_at == after[0], r.c.id > after[1])))
         with self.engine.connect() as conn:
             return list(conn.execute(q))
-
-    @staticmethod
-    def messages(rows: Sequence[sa.Row]) -> list:
-        return [run_message(row) for row in sorted(rows, key=lambda row: (str(row.batch_id), row.position))]
-
-    def now(self) -> datetime:
-        return utcnow()
