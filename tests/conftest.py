@@ -197,6 +197,31 @@ class Worker:
             os.kill(pid, signal.SIGKILL)
         return pids
 
+    def drop_broker_connections(self) -> int:
+        """Close the worker main process's connections to Redis from the server's side (what a broker
+        restart does to it); the worker reconnects. Returns how many were closed."""
+        import redis
+
+        sockets = set()
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        for fd in fd_dir.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:["):-1])
+        addresses = []
+        for line in Path(f"/proc/{self.proc.pid}/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in sockets and remote.endswith(f":{6379:04X}"):
+                host, port = local.split(":")
+                ip = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                addresses.append(f"{ip}:{int(port, 16)}")
+        client = redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
+        return sum(bool(client.client_kill(address)) for address in addresses)
+
     def kill(self) -> None:
         """SIGKILL the whole worker, pool processes first (what an OOM kill or a lost node does)."""
         for pid in self.children():

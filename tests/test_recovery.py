@@ -148,6 +148,46 @@ def test_an_acks_late_run_of_a_killed_worker_runs_again_as_celery_would(proj, st
     assert len(ran) == 4 and sorted(ran.values()) == [1, 1, 2, 2]  # the two killed ones ran again
 
 
+@pytest.mark.slow
+def test_runs_a_live_worker_held_when_the_broker_lost_them_run(proj, start_worker):
+    """A broker restart loses the queue and the messages a live worker had prefetched; the worker
+    reconnects and drops what it held. Its heartbeat had marked those runs as held, and the marks
+    stayed: the lost-message search never looked at them and the batch stayed STARTED. Now each
+    beat marks exactly what the node holds, so they are found and published again, and run once."""
+    w = start_worker()
+    key = tag("starts")
+    with proj.batches.batch("held-then-lost") as b:
+        for _ in range(12):
+            b.enqueue(proj.track.s(key, 1.5).set(queue=w.queue))
+    r = proj.batches.store.t.runs
+
+    def marked() -> int:  # runs the worker holds unstarted, as its heartbeat marked them
+        with proj.batches.engine.connect() as conn:
+            return conn.scalar(sa.select(sa.func.count()).where(
+                r.c.batch_id == b.id, r.c.status == int(RunStatus.PENDING), r.c.node.is_not(None)))
+
+    eventually(lambda: marked() >= 2, "the worker to mark the runs it prefetched", 30)
+    lost = _forget_queue(proj, w.queue)  # the restarted broker has neither the queue nor the unacked messages
+    assert w.drop_broker_connections(), "no broker connection of the worker was found to close"
+    assert lost, "the broker held no message of the batch; nothing was lost"
+    done, jobs = settled(proj, b.id)
+    assert done.status == BatchStatus.COMPLETED and done.completed_jobs == 12
+    assert sorted(starts(proj, key).values()) == [1] * 12
+
+
+def _forget_queue(proj, queue: str) -> int:
+    """Delete a queue's messages from Redis, queued and unacknowledged alike; how many there were."""
+    import json
+
+    lost = proj.r.llen(queue)
+    proj.r.delete(queue)
+    for tag_, payload in proj.r.hgetall("unacked").items():
+        if json.loads(payload)[2] == queue:  # [message, exchange, routing key]
+            lost += proj.r.hdel("unacked", tag_)
+            proj.r.zrem("unacked_index", tag_)
+    return lost
+
+
 # -- the decisions, one pass at a time, on a private registry ----------------------------------------------
 def _recovery(registry, **settings):
     from dataclasses import replace
@@ -213,6 +253,27 @@ def test_an_acks_late_run_of_a_gone_node_is_released_not_failed(registry):
     time.sleep(0.3)
     assert recovery.run_once()["runs_released"] == 1
     assert _status(registry, run) == RunStatus.PENDING
+
+
+def test_a_heartbeat_marks_exactly_the_runs_the_node_holds(registry):
+    """A run the node no longer holds loses its mark (the lost-message search skips marked runs);
+    a run it claimed keeps its claim; an unreadable worker state leaves the marks alone."""
+    with registry.batch("marks") as b:
+        a, c, d = (b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue)) for _ in range(3))
+    registry.liveness.beat("node", [1], [a, c, d])
+    assert registry.liveness.claim(d, 0, "node/1/x", utcnow()).claimed
+    registry.liveness.beat("node", [1], [a])
+    assert [_node(registry, run) for run in (a, c, d)] == ["node", None, "node/1/x"]
+    registry.liveness.beat("node", [1], None)
+    assert _node(registry, a) == "node"
+    registry.liveness.beat("node", [1], [])
+    assert _node(registry, a) is None
+
+
+def _node(registry, run_id):
+    r = registry.store.t.runs
+    with registry.engine.connect() as conn:
+        return conn.scalar(sa.select(r.c.node).where(r.c.id == run_id))
 
 
 def _status(registry, run_id):

@@ -89,8 +89,11 @@ class Liveness:
             return False if conn.scalar(sa.select(c.c.id).where(c.c.id == continuation_id)) else None
 
     # -- a node's heartbeat -----------------------------------------------------------------------------
-    def beat(self, node: str, pids: Sequence[int], held: Sequence[str]) -> None:
-        """Refresh the node's row (and its live pool pids); mark the runs it holds but has not started."""
+    def beat(self, node: str, pids: Sequence[int], held: Sequence[str] | None) -> None:
+        """Refresh the node's row (and its live pool pids), and make the runs it marks as held exactly
+        ``held``: the runs whose messages it holds but has not started. A run it marked and no longer
+        holds (dropped with a lost broker connection, say) loses the mark, so recovery looks for its
+        message again. ``held=None`` (the worker's state could not be read) leaves the marks alone."""
         n, r, now = self.t.nodes, self.t.runs, utcnow()
         pid_text = ",".join(str(p) for p in sorted(pids))
         with self.engine.begin() as conn:
@@ -98,8 +101,14 @@ class Liveness:
                                    .values(heartbeat_at=now, pids=pid_text)).rowcount
             if not updated:
                 conn.execute(sa.insert(n).values(name=node, started_at=now, heartbeat_at=now, pids=pid_text))
+            if held is None:
+                return
+            held = list(held)
+            # a claim replaces the mark with "<node>/<pid>/<delivery>" and RUNNING: never unmarked here
+            conn.execute(sa.update(r).where(r.c.node == node, r.c.status.in_(_WAITING), r.c.id.not_in(held))
+                         .values(node=None))
             if held:
-                conn.execute(sa.update(r).where(r.c.id.in_(list(held)), r.c.status.in_(_WAITING),
+                conn.execute(sa.update(r).where(r.c.id.in_(held), r.c.status.in_(_WAITING),
                                                 sa.or_(r.c.node.is_(None), r.c.node != node))
                              .values(node=node))
 

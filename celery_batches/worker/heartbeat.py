@@ -21,10 +21,12 @@ __all__ = ["Heartbeat", "held_requests", "pool_pids"]
 log = logging.getLogger(__name__)
 
 
-def held_requests() -> list[str]:
+def held_requests() -> list[str] | None:
     """Task ids this worker has received and not started: Celery's reserved (not active) and scheduled
-    requests. Read from its weak sets, not from ``state.requests``: that dict can keep a request the
-    worker dropped (its connection to the broker was lost), which would mark a lost message as held."""
+    requests (Celery empties both when its broker connection is lost: those messages are no longer
+    this worker's). Read from its weak sets, not from ``state.requests``: that dict can keep a
+    request the worker dropped, which would mark a lost message as held. None if the sets kept
+    changing while we read them (the marks are then left as they are)."""
     from celery.worker import state
 
     for _ in range(5):  # the event loop may change the sets while we copy them
@@ -34,7 +36,7 @@ def held_requests() -> list[str]:
             return list({request.id for request in waiting if id(request) not in active})
         except RuntimeError:
             continue
-    return []
+    return None
 
 
 def pool_pids(worker: Any) -> list[int]:

@@ -73,12 +73,15 @@ class Recovery:
         self.record = record  # commit RunEvents and publish what they made due
         self.me = me
         self._seen: dict[str, tuple[object, float]] = {}  # node -> (last heartbeat value, when it changed)
-        self._absent: dict[str, tuple[str, float]] = {}  # run id -> ("held" | "absent", since when)
+        # run id -> ("held" | "absent", since when, pass of the last look): what the lost-message search saw
+        self._absent: dict[str, tuple[str, float, int]] = {}
+        self._pass = 0
         self._cursor: tuple[Any, str] | None = None
 
     def run_once(self) -> dict[str, int]:
         done = {"runs_worker_lost": 0, "runs_released": 0, "messages_restored": 0, "runs_republished": 0,
                 "continuations_republished": 0}
+        self._pass += 1
         nodes = self.liveness.nodes()
         now = time.monotonic()
         for name, (beat, _pids) in nodes.items():
@@ -95,6 +98,8 @@ class Recovery:
         if self.probe.knows:
             self._search_lost(done)
             self._search_lost_continuations(done)
+            # what this pass did not look at again starts over anyway (it ran, finished, was marked)
+            self._absent = {key: seen for key, seen in self._absent.items() if seen[2] == self._pass}
         return done
 
     # -- 1. gone nodes ------------------------------------------------------------------------------
@@ -157,7 +162,6 @@ class Recovery:
                 self._cursor = (window[-1].created_at, str(window[-1].id)) if len(window) == limit else None
 
     def _look(self, rows: Sequence[Any], done: dict[str, int]) -> None:
-        limit = self.settings.recovery_batch
         rows = [row for row in rows if self._queue_of(row)]
         snap: Snapshot = self.probe.look(self._queues(rows))
         if not snap.complete:
@@ -170,20 +174,14 @@ class Recovery:
             if state == "queued":
                 self._absent.pop(run_id, None)
                 continue
-            seen = self._absent.get(run_id)
-            if seen is None or seen[0] != state:
-                self._absent[run_id] = (state, now)
-            elif now - seen[1] >= confirm:
+            if self._missing(run_id, state, now, confirm):
                 (orphaned if state == "held" else lost).append(row)
-                del self._absent[run_id]
         if orphaned:  # unacknowledged, and no live node says it holds it: its consumer died
             done["messages_restored"] += self.probe.restore([snap.held[str(row.id)] for row in orphaned])
         if lost:  # back to the outbox: the relay publishes them (same task ids)
             log.warning("celery_batches: %d run(s) published long ago are in no queue and held by no worker; "
                         "publishing them again", len(lost))
             done["runs_republished"] += self.liveness.release([str(row.id) for row in lost], unpublish=True)
-        if len(self._absent) > 100 * limit:  # runs that finished meanwhile never come back to clear theirs
-            self._absent.clear()
 
     def _search_lost_continuations(self, done: dict[str, int]) -> None:
         """Continuations published long ago that never started, whose message is missing at two looks,
@@ -202,13 +200,25 @@ class Recovery:
             key = f"continuation:{row.id}"
             if snap.has(str(row.id)):
                 self._absent.pop(key, None)
-            elif now - self._absent.setdefault(key, ("absent", now))[1] >= confirm:
+            elif self._missing(key, "absent", now, confirm):
                 lost.append(str(row.id))
-                del self._absent[key]
         if lost:
             log.warning("celery_batches: %d continuation(s) published long ago never started and are in no "
                         "queue; publishing them again", len(lost))
             done["continuations_republished"] += self.liveness.redue(lost)
+
+    def _missing(self, key: str, state: str, now: float, confirm: float) -> bool:
+        """Has ``key`` been seen in ``state`` at looks in consecutive passes spanning at least
+        ``confirm`` seconds? A pass that did not look at it (a node marked it held, it ran) starts over."""
+        seen = self._absent.get(key)
+        if seen is None or seen[0] != state or seen[2] < self._pass - 1:
+            self._absent[key] = (state, now, self._pass)
+            return False
+        if now - seen[1] >= confirm:
+            del self._absent[key]
+            return True
+        self._absent[key] = (state, seen[1], self._pass)
+        return False
 
     def _confirm(self) -> float:
         """Seconds between two looks that find a message missing: one in flight between two places is
