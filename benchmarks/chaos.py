@@ -371,7 +371,7 @@ class Checker:
         from celery_batches import BatchStatus
 
         self.max_retries, self.acks_late = mod.MAX_RETRIES, mod.ACKS_LATE_TASKS
-        t, r, keys = mod.batches.store.t, mod.counters, mod.KEYS
+        t, r, keys = mod.batches.store.tables, mod.counters, mod.KEYS
         with mod.batches.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
             self.batches = conn.execute(sa.select(t.batches)).all()
             self.runs = conn.execute(sa.select(t.runs.c.id, t.runs.c.batch_id, t.runs.c.task_name, t.runs.c.status,
@@ -624,7 +624,7 @@ class Soak:
 
         from celery_batches.models import ContinuationStatus
 
-        t, count = mod.batches.store.t, sa.func.count()
+        t, count = mod.batches.store.tables, sa.func.count()
         with mod.batches.engine.connect() as conn:
             unfinished = conn.scalar(sa.select(count).where(t.batches.c.status < 2))
             open_runs = conn.scalar(sa.select(count).where(t.runs.c.status < 3))

@@ -128,7 +128,7 @@ FILL = [
 
 
 def tables(batches: Batches) -> dict[str, str]:
-    t = batches.store.t
+    t = batches.store.tables
     return {"batches": t.batches.name, "runs": t.runs.name, "batch_jobs": t.batch_jobs.name,
             "continuations": t.continuations.name}
 

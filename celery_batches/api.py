@@ -3,36 +3,38 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-import sqlalchemy as sa
 from celery import Celery, current_task
 
+from . import retry
 from .aftercommit import caller_connection, on_commit
 from .broker import probe_for
 from .builder import BatchBuilder
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
-from .models import Batch, BatchStatus, Continuation, JobRun, RunStatus
+from .models import Batch, BatchStatus, Continuation, JobRun
 from .outbox import CONTINUATION_HEADER, HEADER, Publisher
-from .settings import Settings
-from .store import Outbox, RunEvent, Store, build_tables, make_engine, migrate, refused_for_good, utcnow
-from .store.liveness import UNCLAIMED, Claim, Liveness
+from .settings import REVOKE_CHUNK, Settings
+from .store import Outbox, Transitions, build_tables, make_engine, migrate, reads, utcnow
+from .store.engine import make_claim_engine
+from .store.liveness import Liveness
 from .store.outbox import OutboxStore
 from .worker import signals
 from .worker.bootstep import make_bootstep
-from .worker.groupcommit import GroupCommit
+from .worker.node import Node
 from .worker.task import BatchTask
 
 __all__ = ["Batches", "current_batch_id"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+#: the Batches of each Celery app, for :meth:`Batches.for_app` (weak: an app that goes away takes it along)
+_BY_APP: "weakref.WeakKeyDictionary[Celery, Batches]" = weakref.WeakKeyDictionary()
 
 
 def current_batch_id() -> str | None:
@@ -52,15 +54,6 @@ def _batch_id(value: object) -> str:
         raise InvalidBatchError(f"{value!r} is not a batch id (a UUID)") from None
 
 
-def _refusal(event: RunEvent, exc: BaseException) -> RunEvent | None:
-    """What to record instead of a transition the registry refuses for good: the run FAILED, saying why."""
-    if event.status == RunStatus.FAILED and event.error and event.error.startswith("celery_batches:"):
-        return None  # already a refusal
-    return RunEvent(event.run_id, RunStatus.FAILED, event.retries,
-                    f"celery_batches: the registry refused this run's {event.status.name} transition: "
-                    f"{type(exc).__name__}: {str(exc)[:1000]}")
-
-
 class Batches:
     """Atomic batches for one Celery app.
 
@@ -76,31 +69,27 @@ class Batches:
         self.engine = make_engine(self.settings.database_url, self.settings.engine_options)
         tables = build_tables(self.settings.table_prefix)
         lease = timedelta(seconds=self.settings.publish_lease)
-        self.store = Store(self.engine, tables, self.settings.expires, lease)
+        self.store = Transitions(self.engine, tables, self.settings.expires, lease)
         self.outbox = Publisher(app, OutboxStore(self.engine, tables, lease), self.store.apply_events,
                                 chunk=self.settings.publish_chunk)
-        # this worker process's incarnation: a restarted worker is a new node; pool processes inherit it
-        self.node = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.liveness = Liveness(self.engine, tables, self._claim_engine())
+        self.liveness = Liveness(self.engine, tables,
+                                 make_claim_engine(self.settings.database_url, self.settings.engine_options))
         self.probe = probe_for(app, self.settings.probe_scan_limit)
-        self._group_commit = GroupCommit(self._write_events, interval=self.settings.flush_interval,
-                                         max_events=self.settings.flush_max,
-                                         max_delay=self.settings.write_retry_max_delay,
-                                         refused_for_good=refused_for_good, replace_refused=_refusal)
-        app.celery_batches = self  # how `celery -A proj batches ...` finds this instance
-        signals.connect(self)
-        app.steps["worker"].add(make_bootstep(self))
+        #: the worker side's one seam to the registry (signal handlers, BatchTask, heartbeat, relay)
+        self.worker = Node(app, self.settings, self.store, self.liveness, self.probe, self.outbox)
+        _BY_APP[app] = self
+        signals.connect(self.worker)
+        app.steps["worker"].add(make_bootstep(self.worker))
         app.task(name="celery_batches.purge_expired", shared=False, ignore_result=True)(self.purge_expired)
 
-    def _claim_engine(self) -> sa.Engine:
-        """Claims (one per task start) commit without waiting for the disk on PostgreSQL: a claim
-        lost in a server crash leaves the run PENDING, which recovery handles like a lost message."""
-        if self.engine.dialect.name != "postgresql":
-            return self.engine
-        options = dict(self.settings.engine_options)
-        connect_args = dict(options.pop("connect_args", {}))
-        connect_args["options"] = f"{connect_args.get('options', '')} -c synchronous_commit=off".strip()
-        return make_engine(self.settings.database_url, {**options, "connect_args": connect_args})
+    @staticmethod
+    def for_app(app: Any) -> "Batches | None":
+        """The ``Batches`` created for ``app`` (the last one, if several were), or None. This is how
+        ``celery -A proj batches ...`` and the dashboard find it from the app alone."""
+        try:
+            return _BY_APP.get(app)
+        except TypeError:  # not weak-referenceable: no Celery app
+            return None
 
     # -- schema ------------------------------------------------------------------------------------
     def migrate(self) -> None:
@@ -111,7 +100,7 @@ class Batches:
     def task(self, *args: Any, **options: Any) -> Any:
         """``app.task`` with :class:`BatchTask` as base: ``@batches.task`` or ``@batches.task(name=...)``."""
         options.setdefault("base", BatchTask)
-        options.setdefault("_batches", self)
+        options.setdefault("_node", self.worker)
         return self.app.task(*args, **options)
 
     # -- creation ----------------------------------------------------------------------------------
@@ -127,30 +116,28 @@ class Batches:
         with self._building(builder):
             yield builder
         plan = builder._close()
-        if connection is None:
-            self._publish(self._write(lambda conn: self.store.insert_tree(conn, plan, utcnow())))
-            return
-        conn = caller_connection(connection)
-        outbox = self.store.insert_tree(conn, plan, utcnow())
-        on_commit(connection, lambda: self._publish(outbox),
-                  visible=lambda: self.store.get_batch(plan.id) is not None, timeout=self.settings.publish_lease)
+        self._commit(lambda conn: self.store.insert_tree(conn, plan, utcnow()), connection,
+                     visible=lambda: reads.get_batch(self.store, plan.id) is not None)
 
     def create_batch(self, name: str, configure: Callable[[BatchBuilder], Any], *,
                      created_by: str | None = None) -> str:
-        """Seed-style creation: ``configure(builder)`` then write; returns the batch id."""
+        """Callback-style creation (as in Hangfire's ``StartNew``): ``configure(builder)``, then write;
+        returns the batch id."""
         with self.batch(name, created_by=created_by) as builder:
             configure(builder)
         return builder.id
 
     @contextmanager
-    def reopen(self, batch_id: str) -> Iterator[BatchBuilder]:
+    def reopen(self, batch_id: str, *, connection: Any = None) -> Iterator[BatchBuilder]:
         """Add jobs, nested batches and continuations to an unfinished batch, atomically.
 
         Raises ``BatchNotFoundError`` for an unknown id and ``BatchClosedError`` if the batch is
-        finished or cancelled (checked under the batch's row lock when the block exits).
+        finished or cancelled (checked before the block runs, and again under the batch's row lock
+        when it exits). ``connection``: as for :meth:`batch`.
         """
         batch_id = _batch_id(batch_id)
-        batch = self.get_batch(batch_id)
+        caller = None if connection is None else caller_connection(connection)
+        batch = reads.get_batch(self.store, batch_id, conn=caller)
         if batch is None:
             raise BatchNotFoundError(batch_id)
         if batch.is_finished:
@@ -159,21 +146,23 @@ class Batches:
         with self._building(builder):
             yield builder
         plan = builder._close()
-        self._publish(self._write(lambda conn: self.store.add_to_batch(conn, batch_id, plan, utcnow())))
+        self._commit(lambda conn: self.store.add_to_batch(conn, batch_id, plan, utcnow()), connection)
 
-    def add_jobs_to_batch(self, batch_id: str, configure: Callable[[BatchBuilder], Any]) -> list[str]:
-        """Seed-style add: ``configure(builder)``; returns the run ids of the direct jobs added."""
-        with self.reopen(batch_id) as builder:
+    def add_jobs_to_batch(self, batch_id: str, configure: Callable[[BatchBuilder], Any], *,
+                          connection: Any = None) -> list[str]:
+        """Callback-style add: ``configure(builder)``; returns the run ids of the direct jobs added."""
+        with self.reopen(batch_id, connection=connection) as builder:
             configure(builder)
         return [job.id for job in builder._plan.jobs]
 
     def continue_batch_with(self, batch_id: str, name: str, configure: Callable[[BatchBuilder], Any], *,
-                            when: str = "success") -> str:
+                            when: str = "success", connection: Any = None) -> str:
         """A new batch that starts when ``batch_id`` finishes and ``when`` matches its outcome.
 
         ``when``: "success" (antecedent COMPLETED), "failure" (FAILED) or "complete" (either). Until
         then the new batch is CREATED with its runs unpublished; if the antecedent finishes the other
         way, or is cancelled, the new batch is CANCELLED. Returns the new batch id.
+        ``connection``: as for :meth:`batch`.
         """
         if when not in ("success", "failure", "complete"):
             raise InvalidBatchError(f"when must be 'success', 'failure' or 'complete', not {when!r}")
@@ -182,8 +171,8 @@ class Batches:
         with self._building(builder):
             configure(builder)
         plan = builder._close()
-        self._publish(self._write(lambda conn: self.store.insert_tree(conn, plan, utcnow(),
-                                                                      antecedent=(antecedent, when))))
+        self._commit(lambda conn: self.store.insert_tree(conn, plan, utcnow(), antecedent=(antecedent, when)),
+                     connection, visible=lambda: reads.get_batch(self.store, plan.id) is not None)
         return plan.id
 
     @staticmethod
@@ -196,103 +185,68 @@ class Batches:
             raise
 
     # -- cancel and expiry -------------------------------------------------------------------------
-    def cancel_batch(self, batch_id: str) -> int:
+    def cancel_batch(self, batch_id: str, *, connection: Any = None) -> int:
         """Cancel the batch's whole subtree (and the continue-with stages waiting on it).
 
         Pending runs become CANCELLED and are revoked in Celery; running ones finish and are
         recorded; no continuation of a cancelled batch fires. Returns how many runs were cancelled.
+        ``connection``: as for :meth:`batch` (the revoke is broadcast after the caller commits).
         """
         batch_id = _batch_id(batch_id)
-        run_ids, outbox = self._write(lambda conn: self.store.cancel(conn, batch_id, utcnow()))
-        for start in range(0, len(run_ids), 1000):
+        cancelled: list[str] = []
+
+        def cancel(conn: Any) -> Outbox:
+            run_ids, outbox = self.store.cancel(conn, batch_id, utcnow())
+            cancelled[:] = run_ids
+            return outbox
+
+        self._commit(cancel, connection, then=lambda: self._revoke(cancelled),
+                     visible=lambda: reads.batch_status(self.store, batch_id) == BatchStatus.CANCELLED)
+        return len(cancelled)
+
+    def _revoke(self, run_ids: list[str]) -> None:
+        for start in range(0, len(run_ids), REVOKE_CHUNK):
             try:
-                self.app.control.revoke(run_ids[start:start + 1000])
+                self.app.control.revoke(run_ids[start:start + REVOKE_CHUNK])
             except Exception:  # the registry already says CANCELLED; BatchTask skips them anyway
                 log.exception("celery_batches: could not broadcast the revoke of %d run(s)", len(run_ids))
-        self._publish(outbox)
-        return len(run_ids)
 
     def purge_expired(self) -> int:
         """Delete finished top-level batches past ``expires_at``, with their whole tree; returns batches deleted."""
         return self.store.purge_expired(utcnow())
 
-    def _claim(self, run_id: str, retries: int) -> Claim | None:
-        """For the worker, as a member starts: mark its run RUNNING on this process (see Liveness.claim).
-        None if the registry cannot be reached: the member runs, its RUNNING goes through the group commit."""
-        # <node>/<pid>/<delivery>: a repeat of this claim (its commit went unanswered) finds the run its own
-        node = f"{self.node}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-        try:
-            return self._read(lambda: self.liveness.claim(run_id, retries, node, utcnow()))
-        except sa.exc.DBAPIError:
-            log.error("celery_batches: cannot claim run %s in the registry; running it (its outcome is "
-                      "recorded when the registry answers again)", run_id, exc_info=True)
-            return None
+    def _commit(self, work: Callable[[Any], Outbox], connection: Any, *, visible: Callable[[], bool] | None = None,
+                then: Callable[[], None] | None = None) -> None:
+        """The one way a write API writes. Without ``connection``: ``work(conn)`` in a transaction of
+        our own, then publish what it made publishable (then ``then()``). With ``connection`` (the
+        caller's Session or Connection): ``work`` joins the caller's transaction, and publishing
+        waits for the caller's commit (``visible`` tells a commit from a rollback; by default the
+        transaction's publish lease being there)."""
+        def publish(outbox: Outbox) -> None:
+            self._publish(outbox)
+            if then is not None:
+                then()
 
-    def _claim_continuation(self, continuation_id: str) -> bool | None:
-        """For the worker, as a continuation starts: True if this delivery is its first, False if an
-        earlier one claimed it, None if it is no continuation of ours or the registry cannot be reached."""
-        token = str(uuid.uuid4())
-        try:
-            return self._read(lambda: self.liveness.claim_continuation(continuation_id, token))
-        except sa.exc.DBAPIError:
-            log.error("celery_batches: cannot claim continuation %s in the registry; running it",
-                      continuation_id, exc_info=True)
-            return None
+        if connection is None:
+            publish(self._write(work))
+            return
+        outbox = work(caller_connection(connection))
+        if visible is None:
+            visible = (lambda: False) if outbox.publication is None else (
+                lambda: self.outbox.store.exists(outbox.publication))
+        on_commit(connection, lambda: publish(outbox), visible=visible, timeout=self.settings.publish_lease)
 
-    def _delivery_verdict(self, run_id: str, continuation_of: str | None, claim: Any = UNCLAIMED) -> str:
-        """For BatchTask, before a delivery runs: "run", "skip" (already finished: a redelivery or a
-        republish of a finished run, or a continuation that already ran) or "cancel" (the run or its
-        batch was cancelled). A registry that cannot be read says "run": failing the task would be worse."""
-        if continuation_of is not None:
-            claimed = self._claim_continuation(run_id) if claim is UNCLAIMED else claim
-            return "skip" if claimed is False else "run"
-        if claim is UNCLAIMED:
-            claim = self._claim(run_id, 0)
-        if claim is None or claim.run_status is None:
-            return "run"  # no registry to ask, or not a run of ours
-        if claim.run_status == RunStatus.CANCELLED or (
-                claim.batch_status == BatchStatus.CANCELLED and not claim.run_status.is_final):
-            return "cancel"
-        return "run" if claim.claimed else "skip"  # finished, or running elsewhere
-
-    def _read(self, read: Callable[[], _T], attempts: int = 4) -> _T:
-        """Run a registry read, again if its connection died (a restarted or failed-over database,
-        a killed backend: the pool has already dropped the dead connections) or the server refused it."""
-        delay = 0.05
-        for attempt in range(1, attempts + 1):
-            try:
-                return read()
-            except sa.exc.DBAPIError as exc:
-                if attempt == attempts or not (exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError)):
-                    raise
-                log.warning("celery_batches: registry read failed (attempt %d): %s; retrying", attempt, exc.orig)
-                if not exc.connection_invalidated:
-                    time.sleep(delay)
-                    delay *= 2
-        raise AssertionError("unreachable")
-
-    def _write(self, work: Callable[[Any], _T], attempts: int = 5) -> _T:
-        """Run ``work(conn)`` in a transaction of its own, again if PostgreSQL chose it as the victim
-        of a deadlock or a serialization failure (a cancel and a worker's group commit lock the same
-        rows in different orders); the whole transaction is repeated, so nothing is half-done."""
-        for attempt in range(1, attempts + 1):
-            try:
-                with self.engine.begin() as conn:
-                    return work(conn)
-            except sa.exc.DBAPIError as exc:
-                if attempt == attempts or getattr(exc.orig, "sqlstate", None) not in ("40P01", "40001"):
-                    raise
-                log.warning("celery_batches: transaction lost a deadlock (attempt %d); retrying", attempt)
-                time.sleep(0.01 * attempt)
-        raise AssertionError("unreachable")
+    def _write(self, work: Callable[[Any], _T]) -> _T:
+        """``work(conn)`` in a transaction of its own, repeated whole if it lost a deadlock (a cancel
+        and a worker's group commit lock the same rows in different orders): nothing is half-done."""
+        def transaction() -> _T:
+            with self.engine.begin() as conn:
+                return work(conn)
+        return retry.call(transaction, retry.DEADLOCK, "registry transaction", log)
 
     # -- publishing (after commit) -----------------------------------------------------------------
     def _publish(self, outbox: Outbox) -> None:
         self.outbox.publish(outbox)
-
-    def _write_events(self, events: Sequence[RunEvent]) -> None:
-        """Commit a group of run transitions, then publish what it made due."""
-        self.outbox.publish(self.store.apply_events(events))
 
     # -- reads -------------------------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> Batch | None:
@@ -301,26 +255,27 @@ class Batches:
             batch_id = _batch_id(batch_id)
         except InvalidBatchError:
             return None
-        return self.store.get_batch(batch_id)
+        return reads.get_batch(self.store, batch_id)
 
     def get_batch_jobs(self, batch_id: str) -> list[JobRun]:
         """The batch's direct jobs in enqueue order."""
-        return self.store.get_jobs(_batch_id(batch_id))
+        return reads.get_jobs(self.store, _batch_id(batch_id))
 
     def get_continuations(self, batch_id: str) -> list[Continuation]:
-        return self.store.get_continuations(_batch_id(batch_id))
+        return reads.get_continuations(self.store, _batch_id(batch_id))
 
     def list_batches(self, *, status: BatchStatus | int | None = None, parent_id: str | None = None,
-                     name: str | None = None, limit: int = 50, offset: int = 0) -> list[Batch]:
-        """Newest first; top-level batches unless ``parent_id`` is given; ``name`` matches a substring, ignoring case."""
+                     name: str | None = None, limit: int = reads.PAGE_SIZE, offset: int = 0) -> list[Batch]:
+        """Newest first; top-level batches unless ``parent_id`` is given; ``name`` matches a substring,
+        ignoring case."""
         if not (isinstance(limit, int) and isinstance(offset, int) and limit >= 0 and offset >= 0):
             raise InvalidBatchError(f"limit and offset must be non-negative integers, got {limit!r}, {offset!r}")
         try:
             wanted = None if status is None else BatchStatus(status)
         except ValueError:
             raise InvalidBatchError(f"{status!r} is not a BatchStatus") from None
-        return self.store.list_batches(status=wanted, parent_id=None if parent_id is None else _batch_id(parent_id),
-                                       name=name, limit=limit, offset=offset)
+        parent = None if parent_id is None else _batch_id(parent_id)
+        return reads.batch_list(self.store, status=wanted, parent_id=parent, name=name, limit=limit, offset=offset)
 
     def wait(self, batch_id: str, timeout: float | None = None) -> Batch:
         """Poll until the batch is finished; raises ``TimeoutError`` after ``timeout`` seconds."""

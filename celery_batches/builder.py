@@ -139,7 +139,7 @@ class BatchBuilder:
         self._plan.children.append(child._plan)
 
     def add_batch(self, name: str, configure: Callable[["BatchBuilder"], Any]) -> str:
-        """Seed-style nested batch: ``configure(child)``; returns the child batch id."""
+        """Callback-style nested batch: ``configure(child)``; returns the child batch id."""
         with self.batch(name) as child:
             configure(child)
         return child.id

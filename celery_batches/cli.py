@@ -1,4 +1,9 @@
-"""``celery -A proj batches …``: the command group, plugged in through the ``celery.commands`` entry point."""
+"""``celery -A proj batches …``: the command group, plugged in through the ``celery.commands`` entry point.
+
+``celery -A proj batches dashboard`` takes the options of the dashboard's one launcher
+(:mod:`celery_batches.dashboard.launcher`). ``--json`` prints the shapes of
+:mod:`celery_batches.serialize`, the same as the dashboard's JSON API.
+"""
 
 from __future__ import annotations
 
@@ -6,49 +11,47 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any
 
 import click
 
+from . import serialize
 from .api import Batches
+from .dashboard.launcher import dashboard_options, serve_dashboard
 from .models import Batch, BatchStatus
+from .store import pages
 
 __all__ = ["batches"]
+
+SHOW_TREE_LIMIT = 10_000  # most batches of a subtree `show` prints (the rest is counted, not listed)
+WAIT_INTERVAL = 0.5  # default seconds between two reads of `wait`
+JSON_INDENT = 2  # --json output is indented for people; scripts parse it the same
 
 
 def _service(ctx: click.Context) -> Batches:
     app = ctx.obj.app if ctx.obj is not None else None
-    service = getattr(app, "celery_batches", None)
-    if not isinstance(service, Batches):
+    service = Batches.for_app(app)
+    if service is None:
         raise click.UsageError(
             "no celery_batches.Batches found for this app: run `celery -A proj batches ...` with the "
             "module that creates both the Celery app and Batches(app)")
     return service
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, BatchStatus):
-        return value.name
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if hasattr(value, "name") and hasattr(value, "value"):  # other enums
-        return value.name
-    return value
+def _batch_id(value: str, hint: str) -> str:
+    """A batch id given on the command line, normalised; a malformed one is a usage error."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a batch id (a UUID)", param_hint=hint) from None
 
 
-def _batch_dict(batch: Batch) -> dict[str, Any]:
-    data = _jsonable(asdict(batch))
-    data.update(pending_jobs=batch.pending_jobs, progress=round(batch.progress, 4))
-    return data
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=JSON_INDENT))
 
 
 def _when(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+    return serialize.when(value, empty="-")
 
 
 @click.group(name="batches")
@@ -70,20 +73,22 @@ def migrate(ctx: click.Context) -> None:
 @click.option("--status", type=click.Choice([s.name for s in BatchStatus], case_sensitive=False))
 @click.option("--name", help="substring of the batch name")
 @click.option("--parent", "parent_id", help="list the children of this batch")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(0))
+@click.option("--limit", default=pages.PAGE_SIZE, show_default=True, type=click.IntRange(0))
 @click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
 @click.pass_context
 def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: str | None, limit: int,
           offset: int, as_json: bool) -> None:
     """List batches, newest first (top-level unless --parent)."""
-    rows = _service(ctx).list_batches(status=BatchStatus[status.upper()] if status else None,
-                                      parent_id=parent_id, name=name, limit=limit, offset=offset)
+    service = _service(ctx)
+    rows = pages.batch_rows(service.store, status=BatchStatus[status.upper()] if status else None, name=name,
+                            parent_id=_batch_id(parent_id, "--parent") if parent_id else None, limit=limit,
+                            offset=offset)
     if as_json:
-        click.echo(json.dumps([_batch_dict(b) for b in rows], indent=2))
+        _echo_json([serialize.batch_json(row) for row in rows])
         return
     click.echo(f"{'id':36}  {'name':30}  {'status':9}  {'done':>11}  {'failed':>6}  {'cancelled':>9}  created")
-    for b in rows:
+    for b in (row.batch for row in rows):
         click.echo(f"{b.id:36}  {b.name[:30]:30}  {b.status.name:9}  {b.total_jobs - b.pending_jobs:>5}/{b.total_jobs:<5}"
                    f"  {b.failed_jobs:>6}  {b.cancelled_jobs:>9}  {_when(b.created_at)}")
 
@@ -95,49 +100,28 @@ def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: s
 def show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
     """Show a batch: counters, the nested tree, continuations."""
     service = _service(ctx)
-    batch = _get(service, batch_id)
-
-    def tree(b: Batch) -> dict[str, Any]:
-        node = _batch_dict(b)
-        node["children"] = [tree(c) for c in _children(service, b.id)]
-        return node
-
-    data = tree(batch)
-    data["continuations"] = [_jsonable(asdict(c)) for c in service.get_continuations(batch.id)]
+    detail = pages.batch_detail(service.store, _batch_id(batch_id, "BATCH_ID"), tree_limit=SHOW_TREE_LIMIT)
+    if detail is None:
+        raise click.ClickException(f"no batch with id {batch_id}")
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        _echo_json(serialize.detail_json(detail))
         return
-
-    def render(node: dict[str, Any], depth: int) -> None:
-        pad = "  " * depth
-        click.echo(f"{pad}{node['name']} [{node['status']}] {node['id']}")
-        click.echo(f"{pad}  total {node['total_jobs']}  completed {node['completed_jobs']}  failed "
-                   f"{node['failed_jobs']}  cancelled {node['cancelled_jobs']}  pending {node['pending_jobs']}"
-                   f"  ({node['progress']:.0%})")
-        for child in node["children"]:
-            render(child, depth + 1)
-
-    render(data, 0)
+    for node in detail.tree:  # depth-first, the batch itself first
+        pad, u = "  " * node.depth, node.units
+        click.echo(f"{pad}{node.name} [{node.status.name}] {node.id}")
+        click.echo(f"{pad}  total {u.total}  completed {u.completed}  failed {u.failed}  cancelled {u.cancelled}"
+                   f"  pending {u.pending}  ({u.progress:.0%})")
+    if detail.tree_truncated:
+        click.echo(f"… and {detail.root.subtree_batches - len(detail.tree)} more batch(es) in the subtree")
+    batch = detail.row.batch
     click.echo(f"created {_when(batch.created_at)}  finished {_when(batch.completed_at)}  "
                f"expires {_when(batch.expires_at)}")
-    for c in data["continuations"]:
-        click.echo(f"on_{c['kind'].lower()}: {c['task_name']} [{c['status']}]")
-
-
-def _children(service: Batches, batch_id: str) -> list[Batch]:
-    out, offset = [], 0
-    while page := service.list_batches(parent_id=batch_id, limit=500, offset=offset):
-        out += page
-        offset += len(page)
-    return out
+    for c in detail.continuations:
+        click.echo(f"on_{c.kind.lower()}: {c.task_name} [{c.status.name}]")
 
 
 def _get(service: Batches, batch_id: str) -> Batch:
-    try:
-        uuid.UUID(batch_id)
-    except ValueError:  # a usage error, not an unknown batch
-        raise click.BadParameter(f"{batch_id!r} is not a batch id (a UUID)", param_hint="BATCH_ID") from None
-    batch = service.get_batch(batch_id)
+    batch = service.get_batch(_batch_id(batch_id, "BATCH_ID"))
     if batch is None:
         raise click.ClickException(f"no batch with id {batch_id}")
     return batch
@@ -146,7 +130,7 @@ def _get(service: Batches, batch_id: str) -> Batch:
 @batches.command()
 @click.argument("batch_id")
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds (exit 2)")
-@click.option("--interval", type=float, default=0.5, show_default=True)
+@click.option("--interval", type=float, default=WAIT_INTERVAL, show_default=True)
 @click.pass_context
 def wait(ctx: click.Context, batch_id: str, timeout: float | None, interval: float) -> None:
     """Show a live progress bar until the batch finishes; exit 0 if COMPLETED, 1 otherwise."""
@@ -190,19 +174,11 @@ def purge(ctx: click.Context) -> None:
     click.echo(f"deleted {_service(ctx).purge_expired()} batch(es)")
 
 
+# -- the dashboard ---------------------------------------------------------------------------------
+
 @batches.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--port", default=5555, show_default=True, type=int)
-@click.option("--prefix", default="", help="serve under this path prefix, e.g. /batches")
-@click.option("--read-only", is_flag=True, help="hide and refuse the Cancel action")
-@click.option("--basic-auth", metavar="USER:PASSWORD", envvar="CELERY_BATCHES_DASHBOARD_AUTH",
-              help="require HTTP basic auth (or set CELERY_BATCHES_DASHBOARD_AUTH)")
+@dashboard_options
 @click.pass_context
-def dashboard(ctx: click.Context, host: str, port: int, prefix: str, read_only: bool, basic_auth: str | None) -> None:
+def dashboard(ctx: click.Context, **options: Any) -> None:
     """Serve the web dashboard (local requests only unless --basic-auth is given)."""
-    import logging
-
-    from .dashboard.__main__ import serve
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(_service(ctx), host=host, port=port, prefix=prefix, read_only=read_only, credentials=basic_auth)
+    serve_dashboard(_service(ctx), **options)

@@ -7,7 +7,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-__all__ = ["Batch", "BatchStatus", "JobRun", "RunStatus", "Continuation", "ContinuationStatus"]
+__all__ = ["Batch", "BatchStatus", "JobRun", "RunStatus", "Continuation", "ContinuationStatus", "batch_progress"]
+
+
+def batch_progress(total: int, pending: int, finished: bool) -> float:
+    """Finished units over total units, 0.0–1.0: the one definition every view of a batch uses.
+
+    An empty batch (``total == 0``) is 1.0 once it has finished and 0.0 before (a continue-with
+    stage with no jobs waits, empty, for its antecedent).
+    """
+    if total <= 0:
+        return 1.0 if finished else 0.0
+    return (total - pending) / total
 
 
 class BatchStatus(enum.IntEnum):
@@ -76,10 +87,8 @@ class Batch:
 
     @property
     def progress(self) -> float:
-        """Finished units over total units, 0.0–1.0 (1.0 for an empty batch)."""
-        if self.total_jobs == 0:
-            return 1.0 if self.is_finished else 0.0
-        return (self.total_jobs - self.pending_jobs) / self.total_jobs
+        """Finished units over total units, 0.0–1.0 (see :func:`batch_progress` for an empty batch)."""
+        return batch_progress(self.total_jobs, self.pending_jobs, self.is_finished)
 
     @property
     def is_finished(self) -> bool:

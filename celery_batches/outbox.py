@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from kombu.exceptions import ContentDisallowed, EncodeError, OperationalError
 from kombu.utils import json as kjson
 
+from . import retry
 from .builder import Message
 from .models import RunStatus
 from .store import Outbox, RunEvent
@@ -198,15 +199,11 @@ class Publisher:
             time.sleep(0.05 * (attempt + 1))
 
     @staticmethod
-    def _write(what: str, write: Callable, *args: object, attempts: int = 5) -> object:
+    def _write(what: str, write: Callable, *args: object) -> object:
         """A bookkeeping write after messages went out: never raises to the caller. If every attempt
         fails, the lease lapses and the relay publishes those messages again (the same task ids)."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return write(*args)
-            except Exception:
-                if attempt == attempts:
-                    log.exception("celery_batches: could not %s; the relay will see to it", what)
-                    return None
-                time.sleep(0.05 * 2 ** attempt)
-        return None
+        try:
+            return retry.call(lambda: write(*args), retry.BOOKKEEPING, what, log)
+        except Exception:
+            log.exception("celery_batches: could not %s; the relay will see to it", what)
+            return None

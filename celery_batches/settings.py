@@ -17,11 +17,26 @@ from typing import Any, Mapping
 
 from .errors import InvalidBatchError
 
-__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV"]
+__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "ERROR_CHARS", "PURGE_CHUNK", "RELAY_PASS_TTL",
+           "RELAY_STEP", "REVOKE_CHUNK"]
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_batches.sqlite3"
 DATABASE_URL_ENV = "CELERY_BATCHES_DATABASE_URL"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+
+# Fixed limits: they bound the work of one step, not what happens, so they are not settings.
+#: runs and continuations one relay step takes over; open runs one reconciler step reads
+RELAY_STEP = 500
+#: seconds a relay pass holds its lease, renewed between its steps: a node that dies mid-pass blocks the
+#: others this long at most (passes that overlap after a longer step do no harm: each step's writes are
+#: conditional, and what the relay publishes it holds under a publish lease first)
+RELAY_PASS_TTL = 30.0
+#: characters of an exception's text kept as a run's error
+ERROR_CHARS = 4000
+#: run ids per revoke broadcast when a batch is cancelled
+REVOKE_CHUNK = 1000
+#: top-level batch trees deleted per transaction by ``purge_expired``
+PURGE_CHUNK = 100
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,13 @@ running, so it completes exactly once, after the last page, and its continuation
 from __future__ import annotations
 
 import sys
-import threading
 
 from celery_batches import Batches, BatchStatus, current_batch_id
 
 try:
-    from examples.embedded import EMBEDDED, make_app, start_worker
+    from examples.embedded import continuation_ran, make_app, start_worker, wait_for_continuation
 except ImportError:  # run as a script from the examples folder
-    from embedded import EMBEDDED, make_app, start_worker
+    from embedded import continuation_ran, make_app, start_worker, wait_for_continuation
 
 app = make_app("crawler")
 batches = Batches(app)
@@ -33,13 +32,10 @@ def crawl(path: str) -> None:
         batches.add_jobs_to_batch(current_batch_id(), lambda b: [b.enqueue(crawl, link) for link in links])
 
 
-finished = threading.Event()  # embedded mode: the continuation runs in this process
-
-
 @app.task(name="crawler.done")
 def done(site: str) -> None:
     print(f"  -> continuation: crawled all of {site}", flush=True)
-    finished.set()
+    continuation_ran.set()
 
 
 def main() -> int:
@@ -49,8 +45,7 @@ def main() -> int:
         b.enqueue(crawl, "/")
         b.on_complete(done, "example.org")
     batch = batches.wait(b.id, timeout=60)
-    if EMBEDDED:  # let the in-process worker run the continuation before this process exits
-        finished.wait(30)
+    wait_for_continuation()
     pages = sorted(job.args[0] for job in batches.get_batch_jobs(b.id))
     print(f"crawl: {batch.status.name}, {batch.completed_jobs}/{batch.total_jobs} pages: {', '.join(pages)}")
     return 0 if batch.status == BatchStatus.COMPLETED and len(pages) == len(SITE) else 1

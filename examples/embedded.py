@@ -15,6 +15,8 @@ from celery import Celery
 from celery.exceptions import SecurityWarning
 
 EMBEDDED = not os.environ.get("CELERY_BROKER_URL")
+#: set by an example's continuation (in embedded mode it runs in this process's worker thread)
+continuation_ran = threading.Event()
 
 
 def make_app(name: str) -> Celery:
@@ -35,3 +37,10 @@ def start_worker(app: Celery) -> None:
     worker = app.Worker(pool="threads", concurrency=4, loglevel="WARNING", without_heartbeat=True,
                         without_mingle=True, without_gossip=True, quiet=True)
     threading.Thread(target=worker.start, name="embedded-worker", daemon=True).start()
+
+
+def wait_for_continuation(timeout: float = 30.0) -> None:
+    """In embedded mode, keep this process (and its worker thread) alive until the continuation ran:
+    the batch finishes first, and its continuation is published and run right after."""
+    if EMBEDDED and not continuation_ran.wait(timeout):
+        print(f"the continuation did not run within {timeout:g}s", flush=True)

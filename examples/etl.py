@@ -14,9 +14,9 @@ import sys
 from celery_batches import Batches, BatchStatus
 
 try:
-    from examples.embedded import make_app, start_worker
+    from examples.embedded import continuation_ran, make_app, start_worker, wait_for_continuation
 except ImportError:  # run as a script from the examples folder
-    from embedded import make_app, start_worker
+    from embedded import continuation_ran, make_app, start_worker, wait_for_continuation
 
 app = make_app("etl")
 batches = Batches(app)
@@ -36,6 +36,7 @@ def load(table: str) -> None:
 @app.task(name="etl.report")
 def report(run: str) -> None:
     print(f"  -> continuation: {run} loaded every table", flush=True)
+    continuation_ran.set()
 
 
 def main() -> int:
@@ -58,6 +59,8 @@ def main() -> int:
         print(f"  {child.name}: {child.status.name} {child.completed_jobs}/{child.total_jobs}")
     print(f"extract: {first.status.name} {first.completed_jobs}/{first.total_jobs} sources; "
           f"load: {second.status.name} {second.completed_jobs}/{second.total_jobs} tables")
+    if second.status == BatchStatus.COMPLETED:
+        wait_for_continuation()
     return 0 if second.status == BatchStatus.COMPLETED else 1
 
 

@@ -1,4 +1,4 @@
-"""The seed's order example, end to end.
+"""The order example, end to end.
 
 With no configuration it runs on a fresh machine with no services: the registry is a SQLite file
 (``celery_batches.sqlite3`` in the working directory), the broker is Celery's in-memory transport
@@ -24,9 +24,9 @@ import time
 from celery_batches import Batches, BatchStatus
 
 try:
-    from examples.embedded import EMBEDDED, make_app, start_worker
+    from examples.embedded import continuation_ran, make_app, start_worker, wait_for_continuation
 except ImportError:  # run as a script from the examples folder
-    from embedded import EMBEDDED, make_app, start_worker
+    from embedded import continuation_ran, make_app, start_worker, wait_for_continuation
 
 app = make_app("shop")
 # database URL: CELERY_BATCHES_DATABASE_URL if set, else the embedded SQLite default
@@ -66,11 +66,13 @@ def send_receipt(order_id: int) -> str:
 @app.task(name="shop.complete_order")
 def complete_order(order_id: int) -> None:
     print(f"  -> continuation: order {order_id} is complete (on_success)", flush=True)
+    continuation_ran.set()
 
 
 @app.task(name="shop.notify_failure")
 def notify_failure(order_id: int) -> None:
     print(f"  -> continuation: order {order_id} failed (on_failure)", flush=True)
+    continuation_ran.set()
 
 
 def main() -> int:
@@ -102,7 +104,7 @@ def main() -> int:
         print(f"  nested {child.name}: {child.status.name}, {child.completed_jobs}/{child.total_jobs} completed")
     for job in batches.get_batch_jobs(b.id):
         print(f"  job #{job.order} {job.task_name}{tuple(job.args)}: {job.status.name}")
-    time.sleep(0.5 if EMBEDDED else 0)  # let the embedded worker print the continuation
+    wait_for_continuation()
     return 0 if batch.status == BatchStatus.COMPLETED else 1
 
 

@@ -3,7 +3,7 @@
 Every session gets its own table prefix, queue and Redis database keys, set in the environment
 before ``tests.proj`` is imported, so the workers the fixtures start (which import the same
 module) see the same configuration. A missing service skips these tests locally and fails them
-when ``CI=true``.
+when ``CI=true``. Helpers that are not fixtures (and know nothing of the session) are in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import pytest
+
+pytest.register_assert_rewrite("tests.helpers")  # its asserts report values, as a test module's do
+
+from tests.helpers import WAIT, eventually, private_registry, worker_argv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSION = uuid.uuid4().hex[:8]
@@ -28,7 +30,15 @@ os.environ.setdefault("TEST_BACKEND_URL", "redis://127.0.0.1:6379/9")
 os.environ.setdefault("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 os.environ["TEST_PREFIX"] = f"cbt_{SESSION}_"
 os.environ["TEST_QUEUE"] = f"cbt-{SESSION}"
+#: under CI a missing service or tool fails the tests that need it; anywhere else it skips them
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Something a test needs is missing: fail under CI (where everything must run), skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{reason}: in CI a missing dependency fails the test")
+    pytest.skip(reason)
 
 
 def _answers(host: str, port: int) -> bool:
@@ -43,10 +53,7 @@ def _answers(host: str, port: int) -> bool:
 def services() -> None:
     missing = [name for name, port in (("PostgreSQL", 5432), ("Redis", 6379)) if not _answers("127.0.0.1", port)]
     if missing:
-        message = f"{' and '.join(missing)} not answering on 127.0.0.1"
-        if IN_CI:
-            pytest.fail(f"{message}: in CI a missing service fails the test")
-        pytest.skip(message)
+        unavailable(f"{' and '.join(missing)} not answering on 127.0.0.1")
 
 
 @pytest.fixture(scope="session")
@@ -86,73 +93,11 @@ def registry(services: None) -> Any:
     """A Batches on a private prefix of the real PostgreSQL, publishing to the real Redis, no worker."""
     from celery import Celery
 
-    from celery_batches import Batches
-    from celery_batches.store import drop_schema
-
     app = Celery(f"private_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_BROKER_URL"], set_as_current=False)
-    batches = Batches(app, database_url=os.environ["TEST_DATABASE_URL"],
-                      table_prefix=f"cbt_ob_{uuid.uuid4().hex[:6]}_", relay_interval=0)
-    batches.migrate()
-    batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"  # consumed by no worker
-    yield batches
-    drop_schema(batches.engine, batches.settings.table_prefix)
-    batches.engine.dispose()
-    app.connection_for_write().default_channel.client.delete(batches.queue)
-
-
-def works_in_a_child_forked_while_held(lock: Any, child: Callable[[], bool]) -> bool:
-    """Fork while another thread of this process holds ``lock`` (what a prefork worker's relay or group
-    commit thread may do at the instant of a fork); True if ``child()`` returned True in the child
-    within 10 seconds, instead of blocking on the lock its parent's thread held."""
-    import threading
-
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with lock:
-            held.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    held.wait(10)
-    pid = os.fork()
-    if pid == 0:
-        signal.alarm(10)
-        try:
-            os._exit(0 if child() else 1)
-        except BaseException:
-            os._exit(2)
-    release.set()
-    thread.join()
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
-
-
-def publish(app: Any, messages: list) -> list[str]:
-    """Send stored messages as the outbox does (same task ids and headers), bypassing it and its flags:
-    what a redelivery or a second publisher sends. Returns the ids sent."""
-    from kombu.utils import json as kjson
-
-    from celery_batches.outbox import CONTINUATION_HEADER, HEADER
-
-    for m in messages:
-        headers = {HEADER: m.batch_id} if m.batch_id else {CONTINUATION_HEADER: m.continuation_of}
-        app.send_task(m.task_name, kjson.loads(m.args), kjson.loads(m.kwargs), task_id=m.id, headers=headers,
-                      **(kjson.loads(m.options) if m.options else {}))
-    return [m.id for m in messages]
-
-
-def eventually(check: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.02) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    with private_registry(app, "cbt_ob") as batches:
+        batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"  # consumed by no worker
+        yield batches
+        app.connection_for_write().default_channel.client.delete(batches.queue)
 
 
 def relay_log() -> str:
@@ -161,20 +106,22 @@ def relay_log() -> str:
                    for path in Path("/tmp").glob(f"celery_batches-worker-{SESSION}-*.log"))
 
 
+def relay_reported(fragment: str, timeout: float = WAIT) -> None:
+    """Wait for ``fragment`` of the relay's report in a worker log. The report is logged after the pass
+    commits, so a batch the pass finished may be done before it is written."""
+    eventually(lambda: fragment in relay_log(), "the relay's report in a worker log", timeout)
+
+
 class Worker:
-    """A real ``celery -A tests.proj worker -P prefork -c 2`` process."""
+    """A real ``celery -A tests.proj worker -P prefork -c 2`` process; as a context manager, stopped at exit."""
 
     def __init__(self, proj: Any, queue: str, **env: str) -> None:
         self.proj = proj
         self.queue = queue
         self.log = Path(f"/tmp/celery_batches-worker-{SESSION}-{queue}.log")
         environ = dict(os.environ, TEST_QUEUE=queue, PYTHONPATH=str(ROOT), **env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tests.proj", "worker", "-P", "prefork", "-c", "2",
-             "-Q", queue, "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "-n", f"{queue}@%h"],
-            cwd=ROOT, env=environ, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen([*worker_argv("tests.proj", queue), "-n", f"{queue}@%h"],
+                                     cwd=ROOT, env=environ, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
         tag = f"ready:{uuid.uuid4()}"
         if "TEST_BROKER_URL" in env:  # a worker on another broker: say hello through that broker
             from celery import Celery
@@ -186,6 +133,12 @@ class Worker:
         eventually(lambda: proj.r.exists(tag) or self.proc.poll() is not None, "the worker to start", 60)
         if self.proc.poll() is not None:
             raise RuntimeError(f"worker exited at start:\n{self.log.read_text()[-3000:]}")
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def children(self) -> list[int]:
         path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")

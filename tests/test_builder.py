@@ -15,6 +15,7 @@ from kombu import Queue
 
 from celery_batches import BatchBuilder, BatchError, Batches, BatchStatus, InvalidBatchError, RunStatus
 from celery_batches.outbox import HEADER
+from tests.helpers import memory_app, row_counts
 
 DEFAULT_URL = "sqlite:///celery_batches.sqlite3"
 ENV = "CELERY_BATCHES_DATABASE_URL"
@@ -23,10 +24,7 @@ ENV = "CELERY_BATCHES_DATABASE_URL"
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture
 def app():
-    name = f"builder_{uuid.uuid4().hex[:10]}"
-    app = Celery(name, broker="memory://", set_as_current=False)
-    # a queue of its own: the memory transport's queues are shared by every app in the process
-    app.conf.update(task_default_queue=f"q_{name}", worker_hijack_root_logger=False)
+    app = memory_app("builder")
     yield app
     app.close()
 
@@ -57,13 +55,6 @@ def tasks(app, batches):
             return None
 
     return T
-
-
-def row_counts(b: Batches) -> dict[str, int]:
-    t = b.store.t
-    with b.engine.connect() as conn:
-        return {table.name: conn.scalar(sa.select(sa.func.count()).select_from(table))
-                for table in (t.batches, t.runs, t.batch_jobs, t.continuations)}
 
 
 def queue_size(app: Celery, queue: str) -> int:
@@ -242,8 +233,8 @@ def test_invalid_table_prefix_raises(app, tmp_path, prefix):
 
 def test_valid_table_prefix_names_the_tables(app, tmp_path):
     b = Batches(app, database_url=f"sqlite:///{tmp_path}/reg.sqlite3", table_prefix="shop_v2_")
-    assert b.store.t.batches.name == "shop_v2_batches"
-    assert b.store.t.runs.name.startswith("shop_v2_")
+    assert b.store.tables.batches.name == "shop_v2_batches"
+    assert b.store.tables.runs.name.startswith("shop_v2_")
     b.migrate()
     assert {"shop_v2_batches", "shop_v2_runs"} <= set(sa.inspect(b.engine).get_table_names())
     b.engine.dispose()
@@ -363,7 +354,7 @@ def test_builder_is_closed_after_the_block(registry, tasks):
             pass
     assert registry.get_batch(b.id).total_jobs == 1
     assert len(registry.get_batch_jobs(b.id)) == 1
-    assert row_counts(registry)["celery_batches_batches"] == 1
+    assert row_counts(registry)["batches"] == 1
 
 
 def test_builder_is_closed_after_a_block_that_raised(registry, tasks):

@@ -27,16 +27,15 @@ from werkzeug.test import Client
 
 from celery_batches import Batches, BatchStatus, RunStatus
 from celery_batches.dashboard import create_app
-from celery_batches.dashboard.__main__ import find_batches
+from celery_batches.dashboard.launcher import find_batches
 from celery_batches.models import ContinuationStatus
-from tests.conftest import ROOT, eventually
+from tests.conftest import ROOT
+from tests.helpers import WAIT, eventually
 
 pytestmark = pytest.mark.timeout(120)
 LOCAL = {"REMOTE_ADDR": "127.0.0.1"}
-WAIT = 60.0
-
-
-def tag(label: str) -> str:
+def unique_name(label: str) -> str:
+    """A batch name no other test uses, short enough to show whole on a page."""
     return f"{label}-{uuid.uuid4().hex[:10]}"
 
 
@@ -69,7 +68,7 @@ def pending_batch(proj, queue: str, name: str, jobs: int = 3, **kwargs) -> str:
 
 
 def run_counts(proj, batch_ids: list[str]) -> dict[str, int]:
-    r = proj.batches.store.t.runs
+    r = proj.batches.store.tables.runs
     with proj.batches.engine.connect() as conn:
         rows = conn.execute(sa.select(r.c.status, sa.func.count()).where(r.c.batch_id.in_(batch_ids))
                             .group_by(r.c.status)).all()
@@ -90,7 +89,7 @@ def subtree_ids(proj, batch_id: str) -> list[str]:
 # -- pages and API on PostgreSQL -------------------------------------------------------------------
 
 def test_batches_page_lists_newest_first_with_progress_and_children(proj, client, nowhere):
-    t = tag("listing")
+    t = unique_name("listing")
     first = pending_batch(proj, nowhere, f"{t}-first", jobs=2)
     with proj.batches.batch(f"{t}-second", created_by="checkout") as b:
         b.enqueue(proj.noop.s().set(queue=nowhere))
@@ -119,7 +118,7 @@ def test_batches_page_lists_newest_first_with_progress_and_children(proj, client
 
 
 def test_batches_page_filters_by_status_and_name_and_paginates_both_ways(proj, nowhere):
-    t = tag("paging")
+    t = unique_name("paging")
     ids = [pending_batch(proj, nowhere, f"{t}-{i}", jobs=1) for i in range(5)]  # ids[4] is the newest
     proj.batches.cancel_batch(ids[1])
     client = Local(create_app(proj.batches, page_size=2))
@@ -154,7 +153,7 @@ def test_batches_page_filters_by_status_and_name_and_paginates_both_ways(proj, n
 
 
 def test_batch_page_tree_roll_up_matches_the_runs(proj, worker, client):
-    t = tag("tree")
+    t = unique_name("tree")
     with proj.batches.batch(f"{t}-root") as b:
         b.enqueue(proj.noop)
         b.enqueue(proj.fail)
@@ -195,7 +194,7 @@ def test_batch_page_tree_roll_up_matches_the_runs(proj, worker, client):
 
 
 def test_a_cancelled_subtree_rolls_up_like_its_runs(proj, client, nowhere):
-    t = tag("cancelled-tree")
+    t = unique_name("cancelled-tree")
     with proj.batches.batch(f"{t}-root") as b:
         b.enqueue(proj.noop.s().set(queue=nowhere))
         with b.batch(f"{t}-child") as c:
@@ -209,7 +208,7 @@ def test_a_cancelled_subtree_rolls_up_like_its_runs(proj, client, nowhere):
 
 
 def test_jobs_are_paginated_on_position_and_filterable(proj, client, nowhere):
-    t = tag("jobs")
+    t = unique_name("jobs")
     with proj.batches.batch(t) as b:
         for i in range(250):
             b.enqueue(proj.add.s(i, 1).set(queue=nowhere))
@@ -246,7 +245,7 @@ def test_jobs_are_paginated_on_position_and_filterable(proj, client, nowhere):
 
 
 def test_failed_filter_on_a_batch_run_by_the_worker(proj, worker, client):
-    t = tag("failed")
+    t = unique_name("failed")
     with proj.batches.batch(t) as b:
         for i in range(12):
             b.enqueue(proj.fail if i % 4 == 1 else proj.noop)
@@ -264,7 +263,7 @@ def test_failed_filter_on_a_batch_run_by_the_worker(proj, worker, client):
 
 
 def test_continuations_and_continue_with_links(proj, client, nowhere):
-    t = tag("stages")
+    t = unique_name("stages")
     with proj.batches.batch(f"{t}-first") as b:
         b.enqueue(proj.noop.s().set(queue=nowhere))
         b.on_success(proj.record, "never")
@@ -293,10 +292,31 @@ def test_continuations_and_continue_with_links(proj, client, nowhere):
     assert html.count("c-skipped") == 0 and text(client.get(f"/batches/{b.id}")).count('class="badge c-skipped"') == 2
 
 
+def test_an_empty_batch_shows_the_progress_of_the_model(proj, client, nowhere):
+    """Batch.progress is the one definition: an empty batch is 100% once finished, 0% while it waits."""
+    from celery_batches.store import pages
+
+    t = unique_name("empty")
+    with proj.batches.batch(f"{t}-done") as done:
+        pass
+    antecedent = pending_batch(proj, nowhere, f"{t}-first", jobs=1)
+    waiting = proj.batches.continue_batch_with(antecedent, f"{t}-waiting", lambda stage: None)
+    for batch_id, expected in ((done.id, 1.0), (waiting, 0.0)):
+        batch = proj.batches.get_batch(batch_id)
+        assert batch.total_jobs == 0 and batch.is_finished == (expected == 1.0) and batch.progress == expected
+        detail = pages.batch_detail(proj.batches.store, batch_id)
+        assert detail.row.units.progress == detail.root.units.progress == expected
+        assert client.get(f"/api/batches/{batch_id}").get_json()["batch"]["progress"] == expected
+        assert [x["progress"] for x in client.get(f"/api/batches?q={batch.name}").get_json()["batches"]] == [expected]
+        html = text(client.get(f"/batches/{batch_id}"))
+        assert f'<span class="label">progress</span><span class="value">{expected:.0%}</span>' in html, batch.name
+    proj.batches.cancel_batch(antecedent)
+
+
 # -- actions and CSRF ------------------------------------------------------------------------------
 
 def test_cancel_button_needs_the_csrf_token_of_its_cookie(proj, client, nowhere):
-    batch_id = pending_batch(proj, nowhere, tag("cancel-form"), jobs=4)
+    batch_id = pending_batch(proj, nowhere, unique_name("cancel-form"), jobs=4)
     page = client.get(f"/batches/{batch_id}")
     cookie = page.headers["Set-Cookie"]
     assert "celery_batches_csrf=" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
@@ -331,7 +351,7 @@ def test_cancel_button_needs_the_csrf_token_of_its_cookie(proj, client, nowhere)
 
 def test_cancel_api_with_csrf_header_or_api_token(proj, nowhere):
     client = Local(create_app(proj.batches))
-    batch_id = pending_batch(proj, nowhere, tag("cancel-api"), jobs=3)
+    batch_id = pending_batch(proj, nowhere, unique_name("cancel-api"), jobs=3)
     assert client.post(f"/api/batches/{batch_id}/cancel").get_json()["status"] == 403
     token = client.get("/api/csrf").get_json()["csrf_token"]
     response = client.post(f"/api/batches/{batch_id}/cancel", headers={"X-CSRF-Token": token})
@@ -341,7 +361,7 @@ def test_cancel_api_with_csrf_header_or_api_token(proj, nowhere):
     assert again.status_code == 409 and again.get_json()["batch_status"] == "CANCELLED"
 
     scripted = Local(create_app(proj.batches, api_token="s3cret-token-for-scripts"), use_cookies=False)
-    other = pending_batch(proj, nowhere, tag("cancel-token"), jobs=2)
+    other = pending_batch(proj, nowhere, unique_name("cancel-token"), jobs=2)
     assert scripted.post(f"/api/batches/{other}/cancel", headers={"X-Batches-Token": "wrong"}).status_code == 403
     response = scripted.post(f"/api/batches/{other}/cancel", headers={"X-Batches-Token": "s3cret-token-for-scripts"})
     assert response.status_code == 200 and response.get_json()["cancelled_runs"] == 2
@@ -354,7 +374,7 @@ def test_cancel_api_with_csrf_header_or_api_token(proj, nowhere):
 
 def test_read_only_hides_and_refuses_actions(proj, nowhere):
     client = Local(create_app(proj.batches, read_only=True))
-    batch_id = pending_batch(proj, nowhere, tag("read-only"), jobs=1)
+    batch_id = pending_batch(proj, nowhere, unique_name("read-only"), jobs=1)
     html = text(client.get(f"/batches/{batch_id}"))
     assert 'id="cancel-batch"' not in html and "csrf_token" not in html and "read-only" in html
     token = client.get("/api/csrf").get_json()["csrf_token"]
@@ -409,7 +429,7 @@ def test_authorize_callable_and_basic_auth(proj):
 def test_basic_auth_compares_the_password_even_when_the_user_name_is_wrong(proj, monkeypatch):
     """Comparing the password only after the user name matched answers faster for a wrong name:
     the timing tells an attacker which user name is right."""
-    import celery_batches.dashboard.app as dashboard_app
+    import celery_batches.dashboard.security as dashboard_security
 
     compared = []
     real = hmac.compare_digest
@@ -418,7 +438,7 @@ def test_basic_auth_compares_the_password_even_when_the_user_name_is_wrong(proj,
         compared.append(b)
         return real(a, b)
 
-    monkeypatch.setattr(dashboard_app.hmac, "compare_digest", spy)
+    monkeypatch.setattr(dashboard_security.hmac, "compare_digest", spy)
     protected = Client(create_app(proj.batches, basic_auth=("admin", "s3cret")))
     for auth in (("intruder", "guess"), ("admin", "guess"), None):
         compared.clear()
@@ -482,12 +502,12 @@ def test_an_internal_error_is_logged_not_shown(tmp_path, caplog):
 
 
 def test_a_failing_view_answers_a_generic_500(proj, client, monkeypatch, caplog):
-    from celery_batches.store import views
+    from celery_batches.store import pages
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail: password=hunter2")
 
-    monkeypatch.setattr(views, "batch_detail", broken)
+    monkeypatch.setattr(pages, "batch_detail", broken)
     with caplog.at_level(logging.ERROR, logger="celery_batches.dashboard"):
         page = client.get(f"/batches/{uuid.uuid4()}")
         api = client.get(f"/api/batches/{uuid.uuid4()}")
@@ -504,7 +524,7 @@ def test_mounted_under_a_path_prefix(proj, nowhere):
     dashboard = create_app(proj.batches)
     site = DispatcherMiddleware(lambda environ, start: [], {"/ops/batches": dashboard})
     client = Local(site)
-    batch_id = pending_batch(proj, nowhere, tag("mounted"), jobs=1)
+    batch_id = pending_batch(proj, nowhere, unique_name("mounted"), jobs=1)
     html = text(client.get("/ops/batches/"))
     assert f'href="/ops/batches/batches/{batch_id}"' in html
     assert re.search(r'href="/ops/batches/static/dashboard\.css\?v=[0-9a-f]{16}"', html)

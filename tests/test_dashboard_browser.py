@@ -18,17 +18,12 @@ from werkzeug.serving import make_server
 from celery_batches import BatchStatus
 from celery_batches.dashboard import create_app
 from celery_batches.models import ContinuationStatus
-from tests.conftest import IN_CI, ROOT, eventually
+from tests.conftest import ROOT, unavailable
+from tests.helpers import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = ROOT / "docs" / "_static"
-
-
-def unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason}: in CI the browser test must run")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

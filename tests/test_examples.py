@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import eventually
+from tests.conftest import ROOT
+from tests.helpers import eventually, worker_argv
 
-ROOT = Path(__file__).resolve().parent.parent
 # what the script prints, and what its continuation prints (in the worker's output)
 EXPECTED = {
     "order_pipeline": (["batch process-order-123: COMPLETED, total=4 completed=4 failed=0 cancelled=0",
@@ -52,11 +52,9 @@ def test_example_on_redis_and_postgresql(name, fresh_database_url, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CELERY_BROKER_URL="redis://127.0.0.1:6379/10",
                CELERY_BATCHES_DATABASE_URL=fresh_database_url)
     log = tmp_path / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", f"examples.{name}", "worker", "-P", "prefork",
-                               "-c", "2", "-l", "INFO", "-Q", f"examples-{name}", "--without-gossip",
-                               "--without-mingle", "--without-heartbeat"],
-                              cwd=ROOT, env=dict(env, CELERY_EXAMPLE_QUEUE=f"examples-{name}"),
-                              stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(worker_argv(f"examples.{name}", f"examples-{name}"), cwd=ROOT,
+                              env=dict(env, CELERY_EXAMPLE_QUEUE=f"examples-{name}"), stdout=log.open("wb"),
+                              stderr=subprocess.STDOUT)
     try:
         run_example(name, tmp_path, dict(env, CELERY_EXAMPLE_QUEUE=f"examples-{name}"))
         if EXPECTED[name][1]:  # the continuation runs in the worker, right after the batch finished

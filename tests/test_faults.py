@@ -19,13 +19,11 @@ import redis as redis_lib
 import sqlalchemy as sa
 from celery import Celery
 
-from celery_batches import BatchClosedError, Batches, BatchStatus, RunStatus
-from celery_batches.store import drop_schema
-from tests.conftest import ROOT, Worker, eventually, relay_log
-from tests.test_integration import count, drain, tag
+from celery_batches import BatchClosedError, BatchStatus, RunStatus
+from tests.conftest import ROOT, Worker, relay_reported
+from tests.helpers import FAULT_WAIT, count, drain, eventually, fired_once, free_port, private_registry, tag
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
-WAIT = 90.0
 
 
 def test_worker_killed_mid_batch_with_acks_late(proj, start_worker):
@@ -37,19 +35,14 @@ def test_worker_killed_mid_batch_with_acks_late(proj, start_worker):
         for _ in range(6):
             b.enqueue(proj.slow_ack.s(1.5, started).set(queue=first.queue))
         b.on_complete(proj.record.s(key).set(queue=first.queue))
-    eventually(lambda: count(proj, started) >= 2, "two members to be running", WAIT)
+    eventually(lambda: count(proj, started) >= 2, "two members to be running", FAULT_WAIT)
     first.kill()
     assert not proj.batches.get_batch(b.id).is_finished
-    second = Worker(proj, first.queue, **env)
-    try:
-        done = proj.batches.wait(b.id, timeout=WAIT)
+    with Worker(proj, first.queue, **env):
+        done = proj.batches.wait(b.id, timeout=FAULT_WAIT)
         assert (done.status, done.total_jobs, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 6, 6, 0)
-        eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
-        drain(proj, first.queue)
-        assert count(proj, key) == 1
+        fired_once(proj, key, first.queue, FAULT_WAIT)
         assert count(proj, started) >= 6  # the interrupted members ran again
-    finally:
-        second.stop()
 
 
 PRODUCER = """
@@ -73,33 +66,23 @@ def test_producer_killed_between_commit_and_publish(proj, start_worker):
                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
     batch_id = producer.stdout.readline().strip()
     # committed: the batch row exists; now wait for the first messages and kill it mid-publish
-    eventually(lambda: proj.batches.get_batch(batch_id) is not None, "the commit", WAIT, 0.005)
-    eventually(lambda: count(proj, ran) >= 1 or producer.poll() is not None, "publishing to start", WAIT, 0.005)
+    eventually(lambda: proj.batches.get_batch(batch_id) is not None, "the commit", FAULT_WAIT, 0.005)
+    eventually(lambda: count(proj, ran) >= 1 or producer.poll() is not None, "publishing to start", FAULT_WAIT,
+               0.005)
     producer.send_signal(signal.SIGKILL)
     producer.wait(10)
     assert count(proj, ran) < n, "the producer finished publishing before it was killed; nothing was tested"
-    done = proj.batches.wait(batch_id, timeout=WAIT)
+    done = proj.batches.wait(batch_id, timeout=FAULT_WAIT)
     assert (done.status, done.total_jobs, done.completed_jobs) == (BatchStatus.COMPLETED, n, n)
-    eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
-    drain(proj, w.queue)
+    fired_once(proj, key, w.queue, FAULT_WAIT)
     assert count(proj, ran) == n, "every job ran exactly once"
-    assert count(proj, key) == 1
-    # the report is logged after the pass commits, so the batch may finish before it is written
-    eventually(lambda: "runs_published=" in relay_log(), "the relay's report in a worker log", WAIT)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    relay_reported("runs_published=", FAULT_WAIT)
 
 
 def test_redis_down_while_a_batch_is_created(proj, tmp_path):
     """The broker is down at creation: the batch is committed, publishing is deferred to the
     relay, and after Redis returns every job runs once and the continuation fires once."""
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
 
     def start_redis() -> subprocess.Popen:
@@ -110,41 +93,32 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
 
     server = start_redis()
     # a registry of its own: the session's worker publishes to the session's broker, not this one
-    prefix = f"cbt_redis_{uuid.uuid4().hex[:6]}_"
-    registry = Batches(Celery("private-registry", broker=url, set_as_current=False),
-                       database_url=os.environ["TEST_DATABASE_URL"], table_prefix=prefix, relay_interval=0)
-    registry.migrate()
-    env = dict(TEST_BROKER_URL=url, TEST_BACKEND_URL=url, TEST_RELAY_INTERVAL="0.5", TEST_PUBLISH_LEASE="2",
-               TEST_PREFIX=prefix)
-    w = Worker(proj, f"cbt-redis-{uuid.uuid4().hex[:6]}", **env)
+    private = Celery("private-registry", broker=url, set_as_current=False)
     try:
-        server.terminate()
-        server.wait(10)
-        ran, key = tag("ran"), tag("complete")
-        code = PRODUCER.format(root=str(ROOT), n=10, ran=ran, key=key, queue=w.queue)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT), **env))
-        assert out.returncode == 0, out.stderr[-3000:]
-        batch_id = out.stdout.strip().splitlines()[-1]
-        assert "the relay will publish the rest" in out.stderr
-        batch = registry.get_batch(batch_id)
-        assert batch.status == BatchStatus.STARTED and count(proj, ran) == 0
-        server = start_redis()
-        done = registry.wait(batch_id, timeout=WAIT)
-        assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 10)
-        eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
-        sentinel = tag("sentinel")  # drain the private queue: sentinels behind everything else
-        private = Celery("private", broker=url, set_as_current=False)
-        for _ in range(4):
-            private.send_task("tests.proj.plain", (sentinel,), queue=w.queue)
-        eventually(lambda: count(proj, sentinel) == 4, "the private queue to drain", WAIT)
-        assert count(proj, ran) == 10 and count(proj, key) == 1
+        with private_registry(private, "cbt_redis") as registry:
+            env = dict(TEST_BROKER_URL=url, TEST_BACKEND_URL=url, TEST_RELAY_INTERVAL="0.5", TEST_PUBLISH_LEASE="2",
+                       TEST_PREFIX=registry.settings.table_prefix)
+            with Worker(proj, f"cbt-redis-{uuid.uuid4().hex[:6]}", **env) as w:
+                server.terminate()
+                server.wait(10)
+                ran, key = tag("ran"), tag("complete")
+                code = PRODUCER.format(root=str(ROOT), n=10, ran=ran, key=key, queue=w.queue)
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                                     timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT), **env))
+                assert out.returncode == 0, out.stderr[-3000:]
+                batch_id = out.stdout.strip().splitlines()[-1]
+                assert "the relay will publish the rest" in out.stderr
+                batch = registry.get_batch(batch_id)
+                assert batch.status == BatchStatus.STARTED and count(proj, ran) == 0
+                server = start_redis()
+                done = registry.wait(batch_id, timeout=FAULT_WAIT)
+                assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 10)
+                # drained through the private broker: sentinels behind everything else
+                fired_once(proj, key, w.queue, FAULT_WAIT, app=private)
+                assert count(proj, ran) == 10
     finally:
-        w.stop()
         server.terminate()
         server.wait(10)
-        drop_schema(registry.engine, prefix)
-        registry.engine.dispose()
 
 
 def _pings(url: str) -> bool:
@@ -179,16 +153,15 @@ def test_postgresql_connections_killed_mid_batch(proj, start_worker):
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
-        eventually(lambda: count(proj, ran) >= 300, "every member to run", WAIT)
+        eventually(lambda: count(proj, ran) >= 300, "every member to run", FAULT_WAIT)
     finally:
         stop.set()
         t.join(10)
     assert killed[0] > 0, "no connection was killed; nothing was tested"
-    done = proj.batches.wait(b.id, timeout=WAIT)
+    done = proj.batches.wait(b.id, timeout=FAULT_WAIT)
     assert (done.status, done.total_jobs, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 301, 300, 1)
-    eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
-    drain(proj, w.queue)
-    assert count(proj, key) == 1 and count(proj, ran) == 300
+    fired_once(proj, key, w.queue, FAULT_WAIT)
+    assert count(proj, ran) == 300
     # the failed statements were logged, then repeated: group commits ("registry write"), or the
     # claims each member makes as it starts ("registry read failed": repeated on a fresh connection)
     log = w.log.read_text()
@@ -208,7 +181,8 @@ def test_cancel_racing_with_completion(proj, worker):
         time.sleep(random.uniform(0, 0.05))
         cancelled = proj.batches.cancel_batch(b.id)
         final = eventually(lambda: (x := proj.batches.get_batch(b.id)).is_finished and
-                           x.completed_jobs + x.failed_jobs + x.cancelled_jobs == x.total_jobs and x, "settled", WAIT)
+                           x.completed_jobs + x.failed_jobs + x.cancelled_jobs == x.total_jobs and x, "settled",
+                           FAULT_WAIT)
         outcomes.append((b.id, final.status, cancelled, key))
     drain(proj)
     for batch_id, status, cancelled, key in outcomes:
@@ -236,7 +210,7 @@ def test_add_racing_with_the_last_member_finishing(proj, worker):
             added = True
         except BatchClosedError:
             added = False
-        done = proj.batches.wait(b.id, timeout=WAIT)
+        done = proj.batches.wait(b.id, timeout=FAULT_WAIT)
         assert done.status == BatchStatus.COMPLETED
         assert done.total_jobs == (2 if added else 1) == done.completed_jobs
         results.append((added, key))

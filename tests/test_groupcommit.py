@@ -8,7 +8,7 @@ import threading
 from celery_batches.models import RunStatus
 from celery_batches.store import RunEvent
 from celery_batches.worker.groupcommit import GroupCommit
-from tests.conftest import works_in_a_child_forked_while_held
+from tests.helpers import works_in_a_child_forked_while_held
 
 
 class Recorder:

@@ -1,4 +1,8 @@
-"""End-to-end flows against real PostgreSQL, Redis and ``celery worker -P prefork -c 2`` processes."""
+"""End-to-end flows against real PostgreSQL, Redis and ``celery worker -P prefork -c 2`` processes.
+
+The scenarios the embedded path shares (a failing member, a nested failure, an empty batch, nothing
+written when creation fails) run on both backends in ``test_embedded.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,50 +14,22 @@ import pytest
 import sqlalchemy as sa
 
 from celery_batches import BatchStatus, InvalidBatchError, RunStatus
-from celery_batches.builder import Message
 from celery_batches.models import ContinuationStatus
-from tests.conftest import eventually, publish, relay_log
+from tests.conftest import relay_reported
+from tests.helpers import (
+    WAIT,
+    continuations_become,
+    count,
+    drain,
+    eventually,
+    fired_once,
+    publish,
+    stored_message,
+    tag,
+    with_continuations,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-WAIT = 60.0
-
-
-def tag(label: str) -> str:
-    return f"t:{label}:{uuid.uuid4().hex}"
-
-
-def count(proj, key: str) -> int:
-    return int(proj.r.get(key) or 0)
-
-
-def drain(proj, queue: str | None = None) -> None:
-    """Wait until everything published so far on the queue has been taken by the worker.
-
-    Sentinels go in behind it (Redis lists are FIFO); once all of them ran, every earlier message
-    was received, and anything as quick as a continuation has run.
-    """
-    key = tag("drain")
-    for _ in range(4):
-        proj.plain.apply_async((key,), queue=queue or proj.app.conf.task_default_queue)
-    eventually(lambda: count(proj, key) == 4, "the queue to drain", WAIT)
-
-
-def continuations(proj, batch_id: str) -> dict[str, ContinuationStatus]:
-    return {c.kind.value: c.status for c in proj.batches.get_continuations(batch_id)}
-
-
-def fired_once(proj, key: str) -> None:
-    eventually(lambda: count(proj, key) >= 1, f"continuation {key}", WAIT)
-    drain(proj)
-    assert count(proj, key) == 1
-
-
-def with_continuations(b, proj) -> dict[str, str]:
-    keys = {kind: tag(kind) for kind in ("success", "failure", "complete")}
-    b.on_success(proj.record, keys["success"])
-    b.on_failure(proj.record.s(keys["failure"]))
-    b.on_complete("tests.proj.record", keys["complete"])
-    return keys
 
 
 def test_seed_order_example(proj, worker):
@@ -80,25 +56,10 @@ def test_seed_order_example(proj, worker):
     fired_once(proj, keys["success"])
     fired_once(proj, keys["complete"])
     assert count(proj, keys["failure"]) == 0
-    expected = {"success": ContinuationStatus.DISPATCHED, "complete": ContinuationStatus.DISPATCHED,
-                "failure": ContinuationStatus.SKIPPED}  # flagged dispatched just after publishing
-    eventually(lambda: continuations(proj, b.id) == expected, "the continuations' final states", WAIT)
+    continuations_become(proj.batches, b.id, [("complete", ContinuationStatus.DISPATCHED),
+                                              ("failure", ContinuationStatus.SKIPPED),
+                                              ("success", ContinuationStatus.DISPATCHED)])
     assert count(proj, seen) == 5
-
-
-def test_failing_member_fails_the_batch(proj, worker):
-    with proj.batches.batch("fails") as b:
-        b.enqueue(proj.add, 1, 2)
-        bad = b.enqueue(proj.fail)
-        keys = with_continuations(b, proj)
-    done = proj.batches.wait(b.id, timeout=WAIT)
-    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 1, 1)
-    failed = [j for j in proj.batches.get_batch_jobs(b.id) if j.id == bad][0]
-    assert failed.status == RunStatus.FAILED and "fails on purpose" in failed.error
-    fired_once(proj, keys["failure"])
-    fired_once(proj, keys["complete"])
-    assert count(proj, keys["success"]) == 0
-    assert continuations(proj, b.id)["success"] == ContinuationStatus.SKIPPED
 
 
 def test_a_nul_in_a_members_error_is_stored_escaped_and_stalls_nothing(proj, worker):
@@ -163,45 +124,15 @@ def test_message_delivered_twice_counts_once(proj, worker):
         run_id = b.enqueue(proj.sleep_then, 0.3, ran)
         b.enqueue(proj.add, 1, 1)
         keys = with_continuations(b, proj)
-    job = proj.batches.get_batch_jobs(b.id)[0]
     # the same message again: same task id, same batch header (what a redelivery or a relay republish
     # sends), while the first delivery runs: the second finds the run claimed and is not executed
-    assert publish(proj.app, [Message(run_id, job.task_name, "[0.3]", f'{{"tag": "{ran}"}}', None, b.id)])
+    assert publish(proj.app, [stored_message(proj, run_id, b.id)])
     done = proj.batches.wait(b.id, timeout=WAIT)
     drain(proj)
     assert count(proj, ran) == 1
     assert (done.status, done.total_jobs, done.completed_jobs) == (BatchStatus.COMPLETED, 2, 2)
     fired_once(proj, keys["success"])
     assert proj.batches.get_batch(b.id).completed_jobs == 2
-
-
-def test_nested_failure_propagates_to_the_parent(proj, worker):
-    with proj.batches.batch("parent") as b:
-        b.enqueue(proj.add, 1, 1)
-        with b.batch("child") as child:
-            child.enqueue(proj.add, 2, 2)
-            with child.batch("grandchild") as grandchild:
-                grandchild.enqueue(proj.fail)
-            child_keys = with_continuations(child, proj)
-        keys = with_continuations(b, proj)
-    done = proj.batches.wait(b.id, timeout=WAIT)
-    assert (done.status, done.total_jobs, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 2, 1, 1)
-    c = proj.batches.get_batch(child.id)
-    assert (c.status, c.total_jobs, c.completed_jobs, c.failed_jobs) == (BatchStatus.FAILED, 2, 1, 1)
-    assert proj.batches.get_batch(grandchild.id).status == BatchStatus.FAILED
-    fired_once(proj, child_keys["failure"])
-    fired_once(proj, keys["failure"])
-    assert count(proj, keys["success"]) == count(proj, child_keys["success"]) == 0
-
-
-def test_empty_batch_completes_at_once(proj, worker):
-    with proj.batches.batch("empty") as b:
-        keys = with_continuations(b, proj)
-    now = proj.batches.get_batch(b.id)
-    assert (now.status, now.total_jobs, now.progress) == (BatchStatus.COMPLETED, 0, 1.0)
-    fired_once(proj, keys["success"])
-    fired_once(proj, keys["complete"])
-    assert count(proj, keys["failure"]) == 0
 
 
 @pytest.mark.slow
@@ -258,37 +189,6 @@ def test_fifty_concurrent_batches_have_exact_counters(proj, worker):
         assert count(proj, keys["failure" if expected == "success" else "success"]) == 0, batch_id
 
 
-def _rows(proj, name: str) -> int:
-    t = proj.batches.store.t
-    with proj.batches.engine.connect() as conn:
-        ids = sa.select(t.batches.c.id).where(t.batches.c.name == name)
-        return sum(conn.scalar(sa.select(sa.func.count()).select_from(table).where(column.in_(ids)))
-                   for table, column in ((t.batches, t.batches.c.id), (t.runs, t.runs.c.batch_id),
-                                         (t.batch_jobs, t.batch_jobs.c.batch_id),
-                                         (t.continuations, t.continuations.c.batch_id)))
-
-
-@pytest.mark.parametrize("failure", ["bad 5th job", "exception in block"])
-def test_atomic_creation_writes_and_runs_nothing_on_error(proj, worker, failure):
-    name, ran = f"atomic-{uuid.uuid4().hex}", tag("ran")
-    expected = InvalidBatchError if failure == "bad 5th job" else RuntimeError
-    with pytest.raises(expected) as info:
-        with proj.batches.batch(name) as b:
-            for _ in range(4):
-                b.enqueue(proj.noop, ran)
-            with b.batch("nested") as nested:
-                nested.enqueue(proj.noop, ran)
-            b.on_success(proj.record, ran)
-            if failure == "bad 5th job":
-                b.enqueue(proj.noop, object())
-            raise RuntimeError("the caller's code failed")
-    if failure == "bad 5th job":
-        assert "job #5" in str(info.value)
-    assert _rows(proj, name) == 0
-    drain(proj)
-    assert count(proj, ran) == 0
-
-
 def test_current_batch_id_inside_a_member(proj, worker):
     key = tag("whoami")
     with proj.batches.batch("who") as b:
@@ -315,11 +215,9 @@ def test_group_commit_lost_with_a_killed_pool_process_is_recovered(proj, start_w
     assert w.kill_children()
     done = proj.batches.wait(b.id, timeout=WAIT)
     assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 6, 0)
-    eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
-    drain(proj, w.queue)
-    assert count(proj, key) == 1 and count(proj, ran) == 6
-    # the report is logged after the pass commits, so the batch may finish before it is written
-    eventually(lambda: "runs_reconciled=" in relay_log(), "the relay's report in a worker log", WAIT)
+    fired_once(proj, key, w.queue)
+    assert count(proj, ran) == 6
+    relay_reported("runs_reconciled=")
 
 
 @pytest.mark.slow
@@ -340,11 +238,9 @@ def test_relay_publishes_runs_a_dead_producer_left_unpublished(proj, start_worke
         proj.batches.store.insert_tree(conn, builder._close(), utcnow() - timedelta(seconds=lease - 1))
     done = proj.batches.wait(builder.id, timeout=WAIT)
     assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 5)
-    eventually(lambda: count(proj, key) >= 1, "the continuation", WAIT)
-    drain(proj, w.queue)
-    assert count(proj, ran) == 5 and count(proj, key) == 1
-    # the report is logged after the pass commits, so the batch may finish before it is written
-    eventually(lambda: "runs_published=5" in relay_log(), "the relay's report in a worker log", WAIT)
+    fired_once(proj, key, w.queue)
+    assert count(proj, ran) == 5
+    relay_reported("runs_published=5")
 
 
 def test_migrate_from_many_processes_at_once(proj):

@@ -16,7 +16,6 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 from celery import Celery
-from kombu.utils import json as kjson
 from sqlalchemy.orm import Session
 
 from celery_batches import (
@@ -27,47 +26,37 @@ from celery_batches import (
     InvalidBatchError,
     RunStatus,
 )
-from celery_batches.builder import Message
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent, utcnow
-from tests.conftest import eventually, publish
-from tests.test_integration import count, drain, fired_once, tag, with_continuations
+from tests.helpers import (
+    TABLES,
+    WAIT,
+    continuation_states,
+    continuations_become,
+    count,
+    counters,
+    drain,
+    eventually,
+    fired_once,
+    memory_app,
+    never_fired,
+    publish,
+    row_counts,
+    stored_message,
+    tag,
+    with_continuations,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-WAIT = 60.0
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def counters(batch) -> tuple:
-    return batch.status, batch.total_jobs, batch.completed_jobs, batch.failed_jobs, batch.cancelled_jobs
-
-
 def jobs(proj, batch_id: str) -> list:
     return proj.batches.get_batch_jobs(batch_id)
 
 
 def statuses(proj, batch_id: str) -> list[RunStatus]:
     return [j.status for j in jobs(proj, batch_id)]
-
-
-def never_fired(proj, *keys: str) -> None:
-    """After draining the queue (anything published has run), none of ``keys`` ran."""
-    drain(proj)
-    assert [count(proj, k) for k in keys] == [0] * len(keys)
-
-
-def conts(proj, batch_id: str) -> dict[str, set[ContinuationStatus]]:
-    found: dict[str, set[ContinuationStatus]] = {}
-    for c in proj.batches.get_continuations(batch_id):
-        found.setdefault(c.kind.value, set()).add(c.status)
-    return found
-
-
-def message(proj, run_id: str, batch_id: str) -> Message:
-    """The Celery message of a stored run, as the producer or the relay publishes it."""
-    [job] = [j for j in jobs(proj, batch_id) if j.id == run_id]
-    options = kjson.dumps({"queue": proj.app.conf.task_default_queue})  # to the session worker
-    return Message(job.id, job.task_name, kjson.dumps(job.args), kjson.dumps(job.kwargs), options, batch_id)
 
 
 # -- 1. add to a running batch ----------------------------------------------------------------------------
@@ -113,9 +102,9 @@ def test_add_jobs_a_nested_batch_and_a_continuation_to_a_running_batch(proj, wor
         fired_once(proj, key)
     never_fired(proj, keys["failure"], child_keys["failure"])
     assert count(proj, ran) == 3 + 1 + 1 + 1 and count(proj, slow) == 1
-    expected = {"success": {ContinuationStatus.DISPATCHED}, "complete": {ContinuationStatus.DISPATCHED},
-                "failure": {ContinuationStatus.SKIPPED}}  # flagged dispatched just after publishing
-    eventually(lambda: conts(proj, b.id) == expected, "the continuations' final states", WAIT)
+    # two of success and of complete: the batch's own and the ones added by reopen
+    continuations_become(proj.batches, b.id, [("complete", ContinuationStatus.DISPATCHED)] * 2
+                         + [("failure", ContinuationStatus.SKIPPED)] + [("success", ContinuationStatus.DISPATCHED)] * 2)
 
 
 def test_adding_to_a_nested_batch_grows_only_that_batch(proj, worker):
@@ -255,8 +244,8 @@ def test_cancel_a_batch_with_running_and_pending_members(proj, worker):
     assert count(proj, started) == 2 and count(proj, pending) == 0  # pending members never executed
     assert counters(proj.batches.get_batch(b.id)) == (BatchStatus.CANCELLED, 23, 2, 0, 21)
     assert counters(proj.batches.get_batch(child.id)) == (BatchStatus.CANCELLED, 3, 0, 0, 3)
-    assert conts(proj, b.id) == conts(proj, child.id) == {kind: {ContinuationStatus.SKIPPED}
-                                                          for kind in ("success", "failure", "complete")}
+    assert continuation_states(proj.batches, b.id) == continuation_states(proj.batches, child.id) == [
+        (kind, ContinuationStatus.SKIPPED) for kind in ("complete", "failure", "success")]
     # cancelling again, or cancelling a finished batch, cancels nothing
     assert proj.batches.cancel_batch(b.id) == 0
     with proj.batches.batch("finished") as f:
@@ -315,7 +304,7 @@ def test_a_cancelled_run_that_reaches_a_worker_is_not_executed(proj, worker, now
         run_ids = [b.enqueue(proj.noop.s(ran).set(queue=nowhere)) for _ in range(3)]
         keys = with_continuations(b, proj)
     assert proj.batches.cancel_batch(b.id) == 3
-    assert publish(proj.app, [message(proj, run_ids[0], b.id)]) == [run_ids[0]]
+    assert publish(proj.app, [stored_message(proj, run_ids[0], b.id)]) == [run_ids[0]]
     never_fired(proj, ran, *keys.values())
     assert proj.app.AsyncResult(run_ids[0]).state == "REVOKED"
     assert counters(proj.batches.get_batch(b.id)) == (BatchStatus.CANCELLED, 3, 0, 0, 3)
@@ -332,7 +321,7 @@ def test_a_cancelled_run_that_missed_the_revoke_is_skipped_by_batch_task(proj, w
     monkeypatch.setattr(proj.app.control, "revoke", lambda ids, **kw: revoked.append(ids))
     assert proj.batches.cancel_batch(b.id) == 3
     assert sorted(revoked[0]) == sorted(run_ids)  # what would have been broadcast
-    sent = publish(proj.app, [message(proj, run_id, b.id) for run_id in run_ids[:2]])
+    sent = publish(proj.app, [stored_message(proj, run_id, b.id) for run_id in run_ids[:2]])
     assert sent == run_ids[:2]
     eventually(lambda: all(proj.app.AsyncResult(i).state == "REVOKED" for i in sent), "the skips", WAIT)
     never_fired(proj, ran, *keys.values())
@@ -366,7 +355,7 @@ def test_the_delivery_check_survives_a_registry_connection_killed_under_it(proj,
     claims = proj.batches.liveness.claim_engine  # the check is the run's claim, on the claim connections
     sa.event.listen(claims, "checkout", kill_once)
     try:
-        assert proj.batches._delivery_verdict(run.id, None) == "cancel"
+        assert proj.batches.worker.verdict(run.id, None) == "cancel"
     finally:
         sa.event.remove(claims, "checkout", kill_once)
         other.dispose()
@@ -375,10 +364,9 @@ def test_the_delivery_check_survives_a_registry_connection_killed_under_it(proj,
 
 def test_the_delivery_check_runs_the_member_when_the_registry_is_unreachable(caplog):
     """With no registry to ask, the member runs (its outcome is recorded later) rather than fail."""
-    app = Celery(f"unreachable_{uuid.uuid4().hex[:8]}", broker="memory://", set_as_current=False)
-    unreachable = Batches(app, database_url="postgresql://127.0.0.1:1/nothing", relay_interval=0)
+    unreachable = Batches(memory_app("unreachable"), database_url="postgresql://127.0.0.1:1/nothing", relay_interval=0)
     try:
-        assert unreachable._delivery_verdict(str(uuid.uuid4()), None) == "run"
+        assert unreachable.worker.verdict(str(uuid.uuid4()), None) == "run"
     finally:
         unreachable.engine.dispose()
     assert "cannot claim run" in caplog.text
@@ -390,10 +378,10 @@ def test_a_running_member_whose_next_attempt_is_skipped_is_counted_cancelled(pro
         running = b.enqueue(proj.noop.s(ran).set(queue=nowhere))
         b.enqueue(proj.noop.s(ran).set(queue=nowhere))
     # the first attempt is running on a worker: what its task_prerun signal records
-    proj.batches._write_events([RunEvent(running, RunStatus.RUNNING)])
+    proj.batches.worker.write_events([RunEvent(running, RunStatus.RUNNING)])
     assert proj.batches.cancel_batch(b.id) == 1  # the pending one; the running one goes on
     # the attempt ends in self.retry() (or its node dies, acks_late): the same message comes again
-    publish(proj.app, [message(proj, running, b.id)])
+    publish(proj.app, [stored_message(proj, running, b.id)])
     eventually(lambda: proj.app.AsyncResult(running).state == "REVOKED", "the skip", WAIT)
     drain(proj)
     assert count(proj, ran) == 0  # skipped, as it must be
@@ -535,15 +523,9 @@ def test_continue_with_refuses_bad_input_and_writes_nothing(proj, worker):
 # -- 7. expiry --------------------------------------------------------------------------------------------
 def _age(proj, *batch_ids: str) -> None:
     """As if ``expires_at`` had passed for these batches (and only these)."""
-    b = proj.batches.store.t.batches
+    b = proj.batches.store.tables.batches
     with proj.batches.engine.begin() as conn:
         conn.execute(sa.update(b).where(b.c.id.in_(batch_ids)).values(expires_at=utcnow() - timedelta(seconds=1)))
-
-
-def _rows(proj, run_ids: list[str]) -> int:
-    r = proj.batches.store.t.runs
-    with proj.batches.engine.connect() as conn:
-        return conn.scalar(sa.select(sa.func.count()).select_from(r).where(r.c.id.in_(run_ids)))
 
 
 def test_purge_expired_deletes_expired_finished_trees_only(proj, worker, nowhere):
@@ -575,7 +557,7 @@ def test_purge_expired_deletes_expired_finished_trees_only(proj, worker, nowhere
     for batch_id in tree:
         assert proj.batches.get_batch(batch_id) is None
         assert proj.batches.get_batch_jobs(batch_id) == [] and proj.batches.get_continuations(batch_id) == []
-    assert _rows(proj, run_ids) == 0
+    assert row_counts(proj.batches, batch_ids=tree) == dict.fromkeys(TABLES, 0)  # runs included
     assert proj.batches.list_batches(parent_id=old.id) == []
     # the continue-with stage outlives its purged antecedent; the unfinished batch is untouched
     assert counters(proj.batches.get_batch(stage)) == (BatchStatus.COMPLETED, 1, 1, 0, 0)

@@ -6,19 +6,26 @@ or relays there), on the real PostgreSQL; the end-to-end ones run on the session
 
 from __future__ import annotations
 
-import os
 import uuid
 from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery
 
 from celery_batches import Batches, BatchStatus, RunStatus
 from celery_batches.models import ContinuationStatus
-from celery_batches.store import RunEvent, drop_schema, utcnow
-from tests.conftest import eventually, publish
-from tests.test_integration import WAIT, count, drain, tag
+from celery_batches.store import RunEvent, reads, utcnow
+from tests.helpers import (
+    WAIT,
+    count,
+    drain,
+    eventually,
+    memory_app,
+    private_registry,
+    publish,
+    stored_message,
+    tag,
+)
 
 HOUR = timedelta(hours=1)
 
@@ -39,7 +46,7 @@ def builder_sig(batches, i, **options):
 
 
 def lapse(batches, publication) -> None:
-    p = batches.store.t.publications
+    p = batches.store.tables.publications
     with batches.engine.begin() as conn:
         conn.execute(sa.update(p).where(p.c.id == publication).values(expires_at=utcnow() - HOUR))
 
@@ -67,7 +74,7 @@ def test_a_stage_created_long_before_its_antecedent_finishes_is_not_republished(
     antecedent, [run], _ = written_unpublished(registry, 1)
     stage_id = registry.continue_batch_with(antecedent, "stage", lambda b: [
         b.enqueue(builder_sig(registry, i)) for i in range(4)])
-    r = registry.store.t.runs
+    r = registry.store.tables.runs
     with registry.engine.begin() as conn:  # the stage was created an hour ago
         conn.execute(sa.update(r).where(r.c.batch_id == stage_id).values(created_at=utcnow() - HOUR))
     started = registry.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])
@@ -81,16 +88,16 @@ def test_a_run_a_worker_started_before_it_was_flagged_is_seen_by_the_reconciler(
     """Issue 8 #2: the flag only covered PENDING runs, and the reconciler only flagged ones."""
     _, [run], _ = written_unpublished(registry, 1)
     registry.store.apply_events([RunEvent(run, RunStatus.RUNNING)])
-    assert [r[0] for r in registry.store.open_runs(utcnow() + HOUR, 10)] == [run]
+    assert [r[0] for r in reads.open_runs(registry.store, utcnow() + HOUR, 10)] == [run]
 
 
 def test_the_reconciler_walks_open_runs_with_a_cursor(registry):
     """Issue 8 #8: it always read the oldest runs, so runs that stay open hid every newer one."""
     _, ids, outbox = written_unpublished(registry, 5)
     registry.store.apply_events([RunEvent(i, RunStatus.RUNNING) for i in ids])
-    first = registry.store.open_runs(utcnow() + HOUR, 2)
-    second = registry.store.open_runs(utcnow() + HOUR, 2, after=(first[-1][2], first[-1][0]))
-    third = registry.store.open_runs(utcnow() + HOUR, 2, after=(second[-1][2], second[-1][0]))
+    first = reads.open_runs(registry.store, utcnow() + HOUR, 2)
+    second = reads.open_runs(registry.store, utcnow() + HOUR, 2, after=(first[-1][2], first[-1][0]))
+    third = reads.open_runs(registry.store, utcnow() + HOUR, 2, after=(second[-1][2], second[-1][0]))
     seen = [r[0] for r in first + second + third]
     assert sorted(seen) == sorted(ids) and len(set(seen)) == 5
 
@@ -100,7 +107,7 @@ def test_a_message_the_broker_refuses_fails_its_run_and_nothing_else(registry):
     first in every pass: nothing behind it was ever published. Now the run FAILS with the reason,
     the rest go out, and the batch finishes."""
     batch_id, ids, outbox = written_unpublished(registry, 3)
-    r = registry.store.t.runs
+    r = registry.store.tables.runs
     with registry.engine.begin() as conn:  # what an option that passed the builder could hold
         conn.execute(sa.update(r).where(r.c.id == ids[1]).values(
             options=f'{{"queue": "{registry.queue}", "countdown": "soon"}}'))
@@ -121,10 +128,10 @@ def test_a_continuation_the_broker_refuses_is_failed_with_the_reason(registry):
         run = b.enqueue(builder_sig(registry, 0))
         b.on_complete(registry.app.signature("tests.proj.record", ("k",)).set(queue=registry.queue,
                                                                              countdown=1))
-    c = registry.store.t.continuations
+    c = registry.store.tables.continuations
     with registry.engine.begin() as conn:
         conn.execute(sa.update(c).where(c.c.batch_id == b.id).values(options='{"countdown": "soon"}'))
-    registry._write_events([RunEvent(run, RunStatus.COMPLETED)])
+    registry.worker.write_events([RunEvent(run, RunStatus.COMPLETED)])
     [cont] = registry.get_continuations(b.id)
     assert cont.status == ContinuationStatus.FAILED and "refused" in cont.error
 
@@ -135,8 +142,8 @@ def test_the_relay_is_elected_by_a_lease_row(registry, tmp_path, url):
     SQLite; a lease row works on both, and a holder that dies loses it when it lapses."""
     batches = registry
     if url == "sqlite":
-        batches = Batches(Celery("sqlite-lease", broker="memory://", set_as_current=False),
-                          database_url=f"sqlite:///{tmp_path}/reg.sqlite3", relay_interval=0)
+        batches = Batches(memory_app("sqlite-lease"), database_url=f"sqlite:///{tmp_path}/reg.sqlite3",
+                          relay_interval=0)
         batches.migrate()
     store = batches.outbox.store
     assert store.elect("relay", "a", timedelta(seconds=60))
@@ -153,10 +160,7 @@ def test_a_finished_run_delivered_again_is_not_executed(proj, worker):
     with proj.batches.batch("delivered-again") as b:
         run = b.enqueue(proj.noop, ran)
     assert proj.batches.wait(b.id, timeout=WAIT).status == BatchStatus.COMPLETED
-    [job] = proj.batches.get_batch_jobs(b.id)
-    from celery_batches.builder import Message
-
-    publish(proj.app, [Message(run, job.task_name, f'["{ran}"]', "{}", None, b.id)])
+    publish(proj.app, [stored_message(proj, run, b.id)])
     drain(proj)
     assert count(proj, ran) == 1
     assert proj.app.AsyncResult(run).state == "SUCCESS"  # the skip left the stored result alone
@@ -183,11 +187,8 @@ def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data(services
     unpublished runs (no lease: written before leases existed) are the relay's at once."""
     from celery_batches.store.migrate import head_revision, migrate
 
-    app = Celery("upgrade", broker="memory://", set_as_current=False)
-    batches = Batches(app, database_url=os.environ["TEST_DATABASE_URL"],
-                      table_prefix=f"cbt_up_{uuid.uuid4().hex[:6]}_", relay_interval=0)
-    prefix = batches.settings.table_prefix
-    try:
+    with private_registry(memory_app("upgrade"), "cbt_up", migrate=False) as batches:
+        prefix = batches.settings.table_prefix
         migrate(batches.engine, prefix, revision="0001")
         batch_id, run_id, now = str(uuid.uuid4()), str(uuid.uuid4()), utcnow()
         with batches.engine.begin() as conn:
@@ -203,6 +204,3 @@ def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data(services
         assert batches.get_batch(batch_id).status == BatchStatus.STARTED
         lease, runs, _ = batches.outbox.store.take_lapsed(10)
         assert [m.id for m in runs] == [run_id] and runs[0].batch_id == batch_id
-    finally:
-        drop_schema(batches.engine, prefix)
-        batches.engine.dispose()

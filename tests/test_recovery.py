@@ -16,11 +16,8 @@ import sqlalchemy as sa
 from celery_batches import BatchStatus, RunStatus
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import utcnow
-from tests.conftest import Worker, eventually
-from tests.test_integration import count, drain, tag
-
-#: node timeout + lost-message search (two looks) + relay passes + a margin for a loaded machine
-RECOVERY = 90.0
+from tests.conftest import Worker
+from tests.helpers import RECOVERY, eventually, fired_once, tag
 
 
 def starts(proj, key: str) -> dict[str, int]:
@@ -49,11 +46,8 @@ def test_a_whole_worker_killed_with_celery_defaults_leaves_nothing_open(proj, st
         ids = [b.enqueue(proj.track.s(key, 1.0).set(queue=w.queue)) for _ in range(20)]
     eventually(lambda: len(starts(proj, key)) >= 2, "two members to start", 30)
     w.kill()
-    replacement = Worker(proj, w.queue)  # a new node on the same queue (the killed one is gone for good)
-    try:
+    with Worker(proj, w.queue):  # a new node on the same queue (the killed one is gone for good)
         done, jobs = settled(proj, b.id)
-    finally:
-        replacement.stop()
     ran = starts(proj, key)
     assert max(ran.values()) == 1, "a job ran twice"
     lost = [j for j in jobs if j.status == RunStatus.FAILED]
@@ -96,11 +90,8 @@ def test_a_message_the_broker_lost_is_published_again(proj, start_worker, nowher
             b.enqueue(proj.track.s(key).set(queue=nowhere))
     eventually(lambda: proj.r.llen(nowhere) == 5, "the messages to be queued", 10)
     proj.r.delete(nowhere)  # what a broker restart without persistence does
-    consumer = Worker(proj, nowhere)
-    try:
+    with Worker(proj, nowhere):
         done, jobs = settled(proj, b.id)
-    finally:
-        consumer.stop()
     assert done.status == BatchStatus.COMPLETED and done.completed_jobs == 5
     assert sorted(starts(proj, key).values()) == [1] * 5
 
@@ -115,13 +106,8 @@ def test_a_continuation_whose_message_the_broker_lost_is_published_again(proj, w
         b.on_complete(proj.record.s(key).set(queue=nowhere))
     eventually(lambda: proj.r.llen(nowhere) == 1, "the continuation to be queued", 30)
     proj.r.delete(nowhere)  # lost by the broker
-    consumer = Worker(proj, nowhere)
-    try:
-        eventually(lambda: count(proj, key) == 1, "the continuation to run", RECOVERY)
-        drain(proj, nowhere)
-    finally:
-        consumer.stop()
-    assert count(proj, key) == 1
+    with Worker(proj, nowhere):
+        fired_once(proj, key, nowhere, RECOVERY)
     [cont] = proj.batches.get_continuations(b.id)
     assert cont.status == ContinuationStatus.DISPATCHED
 
@@ -138,11 +124,8 @@ def test_an_acks_late_run_of_a_killed_worker_runs_again_as_celery_would(proj, st
             b.enqueue(proj.track_late.s(key, 3.0).set(queue=w.queue))
     eventually(lambda: len(starts(proj, key)) >= 2, "two members to start", 30)
     w.kill()
-    again = Worker(proj, w.queue)
-    try:
+    with Worker(proj, w.queue):
         done, jobs = settled(proj, b.id)
-    finally:
-        again.stop()
     assert done.status == BatchStatus.COMPLETED and done.completed_jobs == 4
     ran = starts(proj, key)
     assert len(ran) == 4 and sorted(ran.values()) == [1, 1, 2, 2]  # the two killed ones ran again
@@ -159,7 +142,7 @@ def test_runs_a_live_worker_held_when_the_broker_lost_them_run(proj, start_worke
     with proj.batches.batch("held-then-lost") as b:
         for _ in range(12):
             b.enqueue(proj.track.s(key, 1.5).set(queue=w.queue))
-    r = proj.batches.store.t.runs
+    r = proj.batches.store.tables.runs
 
     def marked() -> int:  # runs the worker holds unstarted, as its heartbeat marked them
         with proj.batches.engine.connect() as conn:
@@ -192,11 +175,12 @@ def _forget_queue(proj, queue: str) -> int:
 def _recovery(registry, **settings):
     from dataclasses import replace
 
+    from celery_batches.worker.node import Node
     from celery_batches.worker.recovery import Recovery
 
     registry.settings = replace(registry.settings, **settings)
-    return Recovery(registry.app, registry.settings, registry.liveness, registry.probe, registry.outbox,
-                    registry._write_events, me="observer")
+    return Recovery(Node(registry.app, registry.settings, registry.store, registry.liveness, registry.probe,
+                         registry.outbox))
 
 
 def _claimed(registry, node: str, n: int = 2, task: str = "tests.proj.noop"):
@@ -271,13 +255,13 @@ def test_a_heartbeat_marks_exactly_the_runs_the_node_holds(registry):
 
 
 def _node(registry, run_id):
-    r = registry.store.t.runs
+    r = registry.store.tables.runs
     with registry.engine.connect() as conn:
         return conn.scalar(sa.select(r.c.node).where(r.c.id == run_id))
 
 
 def _status(registry, run_id):
-    r = registry.store.t.runs
+    r = registry.store.tables.runs
     with registry.engine.connect() as conn:
         return RunStatus(conn.scalar(sa.select(r.c.status).where(r.c.id == run_id)))
 

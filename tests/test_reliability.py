@@ -1,6 +1,6 @@
 """Never stuck, never doubled: each test names a path that once left a batch stuck or ran a job twice.
 
-Store-level tests drive the registry (real PostgreSQL) the way a worker or a producer would, so
+Registry-level tests drive the registry (real PostgreSQL) the way a worker or a producer would, so
 they can hold a transaction open at exactly the wrong moment; the others use real workers.
 """
 
@@ -12,16 +12,14 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery
 from sqlalchemy.orm import Session
 
-from celery_batches import Batches, BatchStatus, RunStatus
+from celery_batches import BatchStatus, RunStatus
 from celery_batches.builder import BatchBuilder
-from celery_batches.store import RunEvent, drop_schema, make_engine, utcnow
-from tests.conftest import eventually, works_in_a_child_forked_while_held
+from celery_batches.store import RunEvent, make_engine, utcnow
+from tests.helpers import WAIT, count, eventually, memory_app, private_registry, tag, works_in_a_child_forked_while_held
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-WAIT = 60.0
 
 
 def _waiting_for_a_lock(proj) -> bool:
@@ -62,8 +60,6 @@ def test_an_error_text_with_a_lone_surrogate_is_stored_escaped(proj, nowhere):
 def test_a_failing_members_lone_surrogate_and_a_custom_id_task_stall_nothing_on_a_real_worker(proj, worker):
     """End to end: a member raising with a lone surrogate in its message, and a non-member task with
     a custom id killed by its hard time limit in the main process, next to batches that must finish."""
-    from tests.test_integration import count, tag
-
     ran = tag("ran")
     proj.overrun.apply_async((tag("custom"),), task_id=f"custom-{uuid.uuid4().hex}")  # not a UUID
     with proj.batches.batch("surrogate-and-custom-id") as b:
@@ -131,20 +127,14 @@ def test_a_waiting_stage_whose_only_child_was_cancelled_finishes_when_it_starts(
 def test_a_mixed_case_table_prefix_writes_to_its_own_tables(proj):
     """Hand-written SQL (COPY, the group commit) used the prefix unquoted, so PostgreSQL folded it to
     lower case: ``Audit_`` wrote into ``audit_runs`` — another registry's table, or none."""
-    prefix = f"Cbt_{uuid.uuid4().hex[:6]}_"
-    app = Celery("mixed-case", broker="memory://", set_as_current=False)
-    batches = Batches(app, database_url=os.environ["TEST_DATABASE_URL"], table_prefix=prefix, relay_interval=0)
-    batches.migrate()
-    try:
+    with private_registry(memory_app("mixed-case"), "Cbt") as batches:
+        prefix = batches.settings.table_prefix
         with batches.batch("mixed") as b:
             run = b.enqueue("tests.proj.noop")
         batches.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])
         assert batches.get_batch(b.id).status == BatchStatus.COMPLETED
         with batches.engine.connect() as conn:
             assert conn.scalar(sa.text(f'SELECT count(*) FROM "{prefix}runs"')) == 1
-    finally:
-        drop_schema(batches.engine, prefix)
-        batches.engine.dispose()
 
 
 def test_a_forked_child_gets_a_pool_of_its_own(proj):

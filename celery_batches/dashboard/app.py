@@ -1,49 +1,50 @@
-"""The dashboard's WSGI application: one route table, HTML views, the JSON API and the security rules."""
+"""The dashboard's WSGI application: one route table, the HTML views and the JSON API.
+
+The security rules are in :mod:`.security`, the template filters in :mod:`.filters`, the queries in
+:mod:`celery_batches.store.pages` and the JSON shapes in :mod:`celery_batches.serialize`.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import ipaddress
 import json
 import logging
 import math
-import re
 import secrets
 import uuid
-from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit
 
 from jinja2 import Environment, PackageLoader
-from werkzeug.exceptions import BadRequest, Forbidden, HTTPException, NotFound
+from werkzeug.exceptions import BadRequest, HTTPException, NotFound
 from werkzeug.routing import Map, MapAdapter, Rule
 from werkzeug.wrappers import Request, Response
 
+from .. import serialize
 from ..api import Batches
 from ..errors import BatchNotFoundError
-from ..models import BatchStatus, ContinuationStatus, RunStatus
-from ..store import views
-from ..store.views import BatchDetail, BatchRow, Counts, JobRow
+from ..models import BatchStatus, RunStatus
+from ..store import pages, reads
+from ..store.pages import BatchRow
+from . import security
+from .filters import FILTERS
+from .security import CSRF_HEADER
 
 __all__ = ["Dashboard", "create_app"]
 
 log = logging.getLogger("celery_batches.dashboard")
 
-CSRF_COOKIE = "celery_batches_csrf"
-CSRF_FIELD = "csrf_token"
-CSRF_HEADER = "X-CSRF-Token"
-TOKEN_HEADER = "X-Batches-Token"
-_NONCE = re.compile(r"^[A-Za-z0-9_-]{43}$")
-_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
-_FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
-_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; "
-        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-MAX_LIMIT = 500
+MAX_LIMIT = 500  # most batches or jobs one API page may ask for (``limit``)
 INTERNAL_ERROR = "Internal error. It has been logged on the server."
 TEXT_CHARS = 300  # args, kwargs and errors in the HTML jobs table
+REFRESH_INTERVAL = 2.0  # default seconds between two live refreshes of a page showing unfinished batches
+SEARCH_CHARS = 255  # a name search is cut to this length (the longest batch name)
+INT_ARG_DIGITS = 10  # a numeric parameter (position, limit) longer than this is a 400, not a huge query
+MIN_API_TOKEN_CHARS = 16  # shortest api_token accepted
+STATIC_MAX_AGE = 300  # seconds browsers cache a static file fetched without its digest
+STATIC_IMMUTABLE_MAX_AGE = 31536000  # ... and with it (?v=<digest>): a year, the content never changes
+SECRET_BYTES = 32  # length of the random CSRF key of a process started without secret_key
 
 
 def create_app(batches: Batches, **options: Any) -> Dashboard:
@@ -74,21 +75,23 @@ class Dashboard:
 
     def __init__(self, batches: Batches, *, authorize: Callable[[Request], bool] | None = None,
                  basic_auth: tuple[str, str] | None = None, read_only: bool = False,
-                 secret_key: str | bytes | None = None, api_token: str | None = None, page_size: int = 50,
-                 jobs_page_size: int = 100, refresh_interval: float = 2.0, tree_limit: int = 200,
+                 secret_key: str | bytes | None = None, api_token: str | None = None,
+                 page_size: int = pages.PAGE_SIZE, jobs_page_size: int = pages.JOBS_PAGE_SIZE,
+                 refresh_interval: float = REFRESH_INTERVAL, tree_limit: int = pages.TREE_LIMIT,
                  title: str = "Celery batches") -> None:
         if basic_auth is not None and (len(basic_auth) != 2 or not all(basic_auth)):
             raise ValueError("basic_auth must be a (user, password) pair of non-empty strings")
         if min(page_size, jobs_page_size, tree_limit) < 1 or page_size > MAX_LIMIT or jobs_page_size > MAX_LIMIT:
             raise ValueError(f"page_size and jobs_page_size must be 1–{MAX_LIMIT}, tree_limit at least 1")
-        if api_token is not None and len(api_token) < 16:
-            raise ValueError("api_token must be at least 16 characters long")
+        if api_token is not None and len(api_token) < MIN_API_TOKEN_CHARS:
+            raise ValueError(f"api_token must be at least {MIN_API_TOKEN_CHARS} characters long")
         self.batches = batches
         self.store = batches.store
         self.authorize = authorize
         self.basic_auth = basic_auth
         self.read_only = read_only
-        self.secret = (secret_key.encode() if isinstance(secret_key, str) else secret_key) or secrets.token_bytes(32)
+        key = secret_key.encode() if isinstance(secret_key, str) else secret_key
+        self.secret = key or secrets.token_bytes(SECRET_BYTES)
         self.api_token = api_token
         self.page_size = page_size
         self.jobs_page_size = jobs_page_size
@@ -109,7 +112,7 @@ class Dashboard:
         self.static = _load_static()
         self.jinja = Environment(loader=PackageLoader("celery_batches.dashboard", "templates"), autoescape=True,
                                  trim_blocks=True, lstrip_blocks=True)
-        self.jinja.filters.update(when=_when, duration=_duration, segments=_segments, pct=_pct)
+        self.jinja.filters.update(FILTERS)
         self.jinja.globals.update(title=title, read_only=read_only, BatchStatus=BatchStatus, RunStatus=RunStatus)
 
     # -- WSGI --------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ class Dashboard:
         except Exception:  # even the error page failed: answer in plain text
             log.exception("celery_batches dashboard: error while rendering an error page")
             response = Response(INTERNAL_ERROR, status=500, mimetype="text/plain")
-        self._finish(request, response)
+        security.finish(request, response)
         return response(environ, start_response)
 
     def dispatch(self, request: Request) -> Response:
@@ -145,62 +148,24 @@ class Dashboard:
     # -- security ----------------------------------------------------------------------------------
     def check_access(self, request: Request) -> Response | None:
         if self.basic_auth is not None:
-            auth = request.authorization
-            user, password = self.basic_auth
-            basic = auth is not None and auth.type == "basic"
-            given_user, given_password = (auth.username or "", auth.password or "") if basic else ("", "")
-            # both compared every time: answering faster for a wrong user name would reveal the right one
-            user_ok = hmac.compare_digest(given_user.encode(), user.encode())
-            password_ok = hmac.compare_digest(given_password.encode(), password.encode())
-            if not (basic and user_ok and password_ok):
+            if not security.basic_auth_ok(request, self.basic_auth):
                 response = self.error(request, 401, "Authentication required.")
                 response.headers["WWW-Authenticate"] = 'Basic realm="celery_batches", charset="UTF-8"'
                 return response
         if self.authorize is not None:
             if not self.authorize(request):
                 return self.error(request, 403, "You are not allowed to see this dashboard.")
-        elif self.basic_auth is None and not _is_local(request):
+        elif self.basic_auth is None and not security.is_local(request):
             return self.error(request, 403, "This dashboard only answers requests from the machine it runs on. "
                                             "Configure authorize= or basic_auth= to open it to others.")
         return None
 
     def csrf_token(self, request: Request) -> str:
-        nonce = request.cookies.get(CSRF_COOKIE, "")
-        if not _NONCE.match(nonce):
-            nonce = request.csrf_nonce or secrets.token_urlsafe(32)
-            request.csrf_nonce = nonce
-        return self._sign(nonce)
-
-    def _sign(self, nonce: str) -> str:
-        return hmac.new(self.secret, nonce.encode(), hashlib.sha256).hexdigest()
+        return security.csrf_token(request, self.secret)
 
     def check_action(self, request: Request) -> None:
         """An action (POST): refused when read-only, cross-site or without a valid CSRF/API token."""
-        if self.read_only:
-            raise Forbidden("This dashboard is read-only.")
-        if self.api_token is not None and hmac.compare_digest(
-                request.headers.get(TOKEN_HEADER, "").encode(), self.api_token.encode()):
-            return
-        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-            raise Forbidden("Cross-site request refused.")
-        origin = request.headers.get("Origin")
-        if origin and origin != "null" and urlsplit(origin).netloc.lower() != request.host.lower():
-            raise Forbidden("Cross-origin request refused.")
-        nonce = request.cookies.get(CSRF_COOKIE, "")
-        token = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
-        if not (_NONCE.match(nonce) and token and hmac.compare_digest(token.encode(), self._sign(nonce).encode())):
-            raise Forbidden("Missing or invalid CSRF token. Reload the page and try again.")
-
-    def _finish(self, request: Request, response: Response) -> None:
-        h = response.headers
-        h.setdefault("Content-Security-Policy", _CSP)
-        h.setdefault("X-Content-Type-Options", "nosniff")
-        h.setdefault("X-Frame-Options", "DENY")
-        h.setdefault("Referrer-Policy", "same-origin")
-        h.setdefault("Cache-Control", "no-store")
-        if request.csrf_nonce:
-            response.set_cookie(CSRF_COOKIE, request.csrf_nonce, path=(request.script_root or "") + "/",
-                                httponly=True, samesite="Strict", secure=request.is_secure)
+        security.check_action(request, self.secret, read_only=self.read_only, api_token=self.api_token)
 
     # -- responses ---------------------------------------------------------------------------------
     @staticmethod
@@ -233,13 +198,12 @@ class Dashboard:
 
     @staticmethod
     def json(data: Any, status: int = 200) -> Response:
-        return Response(json.dumps(data, default=_json_default, separators=(",", ":")), status=status,
-                        mimetype="application/json")
+        return Response(json.dumps(data, separators=(",", ":")), status=status, mimetype="application/json")
 
     # -- HTML views --------------------------------------------------------------------------------
     def on_batches(self, request: Request) -> Response:
         status, name, before, after, _ = self._list_args(request, BatchStatus)
-        page = views.batch_page(self.store, status=status, name=name, limit=self.page_size, before=before,
+        page = pages.batch_page(self.store, status=status, name=name, limit=self.page_size, before=before,
                                 after=after)
         filters = {"status": status.name.lower() if status is not None else None, "q": name or None}
         return self.render(request, "batches.html", page=page, status=status, q=name or "", filters=filters,
@@ -247,19 +211,19 @@ class Dashboard:
 
     def on_batch(self, request: Request, batch_id: Any) -> Response:
         batch_id = str(batch_id)
-        detail = views.batch_detail(self.store, batch_id, tree_limit=self.tree_limit)
+        detail = pages.batch_detail(self.store, batch_id, tree_limit=self.tree_limit)
         if detail is None:
             raise NotFound("No batch with this id.")
         status = _parse_status(request.args.get("status"), RunStatus)
         start = _int_arg(request, "start")
         before = _int_arg(request, "before")
         size = self.jobs_page_size
-        jobs = views.job_page(self.store, batch_id, status=status, start=start, before=before, limit=size,
+        jobs = pages.job_page(self.store, batch_id, status=status, start=start, before=before, limit=size,
                               text_chars=TEXT_CHARS + 1)
         direct = detail.root.jobs
-        pages = None
+        paging = None
         if status is None:  # positions are dense: a page number is a position range
-            pages = {"count": max(math.ceil(direct.total / size), 1),
+            paging = {"count": max(math.ceil(direct.total / size), 1),
                      "current": (jobs.jobs[0].position // size) if jobs.jobs else 0, "size": size}
         notice = {"cancelled": "Batch cancelled: {runs} pending job(s) cancelled.",
                   "finished": "The batch had already finished; nothing was cancelled."}.get(
@@ -273,7 +237,7 @@ class Dashboard:
             "next": jobs.jobs[-1].position + 1 if jobs.has_next and jobs.jobs else None,
         }
         return self.render(request, "batch.html", d=detail, b=detail.row.batch, jobs=jobs, job_status=status,
-                           pages=pages, nav=nav, notice=notice, unfinished=unfinished, text_chars=TEXT_CHARS)
+                           pages=paging, nav=nav, notice=notice, unfinished=unfinished, text_chars=TEXT_CHARS)
 
     def _cancel(self, request: Request, batch_id: str) -> tuple[Any, int | None]:
         """Shared by the page and the API: the batch as it was, and the runs cancelled (None: it had finished)."""
@@ -301,8 +265,9 @@ class Dashboard:
             raise NotFound()
         body, mimetype, digest = self.static[filename]
         response = Response(body, mimetype=None, content_type=mimetype)
-        response.headers["Cache-Control"] = ("public, max-age=31536000, immutable"
-                                             if request.args.get("v") == digest else "public, max-age=300")
+        immutable = request.args.get("v") == digest
+        response.headers["Cache-Control"] = (f"public, max-age={STATIC_IMMUTABLE_MAX_AGE}, immutable" if immutable
+                                             else f"public, max-age={STATIC_MAX_AGE}")
         response.set_etag(digest)
         return response.make_conditional(request)
 
@@ -310,7 +275,7 @@ class Dashboard:
     def on_api_batches(self, request: Request) -> Response:
         status, name, before, after, parent = self._list_args(request, BatchStatus, parent=True)
         limit = self._limit(request, self.page_size)
-        page = views.batch_page(self.store, status=status, name=name, parent_id=parent, limit=limit,
+        page = pages.batch_page(self.store, status=status, name=name, parent_id=parent, limit=limit,
                                 before=before, after=after)
         base = {"status": request.args.get("status"), "q": name or None, "parent": parent, "limit": limit}
         build = request.adapter.build
@@ -324,10 +289,12 @@ class Dashboard:
                           "next": older, "previous": newer})
 
     def on_api_batch(self, request: Request, batch_id: Any) -> Response:
-        detail = views.batch_detail(self.store, str(batch_id), tree_limit=self.tree_limit)
+        detail = pages.batch_detail(self.store, str(batch_id), tree_limit=self.tree_limit)
         if detail is None:
             raise NotFound("No batch with this id.")
-        return self.json(self._detail_json(request, detail))
+        data = serialize.detail_json(detail)
+        data["batch"]["url"] = request.adapter.build("batch", {"batch_id": detail.row.batch.id})
+        return self.json(data)
 
     def on_api_jobs(self, request: Request, batch_id: Any) -> Response:
         batch_id = str(batch_id)
@@ -335,9 +302,9 @@ class Dashboard:
         limit = self._limit(request, self.jobs_page_size)
         after = _int_arg(request, "after")
         before = _int_arg(request, "before")
-        if self.batches.store.batch_status(batch_id) is None:
+        if reads.batch_status(self.store, batch_id) is None:
             raise NotFound("No batch with this id.")
-        page = views.job_page(self.store, batch_id, status=status, limit=limit, before=before,
+        page = pages.job_page(self.store, batch_id, status=status, limit=limit, before=before,
                               start=None if after is None else after + 1)
         base = {"batch_id": batch_id, "status": status.name.lower() if status is not None else None, "limit": limit}
         build = request.adapter.build
@@ -347,7 +314,7 @@ class Dashboard:
             edge = jobs[0].position if jobs else (before if before is not None else (after or 0) + 1)
             previous = build("api_jobs", dict(base, before=edge))
         return self.json({
-            "jobs": [_job_json(job) for job in jobs],
+            "jobs": [serialize.job_json(job) for job in jobs],
             "next": build("api_jobs", dict(base, after=jobs[-1].position)) if page.has_next and jobs else None,
             "previous": previous,
         })
@@ -367,7 +334,7 @@ class Dashboard:
     # -- helpers -----------------------------------------------------------------------------------
     def _list_args(self, request: Request, enum: type, parent: bool = False) -> tuple:
         status = _parse_status(request.args.get("status"), enum)
-        name = request.args.get("q", "").strip()[:255] or None
+        name = request.args.get("q", "").strip()[:SEARCH_CHARS] or None
         before = _uuid_arg(request, "before")
         after = _uuid_arg(request, "after")
         parent_id = _uuid_arg(request, "parent") if parent else None
@@ -382,46 +349,9 @@ class Dashboard:
             raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
         return limit
 
-    def _batch_json(self, request: Request, row: BatchRow) -> dict[str, Any]:
-        b = row.batch
-        return {
-            "id": b.id, "name": b.name, "status": b.status.name, "parent_id": b.parent_id,
-            "total_jobs": b.total_jobs, "completed_jobs": b.completed_jobs, "failed_jobs": b.failed_jobs,
-            "cancelled_jobs": b.cancelled_jobs, "pending_jobs": b.pending_jobs, "progress": round(b.progress, 4),
-            "children": row.children, "created_by": b.created_by, "created_at": b.created_at,
-            "completed_at": b.completed_at, "expires_at": b.expires_at, "antecedent_id": row.antecedent_id,
-            "continue_when": row.continue_when,
-            "url": request.adapter.build("batch", {"batch_id": b.id}),
-        }
-
-    def _detail_json(self, request: Request, d: BatchDetail) -> dict[str, Any]:
-        def ref(r: views.BatchRef | None) -> dict | None:
-            if r is None:
-                return None
-            data = {"id": r.id, "name": r.name, "status": r.status.name}
-            if r.continue_when:
-                data["continue_when"] = r.continue_when
-            return data
-
-        return {
-            "batch": self._batch_json(request, d.row),
-            "ancestors": [ref(a) for a in d.ancestors],
-            "antecedent": ref(d.antecedent),
-            "successors": [ref(s) for s in d.successors],
-            "jobs": _counts_json(d.root.jobs),
-            "subtree": dict(_counts_json(d.root.subtree_jobs), batches=d.root.subtree_batches),
-            "tree": [{
-                "id": n.id, "name": n.name, "parent_id": n.parent_id, "status": n.status.name, "depth": n.depth,
-                "units": _counts_json(n.units), "jobs": _counts_json(n.jobs),
-                "subtree_jobs": _counts_json(n.subtree_jobs), "subtree_batches": n.subtree_batches,
-            } for n in d.tree],
-            "tree_truncated": d.tree_truncated,
-            "continuations": [{
-                "id": c.id, "kind": c.kind, "task_name": c.task_name, "args": _loads(c.args),
-                "kwargs": _loads(c.kwargs), "status": c.status.name, "due_at": c.due_at,
-                "dispatched_at": c.dispatched_at,
-            } for c in d.continuations],
-        }
+    @staticmethod
+    def _batch_json(request: Request, row: BatchRow) -> dict[str, Any]:
+        return dict(serialize.batch_json(row), url=request.adapter.build("batch", {"batch_id": row.batch.id}))
 
 
 # -- module helpers --------------------------------------------------------------------------------
@@ -434,28 +364,6 @@ def _load_static() -> dict[str, tuple[bytes, str, str]]:
             body = entry.read_bytes()
             files[entry.name] = (body, _STATIC_TYPES[suffix], hashlib.sha256(body).hexdigest()[:16])
     return files
-
-
-def _is_local(request: Request) -> bool:
-    """A request from this machine: loopback peer, loopback Host (no DNS rebinding), not proxied."""
-    try:
-        ip = ipaddress.ip_address((request.remote_addr or "").split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if not ip.is_loopback or any(h in request.environ for h in _FORWARDING_HEADERS):
-        return False
-    host = request.host.lower()
-    host = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-    return host in _LOCAL_HOSTS or host.endswith(".localhost") or _is_loopback_ip(host)
-
-
-def _is_loopback_ip(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _redirect(location: str) -> Response:
@@ -478,7 +386,7 @@ def _int_arg(request: Request, name: str) -> int | None:
     value = request.args.get(name)
     if value is None or value == "":
         return None
-    if not value.isdigit() or len(value) > 10:
+    if not value.isdigit() or len(value) > INT_ARG_DIGITS:
         raise BadRequest(f"{name} must be a non-negative integer")
     return int(value)
 
@@ -491,68 +399,3 @@ def _uuid_arg(request: Request, name: str) -> str | None:
         return str(uuid.UUID(value))
     except ValueError:
         raise BadRequest(f"{name} must be a batch id") from None
-
-
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return text
-
-
-def _counts_json(c: Counts) -> dict[str, int]:
-    return {"total": c.total, "completed": c.completed, "failed": c.failed, "cancelled": c.cancelled,
-            "pending": c.pending}
-
-
-def _job_json(job: JobRow) -> dict[str, Any]:
-    return {
-        "id": job.id, "position": job.position, "status": job.status.name, "task_name": job.task_name,
-        "args": _loads(job.args), "kwargs": _loads(job.kwargs), "queue": job.queue, "retries": job.retries,
-        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
-        "duration": job.duration.total_seconds() if job.duration is not None else None, "error": job.error,
-    }
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, (BatchStatus, RunStatus, ContinuationStatus)):
-        return value.name
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
-
-
-def _duration(value: timedelta | None) -> str:
-    if value is None:
-        return ""
-    seconds = value.total_seconds()
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.2f} s"
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
-
-
-def _segments(c: Counts) -> list[tuple[str, float, float]]:
-    """The progress bar of ``c`` as (class, x, width) rectangles on a 0–100 scale."""
-    out, x = [], 0.0
-    if c.total <= 0:
-        return out
-    for cls, n in (("completed", c.completed), ("failed", c.failed), ("cancelled", c.cancelled)):
-        if n > 0:
-            width = 100.0 * n / c.total
-            out.append((cls, round(x, 3), round(width, 3)))
-            x += width
-    return out
-
-
-def _pct(c: Counts) -> str:
-    if c.total <= 0:
-        return "–"
-    return f"{100.0 * c.finished / c.total:.0f}%"

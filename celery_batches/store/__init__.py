@@ -1,9 +1,11 @@
-"""The registry: schema, migrations and every SQL statement."""
+"""The registry: schema, migrations and every SQL statement (nothing outside ``store/`` writes SQL)."""
 
+from . import reads
 from .engine import make_engine, refused_for_good
 from .migrate import drop_schema, migrate
-from .store import Outbox, RunEvent, Store, is_run_id, storable_text, utcnow
+from .rows import Outbox, RunEvent, is_run_id, storable_text, utcnow
 from .tables import Tables, build_tables
+from .transitions import Transitions
 
-__all__ = ["Outbox", "RunEvent", "Store", "Tables", "build_tables", "drop_schema", "is_run_id", "make_engine", "migrate",
-           "refused_for_good", "storable_text", "utcnow"]
+__all__ = ["Outbox", "RunEvent", "Tables", "Transitions", "build_tables", "drop_schema", "is_run_id", "make_engine",
+           "migrate", "reads", "refused_for_good", "storable_text", "utcnow"]

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["make_engine", "refused_for_good"]
+__all__ = ["make_claim_engine", "make_engine", "refused_for_good"]
 
 
 def make_engine(url: str, options: Mapping[str, Any]) -> sa.Engine:
@@ -34,6 +34,23 @@ def make_engine(url: str, options: Mapping[str, Any]) -> sa.Engine:
     if engine.dialect.name == "sqlite":
         _serialise_sqlite_writers(engine)
     return engine
+
+
+def make_claim_engine(url: str, options: Mapping[str, Any]) -> sa.Engine | None:
+    """A small engine for claims (one before every member task starts), or None to use the main one.
+
+    On PostgreSQL a claim is one statement in autocommit, committed without waiting for the disk
+    (``synchronous_commit=off``): one round trip, no BEGIN/COMMIT, no pre-ping (a dead pooled
+    connection fails the statement, and the caller's retry takes a fresh one). A claim lost in a
+    server crash leaves the run PENDING, which recovery handles like a lost message.
+    """
+    if sa.make_url(url).get_backend_name() != "postgresql":
+        return None
+    options = dict(options)
+    connect_args = dict(options.pop("connect_args", {}))
+    connect_args["options"] = f"{connect_args.get('options', '')} -c synchronous_commit=off".strip()
+    return make_engine(url, {**options, "connect_args": connect_args, "isolation_level": "AUTOCOMMIT",
+                             "pool_pre_ping": False})
 
 
 def _fork_safe(engine: sa.Engine) -> None:

@@ -15,7 +15,7 @@ from typing import Sequence
 import sqlalchemy as sa
 
 from ..models import BatchStatus, ContinuationStatus, RunStatus
-from .store import as_utc, utcnow
+from .rows import as_utc, utcnow
 from .tables import Tables
 
 __all__ = ["UNCLAIMED", "Claim", "Liveness"]
@@ -40,37 +40,57 @@ class Liveness:
     def __init__(self, engine: sa.Engine, tables: Tables, claim_engine: sa.Engine | None = None) -> None:
         self.engine = engine
         self.claim_engine = claim_engine or engine
-        self.t = tables
-
-    # -- a pool process starting a run ----------------------------------------------------------------
-    def claim(self, run_id: str, retries: int, node: str, at: datetime) -> Claim:
-        """Mark the run RUNNING on ``node`` before its body runs, in one statement; say what it found.
-
-        Nothing changes for a final run (a redelivery of finished work) or one running elsewhere:
-        the caller skips it.
-        """
-        r, b = self.t.runs, self.t.batches
-        batch_status = sa.select(b.c.status).where(b.c.id == r.c.batch_id).scalar_subquery()
+        self.tables = tables
+        r, b = tables.runs, tables.batches
+        batch_status = sa.select(b.c.status).where(b.c.id == r.c.batch_id).scalar_subquery().label("batch_status")
+        retries, node, at = sa.bindparam("b_retries"), sa.bindparam("b_node"), sa.bindparam("b_at")
         # Claimable: waiting (PENDING, RETRYING), or RUNNING in an earlier attempt (a retry's message
         # can arrive before the RETRYING transition is committed), or RUNNING by this very delivery
         # (``node`` ends with a token of the delivery: this claim repeated after its commit went
         # unanswered). Any other delivery of a RUNNING run is not claimed: a republish or a
-        # duplicate never makes it run twice.
-        claimable = sa.or_(r.c.status.in_(_WAITING),
-                           sa.and_(r.c.status == int(RunStatus.RUNNING),
-                                   sa.or_(r.c.retries < retries, r.c.node == node)))
+        # duplicate never makes it run twice. Built once: a claim runs before every member task.
+        claimable = sa.or_(r.c.status.in_(_WAITING), sa.and_(r.c.status == int(RunStatus.RUNNING),
+                                                              sa.or_(r.c.retries < retries, r.c.node == node)))
+        self._claim = (sa.update(r).where(r.c.id == sa.bindparam("b_id"), claimable)
+                       .values(status=int(RunStatus.RUNNING), node=node, claimed_at=at,
+                               retries=sa.case((r.c.retries > retries, r.c.retries), else_=retries),
+                               started_at=sa.func.coalesce(r.c.started_at, at))
+                       .returning(batch_status))
+        self._claim_found = sa.select(r.c.status, batch_status).where(r.c.id == sa.bindparam("b_id"))
+        self._pg_claim = self._PG_CLAIM.format(
+            runs=self._sql_name(r), batches=self._sql_name(b), running=int(RunStatus.RUNNING),
+            waiting=", ".join(str(s) for s in _WAITING)) if self.claim_engine.dialect.name == "postgresql" else None
+
+    # The claim on PostgreSQL, as one prepared statement (psycopg prepares it after a few runs): the
+    # same conditions as ``self._claim`` without SQLAlchemy's per-statement work, which cost as much
+    # as the round trip itself (a claim runs before every member task). tests/test_transitions.py
+    # holds the two equal.
+    _PG_CLAIM = """
+        UPDATE {runs} AS r SET status = {running}, node = %(b_node)s, claimed_at = %(b_at)s,
+               retries = greatest(r.retries, %(b_retries)s), started_at = coalesce(r.started_at, %(b_at)s)
+        WHERE r.id = %(b_id)s AND (r.status IN ({waiting})
+              OR (r.status = {running} AND (r.retries < %(b_retries)s OR r.node = %(b_node)s)))
+        RETURNING (SELECT b.status FROM {batches} AS b WHERE b.id = r.batch_id) AS batch_status"""
+
+    def _sql_name(self, table: sa.Table) -> str:
+        return self.claim_engine.dialect.identifier_preparer.format_table(table)
+
+    # -- a pool process starting a run ----------------------------------------------------------------
+    def claim(self, run_id: str, retries: int, node: str, at: datetime, *, portable: bool = False) -> Claim:
+        """Mark the run RUNNING on ``node`` before its body runs, in one statement; say what it found.
+
+        Nothing changes for a final run (a redelivery of finished work) or one running elsewhere:
+        the caller skips it. ``portable``: the SQLAlchemy statement on PostgreSQL too (for the tests).
+        """
+        params = {"b_id": run_id, "b_retries": retries, "b_node": node, "b_at": at}
         with self.claim_engine.begin() as conn:
-            row = conn.execute(
-                sa.update(r).where(r.c.id == run_id, claimable)
-                .values(status=int(RunStatus.RUNNING), node=node, claimed_at=at,
-                        retries=sa.case((r.c.retries > retries, r.c.retries), else_=retries),
-                        started_at=sa.func.coalesce(r.c.started_at, at))
-                .returning(batch_status.label("batch_status"))
-            ).first()
+            if self._pg_claim is not None and not portable:
+                row = conn.exec_driver_sql(self._pg_claim, params).first()
+            else:
+                row = conn.execute(self._claim, params).first()
             if row is not None:
                 return Claim(True, RunStatus.RUNNING, BatchStatus(row.batch_status))
-            found = conn.execute(sa.select(r.c.status, batch_status.label("batch_status"))
-                                 .where(r.c.id == run_id)).first()
+            found = conn.execute(self._claim_found, {"b_id": run_id}).first()
         if found is None:
             return Claim(False, None, None)
         return Claim(False, RunStatus(found.status), BatchStatus(found.batch_status))
@@ -79,7 +99,7 @@ class Liveness:
         """The first delivery of a continuation claims it: True for that one, False for any later
         delivery (a republish), None if no continuation row has that id. ``token`` is one per
         delivery, so a repeat of the same claim (its commit went unanswered) finds it its own."""
-        c = self.t.continuations
+        c = self.tables.continuations
         with self.claim_engine.begin() as conn:
             claimed = conn.execute(sa.update(c).where(c.c.id == continuation_id,
                                                       sa.or_(c.c.claimed_by.is_(None), c.c.claimed_by == token))
@@ -94,7 +114,7 @@ class Liveness:
         ``held``: the runs whose messages it holds but has not started. A run it marked and no longer
         holds (dropped with a lost broker connection, say) loses the mark, so recovery looks for its
         message again. ``held=None`` (the worker's state could not be read) leaves the marks alone."""
-        n, r, now = self.t.nodes, self.t.runs, utcnow()
+        n, r, now = self.tables.nodes, self.tables.runs, utcnow()
         pid_text = ",".join(str(p) for p in sorted(pids))
         with self.engine.begin() as conn:
             updated = conn.execute(sa.update(n).where(n.c.name == node)
@@ -114,13 +134,13 @@ class Liveness:
 
     def nodes(self) -> dict[str, tuple[datetime, set[int]]]:
         """Every node row: its last heartbeat and live pool pids."""
-        n = self.t.nodes
+        n = self.tables.nodes
         with self.engine.connect() as conn:
             return {row.name: (as_utc(row.heartbeat_at), {int(p) for p in (row.pids or "").split(",") if p})
                     for row in conn.execute(sa.select(n))}
 
     def forget(self, node: str) -> None:
-        n = self.t.nodes
+        n = self.tables.nodes
         with self.engine.begin() as conn:
             conn.execute(sa.delete(n).where(n.c.name == node))
 
@@ -128,7 +148,7 @@ class Liveness:
     def left_by(self, node: str, *, pid: int | None = None, started_before: datetime | None = None,
                 limit: int = 500) -> list[sa.Row]:
         """Open runs that name ``node`` (with ``pid``: only those that pool process claimed)."""
-        r = self.t.runs
+        r = self.tables.runs
         where = [r.c.status.in_(_OPEN)]
         if pid is None:
             where.append(sa.or_(r.c.node == node, r.c.node.startswith(f"{node}/", autoescape=True)))
@@ -144,7 +164,7 @@ class Liveness:
     def claimed_by_dead_processes(self, node: str, live: set[int], before: datetime, limit: int = 500) -> list[sa.Row]:
         """RUNNING runs claimed by a pool process of ``node`` that is not among its live pids
         (claimed before the heartbeat that reported them, so a newly forked process is not mistaken)."""
-        r = self.t.runs
+        r = self.tables.runs
         q = (sa.select(r.c.id, r.c.status, r.c.node, r.c.task_name, r.c.args, r.c.kwargs, r.c.options,
                        r.c.batch_id, r.c.position, r.c.queue)
              .where(r.c.status == int(RunStatus.RUNNING), r.c.node.startswith(f"{node}/", autoescape=True),
@@ -161,7 +181,7 @@ class Liveness:
         Only runs still as recovery saw them change: still named by the gone node ``held_by``, or
         (without it) still waiting with no node. A run a worker claimed meanwhile is left alone:
         releasing it would publish it again while it runs."""
-        r = self.t.runs
+        r = self.tables.runs
         if not run_ids:
             return 0
         if held_by is None:
@@ -180,7 +200,7 @@ class Liveness:
 
     def unstarted_continuations(self, older_than: datetime, limit: int) -> list[sa.Row]:
         """Continuations published before ``older_than`` that no delivery has claimed yet."""
-        c = self.t.continuations
+        c = self.tables.continuations
         q = (sa.select(c.c.id, c.c.task_name, c.c.options)
              .where(c.c.status == int(ContinuationStatus.DISPATCHED), c.c.claimed_by.is_(None),
                     c.c.dispatched_at < older_than)
@@ -190,7 +210,7 @@ class Liveness:
 
     def redue(self, continuation_ids: Sequence[str]) -> int:
         """Continuations whose message is lost go back to the outbox (DUE, no lease): the relay publishes them."""
-        c = self.t.continuations
+        c = self.tables.continuations
         if not continuation_ids:
             return 0
         with self.engine.begin() as conn:
@@ -204,7 +224,7 @@ class Liveness:
         a lost message, in ``(created_at, id)`` order after the cursor. (Only a STARTED batch has
         published open runs: a waiting stage's runs are unpublished, a finished batch has none open.)
         Read along the open-runs index in creation order, whatever the planner's statistics say."""
-        r = self.t.runs
+        r = self.tables.runs
         q = (sa.select(r.c.id, r.c.status, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id,
                        r.c.position, r.c.queue, r.c.created_at)
              .where(r.c.status < int(RunStatus.COMPLETED), r.c.status != int(RunStatus.RUNNING),

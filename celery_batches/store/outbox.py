@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from ..builder import Message
 from ..models import BatchStatus, ContinuationStatus, RunStatus
-from .store import continuation_message, run_message, storable_text, utcnow
+from .rows import continuation_message, run_message, storable_text, utcnow
 from .tables import Tables
 
 __all__ = ["OutboxStore"]
@@ -25,7 +25,7 @@ __all__ = ["OutboxStore"]
 class OutboxStore:
     def __init__(self, engine: sa.Engine, tables: Tables, lease: timedelta) -> None:
         self.engine = engine
-        self.t = tables
+        self.tables = tables
         self.lease = lease
 
     # -- leases --------------------------------------------------------------------------------------
@@ -34,14 +34,21 @@ class OutboxStore:
 
         A publisher calls this before every chunk, so it holds at least ``lease`` seconds per chunk.
         """
-        p, now = self.t.publications, utcnow()
+        p, now = self.tables.publications, utcnow()
         with self.engine.begin() as conn:
             return conn.execute(sa.update(p).where(p.c.id == publication, p.c.expires_at > now)
                                 .values(expires_at=now + self.lease)).rowcount == 1
 
+    def exists(self, publication: str) -> bool:
+        """Is the lease there for everyone to see: the transaction that made it committed (and no
+        publisher has released it yet)?"""
+        p = self.tables.publications
+        with self.engine.connect() as conn:
+            return conn.scalar(sa.select(p.c.id).where(p.c.id == publication)) is not None
+
     def release(self, publication: str) -> None:
         """The publisher is done: its lease goes, and whatever it left unpublished is the relay's now."""
-        p = self.t.publications
+        p = self.tables.publications
         with self.engine.begin() as conn:
             conn.execute(sa.delete(p).where(p.c.id == publication))
 
@@ -51,7 +58,7 @@ class OutboxStore:
         A plain row, so it needs no session state: it works through PgBouncer's transaction
         pooling and on SQLite, and a holder that dies loses it when ``ttl`` runs out.
         """
-        leases, now = self.t.leases, utcnow()
+        leases, now = self.tables.leases, utcnow()
         with self.engine.begin() as conn:
             taken = conn.execute(sa.update(leases).where(
                 leases.c.name == name, sa.or_(leases.c.holder == holder, leases.c.expires_at < now))
@@ -69,7 +76,7 @@ class OutboxStore:
             return False
 
     def resign(self, name: str, holder: str) -> None:
-        leases = self.t.leases
+        leases = self.tables.leases
         with self.engine.begin() as conn:
             conn.execute(sa.delete(leases).where(leases.c.name == name, leases.c.holder == holder))
 
@@ -81,7 +88,7 @@ class OutboxStore:
         let this statement and a group commit lock the same rows in opposite orders (deadlock).
         A run a worker moved past PENDING needs no flag: only PENDING runs are ever waiting.
         """
-        r = self.t.runs
+        r = self.tables.runs
         mine = (sa.select(r.c.id).where(r.c.id.in_(run_ids), r.c.status == int(RunStatus.PENDING),
                                         sa.not_(r.c.published))
                 .with_for_update(skip_locked=True))
@@ -91,21 +98,21 @@ class OutboxStore:
                 r.c.id.in_(run_ids), r.c.status == int(RunStatus.PENDING), sa.not_(r.c.published))).scalars()]
 
     def mark_dispatched(self, continuation_ids: Sequence[str]) -> None:
-        c = self.t.continuations
+        c = self.tables.continuations
         with self.engine.begin() as conn:
             conn.execute(sa.update(c).where(c.c.id.in_(continuation_ids), c.c.status == int(ContinuationStatus.DUE))
                          .values(status=int(ContinuationStatus.DISPATCHED), dispatched_at=utcnow()))
 
     def refuse_continuation(self, continuation_id: str, error: str) -> None:
         """The broker refused this continuation's message for good: FAILED, with the reason."""
-        c = self.t.continuations
+        c = self.tables.continuations
         with self.engine.begin() as conn:
             conn.execute(sa.update(c).where(c.c.id == continuation_id, c.c.status == int(ContinuationStatus.DUE))
                          .values(status=int(ContinuationStatus.FAILED), error=storable_text(error)))
 
     # -- the relay -----------------------------------------------------------------------------------
     def _lapsed(self, table: sa.Table, now: datetime) -> sa.ColumnElement[bool]:
-        p = self.t.publications
+        p = self.tables.publications
         live = sa.select(p.c.id).where(p.c.id == table.c.publication_id, p.c.expires_at >= now)
         return sa.not_(sa.exists(live))
 
@@ -114,7 +121,7 @@ class OutboxStore:
 
         Returns ``(lease, runs, continuations)``; the caller publishes them like a producer would.
         """
-        r, b, c, p = self.t.runs, self.t.batches, self.t.continuations, self.t.publications
+        r, b, c, p = self.tables.runs, self.tables.batches, self.tables.continuations, self.tables.publications
         now = utcnow()
         with self.engine.begin() as conn:
             runs_q = (sa.select(r.c.id).join(b, b.c.id == r.c.batch_id)
@@ -141,6 +148,6 @@ class OutboxStore:
 
     def prune(self, older_than: timedelta) -> int:
         """Delete leases that lapsed long ago (rows pointing to a missing lease count as lapsed)."""
-        p = self.t.publications
+        p = self.tables.publications
         with self.engine.begin() as conn:
             return conn.execute(sa.delete(p).where(p.c.expires_at < utcnow() - older_than)).rowcount

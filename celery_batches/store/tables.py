@@ -6,10 +6,15 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
+from ..models import ContinuationStatus, RunStatus
+
 __all__ = ["Tables", "build_tables"]
 
 UUID = sa.Uuid(as_uuid=False)
 TIMESTAMP = sa.DateTime(timezone=True)
+#: partial-index conditions, from the enums: an open run (not yet final), a continuation waiting to be published
+OPEN_BELOW = int(RunStatus.COMPLETED)
+DUE = int(ContinuationStatus.DUE)
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,8 @@ class Tables:
 
 def build_tables(prefix: str) -> Tables:
     """Describe the registry's tables for one prefix (this must match the latest migration)."""
+    # tests/test_migrations.py checks this against a migrated database. No client-side defaults:
+    # the migrations give no server default, and COPY (how runs are inserted on PostgreSQL) would skip them.
     md = sa.MetaData()
     batches = sa.Table(
         f"{prefix}batches",
@@ -35,10 +42,10 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("name", sa.String(255), nullable=False),
         sa.Column("parent_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), nullable=True),
         sa.Column("status", sa.SmallInteger, nullable=False),
-        sa.Column("total_jobs", sa.Integer, nullable=False, default=0),
-        sa.Column("completed_jobs", sa.Integer, nullable=False, default=0),
-        sa.Column("failed_jobs", sa.Integer, nullable=False, default=0),
-        sa.Column("cancelled_jobs", sa.Integer, nullable=False, default=0),
+        sa.Column("total_jobs", sa.Integer, nullable=False),
+        sa.Column("completed_jobs", sa.Integer, nullable=False),
+        sa.Column("failed_jobs", sa.Integer, nullable=False),
+        sa.Column("cancelled_jobs", sa.Integer, nullable=False),
         sa.Column("created_by", sa.String(255), nullable=True),
         sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.Column("completed_at", TIMESTAMP, nullable=True),
@@ -68,8 +75,8 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("started_at", TIMESTAMP, nullable=True),
         sa.Column("finished_at", TIMESTAMP, nullable=True),
         sa.Column("error", sa.Text, nullable=True),
-        sa.Column("retries", sa.Integer, nullable=False, default=0),
-        sa.Column("published", sa.Boolean, nullable=False, default=False),
+        sa.Column("retries", sa.Integer, nullable=False),
+        sa.Column("published", sa.Boolean, nullable=False),
         # who publishes this run, and until when (a row of `publications`): the relay waits for it to lapse
         sa.Column("publication_id", UUID, nullable=True),
         # the worker node holding (``<node>``) or running (``<node>/<pid>``) this run, while it is open
@@ -86,14 +93,14 @@ def build_tables(prefix: str) -> Tables:
         sa.Index(  # only the runs a node holds or runs: "no node" is not worth an index entry
             f"ix_{prefix}runs_node",
             "node",
-            postgresql_where=sa.text("status < 3 AND node IS NOT NULL"),
-            sqlite_where=sa.text("status < 3 AND node IS NOT NULL"),
+            postgresql_where=sa.text(f"status < {OPEN_BELOW} AND node IS NOT NULL"),
+            sqlite_where=sa.text(f"status < {OPEN_BELOW} AND node IS NOT NULL"),
         ),
         sa.Index(
             f"ix_{prefix}runs_open",
             "created_at",
-            postgresql_where=sa.text("status < 3"),
-            sqlite_where=sa.text("status < 3"),
+            postgresql_where=sa.text(f"status < {OPEN_BELOW}"),
+            sqlite_where=sa.text(f"status < {OPEN_BELOW}"),
         ),
     )
     batch_jobs = sa.Table(
@@ -126,8 +133,8 @@ def build_tables(prefix: str) -> Tables:
         sa.Index(
             f"ix_{prefix}continuations_due",
             "due_at",
-            postgresql_where=sa.text("status = 1"),
-            sqlite_where=sa.text("status = 1"),
+            postgresql_where=sa.text(f"status = {DUE}"),
+            sqlite_where=sa.text(f"status = {DUE}"),
         ),
     )
     # A publisher's lease on what its transaction made publishable: renewed before every chunk it

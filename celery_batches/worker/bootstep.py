@@ -1,4 +1,4 @@
-"""Worker bootstep that runs the relay and reconciler thread in the worker's main process."""
+"""Worker bootstep: the heartbeat and the relay (with recovery and the reconciler) in the worker's main process."""
 
 from __future__ import annotations
 
@@ -10,33 +10,33 @@ from .heartbeat import Heartbeat
 from .relay import Relay
 
 if TYPE_CHECKING:
-    from ..api import Batches
+    from .node import Node
 
 __all__ = ["make_bootstep"]
 
 
-def make_bootstep(batches: "Batches") -> type[bootsteps.StartStopStep]:
-    """A bootstep class bound to one ``Batches`` (bootsteps are registered as classes)."""
+def make_bootstep(node: "Node") -> type[bootsteps.StartStopStep]:
+    """A bootstep class bound to one ``Node`` (bootsteps are registered as classes)."""
 
-    class BatchesMaintenance(bootsteps.StartStopStep):
-        """Starts the relay/reconciler thread; never runs on the worker's event loop."""
+    class BatchesWorkerStep(bootsteps.StartStopStep):
+        """Starts the heartbeat and the relay threads; neither runs on the worker's event loop."""
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
-            self.maintenance = Relay(batches)
-            self.heartbeat = Heartbeat(batches.liveness, batches.node, batches.settings.heartbeat_interval, parent)
+            self.relay = Relay(node)
+            self.heartbeat = Heartbeat(node.liveness, node.name, node.settings.heartbeat_interval, parent)
 
         def start(self, parent: Any) -> None:
             # The heartbeat goes on until the process exits: on a warm shutdown the pool finishes
             # its tasks after this step stopped, and the node must not look gone meanwhile.
             self.heartbeat.start()
-            self.maintenance.start()
+            self.relay.start()
 
         def stop(self, parent: Any) -> None:
-            self.maintenance.stop()
-            batches._group_commit.close()
+            self.relay.stop()
+            node.group_commit.close()
 
         # a cold shutdown (a second Ctrl-C, SIGQUIT) calls terminate, not stop: commit what is buffered all the same
         terminate = stop
 
-    return BatchesMaintenance
+    return BatchesWorkerStep

@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Callable, Generic, Sequence, TypeVar
 
+from .. import retry
+
 __all__ = ["GroupCommit"]
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,7 @@ class GroupCommit(Generic[E]):
         self._write = write
         self._interval = interval
         self._max_events = max_events
-        self._max_delay = max_delay
-        self._refused_for_good = refused_for_good
+        self._policy = retry.FOREVER.but(max_delay=max_delay, retry_on=lambda exc: not refused_for_good(exc))
         self._replace_refused = replace_refused
         self._cond = threading.Condition()
         self._pending: list[E] = []
@@ -123,21 +124,11 @@ class GroupCommit(Generic[E]):
 
     def _commit(self, group: Sequence[E], replaced: bool = False) -> None:
         """Write ``group``: repeat what failed for a passing reason, isolate what the registry refuses."""
-        delay, attempt = 0.05, 0
-        while True:
-            try:
-                self._write(group)
-                if attempt:
-                    log.warning("celery_batches: registry write succeeded after %d retries", attempt)
-                return
-            except Exception as exc:
-                if self._refused_for_good(exc):
-                    return self._isolate(group, exc, replaced)
-                attempt += 1
-                log.exception("celery_batches: registry write of %d run transition(s) failed "
-                              "(attempt %d); retrying in %.2fs", len(group), attempt, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, self._max_delay)
+        try:
+            what = f"registry write of {len(group)} run transition(s)"
+            retry.call(lambda: self._write(group), self._policy, what, log)
+        except Exception as exc:  # the registry refuses something in it for good
+            self._isolate(group, exc, replaced)
 
     def _isolate(self, group: Sequence[E], exc: BaseException, replaced: bool) -> None:
         if len(group) > 1:  # halves in order, so a run's later events still follow its earlier ones

@@ -37,9 +37,7 @@ from ..store import RunEvent, utcnow
 if TYPE_CHECKING:
     from celery import Celery
 
-    from ..outbox import Publisher
-    from ..settings import Settings
-    from ..store.liveness import Liveness
+    from .node import Node
 
 __all__ = ["Recovery", "backend_outcome"]
 
@@ -63,15 +61,13 @@ def backend_outcome(app: "Celery", run_id: str) -> RunEvent | None:
 
 
 class Recovery:
-    def __init__(self, app: "Celery", settings: "Settings", liveness: "Liveness", probe: Probe,
-                 publisher: "Publisher", record: Any, me: str) -> None:
-        self.app = app
-        self.settings = settings
-        self.liveness = liveness
-        self.probe = probe
-        self.publisher = publisher
-        self.record = record  # commit RunEvents and publish what they made due
-        self.me = me
+    def __init__(self, node: "Node") -> None:
+        self.app = node.app
+        self.settings = node.settings
+        self.liveness = node.liveness
+        self.probe: Probe = node.probe
+        self.record = node.write_events  # commit RunEvents and publish what they made due
+        self.me = node.name
         self._seen: dict[str, tuple[object, float]] = {}  # node -> (last heartbeat value, when it changed)
         # run id -> ("held" | "absent", since when, pass of the last look): what the lost-message search saw
         self._absent: dict[str, tuple[str, float, int]] = {}

@@ -29,31 +29,25 @@ from typing import TYPE_CHECKING
 from celery.backends.base import DisabledBackend
 
 from ..models import RunStatus
-from ..store import RunEvent, utcnow
+from ..settings import RELAY_PASS_TTL, RELAY_STEP
+from ..store import RunEvent, reads, utcnow
 from .recovery import Recovery, backend_outcome
 
 if TYPE_CHECKING:
-    from ..api import Batches
+    from .node import Node
 
 __all__ = ["Relay"]
 
 log = logging.getLogger(__name__)
-#: runs and continuations one relay step takes over; open runs one reconciler step reads
-BATCH = 500
-#: seconds a relay pass holds its lease, renewed between its steps: a node that dies mid-pass blocks
-#: the others this long at most (two passes overlapping after a longer step do no harm: each step's
-#: writes are conditional, and what the relay publishes it holds under a publish lease first)
-PASS_TTL = 30.0
 
 
 class Relay:
-    def __init__(self, batches: "Batches") -> None:
-        self.batches = batches
-        self.settings = batches.settings
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+        self.settings = node.settings
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._cursor: tuple[datetime, str] | None = None
-        self.recovery = Recovery(batches.app, self.settings, batches.liveness, batches.probe, batches.outbox,
-                                 batches._write_events, me=batches.node)
+        self.recovery = Recovery(node)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -79,12 +73,12 @@ class Relay:
 
     def run_once(self) -> dict[str, int]:
         """One pass, if this node holds (or takes) the relay lease. Returns what it did."""
-        leases = self.batches.outbox.store
-        if not leases.elect("relay", self.holder, timedelta(seconds=PASS_TTL)):
+        leases = self.node.publisher.store
+        if not leases.elect("relay", self.holder, timedelta(seconds=RELAY_PASS_TTL)):
             return {}
-        ttl = timedelta(seconds=PASS_TTL)
+        ttl = timedelta(seconds=RELAY_PASS_TTL)
         try:
-            report = self.batches.outbox.relay(BATCH)
+            report = self.node.publisher.relay(RELAY_STEP)
             done = {"runs_published": report.runs, "continuations_published": report.continuations,
                     "refused": report.refused}
             leases.elect("relay", self.holder, ttl)
@@ -92,28 +86,29 @@ class Relay:
             leases.elect("relay", self.holder, ttl)
             done["runs_reconciled"] = self._reconcile(utcnow())
             leases.prune(timedelta(hours=1))
-        finally:  # the next pass is anyone's (a node that dies mid-pass loses the lease after PASS_TTL)
+        finally:  # the next pass is anyone's (a node that dies mid-pass loses the lease after RELAY_PASS_TTL)
             leases.resign("relay", self.holder)
         if any(done.values()):
             log.warning("celery_batches: relay/reconciler %s", ", ".join(f"{k}={v}" for k, v in done.items()))
         return done
 
     def _reconcile(self, now: datetime) -> int:
-        b = self.batches
-        stale = b.store.open_runs(now - timedelta(seconds=self.settings.reconcile_grace), BATCH, after=self._cursor)
-        self._cursor = (stale[-1][2], stale[-1][0]) if len(stale) == BATCH else None  # wrap around at the end
+        node = self.node
+        stale = reads.open_runs(node.store, now - timedelta(seconds=self.settings.reconcile_grace), RELAY_STEP,
+                               after=self._cursor)
+        self._cursor = (stale[-1][2], stale[-1][0]) if len(stale) == RELAY_STEP else None  # wrap around at the end
         if not stale:
             return 0
-        if isinstance(b.app.backend, DisabledBackend) and self.settings.run_timeout is None:
+        if isinstance(node.app.backend, DisabledBackend) and self.settings.run_timeout is None:
             return 0
         timeout = self.settings.run_timeout
         events: list[RunEvent] = []
         for run_id, since, _created in stale:
-            event = backend_outcome(b.app, run_id)
+            event = backend_outcome(node.app, run_id)
             if event is not None:
                 events.append(event)
             elif timeout is not None and since < now - timedelta(seconds=timeout):
                 events.append(RunEvent(run_id, RunStatus.FAILED, 0, f"no outcome recorded within {timeout}s"))
         if events:
-            b._write_events(events)
+            node.write_events(events)
         return len(events)

@@ -1,10 +1,10 @@
 """Thin Celery signal handlers: turn task signals into run transitions for the group commit.
 
-Where each signal runs matters (design.md §3): ``task_prerun``/``task_success``/``task_retry`` and
-ordinary ``task_failure`` run in the pool child with the request (and our header) at hand;
+Where each signal runs matters (docs/architecture.md, "Where Celery sends each signal"):
+``task_prerun``/``task_success``/``task_retry`` and ordinary ``task_failure`` run in the pool child with the request (and our header) at hand;
 ``task_failure`` for a lost worker or a hard time limit runs in the worker's main process with no
 request, so there the run is found by its task id alone. Handlers are connected strongly
-(``weak=False``) with a ``dispatch_uid`` per ``Batches`` instance, and only act on tasks of
+(``weak=False``) with a ``dispatch_uid`` per ``Node``, and only act on tasks of
 their own app. Fork safety needs no signal: the engine and the group commit notice a new pid.
 """
 
@@ -18,21 +18,21 @@ from celery import signals
 
 from ..models import RunStatus
 from ..outbox import CONTINUATION_HEADER, HEADER
+from ..settings import ERROR_CHARS
 from ..store import RunEvent
 
 if TYPE_CHECKING:
-    from ..api import Batches
+    from .node import Node
 
 __all__ = ["connect"]
 
 log = logging.getLogger(__name__)
-MAX_ERROR = 4000
 
 
-def connect(batches: "Batches") -> None:
-    app = batches.app
-    uid = f"celery_batches:{id(batches)}"
-    add = batches._group_commit.add
+def connect(node: "Node") -> None:
+    app = node.app
+    uid = f"celery_batches:{id(node)}"
+    add = node.record
 
     def member(sender: Any) -> tuple[Any, str | None]:
         """The current request and its batch id, for a task of our app running in this process."""
@@ -45,16 +45,16 @@ def connect(batches: "Batches") -> None:
         request, batch_id = member(sender)
         if request is not None and not batch_id and getattr(request, CONTINUATION_HEADER, None):
             # a continuation notes its first start (recovery's lost-message search needs to know it ran)
-            request.celery_batches_claim = batches._claim_continuation(task_id or request.id)
+            request.celery_batches_claim = node.claim_continuation(task_id or request.id)
             return
         if batch_id:
             # synchronous: the run names this process before its body runs, so if the process dies
             # (with whatever it had buffered) recovery knows the run was executing here
-            claim = batches._claim(task_id or request.id, request.retries or 0)
+            claim = node.claim(task_id or request.id, request.retries or 0)
             request.celery_batches_claim = claim
             if claim is None:
                 add(RunEvent(task_id or request.id, RunStatus.RUNNING, request.retries or 0,
-                             node=f"{batches.node}/{os.getpid()}"))
+                             node=f"{node.name}/{os.getpid()}"))
 
     def on_success(sender: Any = None, **_: Any) -> None:
         request, batch_id = member(sender)
@@ -81,7 +81,7 @@ def connect(batches: "Batches") -> None:
             add(RunEvent(request.id, RunStatus.CANCELLED, 0, "revoked"))
 
     def on_process_shutdown(**_: Any) -> None:
-        batches._group_commit.close()
+        node.group_commit.close()
 
     for signal, handler in (
         (signals.task_prerun, on_prerun),
@@ -98,4 +98,4 @@ def _error(exc: Any) -> str | None:
     if exc is None:
         return None
     text = f"{type(exc).__name__}: {exc}"
-    return text[:MAX_ERROR]
+    return text[:ERROR_CHARS]

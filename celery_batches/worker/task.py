@@ -13,7 +13,7 @@ from ..store import RunEvent
 from ..store.liveness import UNCLAIMED
 
 if TYPE_CHECKING:
-    from ..api import Batches
+    from .node import Node
 
 __all__ = ["BatchTask"]
 
@@ -27,22 +27,22 @@ class BatchTask(Task):
     cancelled (the revoke broadcast missed it) is skipped and counted CANCELLED.
     """
 
-    _batches: "Batches | None" = None
+    _node: "Node | None" = None  # set by ``Batches.task``
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         # Ignore from before_start stops the task (from task_prerun it would not)
-        batches, request = self._batches, self.request
+        node, request = self._node, self.request
         batch_id = getattr(request, HEADER, None)
         continuation_of = getattr(request, CONTINUATION_HEADER, None)
-        if batches is None or not (batch_id or continuation_of):
+        if node is None or not (batch_id or continuation_of):
             return
         claim = getattr(request, "celery_batches_claim", UNCLAIMED)  # made by the task_prerun handler
-        verdict = batches._delivery_verdict(task_id, None if batch_id else continuation_of, claim)
+        verdict = node.verdict(task_id, None if batch_id else continuation_of, claim)
         if verdict == "run":
             return
         if verdict == "cancel":
             self.backend.mark_as_revoked(task_id, "batch cancelled", request=request)
             # a run that was RUNNING at cancel time and comes back (a retry, a redelivery) ends here
-            batches._group_commit.add(RunEvent(task_id, RunStatus.CANCELLED, request.retries or 0,
+            node.record(RunEvent(task_id, RunStatus.CANCELLED, request.retries or 0,
                                                "skipped: batch cancelled"))
         raise Ignore()

@@ -1,4 +1,5 @@
-"""Every query celery_batches runs. Nothing outside ``store/`` writes SQL.
+"""The registry's state machine: writing a batch tree, adding to it, run transitions, counters,
+finishing batches, continuations, continue-with stages, cancel and purge.
 
 Transitions are conditional statements keyed by run or batch id, executed in the transaction
 that changes the counters, so a duplicate signal, a redelivery or a second ``task_failure`` of
@@ -8,30 +9,32 @@ the same run changes nothing, and exactly one transaction finishes a batch.
 from __future__ import annotations
 
 import itertools
-import time
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Iterable
 
 import sqlalchemy as sa
-from kombu.utils import json as kjson
 
 from ..builder import BatchPlan, Message
 from ..errors import BatchClosedError, BatchNotFoundError
-from ..models import (
-    Batch,
-    BatchStatus,
-    Continuation,
-    ContinuationKind,
-    ContinuationStatus,
-    JobRun,
-    RunStatus,
+from ..models import Batch, BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
+from ..settings import PURGE_CHUNK
+from .rows import (
+    Outbox,
+    RunEvent,
+    batch_from_row,
+    continuation_message,
+    from_epoch,
+    is_run_id,
+    run_message,
+    storable_text,
+    utcnow,
 )
 from .tables import Tables
 
-__all__ = ["Outbox", "RunEvent", "Store", "utcnow"]
+__all__ = ["Transitions", "Tx"]
 
 _WHEN_MATCHES = {
     "success": (BatchStatus.COMPLETED,),
@@ -46,62 +49,6 @@ _FIRES_ON = {
 _COUNTER = {"COMPLETED": "completed_jobs", "FAILED": "failed_jobs", "CANCELLED": "cancelled_jobs"}
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _ts(epoch: float | None) -> datetime | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
-
-
-def storable_text(text: str | None) -> str | None:
-    """Untrusted text (an exception's message) as every database can store it.
-
-    PostgreSQL text cannot hold NUL, and no UTF-8 database takes a lone surrogate (what
-    ``os.fsdecode`` makes of a non-UTF-8 path); either would fail the whole transaction that
-    carries it, on every retry. Both are written as backslash escapes instead.
-    """
-    if not text:
-        return text
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def is_run_id(value: object) -> bool:
-    """Run ids are UUIDs (the Celery task id a batch gave its member); anything else is not ours."""
-    try:
-        return str(uuid.UUID(str(value))) == str(value).lower()
-    except ValueError:
-        return False
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything we store is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value
-
-
-@dataclass
-class Outbox:
-    """What a transaction made publishable, to publish after it commits: runs and continuations,
-    under the transaction's publish lease (``publication``, a row of the publications table)."""
-
-    runs: list[Message] = field(default_factory=list)
-    continuations: list[Message] = field(default_factory=list)
-    publication: str | None = None
-
-    def extend(self, other: "Outbox") -> None:
-        self.runs += other.runs
-        self.continuations += other.continuations
-        self.publication = self.publication or other.publication
-
-
 class Tx:
     """One registry transaction: its connection, its clock, and (made on first use) its publish lease.
 
@@ -112,13 +59,13 @@ class Tx:
 
     __slots__ = ("conn", "now", "_store", "_publication")
 
-    def __init__(self, store: "Store", conn: sa.Connection, now: datetime) -> None:
+    def __init__(self, store: "Transitions", conn: sa.Connection, now: datetime) -> None:
         self.conn, self.now, self._store, self._publication = conn, now, store, None
 
     def publication(self) -> str:
         if self._publication is None:
             self._publication = str(uuid.uuid4())
-            self.conn.execute(sa.insert(self._store.t.publications).values(
+            self.conn.execute(sa.insert(self._store.tables.publications).values(
                 id=self._publication, expires_at=utcnow() + self._store.publish_lease))
         return self._publication
 
@@ -126,29 +73,11 @@ class Tx:
         return Outbox(runs or [], continuations or [], self._publication)
 
 
-@dataclass(frozen=True, slots=True)
-class RunEvent:
-    """A run's transition as a worker signal saw it: the unit of the group commit."""
-
-    run_id: str
-    status: RunStatus
-    retries: int = 0
-    error: str | None = None
-    at: float = field(default_factory=time.time)  # when the signal fired (epoch seconds)
-    started: float | None = None  # a final event's folded RUNNING time
-    node: str | None = None  # RUNNING: the ``<node>/<pid>`` running it (when its claim could not be written);
-    # RETRYING clears it: the retry is a new message, whoever holds it marks it
-
-    def rank(self) -> tuple[int, int]:
-        """Order of two progress events of one run: the later attempt, then RETRYING after RUNNING."""
-        return (self.retries, int(self.status == RunStatus.RETRYING))
-
-
-class Store:
+class Transitions:
     def __init__(self, engine: sa.Engine, tables: Tables, expires: timedelta,
                  publish_lease: timedelta = timedelta(seconds=30)) -> None:
         self.engine = engine
-        self.t = tables
+        self.tables = tables
         self.expires = expires
         self.publish_lease = publish_lease
 
@@ -188,7 +117,7 @@ class Store:
         Inserting the runs and raising ``total_jobs`` happen under that lock in one transaction, so
         the batch cannot finish in between: a worker's group commit waits for it.
         """
-        r, c, b = self.t.runs, self.t.continuations, self.t.batches
+        r, c, b = self.tables.runs, self.tables.continuations, self.tables.batches
         tx = Tx(self, conn, now)
         batch = self._lock_batch(conn, batch_id)
         if batch.status.is_final:
@@ -222,7 +151,7 @@ class Store:
         committed before it, and an add that waited for a cancel finds its batch CANCELLED.
         Locking top first everywhere keeps two such transactions from deadlocking.
         """
-        b = self.t.batches
+        b = self.tables.batches
         up = (sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id).label("above"),
                         sa.literal(0).label("depth"))
               .where(b.c.id == batch_id).cte("lineage", recursive=True))
@@ -237,7 +166,7 @@ class Store:
     def _insert_nodes(self, conn: sa.Connection, nodes: list[BatchPlan], status: BatchStatus, now: datetime,
                       root_extra: dict | None = None) -> None:
         if nodes:
-            conn.execute(sa.insert(self.t.batches), [{
+            conn.execute(sa.insert(self.tables.batches), [{
                 "id": node.id, "name": node.name, "parent_id": node.parent_id, "status": int(status),
                 "total_jobs": node.total_units, "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
                 "created_by": node.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
@@ -251,7 +180,7 @@ class Store:
             "options": cont.message.options, "status": int(ContinuationStatus.WAITING),
         } for batch_id, first, node in owners for i, cont in enumerate(node.continuations)]
         if rows:
-            conn.execute(sa.insert(self.t.continuations), rows)
+            conn.execute(sa.insert(self.tables.continuations), rows)
 
     _RUN_COLUMNS = ("id", "batch_id", "position", "status", "task_name", "args", "kwargs", "queue", "options",
                     "created_at", "retries", "published", "publication_id")
@@ -264,7 +193,7 @@ class Store:
         added to an existing batch. Both are index ranges, so linking never rescans old runs.
         ``publishable`` runs are published after the commit, under the transaction's lease.
         """
-        r, j, conn, now = self.t.runs, self.t.batch_jobs, tx.conn, tx.now
+        r, j, conn, now = self.tables.runs, self.tables.batch_jobs, tx.conn, tx.now
         publication = tx.publication() if publishable else None
         rows = ((job.id, batch_id, position, int(RunStatus.PENDING), job.task_name, job.args, job.kwargs,
                  job.queue, job.options, now, 0, False, publication) for batch_id, position, job in jobs)
@@ -284,7 +213,7 @@ class Store:
                                               sa.select(r.c.batch_id, r.c.position, r.c.id).where(new)))
 
     # -- transitions (the group commit) -----------------------------------------------------------
-    def apply_events(self, events: Iterable[RunEvent]) -> Outbox:
+    def apply_events(self, events: Iterable[RunEvent], *, portable: bool = False) -> Outbox:
         """Apply a group of run transitions in one transaction; returns the continuations now due.
 
         Per run the group keeps its latest progress event and its first final event; a progress
@@ -309,54 +238,56 @@ class Store:
         if not progress and not final:
             return Outbox()
         with self.engine.begin() as conn:
-            apply = self._apply_pg if conn.dialect.name == "postgresql" else self._apply_rows
+            # ``portable``: the row-at-a-time path on PostgreSQL too (the tests hold the two paths equal)
+            apply = self._apply_pg if conn.dialect.name == "postgresql" and not portable else self._apply_rows
             counted = apply(conn, list(progress.values()), list(final.values()))
             return self._count(Tx(self, conn, utcnow()), counted)
 
     # On PostgreSQL a whole group is two statements: the events travel as arrays and are joined
-    # to the runs with unnest(). Conditions (all keyed by run id, final statuses are >= 3):
+    # to the runs with unnest(). Conditions (all keyed by run id, final statuses are >= COMPLETED):
     #   progress: never touches a final run; a later attempt wins; within one attempt RUNNING may
     #             become RETRYING but not back;
     #   final:    only the first final event of a run changes it (and only that one is counted).
     _PG_PROGRESS = """
         UPDATE {runs} AS r SET status = v.status, retries = v.retries, started_at = coalesce(r.started_at, v.at),
-               node = CASE WHEN v.status = 2 THEN NULL ELSE coalesce(v.node, r.node) END,
+               node = CASE WHEN v.status = {retrying} THEN NULL ELSE coalesce(v.node, r.node) END,
                claimed_at = CASE WHEN v.node IS NULL THEN r.claimed_at ELSE v.at END
         FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
                     CAST(:ats AS timestamptz[]), CAST(:nodes AS text[])) AS v(id, status, retries, at, node)
-        WHERE r.id = v.id AND r.status < 3
-          AND (r.retries < v.retries OR (r.retries = v.retries AND r.status <= 1))"""
+        WHERE r.id = v.id AND r.status < {completed}
+          AND (r.retries < v.retries OR (r.retries = v.retries AND r.status <= {running}))"""
     _PG_FINAL = """
         UPDATE {runs} AS r SET status = v.status, finished_at = v.at, error = v.error,
                started_at = coalesce(r.started_at, v.started), retries = greatest(r.retries, v.retries)
         FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
                     CAST(:ats AS timestamptz[]), CAST(:starts AS timestamptz[]), CAST(:errors AS text[]))
              AS v(id, status, retries, at, started, error)
-        WHERE r.id = v.id AND r.status < 3
+        WHERE r.id = v.id AND r.status < {completed}
         RETURNING r.batch_id, r.status"""
 
     def _apply_pg(self, conn: sa.Connection, progress: list[RunEvent],
                   final: list[RunEvent]) -> list[tuple[str, RunStatus]]:
-        runs = self._sql_name(self.t.runs)
+        names = {"runs": self._sql_name(self.tables.runs), "completed": int(RunStatus.COMPLETED),
+                 "running": int(RunStatus.RUNNING), "retrying": int(RunStatus.RETRYING)}
         if progress:
-            conn.execute(sa.text(self._PG_PROGRESS.format(runs=runs)), {
+            conn.execute(sa.text(self._PG_PROGRESS.format(**names)), {
                 "ids": [e.run_id for e in progress], "statuses": [int(e.status) for e in progress],
-                "retries": [e.retries for e in progress], "ats": [_ts(e.at) for e in progress],
+                "retries": [e.retries for e in progress], "ats": [from_epoch(e.at) for e in progress],
                 "nodes": [e.node for e in progress],
             })
         if not final:
             return []
-        rows = conn.execute(sa.text(self._PG_FINAL.format(runs=runs)), {
+        rows = conn.execute(sa.text(self._PG_FINAL.format(**names)), {
             "ids": [e.run_id for e in final], "statuses": [int(e.status) for e in final],
-            "retries": [e.retries for e in final], "ats": [_ts(e.at) for e in final],
-            "starts": [_ts(e.started) for e in final], "errors": [storable_text(e.error) for e in final],
+            "retries": [e.retries for e in final], "ats": [from_epoch(e.at) for e in final],
+            "starts": [from_epoch(e.started) for e in final], "errors": [storable_text(e.error) for e in final],
         }).all()
         return [(str(row.batch_id), RunStatus(row.status)) for row in rows]
 
     def _apply_rows(self, conn: sa.Connection, progress: list[RunEvent],
                     final: list[RunEvent]) -> list[tuple[str, RunStatus]]:
         """The same conditions as the PostgreSQL statements, one row at a time (SQLite)."""
-        r = self.t.runs
+        r = self.tables.runs
         unfinished = r.c.status < int(RunStatus.COMPLETED)
         if progress:
             conn.execute(
@@ -371,15 +302,15 @@ class Store:
                                      else_=sa.func.coalesce(sa.bindparam("b_node", type_=sa.String), r.c.node)),
                         claimed_at=sa.case((sa.bindparam("b_node", type_=sa.String).is_(None), r.c.claimed_at),
                                            else_=sa.bindparam("b_at"))),
-                [{"b_id": e.run_id, "b_status": int(e.status), "b_retries": e.retries, "b_at": _ts(e.at),
+                [{"b_id": e.run_id, "b_status": int(e.status), "b_retries": e.retries, "b_at": from_epoch(e.at),
                   "b_node": e.node} for e in progress],
             )
         counted = []
         for e in final:
             row = conn.execute(
                 sa.update(r).where(r.c.id == e.run_id, unfinished)
-                .values(status=int(e.status), finished_at=_ts(e.at), error=storable_text(e.error),
-                        started_at=sa.func.coalesce(r.c.started_at, _ts(e.started)),
+                .values(status=int(e.status), finished_at=from_epoch(e.at), error=storable_text(e.error),
+                        started_at=sa.func.coalesce(r.c.started_at, from_epoch(e.started)),
                         retries=sa.case((r.c.retries > e.retries, r.c.retries), else_=e.retries))
                 .returning(r.c.batch_id)
             ).first()
@@ -398,7 +329,7 @@ class Store:
         return self._finish(tx, list(deltas))
 
     def _bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
-        b = self.t.batches
+        b = self.tables.batches
         # rows in one order, so two transactions touching the same batches wait instead of deadlocking
         conn.execute(
             sa.update(b).where(b.c.id == sa.bindparam("b_id")).values(
@@ -414,7 +345,7 @@ class Store:
         """Finish the given batches that have every unit done: one conditional UPDATE decides."""
         if not batch_ids:
             return tx.outbox()
-        b, conn, now = self.t.batches, tx.conn, tx.now
+        b, conn, now = self.tables.batches, tx.conn, tx.now
         done = b.c.completed_jobs + b.c.failed_jobs + b.c.cancelled_jobs
         finished = conn.execute(
             sa.update(b)
@@ -437,7 +368,7 @@ class Store:
 
     def _fire_continuations(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
         """Make the matching continuations of finished batches due (outbox rows); skip the others."""
-        c, conn = self.t.continuations, tx.conn
+        c, conn = self.tables.continuations, tx.conn
         by_status: dict[BatchStatus, list[str]] = defaultdict(list)
         for batch_id, status in finished.items():
             by_status[status].append(batch_id)
@@ -458,7 +389,7 @@ class Store:
 
     def _settle_successors(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
         """Continue-with: start the stages waiting on these batches whose ``when`` matches; cancel the rest."""
-        b = self.t.batches
+        b = self.tables.batches
         waiting = tx.conn.execute(
             sa.select(b.c.id, b.c.antecedent_id, b.c.continue_when)
             .where(b.c.antecedent_id.in_(list(finished)), b.c.status == int(BatchStatus.CREATED))
@@ -474,7 +405,7 @@ class Store:
 
     def _start_stage(self, tx: Tx, batch_id: str) -> Outbox:
         """Start a continue-with stage: its runs become publishable under this transaction's lease."""
-        b, r, conn = self.t.batches, self.t.runs, tx.conn
+        b, r, conn = self.tables.batches, self.tables.runs, tx.conn
         tree = self._subtree(batch_id, successors=False)
         started = conn.execute(
             sa.update(b).where(b.c.id.in_(sa.select(tree.c.id)), b.c.status == int(BatchStatus.CREATED))
@@ -495,7 +426,7 @@ class Store:
 
     def _subtree(self, batch_id: str, *, successors: bool) -> sa.CTE:
         """The batch, its descendants and (with ``successors``) the continue-with stages waiting on them."""
-        b = self.t.batches
+        b = self.tables.batches
         tree = sa.select(b.c.id).where(b.c.id == batch_id).cte("tree", recursive=True)
         link = b.c.parent_id == tree.c.id
         if successors:
@@ -511,7 +442,7 @@ class Store:
         return self._cancel_tree(Tx(self, conn, now), batch_id)
 
     def _cancel_tree(self, tx: Tx, batch_id: str) -> tuple[list[str], Outbox]:
-        b, r, c, conn, now = self.t.batches, self.t.runs, self.t.continuations, tx.conn, tx.now
+        b, r, c, conn, now = self.tables.batches, self.tables.runs, self.tables.continuations, tx.conn, tx.now
         tree = self._subtree(batch_id, successors=True)
         cancelled = conn.execute(
             sa.update(b)
@@ -543,16 +474,10 @@ class Store:
             self._bump(conn, deltas)
         return [row.id for row in runs], self._count(tx, outside)
 
-    def batch_status(self, batch_id: str) -> BatchStatus | None:
-        b = self.t.batches
-        with self.engine.connect() as conn:
-            status = conn.scalar(sa.select(b.c.status).where(b.c.id == batch_id))
-        return None if status is None else BatchStatus(status)
-
     # -- expiry -----------------------------------------------------------------------------------
-    def purge_expired(self, now: datetime, chunk: int = 100) -> int:
+    def purge_expired(self, now: datetime, chunk: int = PURGE_CHUNK) -> int:
         """Delete expired top-level batches with their whole tree, ``chunk`` trees per transaction."""
-        b, r, j, c = self.t.batches, self.t.runs, self.t.batch_jobs, self.t.continuations
+        b, r, j, c = self.tables.batches, self.tables.runs, self.tables.batch_jobs, self.tables.continuations
         deleted = 0
         while True:
             with self.engine.begin() as conn:
@@ -571,90 +496,3 @@ class Store:
                 conn.execute(sa.delete(j).where(j.c.batch_id.in_(ids)))
                 conn.execute(sa.delete(r).where(r.c.batch_id.in_(ids)))
                 deleted += conn.execute(sa.delete(b).where(b.c.id.in_(ids))).rowcount
-
-    # -- reads ------------------------------------------------------------------------------------
-    def get_batch(self, batch_id: str) -> Batch | None:
-        b = self.t.batches
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(b).where(b.c.id == batch_id)).first()
-        return batch_from_row(row) if row else None
-
-    def list_batches(self, *, status: BatchStatus | None, parent_id: str | None, name: str | None,
-                     limit: int, offset: int) -> list[Batch]:
-        b = self.t.batches
-        q = sa.select(b).where(b.c.parent_id.is_(None) if parent_id is None else b.c.parent_id == parent_id)
-        if status is not None:
-            q = q.where(b.c.status == int(status))
-        if name:
-            q = q.where(b.c.name.icontains(name, autoescape=True))  # case-insensitive, like the dashboard
-        q = q.order_by(b.c.created_at.desc(), b.c.id.desc()).limit(limit).offset(offset)
-        with self.engine.connect() as conn:
-            return [batch_from_row(row) for row in conn.execute(q)]
-
-    def get_jobs(self, batch_id: str, *, limit: int | None = None, offset: int = 0) -> list[JobRun]:
-        r, j = self.t.runs, self.t.batch_jobs
-        q = (sa.select(r, j.c.position).join(j, j.c.run_id == r.c.id)
-             .where(j.c.batch_id == batch_id).order_by(j.c.position).limit(limit).offset(offset))
-        with self.engine.connect() as conn:
-            return [_run(row) for row in conn.execute(q)]
-
-    def get_continuations(self, batch_id: str) -> list[Continuation]:
-        c = self.t.continuations
-        q = sa.select(c).where(c.c.batch_id == batch_id).order_by(c.c.kind, c.c.position)
-        with self.engine.connect() as conn:
-            return [
-                Continuation(row.id, row.batch_id, ContinuationKind(row.kind), row.task_name,
-                             kjson.loads(row.args), kjson.loads(row.kwargs), ContinuationStatus(row.status),
-                             as_utc(row.dispatched_at), row.error)
-                for row in conn.execute(q)
-            ]
-
-    # -- reconciliation -------------------------------------------------------------------------
-    def open_runs(self, older_than: datetime, limit: int, *, after: tuple[datetime, str] | None = None
-                  ) -> list[tuple[str, datetime, datetime]]:
-        """Published runs with no final state whose last known change is older than ``older_than``,
-        as ``(id, since, created_at)`` in ``(created_at, id)`` order, starting after the cursor ``after``.
-
-        A run a worker has touched counts as published whether or not its flag was written; one that
-        started late is measured from its start, not from when it was created.
-        """
-        r = self.t.runs
-        since = sa.func.coalesce(r.c.started_at, r.c.created_at)
-        q = (sa.select(r.c.id, since.label("since"), r.c.created_at)
-             .where(r.c.status < int(RunStatus.COMPLETED),
-                    sa.or_(r.c.published, r.c.status > int(RunStatus.PENDING)),
-                    r.c.created_at < older_than, since < older_than)
-             .order_by(r.c.created_at, r.c.id).limit(limit))
-        if after is not None:
-            q = q.where(sa.or_(r.c.created_at > after[0], sa.and_(r.c.created_at == after[0], r.c.id > after[1])))
-        with self.engine.connect() as conn:
-            return [(str(row.id), as_utc(row.since), row.created_at) for row in conn.execute(q)]
-
-
-def run_message(row: sa.Row) -> Message:
-    """A run row as the message that publishes it: its next attempt is ``retries`` (0 for a new run)."""
-    return Message(str(row.id), row.task_name, row.args, row.kwargs, row.options, str(row.batch_id),
-                   retries=getattr(row, "retries", 0) or 0)
-
-
-def continuation_message(row: sa.Row) -> Message:
-    """A continuation row as the message that publishes it (it knows the batch that fired it)."""
-    return Message(str(row.id), row.task_name, row.args, row.kwargs, row.options, continuation_of=str(row.batch_id))
-
-
-def batch_from_row(row: sa.Row) -> Batch:
-    return Batch(
-        id=row.id, name=row.name, parent_id=row.parent_id, status=BatchStatus(row.status),
-        total_jobs=row.total_jobs, completed_jobs=row.completed_jobs, failed_jobs=row.failed_jobs,
-        cancelled_jobs=row.cancelled_jobs, created_by=row.created_by, created_at=as_utc(row.created_at),
-        completed_at=as_utc(row.completed_at), expires_at=as_utc(row.expires_at),
-    )
-
-
-def _run(row: sa.Row) -> JobRun:
-    return JobRun(
-        id=row.id, batch_id=row.batch_id, task_name=row.task_name, args=kjson.loads(row.args),
-        kwargs=kjson.loads(row.kwargs), queue=row.queue, status=RunStatus(row.status), order=row.position,
-        created_at=as_utc(row.created_at), started_at=as_utc(row.started_at),
-        finished_at=as_utc(row.finished_at), error=row.error, retries=row.retries,
-    )

@@ -1,4 +1,4 @@
-"""Read-only queries of the dashboard (``celery_batches.dashboard``).
+"""Read-only pages of the dashboard (``celery_batches.dashboard``) and of ``celery batches list/show``.
 
 Every statement is index-backed and bounded, so a page answers in milliseconds on a registry of
 100,000 batches and millions of runs:
@@ -10,7 +10,11 @@ Every statement is index-backed and bounded, so a page answers in milliseconds o
   and read the batches' counters, never the runs: the direct (leaf) jobs of a batch are its units
   minus its child batches, per outcome, because a child batch counts exactly once in its parent.
 
-Nothing here writes; every function takes the :class:`~celery_batches.store.Store`.
+The filters of :func:`~.reads.batch_filters` serve the offset-paginated lists of
+:meth:`Batches.list_batches <celery_batches.Batches.list_batches>` and ``celery batches list``
+(:func:`batch_rows`) and the dashboard's keyset pages (:func:`batch_page`).
+
+Nothing here writes; every function takes the registry (:class:`~.reads.Db`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Sequence
 
 import sqlalchemy as sa
 
-from ..models import Batch, BatchStatus, ContinuationStatus, RunStatus
-from .store import Store, as_utc, batch_from_row
+from ..models import Batch, BatchStatus, ContinuationStatus, RunStatus, batch_progress
+from .reads import PAGE_SIZE, Db, batch_list_rows, batch_filters
+from .rows import as_utc, batch_from_row
 
 __all__ = [
     "BatchDetail",
@@ -36,18 +41,26 @@ __all__ = [
     "TreeNode",
     "batch_detail",
     "batch_page",
+    "batch_rows",
     "job_page",
 ]
+
+JOBS_PAGE_SIZE = 100  # jobs per page of a batch unless the caller says otherwise
+TREE_LIMIT = 200  # most nodes of a subtree read for a batch page (roll-ups always count all of them)
+SUCCESSORS_LIMIT = 100  # most continue-with stages listed for one batch
+MAX_ANCESTORS = 1000  # how far up the parent chain a breadcrumb walks (guards against a cycle)
 
 
 @dataclass(frozen=True, slots=True)
 class Counts:
-    """Outcome counters of a set of units or jobs."""
+    """Outcome counters of a set of units or jobs; ``final``: the batch they belong to has finished
+    (so an empty set counts as done, see :func:`~celery_batches.models.batch_progress`)."""
 
     total: int = 0
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    final: bool = False
 
     @property
     def pending(self) -> int:
@@ -59,7 +72,8 @@ class Counts:
 
     @property
     def progress(self) -> float:
-        return self.finished / self.total if self.total else 0.0
+        """0.0–1.0, defined exactly like :attr:`Batch.progress <celery_batches.Batch.progress>`."""
+        return batch_progress(self.total, self.pending, self.final)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +88,7 @@ class BatchRow:
     @property
     def units(self) -> Counts:
         b = self.batch
-        return Counts(b.total_jobs, b.completed_jobs, b.failed_jobs, b.cancelled_jobs)
+        return Counts(b.total_jobs, b.completed_jobs, b.failed_jobs, b.cancelled_jobs, b.is_finished)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +131,7 @@ class ContinuationRow:
     status: ContinuationStatus
     due_at: datetime | None
     dispatched_at: datetime | None
+    error: str | None = None  # why it could not be published (status FAILED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +180,8 @@ class JobPage:
 
 # -- batch lists -----------------------------------------------------------------------------------
 
-def _children(store: Store) -> sa.ScalarSelect:
-    b = store.t.batches
+def _children(db: Db) -> sa.ScalarSelect:
+    b = db.tables.batches
     kids = b.alias("kids")
     return sa.select(sa.func.count()).where(kids.c.parent_id == b.c.id).scalar_subquery()
 
@@ -175,27 +190,30 @@ def _row(row: sa.Row) -> BatchRow:
     return BatchRow(batch_from_row(row), row.children, row.antecedent_id, row.continue_when)
 
 
-def batch_page(store: Store, *, status: BatchStatus | None = None, name: str | None = None,
-               parent_id: str | None = None, limit: int = 50, before: str | None = None,
-               after: str | None = None) -> BatchPage:
-    """A page of batches, newest first.
+def batch_rows(db: Db, *, status: BatchStatus | None = None, name: str | None = None,
+               parent_id: str | None = None, limit: int = PAGE_SIZE, offset: int = 0) -> list[BatchRow]:
+    """:func:`batch_list` with each batch's links (children, antecedent), as the dashboard lists them."""
+    b = db.tables.batches
+    query = sa.select(b, _children(db).label("children"))
+    return [_row(row) for row in batch_list_rows(db, query, b, status, name, parent_id, limit, offset)]
 
-    Top-level batches unless ``parent_id`` is given; ``name`` matches a substring, ignoring case.
+
+def batch_page(db: Db, *, status: BatchStatus | None = None, name: str | None = None,
+               parent_id: str | None = None, limit: int = PAGE_SIZE, before: str | None = None,
+               after: str | None = None) -> BatchPage:
+    """A page of batches, newest first, keyset-paginated; the filters are :func:`batch_filters`'.
+
     ``before``: the page of batches older than the batch with this id; ``after``: the page newer
     than it (an unknown cursor id reads the newest page).
     """
-    b = store.t.batches
-    filters = [b.c.parent_id.is_(None) if parent_id is None else b.c.parent_id == parent_id]
-    if status is not None:
-        filters.append(b.c.status == int(status))
-    if name:
-        filters.append(b.c.name.icontains(name, autoescape=True))
-    base = sa.select(b, _children(store).label("children")).where(*filters)
+    b = db.tables.batches
+    filters = batch_filters(b, status=status, name=name, parent_id=parent_id)
+    base = sa.select(b, _children(db).label("children")).where(*filters)
 
     def exists(condition: sa.ColumnElement) -> sa.Select:
         return sa.select(sa.exists(sa.select(b.c.id).where(*filters, condition)))
 
-    with store.engine.connect() as conn:
+    with db.engine.connect() as conn:
         cursor = None
         if before or after:
             cursor = conn.execute(sa.select(b.c.created_at, b.c.id).where(b.c.id == (before or after))).first()
@@ -234,16 +252,16 @@ def _newer(b: sa.Table, created_at: datetime, batch_id: str, inclusive: bool = F
 
 # -- one batch -------------------------------------------------------------------------------------
 
-def batch_detail(store: Store, batch_id: str, *, tree_limit: int = 200,
-                 successors_limit: int = 100) -> BatchDetail | None:
+def batch_detail(db: Db, batch_id: str, *, tree_limit: int = TREE_LIMIT,
+                 successors_limit: int = SUCCESSORS_LIMIT) -> BatchDetail | None:
     """Everything the batch page shows except its jobs; None for an unknown id."""
-    b = store.t.batches
-    with _snapshot(store) as conn:
-        row = conn.execute(sa.select(b, _children(store).label("children")).where(b.c.id == batch_id)).first()
+    b = db.tables.batches
+    with _snapshot(db) as conn:
+        row = conn.execute(sa.select(b, _children(db).label("children")).where(b.c.id == batch_id)).first()
         if row is None:
             return None
         batch = _row(row)
-        ancestors = _ancestors(store, conn, batch.batch.parent_id)
+        ancestors = _ancestors(db, conn, batch.batch.parent_id)
         antecedent = None
         if batch.antecedent_id:
             ref = conn.execute(sa.select(b.c.id, b.c.name, b.c.status).where(b.c.id == batch.antecedent_id)).first()
@@ -254,35 +272,35 @@ def batch_detail(store: Store, batch_id: str, *, tree_limit: int = 200,
                 sa.select(b.c.id, b.c.name, b.c.status, b.c.continue_when).where(b.c.antecedent_id == batch_id)
                 .order_by(b.c.created_at, b.c.id).limit(successors_limit))
         ]
-        tree, truncated = _tree(store, conn, batch_id, tree_limit)
-        continuations = _continuations(store, conn, batch_id)
+        tree, truncated = _tree(db, conn, batch_id, tree_limit)
+        continuations = _continuations(db, conn, batch_id)
     if not tree:  # deleted (purged) between two statements of a non-snapshot read
         return None
     return BatchDetail(batch, ancestors, antecedent, successors, tree, truncated, continuations)
 
 
-def _snapshot(store: Store) -> sa.Connection:
+def _snapshot(db: Db) -> sa.Connection:
     """A connection whose statements all read one snapshot (PostgreSQL), so the batch, its tree and
     its continuations agree with each other. SQLite reads in one transaction anyway."""
-    conn = store.engine.connect()
+    conn = db.engine.connect()
     if conn.dialect.name == "postgresql":
         conn = conn.execution_options(isolation_level="REPEATABLE READ")
     return conn
 
 
-def _ancestors(store: Store, conn: sa.Connection, parent_id: str | None) -> list[BatchRef]:
+def _ancestors(db: Db, conn: sa.Connection, parent_id: str | None) -> list[BatchRef]:
     if parent_id is None:
         return []
-    b = store.t.batches
+    b = db.tables.batches
     up = (sa.select(b.c.id, b.c.name, b.c.status, b.c.parent_id, sa.literal(1).label("depth"))
           .where(b.c.id == parent_id).cte("up", recursive=True))
     up = up.union_all(sa.select(b.c.id, b.c.name, b.c.status, b.c.parent_id, up.c.depth + 1)
-                      .join(up, b.c.id == up.c.parent_id).where(up.c.depth < 1000))
+                      .join(up, b.c.id == up.c.parent_id).where(up.c.depth < MAX_ANCESTORS))
     rows = conn.execute(sa.select(up.c.id, up.c.name, up.c.status).order_by(up.c.depth.desc())).all()
     return [BatchRef(r.id, r.name, BatchStatus(r.status)) for r in rows]
 
 
-def _tree(store: Store, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[TreeNode], bool]:
+def _tree(db: Db, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[TreeNode], bool]:
     """The subtree under ``batch_id`` with per-node counters and subtree roll-ups, all in one statement.
 
     ``tree``: every batch of the subtree with its depth. ``leaf``: per batch, its direct jobs per
@@ -290,7 +308,7 @@ def _tree(store: Store, conn: sa.Connection, batch_id: str, limit: int) -> tuple
     its parent: COMPLETED → completed, FAILED → failed, CANCELLED → cancelled). ``pairs``: every
     (ancestor, descendant) pair of the subtree, so each node's roll-up is one grouped sum.
     """
-    b = store.t.batches
+    b = db.tables.batches
     kid = b.alias("kid")
     tree = (sa.select(b.c.id, sa.literal(0).label("depth")).where(b.c.id == batch_id)
             .cte("tree", recursive=True))
@@ -334,13 +352,7 @@ def _tree(store: Store, conn: sa.Connection, batch_id: str, limit: int) -> tuple
     rows = conn.execute(q).all()
     truncated = len(rows) > limit
     rows = rows[:limit]
-    nodes = {
-        r.id: TreeNode(
-            r.id, r.name, r.parent_id, BatchStatus(r.status), r.depth,
-            Counts(r.total_jobs, r.completed_jobs, r.failed_jobs, r.cancelled_jobs),
-            Counts(r.jt, r.jc, r.jf, r.jx), Counts(r.st, r.sc, r.sf, r.sx), r.n)
-        for r in rows
-    }
+    nodes = {r.id: _node(r) for r in rows}
     children: dict[str | None, list[str]] = {}
     for r in rows:  # already in sibling order (created_at, name, id)
         if r.id != batch_id:
@@ -356,18 +368,26 @@ def _tree(store: Store, conn: sa.Connection, batch_id: str, limit: int) -> tuple
     return out, truncated
 
 
-def _continuations(store: Store, conn: sa.Connection, batch_id: str) -> list[ContinuationRow]:
-    c = store.t.continuations
+def _node(r: sa.Row) -> TreeNode:
+    status = BatchStatus(r.status)
+    final = status.is_final
+    return TreeNode(r.id, r.name, r.parent_id, status, r.depth,
+                    Counts(r.total_jobs, r.completed_jobs, r.failed_jobs, r.cancelled_jobs, final),
+                    Counts(r.jt, r.jc, r.jf, r.jx, final), Counts(r.st, r.sc, r.sf, r.sx, final), r.n)
+
+
+def _continuations(db: Db, conn: sa.Connection, batch_id: str) -> list[ContinuationRow]:
+    c = db.tables.continuations
     q = (sa.select(c.c.id, c.c.kind, c.c.task_name, c.c.args, c.c.kwargs, c.c.status, c.c.due_at,
-                   c.c.dispatched_at).where(c.c.batch_id == batch_id).order_by(c.c.position, c.c.kind))
+                   c.c.dispatched_at, c.c.error).where(c.c.batch_id == batch_id).order_by(c.c.position, c.c.kind))
     return [ContinuationRow(r.id, r.kind, r.task_name, r.args, r.kwargs, ContinuationStatus(r.status),
-                            as_utc(r.due_at), as_utc(r.dispatched_at)) for r in conn.execute(q)]
+                            as_utc(r.due_at), as_utc(r.dispatched_at), r.error) for r in conn.execute(q)]
 
 
 # -- jobs ------------------------------------------------------------------------------------------
 
-def job_page(store: Store, batch_id: str, *, status: Sequence[RunStatus] | RunStatus | None = None,
-             start: int | None = None, before: int | None = None, limit: int = 100,
+def job_page(db: Db, batch_id: str, *, status: Sequence[RunStatus] | RunStatus | None = None,
+             start: int | None = None, before: int | None = None, limit: int = JOBS_PAGE_SIZE,
              text_chars: int | None = None) -> JobPage:
     """A page of a batch's direct jobs in enqueue order, on the ``(batch_id, position)`` index.
 
@@ -375,7 +395,7 @@ def job_page(store: Store, batch_id: str, *, status: Sequence[RunStatus] | RunSt
     before this position. ``status`` keeps only jobs in that status (or those statuses).
     ``text_chars`` truncates args, kwargs and error in SQL (for list views of huge arguments).
     """
-    r = store.t.runs
+    r = db.tables.runs
     filters = [r.c.batch_id == batch_id]
     if status is not None:
         wanted = [status] if isinstance(status, RunStatus) else list(status)
@@ -390,7 +410,7 @@ def job_page(store: Store, batch_id: str, *, status: Sequence[RunStatus] | RunSt
     def exists(condition: sa.ColumnElement) -> sa.Select:
         return sa.select(sa.exists(sa.select(r.c.id).where(*filters, condition)))
 
-    with store.engine.connect() as conn:
+    with db.engine.connect() as conn:
         if before is not None:
             rows = conn.execute(sa.select(*cols).where(*filters, r.c.position < before)
                                 .order_by(r.c.position.desc()).limit(limit + 1)).all()

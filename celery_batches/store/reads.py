@@ -1,0 +1,115 @@
+"""The registry's reads for the API and the worker: a batch, its jobs and continuations, lists of
+batches, and the open runs the reconciler walks. Nothing here writes.
+
+Every function takes the registry (:class:`Db`: an engine and its tables). The one batch filter
+builder (:func:`batch_filters`) serves these lists and the dashboard's pages (:mod:`.pages`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol
+
+import sqlalchemy as sa
+
+from ..models import Batch, BatchStatus, Continuation, JobRun, RunStatus
+from .rows import as_utc, batch_from_row, continuation_from_row, run_from_row
+from .tables import Tables
+
+__all__ = ["Db", "PAGE_SIZE", "batch_filters", "batch_list", "batch_status", "get_batch", "get_continuations",
+           "get_jobs", "batch_list_rows", "open_runs"]
+
+PAGE_SIZE = 50  # batches per list page unless the caller says otherwise
+
+
+class Db(Protocol):
+    """What a read needs: the engine and the tables (the state machine, :class:`~.transitions.Transitions`, is one)."""
+
+    engine: sa.Engine
+    tables: Tables
+
+
+def get_batch(db: Db, batch_id: str, *, conn: sa.Connection | None = None) -> Batch | None:
+    """The batch, read on ``conn`` if given (a caller's transaction sees its own uncommitted batches)."""
+    b = db.tables.batches
+    query = sa.select(b).where(b.c.id == batch_id)
+    if conn is not None:
+        row = conn.execute(query).first()
+    else:
+        with db.engine.connect() as own:
+            row = own.execute(query).first()
+    return batch_from_row(row) if row else None
+
+
+def batch_status(db: Db, batch_id: str) -> BatchStatus | None:
+    b = db.tables.batches
+    with db.engine.connect() as conn:
+        status = conn.scalar(sa.select(b.c.status).where(b.c.id == batch_id))
+    return None if status is None else BatchStatus(status)
+
+
+def get_jobs(db: Db, batch_id: str, *, limit: int | None = None, offset: int = 0) -> list[JobRun]:
+    """A batch's direct jobs in enqueue order."""
+    r, j = db.tables.runs, db.tables.batch_jobs
+    q = (sa.select(r, j.c.position).join(j, j.c.run_id == r.c.id)
+         .where(j.c.batch_id == batch_id).order_by(j.c.position).limit(limit).offset(offset))
+    with db.engine.connect() as conn:
+        return [run_from_row(row) for row in conn.execute(q)]
+
+
+def get_continuations(db: Db, batch_id: str) -> list[Continuation]:
+    c = db.tables.continuations
+    q = sa.select(c).where(c.c.batch_id == batch_id).order_by(c.c.kind, c.c.position)
+    with db.engine.connect() as conn:
+        return [continuation_from_row(row) for row in conn.execute(q)]
+
+
+def batch_filters(b: sa.Table, *, status: BatchStatus | None = None, name: str | None = None,
+                  parent_id: str | None = None) -> list[sa.ColumnElement]:
+    """The WHERE clauses of every list of batches: top-level batches unless ``parent_id`` is given,
+    ``status`` exactly, ``name`` a substring ignoring case (``%`` and ``_`` match themselves)."""
+    filters = [b.c.parent_id.is_(None) if parent_id is None else b.c.parent_id == parent_id]
+    if status is not None:
+        filters.append(b.c.status == int(status))
+    if name:
+        filters.append(b.c.name.icontains(name, autoescape=True))
+    return filters
+
+
+def batch_list(db: Db, *, status: BatchStatus | None = None, name: str | None = None,
+               parent_id: str | None = None, limit: int = PAGE_SIZE, offset: int = 0) -> list[Batch]:
+    """Batches newest first, ``offset`` rows in (what :meth:`Batches.list_batches` returns)."""
+    b = db.tables.batches
+    return [batch_from_row(row) for row in batch_list_rows(db, sa.select(b), b, status, name, parent_id,
+                                                          limit, offset)]
+
+
+def batch_list_rows(db: Db, query: sa.Select, b: sa.Table, status: BatchStatus | None, name: str | None,
+                 parent_id: str | None, limit: int, offset: int) -> list[sa.Row]:
+    query = (query.where(*batch_filters(b, status=status, name=name, parent_id=parent_id))
+             .order_by(b.c.created_at.desc(), b.c.id.desc()).limit(limit).offset(offset))
+    with db.engine.connect() as conn:
+        return conn.execute(query).all()
+
+
+
+
+def open_runs(db: Db, older_than: datetime, limit: int, *, after: tuple[datetime, str] | None = None
+              ) -> list[tuple[str, datetime, datetime]]:
+    """Published runs with no final state whose last known change is older than ``older_than``,
+    as ``(id, since, created_at)`` in ``(created_at, id)`` order, starting after the cursor ``after``.
+
+    A run a worker has touched counts as published whether or not its flag was written; one that
+    started late is measured from its start, not from when it was created.
+    """
+    r = db.tables.runs
+    since = sa.func.coalesce(r.c.started_at, r.c.created_at)
+    q = (sa.select(r.c.id, since.label("since"), r.c.created_at)
+         .where(r.c.status < int(RunStatus.COMPLETED),
+                sa.or_(r.c.published, r.c.status > int(RunStatus.PENDING)),
+                r.c.created_at < older_than, since < older_than)
+         .order_by(r.c.created_at, r.c.id).limit(limit))
+    if after is not None:
+        q = q.where(sa.or_(r.c.created_at > after[0], sa.and_(r.c.created_at == after[0], r.c.id > after[1])))
+    with db.engine.connect() as conn:
+        return [(str(row.id), as_utc(row.since), row.created_at) for row in conn.execute(q)]

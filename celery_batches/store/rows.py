@@ -1,0 +1,127 @@
+"""The registry's plain values: the clock, text as a database stores it, a run transition, what a
+transaction made publishable, and rows turned into the public models."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from kombu.utils import json as kjson
+
+from ..builder import Message
+from ..models import Batch, BatchStatus, Continuation, ContinuationKind, ContinuationStatus, JobRun, RunStatus
+
+__all__ = ["Outbox", "RunEvent", "as_utc", "batch_from_row", "continuation_from_row", "continuation_message",
+           "from_epoch", "is_run_id", "run_from_row", "run_message", "storable_text", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def from_epoch(epoch: float | None) -> datetime | None:
+    """A signal's epoch seconds as an aware UTC datetime."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc)
+
+
+def storable_text(text: str | None) -> str | None:
+    """Untrusted text (an exception's message) as every database can store it.
+
+    PostgreSQL text cannot hold NUL, and no UTF-8 database takes a lone surrogate (what
+    ``os.fsdecode`` makes of a non-UTF-8 path); either would fail the whole transaction that
+    carries it, on every retry. Both are written as backslash escapes instead.
+    """
+    if not text:
+        return text
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def is_run_id(value: object) -> bool:
+    """Run ids are UUIDs (the Celery task id a batch gave its member); anything else is not ours."""
+    try:
+        return str(uuid.UUID(str(value))) == str(value).lower()
+    except ValueError:
+        return False
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
+@dataclass
+class Outbox:
+    """What a transaction made publishable, to publish after it commits: runs and continuations,
+    under the transaction's publish lease (``publication``, a row of the publications table)."""
+
+    runs: list[Message] = field(default_factory=list)
+    continuations: list[Message] = field(default_factory=list)
+    publication: str | None = None
+
+    def extend(self, other: "Outbox") -> None:
+        self.runs += other.runs
+        self.continuations += other.continuations
+        self.publication = self.publication or other.publication
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    """A run's transition as a worker signal saw it: the unit of the group commit."""
+
+    run_id: str
+    status: RunStatus
+    retries: int = 0
+    error: str | None = None
+    at: float = field(default_factory=time.time)  # when the signal fired (epoch seconds)
+    started: float | None = None  # a final event's folded RUNNING time
+    node: str | None = None  # RUNNING: the ``<node>/<pid>`` running it (when its claim could not be written);
+    # RETRYING clears it: the retry is a new message, whoever holds it marks it
+
+    def rank(self) -> tuple[int, int]:
+        """Order of two progress events of one run: the later attempt, then RETRYING after RUNNING."""
+        return (self.retries, int(self.status == RunStatus.RETRYING))
+
+
+def run_message(row: sa.Row) -> Message:
+    """A run row as the message that publishes it: its next attempt is ``retries`` (0 for a new run)."""
+    return Message(str(row.id), row.task_name, row.args, row.kwargs, row.options, str(row.batch_id),
+                   retries=getattr(row, "retries", 0) or 0)
+
+
+def continuation_message(row: sa.Row) -> Message:
+    """A continuation row as the message that publishes it (it knows the batch that fired it)."""
+    return Message(str(row.id), row.task_name, row.args, row.kwargs, row.options, continuation_of=str(row.batch_id))
+
+
+def batch_from_row(row: sa.Row) -> Batch:
+    return Batch(
+        id=row.id, name=row.name, parent_id=row.parent_id, status=BatchStatus(row.status),
+        total_jobs=row.total_jobs, completed_jobs=row.completed_jobs, failed_jobs=row.failed_jobs,
+        cancelled_jobs=row.cancelled_jobs, created_by=row.created_by, created_at=as_utc(row.created_at),
+        completed_at=as_utc(row.completed_at), expires_at=as_utc(row.expires_at),
+    )
+
+
+def run_from_row(row: sa.Row) -> JobRun:
+    return JobRun(
+        id=row.id, batch_id=row.batch_id, task_name=row.task_name, args=kjson.loads(row.args),
+        kwargs=kjson.loads(row.kwargs), queue=row.queue, status=RunStatus(row.status), order=row.position,
+        created_at=as_utc(row.created_at), started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at), error=row.error, retries=row.retries,
+    )
+
+
+def continuation_from_row(row: sa.Row) -> Continuation:
+    return Continuation(row.id, row.batch_id, ContinuationKind(row.kind), row.task_name, kjson.loads(row.args),
+                        kjson.loads(row.kwargs), ContinuationStatus(row.status), as_utc(row.dispatched_at), row.error)

@@ -1,0 +1,112 @@
+"""The worker's one seam to the registry: what signal handlers, ``BatchTask``, the bootstep and the
+relay may ask of it, and nothing else.
+
+``Batches`` builds one ``Node`` and hands it to the worker modules (as dramatiq hands a broker to
+its middleware): record a transition, claim a run or a continuation as it starts, decide whether
+a delivery runs, commit a group of transitions and publish what they made due.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+import sqlalchemy as sa
+
+from .. import retry
+from ..models import BatchStatus, RunStatus
+from ..store import RunEvent, refused_for_good, utcnow
+from ..store.liveness import UNCLAIMED, Claim
+from .groupcommit import GroupCommit
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from ..broker import Probe
+    from ..outbox import Publisher
+    from ..settings import Settings
+    from ..store import Transitions
+    from ..store.liveness import Liveness
+
+__all__ = ["Node", "Verdict"]
+
+log = logging.getLogger(__name__)
+Verdict = Literal["run", "skip", "cancel"]
+
+
+def _refusal(event: RunEvent, exc: BaseException) -> RunEvent | None:
+    """What to record instead of a transition the registry refuses for good: the run FAILED, saying why."""
+    if event.status == RunStatus.FAILED and event.error and event.error.startswith("celery_batches:"):
+        return None  # already a refusal
+    return RunEvent(event.run_id, RunStatus.FAILED, event.retries,
+                    f"celery_batches: the registry refused this run's {event.status.name} transition: "
+                    f"{type(exc).__name__}: {str(exc)[:1000]}")
+
+
+class Node:
+    """This worker process's incarnation (a restarted worker is a new node; pool processes inherit
+    it), with the registry parts the worker uses."""
+
+    def __init__(self, app: "Celery", settings: "Settings", store: "Transitions", liveness: "Liveness",
+                 probe: "Probe", publisher: "Publisher") -> None:
+        self.app = app
+        self.settings = settings
+        self.store = store
+        self.liveness = liveness
+        self.probe = probe
+        self.publisher = publisher
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.group_commit: GroupCommit[RunEvent] = GroupCommit(
+            self.write_events, interval=settings.flush_interval, max_events=settings.flush_max,
+            max_delay=settings.write_retry_max_delay, refused_for_good=refused_for_good, replace_refused=_refusal)
+
+    def record(self, event: RunEvent) -> None:
+        """Hand a transition to this process's group commit (never waits for the database)."""
+        self.group_commit.add(event)
+
+    def write_events(self, events: Sequence[RunEvent]) -> None:
+        """Commit a group of run transitions, then publish what it made due."""
+        self.publisher.publish(self.store.apply_events(events))
+
+    def claim(self, run_id: str, retries: int) -> Claim | None:
+        """As a member starts: mark its run RUNNING on this process (see ``Liveness.claim``). None if
+        the registry cannot be reached: the member runs, its RUNNING goes through the group commit."""
+        # <node>/<pid>/<delivery>: a repeat of this claim (its commit went unanswered) finds the run its own
+        owner = f"{self.name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        try:
+            return retry.call(lambda: self.liveness.claim(run_id, retries, owner, utcnow()), retry.READ, "claim", log)
+        except sa.exc.DBAPIError:
+            log.error("celery_batches: cannot claim run %s in the registry; running it (its outcome is "
+                      "recorded when the registry answers again)", run_id, exc_info=True)
+            return None
+
+    def claim_continuation(self, continuation_id: str) -> bool | None:
+        """As a continuation starts: True if this delivery is its first, False if an earlier one
+        claimed it, None if it is no continuation of ours or the registry cannot be reached."""
+        token = str(uuid.uuid4())
+        try:
+            return retry.call(lambda: self.liveness.claim_continuation(continuation_id, token), retry.READ,
+                              "continuation claim", log)
+        except sa.exc.DBAPIError:
+            log.error("celery_batches: cannot claim continuation %s in the registry; running it",
+                      continuation_id, exc_info=True)
+            return None
+
+    def verdict(self, run_id: str, continuation_of: str | None, claim: Any = UNCLAIMED) -> Verdict:
+        """Before a ``BatchTask`` delivery runs: "run", "skip" (already finished: a redelivery or a
+        republish of a finished run, or a continuation that already ran) or "cancel" (the run or its
+        batch was cancelled). A registry that cannot be read says "run": failing the task would be worse."""
+        if continuation_of is not None:
+            claimed = self.claim_continuation(run_id) if claim is UNCLAIMED else claim
+            return "skip" if claimed is False else "run"
+        if claim is UNCLAIMED:
+            claim = self.claim(run_id, 0)
+        if claim is None or claim.run_status is None:
+            return "run"  # no registry to ask, or not a run of ours
+        if claim.run_status == RunStatus.CANCELLED or (
+                claim.batch_status == BatchStatus.CANCELLED and not claim.run_status.is_final):
+            return "cancel"
+        return "run" if claim.claimed else "skip"  # finished, or running elsewhere
