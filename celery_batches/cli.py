@@ -89,7 +89,8 @@ def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: s
         return
     click.echo(f"{'id':36}  {'name':30}  {'status':9}  {'done':>11}  {'failed':>6}  {'cancelled':>9}  created")
     for b in (row.batch for row in rows):
-        click.echo(f"{b.id:36}  {b.name[:30]:30}  {b.status.name:9}  {b.total_jobs - b.pending_jobs:>5}/{b.total_jobs:<5}"
+        done = b.total_jobs - b.pending_jobs
+        click.echo(f"{b.id:36}  {b.name[:30]:30}  {b.status.name:9}  {done:>5}/{b.total_jobs:<5}"
                    f"  {b.failed_jobs:>6}  {b.cancelled_jobs:>9}  {_when(b.created_at)}")
 
 

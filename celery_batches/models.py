@@ -67,11 +67,18 @@ class ContinuationStatus(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Batch:
+    """A batch as the registry holds it.
+
+    The ``*_jobs`` counters count *units*: each direct job is one unit, and each nested batch is
+    one unit of its parent (counted when the nested batch finishes, by its outcome), whatever it
+    holds. ``total_jobs`` is the number of units; the jobs of a nested batch are counted in it.
+    """
+
     id: str
     name: str
     parent_id: str | None
     status: BatchStatus
-    total_jobs: int
+    total_jobs: int  # units: direct jobs plus nested batches
     completed_jobs: int
     failed_jobs: int
     cancelled_jobs: int

@@ -119,7 +119,8 @@ class Publisher:
             report.continuations += len(sent)
             for m, exc in bad:
                 self._write("fail a refused continuation", self.store.refuse_continuation, m.id,
-                            f"celery_batches: the broker refused this continuation's message: {type(exc).__name__}: {exc}")
+                            "celery_batches: the broker refused this continuation's message: "
+                            f"{type(exc).__name__}: {exc}")
         if refused:
             report.refused += len(refused)
             then = self.record(refused)  # counted FAILED; may finish batches and make continuations due

@@ -1,7 +1,7 @@
 """``python -m celery_batches.dashboard --app proj.celery [--host 127.0.0.1] [--port 5555]``.
 
 ``--app`` names the Celery app like ``celery -A`` does: ``module``, ``module:attr`` or
-``module.attr``. The Batches instance is the one ``Batches(app)`` attached to that app; name it
+``module.attr``. The Batches instance is the one created for that app (``Batches.for_app``); name it
 explicitly with ``--batches module:attr`` when it lives elsewhere (or when ``--app`` is left out).
 
 The options are those of ``celery -A proj batches dashboard``: both come from

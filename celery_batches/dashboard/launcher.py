@@ -40,7 +40,9 @@ def dashboard_options(command: Callable) -> Callable:
     return command
 
 
-def serve_dashboard(service: Batches, *, host: str, port: int, prefix: str, read_only: bool, basic_auth: str | None) -> None:
+def serve_dashboard(service: Batches, *, host: str, port: int, prefix: str, read_only: bool,
+                    basic_auth: str | None) -> None:
+    """Serve until interrupted (the server needs Werkzeug and Jinja2: imported here, not above)."""
     from .server import serve
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -49,7 +51,7 @@ def serve_dashboard(service: Batches, *, host: str, port: int, prefix: str, read
 
 @click.command(name="dashboard", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--app", "-A", "app_path", help="the Celery app: module, module:attr or module.attr")
-@click.option("--batches", "batches_path", help="the Batches instance (module:attr), if not attached to --app")
+@click.option("--batches", "batches_path", help="the Batches instance (module:attr), if not created for --app")
 @dashboard_options
 def dashboard_main(app_path: str | None, batches_path: str | None, **options: Any) -> None:
     """Serve the celery_batches dashboard (the options of `celery -A proj batches dashboard`)."""
@@ -76,7 +78,7 @@ def load(path: str) -> Any:
 
 
 def find_batches(app_path: str | None, batches_path: str | None) -> Batches:
-    """The Batches of ``--app`` (the one ``Batches(app)`` attached to it) or ``--batches`` itself."""
+    """The Batches of ``--app`` (``Batches.for_app``) or ``--batches`` itself."""
     if batches_path:
         found = load(batches_path)
         if not isinstance(found, Batches):

@@ -1,7 +1,8 @@
 """Thin Celery signal handlers: turn task signals into run transitions for the group commit.
 
 Where each signal runs matters (docs/architecture.md, "Where Celery sends each signal"):
-``task_prerun``/``task_success``/``task_retry`` and ordinary ``task_failure`` run in the pool child with the request (and our header) at hand;
+``task_prerun``/``task_success``/``task_retry`` and ordinary ``task_failure`` run in the pool child
+with the request (and our header) at hand;
 ``task_failure`` for a lost worker or a hard time limit runs in the worker's main process with no
 request, so there the run is found by its task id alone. Handlers are connected strongly
 (``weak=False``) with a ``dispatch_uid`` per ``Node``, and only act on tasks of
