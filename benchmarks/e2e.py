@@ -83,7 +83,7 @@ def commit_time(n: int) -> tuple[float, float]:
         plan = builder._close()
         t1 = time.perf_counter()
         with scratch.engine.begin() as conn:
-            scratch.store.insert_tree(conn, plan, utcnow())
+            scratch.trees.insert_tree(conn, plan, utcnow())
         return t1 - t0, time.perf_counter() - t1
     finally:
         drop_schema(scratch.engine, scratch.settings.table_prefix)

@@ -22,6 +22,7 @@ from .outbox import CONTINUATION_HEADER, HEADER, Publisher
 from .settings import REVOKE_CHUNK, Settings
 from .store import Outbox, Transitions, build_tables, make_engine, migrate, reads, utcnow
 from .store.engine import make_claim_engine
+from .store.trees import Trees
 from .store.liveness import Liveness
 from .store.outbox import OutboxStore
 from .worker import signals
@@ -70,6 +71,7 @@ class Batches:
         tables = build_tables(self.settings.table_prefix)
         lease = timedelta(seconds=self.settings.publish_lease)
         self.store = Transitions(self.engine, tables, self.settings.expires, lease)
+        self.trees = Trees(self.store)
         self.outbox = Publisher(app, OutboxStore(self.engine, tables, lease), self.store.apply_events,
                                 chunk=self.settings.publish_chunk)
         self.liveness = Liveness(self.engine, tables,
@@ -116,7 +118,7 @@ class Batches:
         with self._building(builder):
             yield builder
         plan = builder._close()
-        self._commit(lambda conn: self.store.insert_tree(conn, plan, utcnow()), connection,
+        self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow()), connection,
                      visible=lambda: reads.get_batch(self.store, plan.id) is not None)
 
     def create_batch(self, name: str, configure: Callable[[BatchBuilder], Any], *,
@@ -146,7 +148,7 @@ class Batches:
         with self._building(builder):
             yield builder
         plan = builder._close()
-        self._commit(lambda conn: self.store.add_to_batch(conn, batch_id, plan, utcnow()), connection)
+        self._commit(lambda conn: self.trees.add_to_batch(conn, batch_id, plan, utcnow()), connection)
 
     def add_jobs_to_batch(self, batch_id: str, configure: Callable[[BatchBuilder], Any], *,
                           connection: Any = None) -> list[str]:
@@ -171,7 +173,7 @@ class Batches:
         with self._building(builder):
             configure(builder)
         plan = builder._close()
-        self._commit(lambda conn: self.store.insert_tree(conn, plan, utcnow(), antecedent=(antecedent, when)),
+        self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow(), antecedent=(antecedent, when)),
                      connection, visible=lambda: reads.get_batch(self.store, plan.id) is not None)
         return plan.id
 
@@ -213,7 +215,7 @@ class Batches:
 
     def purge_expired(self) -> int:
         """Delete finished top-level batches past ``expires_at``, with their whole tree; returns batches deleted."""
-        return self.store.purge_expired(utcnow())
+        return self.trees.purge_expired(utcnow())
 
     def _commit(self, work: Callable[[Any], Outbox], connection: Any, *, visible: Callable[[], bool] | None = None,
                 then: Callable[[], None] | None = None) -> None:

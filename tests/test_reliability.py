@@ -88,7 +88,7 @@ def test_cancel_waits_for_an_add_under_a_descendant_and_cancels_what_it_added(pr
     plan = adding._close()
     conn = proj.batches.engine.connect()
     tx = conn.begin()
-    proj.batches.store.add_to_batch(conn, child.id, plan, utcnow())  # not committed yet
+    proj.batches.trees.add_to_batch(conn, child.id, plan, utcnow())  # not committed yet
     cancelled: list[int] = []
     canceller = threading.Thread(target=lambda: cancelled.append(proj.batches.cancel_batch(b.id)))
     canceller.start()

@@ -1,5 +1,5 @@
-"""The registry's state machine: writing a batch tree, adding to it, run transitions, counters,
-finishing batches, continuations, continue-with stages, cancel and purge.
+"""The registry's state machine: run transitions, counters, finishing batches, continuations,
+continue-with stages, and cancel (writing whole trees is :mod:`.trees`).
 
 Transitions are conditional statements keyed by run or batch id, executed in the transaction
 that changes the counters, so a duplicate signal, a redelivery or a second ``task_failure`` of
@@ -8,7 +8,6 @@ the same run changes nothing, and exactly one transaction finishes a batch.
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -17,10 +16,9 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from ..builder import BatchPlan, Message
-from ..errors import BatchClosedError, BatchNotFoundError
+from ..builder import Message
+from ..errors import BatchNotFoundError
 from ..models import Batch, BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
-from ..settings import PURGE_CHUNK
 from .rows import (
     Outbox,
     RunEvent,
@@ -81,136 +79,9 @@ class Transitions:
         self.expires = expires
         self.publish_lease = publish_lease
 
-    def _sql_name(self, table: sa.Table) -> str:
+    def sql_name(self, table: sa.Table) -> str:
         """A table's name for hand-written SQL, quoted where the dialect needs it (a mixed-case prefix)."""
         return self.engine.dialect.identifier_preparer.format_table(table)
-
-    # -- creation -------------------------------------------------------------------------------
-    def insert_tree(self, conn: sa.Connection, root: BatchPlan, now: datetime, *,
-                    antecedent: tuple[str, str] | None = None) -> Outbox:
-        """Write a new batch tree with set-based inserts; returns what to publish after commit.
-
-        With ``antecedent=(batch_id, when)`` the tree is a continue-with stage: stored CREATED with
-        its runs unpublished, settled at once if the antecedent has already finished.
-        """
-        tx = Tx(self, conn, now)
-        nodes = list(root.walk())
-        status = BatchStatus.CREATED if antecedent else BatchStatus.STARTED
-        if antecedent:
-            antecedent_row = self._lock_batch(conn, antecedent[0])
-        self._insert_nodes(conn, nodes, status, now, root_extra={
-            "antecedent_id": antecedent[0], "continue_when": antecedent[1]} if antecedent else {})
-        self._insert_runs(tx, ((node.id, position, job) for node in nodes for position, job in enumerate(node.jobs)),
-                          new_batches=[node.id for node in nodes], publishable=not antecedent)
-        self._insert_continuations(conn, [(node.id, 0, node) for node in nodes])
-        if antecedent:
-            if antecedent_row.status.is_final:
-                return self._settle_successors(tx, {antecedent_row.id: antecedent_row.status})
-            return tx.outbox()
-        outbox = tx.outbox(runs=[job for node in nodes for job in node.jobs])
-        outbox.extend(self._finish(tx, [node.id for node in nodes if node.total_units == 0]))
-        return outbox
-
-    def add_to_batch(self, conn: sa.Connection, batch_id: str, plan: BatchPlan, now: datetime) -> Outbox:
-        """Add jobs, nested batches and continuations to an unfinished batch, its row locked throughout.
-
-        Inserting the runs and raising ``total_jobs`` happen under that lock in one transaction, so
-        the batch cannot finish in between: a worker's group commit waits for it.
-        """
-        r, c, b = self.tables.runs, self.tables.continuations, self.tables.batches
-        tx = Tx(self, conn, now)
-        batch = self._lock_batch(conn, batch_id)
-        if batch.status.is_final:
-            raise BatchClosedError(batch_id, batch.status)
-        first_job = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(r.c.position) + 1, 0))
-                                .where(r.c.batch_id == batch_id))
-        first_cont = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(c.c.position) + 1, 0))
-                                 .where(c.c.batch_id == batch_id))
-        children = [node for child in plan.children for node in child.walk()]
-        self._insert_nodes(conn, children, batch.status, now)
-        jobs = [(batch_id, first_job + i, job) for i, job in enumerate(plan.jobs)]
-        jobs += [(node.id, i, job) for node in children for i, job in enumerate(node.jobs)]
-        started = batch.status == BatchStatus.STARTED
-        self._insert_runs(tx, iter(jobs), new_batches=[node.id for node in children],
-                          appended=(batch_id, first_job), publishable=started)
-        self._insert_continuations(conn, [(batch_id, first_cont, plan)] + [(node.id, 0, node) for node in children])
-        conn.execute(sa.update(b).where(b.c.id == batch_id).values(total_jobs=b.c.total_jobs + plan.total_units))
-        if not started:
-            return tx.outbox()  # a continue-with stage still waiting: published when it starts
-        outbox = tx.outbox(runs=[job for _, _, job in jobs])
-        outbox.extend(self._finish(tx, [node.id for node in children if node.total_units == 0]))
-        return outbox
-
-    def _lock_batch(self, conn: sa.Connection, batch_id: str) -> Batch:
-        """Lock the batch and its whole lineage, top first; return the batch as it is under the locks.
-
-        The lineage is the chain of parents up to the root and on through the antecedent of a
-        continue-with stage. Every transaction that changes a tree's shape or cancels part of it
-        (add, cancel, a new stage) takes these locks, so two of them that share any batch of a
-        lineage run one after the other: a cancel sees every add under any descendant that
-        committed before it, and an add that waited for a cancel finds its batch CANCELLED.
-        Locking top first everywhere keeps two such transactions from deadlocking.
-        """
-        b = self.tables.batches
-        up = (sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id).label("above"),
-                        sa.literal(0).label("depth"))
-              .where(b.c.id == batch_id).cte("lineage", recursive=True))
-        up = up.union_all(sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id), up.c.depth + 1)
-                          .join(up, b.c.id == up.c.above))
-        rows = conn.execute(sa.select(b).join(up, up.c.id == b.c.id).order_by(up.c.depth.desc())
-                            .with_for_update(of=b)).all()
-        if not rows:
-            raise BatchNotFoundError(batch_id)
-        return batch_from_row(rows[-1])
-
-    def _insert_nodes(self, conn: sa.Connection, nodes: list[BatchPlan], status: BatchStatus, now: datetime,
-                      root_extra: dict | None = None) -> None:
-        if nodes:
-            conn.execute(sa.insert(self.tables.batches), [{
-                "id": node.id, "name": node.name, "parent_id": node.parent_id, "status": int(status),
-                "total_jobs": node.total_units, "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
-                "created_by": node.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
-                **(root_extra if i == 0 and root_extra else {}),
-            } for i, node in enumerate(nodes)])
-
-    def _insert_continuations(self, conn: sa.Connection, owners: list[tuple[str, int, BatchPlan]]) -> None:
-        rows = [{
-            "id": cont.message.id, "batch_id": batch_id, "kind": cont.kind.value, "position": first + i,
-            "task_name": cont.message.task_name, "args": cont.message.args, "kwargs": cont.message.kwargs,
-            "options": cont.message.options, "status": int(ContinuationStatus.WAITING),
-        } for batch_id, first, node in owners for i, cont in enumerate(node.continuations)]
-        if rows:
-            conn.execute(sa.insert(self.tables.continuations), rows)
-
-    _RUN_COLUMNS = ("id", "batch_id", "position", "status", "task_name", "args", "kwargs", "queue", "options",
-                    "created_at", "retries", "published", "publication_id")
-
-    def _insert_runs(self, tx: Tx, jobs: Iterable[tuple[str, int, Message]], *, new_batches: list[str],
-                     appended: tuple[str, int] | None = None, publishable: bool) -> None:
-        """Insert runs, streaming: COPY on PostgreSQL, chunked executemany elsewhere; then their links.
-
-        ``new_batches`` hold only new runs; ``appended=(batch_id, first_position)`` names the runs
-        added to an existing batch. Both are index ranges, so linking never rescans old runs.
-        ``publishable`` runs are published after the commit, under the transaction's lease.
-        """
-        r, j, conn, now = self.tables.runs, self.tables.batch_jobs, tx.conn, tx.now
-        publication = tx.publication() if publishable else None
-        rows = ((job.id, batch_id, position, int(RunStatus.PENDING), job.task_name, job.args, job.kwargs,
-                 job.queue, job.options, now, 0, False, publication) for batch_id, position, job in jobs)
-        if conn.dialect.name == "postgresql":
-            cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
-            with cursor.copy(f"COPY {self._sql_name(r)} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-        else:
-            while chunk := list(itertools.islice(rows, 1000)):
-                conn.execute(sa.insert(r), [dict(zip(self._RUN_COLUMNS, row, strict=True)) for row in chunk])
-        # the batch_jobs links are derived in SQL from the runs just written: no second client round trip per job
-        new = r.c.batch_id.in_(new_batches)
-        if appended:
-            new = sa.or_(new, sa.and_(r.c.batch_id == appended[0], r.c.position >= appended[1]))
-        conn.execute(sa.insert(j).from_select(["batch_id", "position", "run_id"],
-                                              sa.select(r.c.batch_id, r.c.position, r.c.id).where(new)))
 
     # -- transitions (the group commit) -----------------------------------------------------------
     def apply_events(self, events: Iterable[RunEvent], *, portable: bool = False) -> Outbox:
@@ -267,7 +138,7 @@ class Transitions:
 
     def _apply_pg(self, conn: sa.Connection, progress: list[RunEvent],
                   final: list[RunEvent]) -> list[tuple[str, RunStatus]]:
-        names = {"runs": self._sql_name(self.tables.runs), "completed": int(RunStatus.COMPLETED),
+        names = {"runs": self.sql_name(self.tables.runs), "completed": int(RunStatus.COMPLETED),
                  "running": int(RunStatus.RUNNING), "retrying": int(RunStatus.RETRYING)}
         if progress:
             conn.execute(sa.text(self._PG_PROGRESS.format(**names)), {
@@ -326,7 +197,7 @@ class Transitions:
         for batch_id, status in finished_units:
             deltas[batch_id][_COUNTER[status.name]] += 1
         self._bump(tx.conn, deltas)
-        return self._finish(tx, list(deltas))
+        return self.finish(tx, list(deltas))
 
     def _bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
         b = self.tables.batches
@@ -341,7 +212,7 @@ class Transitions:
              for bid, d in sorted(deltas.items())],
         )
 
-    def _finish(self, tx: Tx, batch_ids: list[str]) -> Outbox:
+    def finish(self, tx: Tx, batch_ids: list[str]) -> Outbox:
         """Finish the given batches that have every unit done: one conditional UPDATE decides."""
         if not batch_ids:
             return tx.outbox()
@@ -362,7 +233,7 @@ class Transitions:
             return tx.outbox()
         statuses = {row.id: BatchStatus(row.status) for row in finished}
         outbox = self._fire_continuations(tx, statuses)
-        outbox.extend(self._settle_successors(tx, statuses))
+        outbox.extend(self.settle_successors(tx, statuses))
         outbox.extend(self._count(tx, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id]))
         return outbox
 
@@ -387,7 +258,7 @@ class Transitions:
         due = sorted(due, key=lambda row: (str(row.batch_id), row.kind, row.position))
         return tx.outbox(continuations=[continuation_message(row) for row in due])
 
-    def _settle_successors(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
+    def settle_successors(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
         """Continue-with: start the stages waiting on these batches whose ``when`` matches; cancel the rest."""
         b = self.tables.batches
         waiting = tx.conn.execute(
@@ -421,7 +292,7 @@ class Transitions:
         runs = sorted(runs, key=lambda row: (str(row.batch_id), row.position))
         outbox = tx.outbox(runs=[run_message(row) for row in runs])
         # a stage whose units all finished while it waited (a cancelled child, an empty stage) finishes now
-        outbox.extend(self._finish(tx, [row.id for row in started]))
+        outbox.extend(self.finish(tx, [row.id for row in started]))
         return outbox
 
     def _subtree(self, batch_id: str, *, successors: bool) -> sa.CTE:
@@ -433,10 +304,32 @@ class Transitions:
             link = sa.or_(link, sa.and_(b.c.antecedent_id == tree.c.id, b.c.status == int(BatchStatus.CREATED)))
         return tree.union_all(sa.select(b.c.id).join(tree, link))
 
+    def lock_batch(self, conn: sa.Connection, batch_id: str) -> Batch:
+        """Lock the batch and its whole lineage, top first; return the batch as it is under the locks.
+
+        The lineage is the chain of parents up to the root and on through the antecedent of a
+        continue-with stage. Every transaction that changes a tree's shape or cancels part of it
+        (add, cancel, a new stage) takes these locks, so two of them that share any batch of a
+        lineage run one after the other: a cancel sees every add under any descendant that
+        committed before it, and an add that waited for a cancel finds its batch CANCELLED.
+        Locking top first everywhere keeps two such transactions from deadlocking.
+        """
+        b = self.tables.batches
+        up = (sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id).label("above"),
+                        sa.literal(0).label("depth"))
+              .where(b.c.id == batch_id).cte("lineage", recursive=True))
+        up = up.union_all(sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id), up.c.depth + 1)
+                          .join(up, b.c.id == up.c.above))
+        rows = conn.execute(sa.select(b).join(up, up.c.id == b.c.id).order_by(up.c.depth.desc())
+                            .with_for_update(of=b)).all()
+        if not rows:
+            raise BatchNotFoundError(batch_id)
+        return batch_from_row(rows[-1])
+
     # -- cancel -----------------------------------------------------------------------------------
     def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:
         """Cancel a batch's whole subtree; returns the cancelled run ids (to revoke) and what to publish."""
-        batch = self._lock_batch(conn, batch_id)
+        batch = self.lock_batch(conn, batch_id)
         if batch.status.is_final:
             return [], Outbox()
         return self._cancel_tree(Tx(self, conn, now), batch_id)
@@ -473,26 +366,3 @@ class Transitions:
         if deltas:
             self._bump(conn, deltas)
         return [row.id for row in runs], self._count(tx, outside)
-
-    # -- expiry -----------------------------------------------------------------------------------
-    def purge_expired(self, now: datetime, chunk: int = PURGE_CHUNK) -> int:
-        """Delete expired top-level batches with their whole tree, ``chunk`` trees per transaction."""
-        b, r, j, c = self.tables.batches, self.tables.runs, self.tables.batch_jobs, self.tables.continuations
-        deleted = 0
-        while True:
-            with self.engine.begin() as conn:
-                roots = conn.execute(
-                    sa.select(b.c.id).where(b.c.parent_id.is_(None), b.c.expires_at < now,
-                                            b.c.status >= int(BatchStatus.COMPLETED))
-                    .order_by(b.c.expires_at).limit(chunk).with_for_update(skip_locked=True)
-                ).scalars().all()
-                if not roots:
-                    return deleted
-                tree = sa.select(b.c.id).where(b.c.id.in_(roots)).cte("tree", recursive=True)
-                tree = tree.union_all(sa.select(b.c.id).join(tree, b.c.parent_id == tree.c.id))
-                ids = conn.execute(sa.select(tree.c.id)).scalars().all()
-                conn.execute(sa.update(b).where(b.c.antecedent_id.in_(ids)).values(antecedent_id=None))
-                conn.execute(sa.delete(c).where(c.c.batch_id.in_(ids)))
-                conn.execute(sa.delete(j).where(j.c.batch_id.in_(ids)))
-                conn.execute(sa.delete(r).where(r.c.batch_id.in_(ids)))
-                deleted += conn.execute(sa.delete(b).where(b.c.id.in_(ids))).rowcount

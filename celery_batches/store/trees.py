@@ -1,0 +1,158 @@
+"""Writing whole batch trees: a new batch (or continue-with stage) with its nested batches, runs
+and continuations; jobs, nested batches and continuations added to an open batch; expired trees
+purged. The counting and finishing these writes can cause is the state machine's
+(:class:`~.transitions.Transitions`), in the same transaction.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime
+from typing import Iterable
+
+import sqlalchemy as sa
+
+from ..builder import BatchPlan, Message
+from ..errors import BatchClosedError
+from ..models import BatchStatus, ContinuationStatus, RunStatus
+from ..settings import PURGE_CHUNK
+from .rows import Outbox
+from .transitions import Transitions, Tx
+
+__all__ = ["Trees"]
+
+
+class Trees:
+    def __init__(self, machine: Transitions) -> None:
+        self.machine = machine
+        self.engine = machine.engine
+        self.tables = machine.tables
+        self.expires = machine.expires
+
+    # -- creation -------------------------------------------------------------------------------
+    def insert_tree(self, conn: sa.Connection, root: BatchPlan, now: datetime, *,
+                    antecedent: tuple[str, str] | None = None) -> Outbox:
+        """Write a new batch tree with set-based inserts; returns what to publish after commit.
+
+        With ``antecedent=(batch_id, when)`` the tree is a continue-with stage: stored CREATED with
+        its runs unpublished, settled at once if the antecedent has already finished.
+        """
+        tx = Tx(self.machine, conn, now)
+        nodes = list(root.walk())
+        status = BatchStatus.CREATED if antecedent else BatchStatus.STARTED
+        if antecedent:
+            antecedent_row = self.machine.lock_batch(conn, antecedent[0])
+        self._insert_nodes(conn, nodes, status, now, root_extra={
+            "antecedent_id": antecedent[0], "continue_when": antecedent[1]} if antecedent else {})
+        self._insert_runs(tx, ((node.id, position, job) for node in nodes for position, job in enumerate(node.jobs)),
+                          new_batches=[node.id for node in nodes], publishable=not antecedent)
+        self._insert_continuations(conn, [(node.id, 0, node) for node in nodes])
+        if antecedent:
+            if antecedent_row.status.is_final:
+                return self.machine.settle_successors(tx, {antecedent_row.id: antecedent_row.status})
+            return tx.outbox()
+        outbox = tx.outbox(runs=[job for node in nodes for job in node.jobs])
+        outbox.extend(self.machine.finish(tx, [node.id for node in nodes if node.total_units == 0]))
+        return outbox
+
+    def add_to_batch(self, conn: sa.Connection, batch_id: str, plan: BatchPlan, now: datetime) -> Outbox:
+        """Add jobs, nested batches and continuations to an unfinished batch, its row locked throughout.
+
+        Inserting the runs and raising ``total_jobs`` happen under that lock in one transaction, so
+        the batch cannot finish in between: a worker's group commit waits for it.
+        """
+        r, c, b = self.tables.runs, self.tables.continuations, self.tables.batches
+        tx = Tx(self.machine, conn, now)
+        batch = self.machine.lock_batch(conn, batch_id)
+        if batch.status.is_final:
+            raise BatchClosedError(batch_id, batch.status)
+        first_job = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(r.c.position) + 1, 0))
+                                .where(r.c.batch_id == batch_id))
+        first_cont = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(c.c.position) + 1, 0))
+                                 .where(c.c.batch_id == batch_id))
+        children = [node for child in plan.children for node in child.walk()]
+        self._insert_nodes(conn, children, batch.status, now)
+        jobs = [(batch_id, first_job + i, job) for i, job in enumerate(plan.jobs)]
+        jobs += [(node.id, i, job) for node in children for i, job in enumerate(node.jobs)]
+        started = batch.status == BatchStatus.STARTED
+        self._insert_runs(tx, iter(jobs), new_batches=[node.id for node in children],
+                          appended=(batch_id, first_job), publishable=started)
+        self._insert_continuations(conn, [(batch_id, first_cont, plan)] + [(node.id, 0, node) for node in children])
+        conn.execute(sa.update(b).where(b.c.id == batch_id).values(total_jobs=b.c.total_jobs + plan.total_units))
+        if not started:
+            return tx.outbox()  # a continue-with stage still waiting: published when it starts
+        outbox = tx.outbox(runs=[job for _, _, job in jobs])
+        outbox.extend(self.machine.finish(tx, [node.id for node in children if node.total_units == 0]))
+        return outbox
+
+    def _insert_nodes(self, conn: sa.Connection, nodes: list[BatchPlan], status: BatchStatus, now: datetime,
+                      root_extra: dict | None = None) -> None:
+        if nodes:
+            conn.execute(sa.insert(self.tables.batches), [{
+                "id": node.id, "name": node.name, "parent_id": node.parent_id, "status": int(status),
+                "total_jobs": node.total_units, "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
+                "created_by": node.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
+                **(root_extra if i == 0 and root_extra else {}),
+            } for i, node in enumerate(nodes)])
+
+    def _insert_continuations(self, conn: sa.Connection, owners: list[tuple[str, int, BatchPlan]]) -> None:
+        rows = [{
+            "id": cont.message.id, "batch_id": batch_id, "kind": cont.kind.value, "position": first + i,
+            "task_name": cont.message.task_name, "args": cont.message.args, "kwargs": cont.message.kwargs,
+            "options": cont.message.options, "status": int(ContinuationStatus.WAITING),
+        } for batch_id, first, node in owners for i, cont in enumerate(node.continuations)]
+        if rows:
+            conn.execute(sa.insert(self.tables.continuations), rows)
+
+    _RUN_COLUMNS = ("id", "batch_id", "position", "status", "task_name", "args", "kwargs", "queue", "options",
+                    "created_at", "retries", "published", "publication_id")
+
+    def _insert_runs(self, tx: Tx, jobs: Iterable[tuple[str, int, Message]], *, new_batches: list[str],
+                     appended: tuple[str, int] | None = None, publishable: bool) -> None:
+        """Insert runs, streaming: COPY on PostgreSQL, chunked executemany elsewhere; then their links.
+
+        ``new_batches`` hold only new runs; ``appended=(batch_id, first_position)`` names the runs
+        added to an existing batch. Both are index ranges, so linking never rescans old runs.
+        ``publishable`` runs are published after the commit, under the transaction's lease.
+        """
+        r, j, conn, now = self.tables.runs, self.tables.batch_jobs, tx.conn, tx.now
+        publication = tx.publication() if publishable else None
+        rows = ((job.id, batch_id, position, int(RunStatus.PENDING), job.task_name, job.args, job.kwargs,
+                 job.queue, job.options, now, 0, False, publication) for batch_id, position, job in jobs)
+        if conn.dialect.name == "postgresql":
+            cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
+            with cursor.copy(f"COPY {self.machine.sql_name(r)} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            while chunk := list(itertools.islice(rows, 1000)):
+                conn.execute(sa.insert(r), [dict(zip(self._RUN_COLUMNS, row, strict=True)) for row in chunk])
+        # the batch_jobs links are derived in SQL from the runs just written: no second client round trip per job
+        new = r.c.batch_id.in_(new_batches)
+        if appended:
+            new = sa.or_(new, sa.and_(r.c.batch_id == appended[0], r.c.position >= appended[1]))
+        conn.execute(sa.insert(j).from_select(["batch_id", "position", "run_id"],
+                                              sa.select(r.c.batch_id, r.c.position, r.c.id).where(new)))
+
+    # -- expiry -----------------------------------------------------------------------------------
+    def purge_expired(self, now: datetime, chunk: int = PURGE_CHUNK) -> int:
+        """Delete expired top-level batches with their whole tree, ``chunk`` trees per transaction."""
+        b, r, j, c = self.tables.batches, self.tables.runs, self.tables.batch_jobs, self.tables.continuations
+        deleted = 0
+        while True:
+            with self.engine.begin() as conn:
+                roots = conn.execute(
+                    sa.select(b.c.id).where(b.c.parent_id.is_(None), b.c.expires_at < now,
+                                            b.c.status >= int(BatchStatus.COMPLETED))
+                    .order_by(b.c.expires_at).limit(chunk).with_for_update(skip_locked=True)
+                ).scalars().all()
+                if not roots:
+                    return deleted
+                tree = sa.select(b.c.id).where(b.c.id.in_(roots)).cte("tree", recursive=True)
+                tree = tree.union_all(sa.select(b.c.id).join(tree, b.c.parent_id == tree.c.id))
+                ids = conn.execute(sa.select(tree.c.id)).scalars().all()
+                conn.execute(sa.update(b).where(b.c.antecedent_id.in_(ids)).values(antecedent_id=None))
+                conn.execute(sa.delete(c).where(c.c.batch_id.in_(ids)))
+                conn.execute(sa.delete(j).where(j.c.batch_id.in_(ids)))
+                conn.execute(sa.delete(r).where(r.c.batch_id.in_(ids)))
+                deleted += conn.execute(sa.delete(b).where(b.c.id.in_(ids))).rowcount
