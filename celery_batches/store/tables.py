@@ -30,6 +30,11 @@ class Tables:
     prefix: str
 
 
+def _partial_index(name: str, column: str, where: str) -> sa.Index:
+    """An index of the rows matching ``where`` only (PostgreSQL and SQLite both have them)."""
+    return sa.Index(name, column, postgresql_where=sa.text(where), sqlite_where=sa.text(where))
+
+
 def build_tables(prefix: str) -> Tables:
     """Describe the registry's tables for one prefix (this must match the latest migration)."""
     # tests/test_migrations.py checks this against a migrated database. No client-side defaults:
@@ -84,24 +89,10 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("claimed_at", TIMESTAMP, nullable=True),  # when its current delivery claimed it
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # the outbox and the reconciler only look at the few rows that are not done yet
-        sa.Index(
-            f"ix_{prefix}runs_unpublished",
-            "created_at",
-            postgresql_where=sa.text("NOT published"),
-            sqlite_where=sa.text("NOT published"),
-        ),
-        sa.Index(  # only the runs a node holds or runs: "no node" is not worth an index entry
-            f"ix_{prefix}runs_node",
-            "node",
-            postgresql_where=sa.text(f"status < {OPEN_BELOW} AND node IS NOT NULL"),
-            sqlite_where=sa.text(f"status < {OPEN_BELOW} AND node IS NOT NULL"),
-        ),
-        sa.Index(
-            f"ix_{prefix}runs_open",
-            "created_at",
-            postgresql_where=sa.text(f"status < {OPEN_BELOW}"),
-            sqlite_where=sa.text(f"status < {OPEN_BELOW}"),
-        ),
+        _partial_index(f"ix_{prefix}runs_unpublished", "created_at", "NOT published"),
+        # only the runs a node holds or runs: "no node" is not worth an index entry
+        _partial_index(f"ix_{prefix}runs_node", "node", f"status < {OPEN_BELOW} AND node IS NOT NULL"),
+        _partial_index(f"ix_{prefix}runs_open", "created_at", f"status < {OPEN_BELOW}"),
     )
     batch_jobs = sa.Table(
         f"{prefix}batch_jobs",
@@ -130,12 +121,7 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("claimed_by", UUID, nullable=True),  # the delivery that claimed it (repeatable by that one)
         sa.Column("error", sa.Text, nullable=True),  # why it could not be published (status FAILED)
         sa.Index(f"ix_{prefix}continuations_batch", "batch_id"),
-        sa.Index(
-            f"ix_{prefix}continuations_due",
-            "due_at",
-            postgresql_where=sa.text(f"status = {DUE}"),
-            sqlite_where=sa.text(f"status = {DUE}"),
-        ),
+        _partial_index(f"ix_{prefix}continuations_due", "due_at", f"status = {DUE}"),
     )
     # A publisher's lease on what its transaction made publishable: renewed before every chunk it
     # publishes; the relay only takes runs and continuations whose lease has lapsed.
