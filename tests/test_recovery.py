@@ -260,6 +260,21 @@ def _node(registry, run_id):
         return conn.scalar(sa.select(r.c.node).where(r.c.id == run_id))
 
 
+def test_a_run_handed_back_after_its_batch_was_cancelled_ends_cancelled(registry):
+    """Chaos soak, 10 minutes: a run RUNNING when its batch was cancelled (a cancel leaves it alone),
+    whose worker then died (acks_late: handed back to waiting), stayed PENDING for good: nothing
+    publishes a run of a cancelled batch. Now recovery ends it CANCELLED and counts it."""
+    batch_id, (running, waiting) = _claimed(registry, "dead/100")
+    registry.liveness.release([waiting], held_by="dead")  # back to waiting before the cancel: cancelled by it
+    assert registry.cancel_batch(batch_id) == 1
+    assert registry.liveness.release([running], held_by="dead") == 1  # what recovery does for an acks_late run
+    assert _status(registry, running) == RunStatus.PENDING
+    assert _recovery(registry).run_once()["runs_cancelled"] == 1
+    assert _status(registry, running) == RunStatus.CANCELLED
+    batch = registry.get_batch(batch_id)
+    assert (batch.status, batch.cancelled_jobs, batch.pending_jobs) == (BatchStatus.CANCELLED, 2, 0)
+
+
 def _status(registry, run_id):
     r = registry.store.tables.runs
     with registry.engine.connect() as conn:

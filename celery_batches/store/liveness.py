@@ -198,6 +198,16 @@ class Liveness:
             return conn.execute(sa.update(r).where(r.c.id.in_(list(run_ids)), r.c.status.in_(_OPEN), still)
                                 .values(**values)).rowcount
 
+    def stranded(self, limit: int) -> list[sa.Row]:
+        """Waiting runs (PENDING, RETRYING) of CANCELLED batches. A cancel leaves a running run alone;
+        if it comes back to waiting (its worker died and it was handed back, its message was lost)
+        nothing publishes it again, since its batch is cancelled: it is the cancel's to finish."""
+        r, b = self.tables.runs, self.tables.batches
+        q = (sa.select(r.c.id, r.c.retries).join(b, b.c.id == r.c.batch_id)
+             .where(r.c.status.in_(_WAITING), b.c.status == int(BatchStatus.CANCELLED)).limit(limit))
+        with self.engine.connect() as conn:
+            return list(conn.execute(q))
+
     def unstarted_continuations(self, older_than: datetime, limit: int) -> list[sa.Row]:
         """Continuations published before ``older_than`` that no delivery has claimed yet."""
         c = self.tables.continuations

@@ -1,6 +1,6 @@
 """Recovery: every run reaches a final state, whatever a worker or the broker lost.
 
-Runs in the relay pass (one node at a time). Three steps, each bounded per pass:
+Runs in the relay pass (one node at a time). Four steps, each bounded per pass:
 
 1. **Gone nodes.** A node whose heartbeat this process has not seen change for ``node_timeout``
    seconds is gone (measured on this process's own clock, so clock skew and a registry outage
@@ -12,7 +12,10 @@ Runs in the relay pass (one node at a time). Three steps, each bounded per pass:
 2. **Dead pool processes** of a live node: runs they had claimed and not finished end FAILED
    "worker lost" (the process died: a hard time limit, an OOM kill), even where Celery's own
    report of it was lost, or where the outcome was buffered in the process when it died.
-3. **Lost messages** (Redis): published runs that no live node holds or runs, older than
+3. **Runs a cancel left running** that came back to waiting (handed back by step 1, or by the
+   search below): nothing publishes a run of a cancelled batch, so they end CANCELLED, as
+   ``BatchTask`` would end them if their message were delivered.
+4. **Lost messages** (Redis): published runs that no live node holds or runs, older than
    ``lost_after`` seconds, are looked for in the broker. A message in no queue and no consumer's
    hands at two looks some seconds apart (a message in flight between two places is seen at one of
    them) is published again under a new lease (same task id). One held unacknowledged that no live
@@ -76,7 +79,7 @@ class Recovery:
 
     def run_once(self) -> dict[str, int]:
         done = {"runs_worker_lost": 0, "runs_released": 0, "messages_restored": 0, "runs_republished": 0,
-                "continuations_republished": 0}
+                "continuations_republished": 0, "runs_cancelled": 0}
         self._pass += 1
         nodes = self.liveness.nodes()
         now = time.monotonic()
@@ -91,6 +94,7 @@ class Recovery:
                 self._resolve_gone(name, done)
             else:
                 self._resolve_dead_processes(name, beat, pids, done)
+        self._cancel_stranded(done)
         if self.probe.knows:
             self._search_lost(done)
             self._search_lost_continuations(done)
@@ -142,6 +146,15 @@ class Recovery:
             self.record([backend_outcome(self.app, str(row.id)) or RunEvent(str(row.id), RunStatus.FAILED, 0, error)
                          for row in rows])
             done["runs_worker_lost"] += len(rows)
+
+    def _cancel_stranded(self, done: dict[str, int]) -> None:
+        """A run that was running when its batch was cancelled, and came back to waiting: CANCELLED
+        (what ``BatchTask`` records when such a run's message is delivered after the cancel)."""
+        rows = self.liveness.stranded(self.settings.recovery_batch)
+        if rows:
+            self.record([RunEvent(str(row.id), RunStatus.CANCELLED, row.retries,
+                                  "cancelled: its batch was cancelled while it ran, and it came back") for row in rows])
+            done["runs_cancelled"] += len(rows)
 
     # -- 3. lost messages ---------------------------------------------------------------------------
     def _search_lost(self, done: dict[str, int]) -> None:
