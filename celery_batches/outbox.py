@@ -7,7 +7,8 @@ The relay (a worker thread, one node at a time) takes over only what carries a l
 producer died, the broker was down, or the flag could not be written. So nothing is published by
 two publishers at once, and nothing committed stays unpublished.
 
-Each message is sent on its own: a broker that is down stops the publisher (the relay goes on
+Messages go out a chunk at a time (``sending.py``: one Redis pipeline per chunk, each message as
+``send_task`` would send it): a broker that is down stops the publisher (the relay goes on
 later); a message the broker or Celery refuses for good (an option of the wrong type) fails its
 run, or its continuation, with the reason, and the others go out.
 """
@@ -25,6 +26,7 @@ from kombu.utils import json as kjson
 from . import retry
 from .builder import Message
 from .models import RunStatus
+from .sending import Sender, Session
 from .store import Outbox, RunEvent
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ class Publisher:
         self.record = record
         self.chunk = chunk
         self._connection_errors: tuple[type[BaseException], ...] | None = None
+        self.sender = Sender(app)
 
     def publish(self, outbox: Outbox) -> Report:
         report = Report()
@@ -139,13 +142,16 @@ class Publisher:
         return bool(held)
 
     def _send(self, messages: Sequence[Message], report: Report) -> tuple[list[str], list[tuple[Message, Exception]]]:
+        """Send a chunk; what it returns as sent reached the broker (a buffered chunk whose flush
+        failed counts as not sent: the relay publishes it again, and claims keep a duplicate from
+        running twice)."""
         sent: list[str] = []
         refused: list[tuple[Message, Exception]] = []
         try:
-            with self.app.producer_or_acquire() as producer:
+            with self.app.producer_or_acquire() as producer, self.sender.session(producer, len(messages)) as session:
                 for m in messages:
                     try:
-                        self._send_one(m, producer)
+                        self._send_one(m, session)
                     except Exception as exc:
                         if self._broker_down(exc):
                             raise
@@ -154,14 +160,17 @@ class Publisher:
                         refused.append((m, exc))
                         continue
                     sent.append(m.id)
+                session.flush()
         except Exception as exc:
             if not self._broker_down(exc):
                 raise
             report.broker_down = True
             report.errors.append(f"{type(exc).__name__}: {exc}")
+            return [], refused
         return sent, refused
 
-    def _send_one(self, m: Message, producer: object) -> None:
+    @staticmethod
+    def _send_one(m: Message, session: Session) -> None:
         options = kjson.loads(m.options) if m.options else {}
         headers = dict(options.pop("headers", None) or {})
         if m.batch_id:
@@ -170,8 +179,8 @@ class Publisher:
             headers[CONTINUATION_HEADER] = m.continuation_of
         if m.retries:
             options["retries"] = m.retries
-        self.app.send_task(m.task_name, kjson.loads(m.args), kjson.loads(m.kwargs), task_id=m.id,
-                           producer=producer, headers=headers or None, **options)
+        session.send(m.task_name, kjson.loads(m.args), kjson.loads(m.kwargs), task_id=m.id, headers=headers or None,
+                     options=options, shape_key=(m.task_name, m.options, m.batch_id, m.continuation_of))
 
     def _broker_down(self, exc: BaseException) -> bool:
         """Is this the broker (or the result store) being unreachable — try again later — rather than

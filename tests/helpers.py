@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -193,6 +194,24 @@ def worker_argv(app: str, queue: str) -> list[str]:
     without gossip, mingle or heartbeat (nothing in the tests uses them, and they slow the start)."""
     return [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "prefork", "-c", "2", "-Q", queue,
             "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    """A Redis server of a test's own on ``port`` (keeping nothing on disk), once it answers."""
+    import redis
+
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+
+    def pings() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    eventually(pings, "redis to start", 20)
+    return server
 
 
 def free_port() -> int:

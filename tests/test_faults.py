@@ -15,13 +15,22 @@ import time
 import uuid
 
 import pytest
-import redis as redis_lib
 import sqlalchemy as sa
 from celery import Celery
 
 from celery_batches import BatchClosedError, BatchStatus, RunStatus
 from tests.conftest import ROOT, Worker, relay_reported
-from tests.helpers import FAULT_WAIT, count, drain, eventually, fired_once, free_port, private_registry, tag
+from tests.helpers import (
+    FAULT_WAIT,
+    count,
+    drain,
+    eventually,
+    fired_once,
+    free_port,
+    private_registry,
+    start_redis,
+    tag,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -85,13 +94,7 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
 
-    def start_redis() -> subprocess.Popen:
-        p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        eventually(lambda: _pings(url), "redis to start", 20)
-        return p
-
-    server = start_redis()
+    server = start_redis(port)
     # a registry of its own: the session's worker publishes to the session's broker, not this one
     private = Celery("private-registry", broker=url, set_as_current=False)
     try:
@@ -110,7 +113,7 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
                 assert "the relay will publish the rest" in out.stderr
                 batch = registry.get_batch(batch_id)
                 assert batch.status == BatchStatus.STARTED and count(proj, ran) == 0
-                server = start_redis()
+                server = start_redis(port)
                 done = registry.wait(batch_id, timeout=FAULT_WAIT)
                 assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 10)
                 # drained through the private broker: sentinels behind everything else
@@ -119,13 +122,6 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
-
-
-def _pings(url: str) -> bool:
-    try:
-        return redis_lib.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-    except redis_lib.RedisError:
-        return False
 
 
 def test_postgresql_connections_killed_mid_batch(proj, start_worker):

@@ -1,0 +1,161 @@
+"""Sending many task messages at once, each exactly as ``app.send_task`` would send it.
+
+``send_task`` costs ~0.8 ms a message on Redis: a round trip each, and Celery's per-call work
+(merging options, routing, declaring the queue). The messages of one publication differ only in
+task id and arguments, so for each *shape* (task, options, headers) the first message is built by
+``send_task`` itself, with a producer that records the publish call instead of sending it; every
+message of that shape is then that call with the fields Celery derived from the id and the
+arguments made again (id, correlation id, root id, argsrepr, kwargsrepr, retries, body), handed to
+kombu's ``Producer.publish``. Inside kombu's ``Producer.batch`` Redis gets them through a pipeline
+(other transports publish each at once). tests/test_sending.py sends the same signatures both
+ways and compares the stored messages field by field.
+
+What a copy cannot reproduce goes through ``send_task`` one by one: a router that may look at the
+arguments, receivers of ``before_task_publish``/``after_task_publish``/``task_sent`` (each message
+must reach them), task-sent events, task protocol 1. Celery's ``backend.on_task_call`` (a Redis or
+RPC result backend subscribing the producer to each result early) is not made for copies:
+``AsyncResult.get()`` subscribes when it is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from celery import signals
+from celery.app.routes import MapRoute
+from celery.utils.saferepr import saferepr
+from kombu import Producer
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["Sender", "Session"]
+
+#: kombu's operations per buffered message, at most (an lpush, a pexpire per priority step)
+_OPS_PER_MESSAGE = 12
+
+
+class _Recorder(Producer):
+    """A producer whose ``publish`` records the call ``send_task`` makes, and sends nothing."""
+
+    recorded: tuple[Any, dict[str, Any]] | None = None
+
+    def publish(self, body: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self.recorded = (body, kwargs)
+
+
+@dataclass
+class _Shape:
+    """The publish call ``send_task`` made for one message, and which of its fields it derived from that message."""
+
+    body: tuple
+    kwargs: dict[str, Any]
+    derived: frozenset[str]  # header names to make again per message
+    task_id: str
+
+
+class Session:
+    """The messages of one publication, sent through one producer (and one kombu batch where the
+    transport buffers)."""
+
+    def __init__(self, app: "Celery", producer: Producer, batch: Any, copies: bool) -> None:
+        self.app = app
+        self.producer = producer
+        self._batch = batch
+        self._copies = copies
+        self._shapes: dict[tuple, _Shape] = {}
+        self._recorder: _Recorder | None = None
+        self._repr_size = (app.amqp.argsrepr_maxsize, app.amqp.kwargsrepr_maxsize, app.conf.task_repr_maxlevels)
+
+    def send(self, name: str, args: list, kwargs: dict, *, task_id: str, headers: dict | None,
+             options: dict[str, Any], shape_key: tuple | None = None) -> None:
+        """Send one message (buffered where the transport buffers: ``flush`` sends them).
+
+        ``shape_key`` names what the messages sharing a shape have in common (the task, its
+        options and headers); None sends this one through ``send_task``."""
+        if not self._copies or shape_key is None:
+            self.app.send_task(name, args, kwargs, task_id=task_id, producer=self.producer, headers=headers,
+                               add_to_parent=False, **options)
+            return
+        shape = self._shapes.get(shape_key)
+        first = shape is None
+        if shape is None:
+            shape = self._shapes[shape_key] = self._record(name, args, kwargs, task_id, headers, options)
+        body, publish = self._copy(shape, task_id, args, kwargs, options.get("retries", 0), first)
+        self.producer.publish(body, **publish)
+
+    def flush(self) -> None:
+        """Send what the transport buffered; raises if the broker did not take it (then none of it
+        counts as sent: kombu cannot tell how much arrived)."""
+        if self._batch is not None:
+            self._batch.flush()
+
+    def _record(self, name: str, args: list, kwargs: dict, task_id: str, headers: dict | None,
+                options: dict[str, Any]) -> _Shape:
+        if self._recorder is None:
+            self._recorder = _Recorder(self.producer.channel, auto_declare=False)
+        self._recorder.recorded = None
+        self.app.send_task(name, args, kwargs, task_id=task_id, producer=self._recorder, headers=headers,
+                           add_to_parent=False, **options)
+        assert self._recorder.recorded is not None, "send_task did not publish"
+        body, publish = self._recorder.recorded
+        h = publish["headers"]
+        amax, kmax, levels = self._repr_size
+        # a field is made again only where Celery derived it from this message (a user's own
+        # argsrepr, or a header the user set, stays as given)
+        derived = {key for key, value in (("id", task_id), ("root_id", task_id), ("retries", options.get("retries", 0)),
+                                          ("argsrepr", saferepr(args, amax, maxlevels=levels)),
+                                          ("kwargsrepr", saferepr(kwargs, kmax, maxlevels=levels)))
+                   if h.get(key) == value}
+        return _Shape(body, publish, frozenset(derived), task_id)
+
+    def _copy(self, shape: _Shape, task_id: str, args: list, kwargs: dict, retries: int,
+              first: bool) -> tuple[tuple, dict[str, Any]]:
+        publish = dict(shape.kwargs)
+        headers = dict(publish["headers"])
+        derived = shape.derived
+        amax, kmax, levels = self._repr_size
+        for key in ("id", "root_id"):
+            if key in derived:
+                headers[key] = task_id
+        if "retries" in derived:
+            headers["retries"] = retries
+        if "argsrepr" in derived:
+            headers["argsrepr"] = saferepr(args, amax, maxlevels=levels)
+        if "kwargsrepr" in derived:
+            headers["kwargsrepr"] = saferepr(kwargs, kmax, maxlevels=levels)
+        publish["headers"] = headers
+        if publish.get("correlation_id") == shape.task_id:
+            publish["correlation_id"] = task_id
+        if not first:
+            publish["declare"] = []  # declared with the first of its shape
+        if self._batch is not None:
+            publish["retry"] = False  # buffered: nothing to retry until the flush, which reports its failure
+        return (args, kwargs, *shape.body[2:]), publish
+
+
+class Sender:
+    """Opens sessions of ``app``'s messages; knows whether copies can stand for ``send_task``."""
+
+    def __init__(self, app: "Celery") -> None:
+        self.app = app
+
+    def copies_allowed(self) -> bool:
+        """Can a copy of a recorded ``send_task`` call stand for ``send_task`` right now?"""
+        conf = self.app.conf
+        if conf.task_protocol != 2 or conf.task_send_sent_event:
+            return False
+        if any(s.receivers for s in (signals.before_task_publish, signals.after_task_publish, signals.task_sent)):
+            return False
+        # a route given as a function may look at the arguments; a mapping looks at the name only
+        return all(isinstance(route, MapRoute) for route in self.app.amqp.router.routes)
+
+    @contextlib.contextmanager
+    def session(self, producer: Producer, size: int) -> Iterator[Session]:
+        """A session for up to ``size`` messages; buffered where kombu can batch for the transport."""
+        batching = getattr(producer, "supports_batch_publish", False)
+        with (producer.batch(max_size=max(1, size) * _OPS_PER_MESSAGE) if batching
+              else contextlib.nullcontext()) as batch:
+            yield Session(self.app, producer, batch, self.copies_allowed())
