@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from .store.pages import BatchDetail, BatchRef, BatchRow, ContinuationRow, Counts, JobRow, TreeNode
+from .store.pagerows import BatchDetail, BatchRef, BatchRow, ContinuationRow, Counts, JobRow, TreeNode
 
 __all__ = [
     "PROGRESS_DIGITS",

@@ -33,23 +33,8 @@ from celery_batches import (
 )
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent
-from tests.helpers import (
-    EMBEDDED_WAIT,
-    TABLES,
-    WAIT,
-    continuation_states,
-    continuations_become,
-    count,
-    counters,
-    drain,
-    eventually,
-    fired_once,
-    memory_app,
-    never_fired,
-    row_counts,
-    tag,
-    with_continuations,
-)
+from tests.helpers import (EMBEDDED_WAIT, TABLES, WAIT, continuation_states, continuations_become, count, counters,
+    drain, eventually, fired_once, memory_app, never_fired, row_counts, tag, with_continuations)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -191,6 +176,9 @@ class Backend:
     wait: float
     ok: Callable[..., Signature]  # ok(tag, seconds=0): a member that sleeps, then succeeds
     fail: Callable[[str], Signature]  # fail(tag): a member raising ValueError(f"{tag} fails on purpose")
+    flaky: Callable[[str, int], Signature]  # flaky(tag, n): retries n times, then succeeds
+    broken: Callable[[str], Signature]  # broken(tag): retries until its max_retries run out ("still broken")
+    broken_retries: int  # broken's max_retries
     record: Any  # a continuation task: record(key, *values)
     whoami: Any  # whoami(key): stores the batch id it sees (current_batch_id()), read back by seen(key)
     count: Callable[[str], int]
@@ -210,6 +198,7 @@ def backend(request) -> Backend:
         t = env.t
         with running_worker(env):
             yield Backend(env.batches, EMBEDDED_WAIT, ok=lambda tag_, seconds=0: t.ok.s(tag_, seconds), fail=t.fail.s,
+                          flaky=t.flaky.s, broken=t.broken.s, broken_retries=t.broken.max_retries,
                           record=t.cont, whoami=t.whoami, count=env.count, seen=env.seen, drain=env.drain,
                           fired_once=env.fired_once, never_fired=env.never_fired)
         return
@@ -217,6 +206,7 @@ def backend(request) -> Backend:
     request.getfixturevalue("worker")  # the session's
     yield Backend(proj.batches, WAIT, ok=lambda tag_, seconds=0: proj.sleep_then.s(seconds, tag_),
                   fail=lambda tag_: proj.fail.s(tag_, f"{tag_} fails on purpose"), record=proj.record,
+                  flaky=proj.flaky.s, broken=proj.always_retry.s, broken_retries=proj.always_retry.max_retries,
                   whoami=proj.whoami, count=lambda key: count(proj, key),
                   seen=lambda key: (proj.r.get(key) or b"").decode() or None, drain=lambda: drain(proj),
                   fired_once=lambda key: fired_once(proj, key), never_fired=lambda *keys: never_fired(proj, *keys))
@@ -391,29 +381,30 @@ def test_batch_with_nested_batch_completes_and_fires_success_once(env, embedded_
     assert members == [("a", bb.id), ("b", bb.id), ("c", bb.id), ("p1", payment.id), ("p2", payment.id)]
 
 
-def test_retries_count_once_and_are_recorded(env, embedded_worker):
-    b, t = env.batches, env.t
-    with b.batch("flaky") as bb:
-        twice = bb.enqueue(t.flaky, "twice", 2)
-        once = bb.enqueue(t.flaky, "once", 1)
-        never = bb.enqueue(t.flaky, "never", 0)
-    final = b.wait(bb.id, timeout=EMBEDDED_WAIT)
-    assert final.status == BatchStatus.COMPLETED
-    assert (final.total_jobs, final.completed_jobs, final.failed_jobs) == (3, 3, 0)
-    runs = {j.id: j for j in b.get_batch_jobs(bb.id)}
-    assert {run_id: (runs[run_id].status, runs[run_id].retries) for run_id in (twice, once, never)} == {
-        twice: (RunStatus.COMPLETED, 2), once: (RunStatus.COMPLETED, 1), never: (RunStatus.COMPLETED, 0)}
-    assert sorted(r[1:] for r in records(env.key, "flaky")) == [
-        ("never", 0), ("once", 0), ("once", 1), ("twice", 0), ("twice", 1), ("twice", 2)]
+def test_retries_count_once_and_exhausted_retries_one_failure(backend):
+    be = backend
+    tags = {n: tag(f"flaky{n}") for n in (2, 1, 0)}
+    with be.batches.batch("flaky") as b:
+        ids = {n: b.enqueue(be.flaky(tags[n], n)) for n in tags}
+        keys = with_continuations(b, be)
+    done = be.batches.wait(b.id, timeout=be.wait)
+    assert counters(done) == (BatchStatus.COMPLETED, 3, 3, 0, 0)
+    runs = {j.id: j for j in be.batches.get_batch_jobs(b.id)}
+    assert {n: (runs[ids[n]].status, runs[ids[n]].retries) for n in tags} == {n: (RunStatus.COMPLETED, n) for n in tags}
+    be.fired_once(keys["success"])
+    assert {n: be.count(tags[n]) for n in tags} == {n: n + 1 for n in tags}  # each attempt ran once
 
-    # retries exhausted: one failure, counted once
-    with b.batch("broken") as broken:
-        run_id = broken.enqueue(t.broken, "z")
-    final = b.wait(broken.id, timeout=EMBEDDED_WAIT)
-    assert final.status == BatchStatus.FAILED and (final.completed_jobs, final.failed_jobs) == (0, 1)
-    (job,) = b.get_batch_jobs(broken.id)
-    assert job.id == run_id and job.status == RunStatus.FAILED and job.retries == 1
-    assert "z still broken" in job.error
+    broken_tag = tag("broken")
+    with be.batches.batch("broken") as broken:
+        run_id = broken.enqueue(be.broken(broken_tag))
+        keys = with_continuations(broken, be)
+    done = be.batches.wait(broken.id, timeout=be.wait)
+    assert counters(done) == (BatchStatus.FAILED, 1, 0, 1, 0)  # retries exhausted: one failure, counted once
+    (job,) = be.batches.get_batch_jobs(broken.id)
+    assert (job.id, job.status, job.retries) == (run_id, RunStatus.FAILED, be.broken_retries)
+    assert "still broken" in job.error
+    be.fired_once(keys["failure"])
+    assert be.count(broken_tag) == be.broken_retries + 1
 
 
 # -- creation and reads (no worker) --------------------------------------------------------------

@@ -29,11 +29,17 @@ def events(n: int, prefix: str = "r") -> list[RunEvent]:
     return [RunEvent(f"{prefix}{i}", RunStatus.COMPLETED) for i in range(n)]
 
 
+def filled(write: Recorder, n: int, *, interval: float, max_events: int = 1000) -> GroupCommit:
+    """A group commit writing to ``write``, with ``n`` events added."""
+    gc = GroupCommit(write, interval=interval, max_events=max_events, max_delay=0.1)
+    for e in events(n):
+        gc.add(e)
+    return gc
+
+
 def test_events_are_committed_in_groups_in_order():
     write = Recorder()
-    gc = GroupCommit(write, interval=0.05, max_events=1000, max_delay=0.1)
-    for e in events(200):
-        gc.add(e)
+    gc = filled(write, 200, interval=0.05)
     assert gc.flush(10)
     committed = [run_id for group in write.groups for run_id in group]
     assert committed == [f"r{i}" for i in range(200)]
@@ -43,9 +49,7 @@ def test_events_are_committed_in_groups_in_order():
 
 def test_a_full_group_is_committed_without_waiting_for_the_interval():
     write = Recorder()
-    gc = GroupCommit(write, interval=3600, max_events=10, max_delay=0.1)
-    for e in events(10):
-        gc.add(e)
+    gc = filled(write, 10, interval=3600, max_events=10)
     assert gc.flush(5)  # would take an hour if the size trigger did not work
     assert write.groups == [[f"r{i}" for i in range(10)]]
     gc.close()
@@ -67,9 +71,7 @@ def test_a_failed_write_is_retried_and_logged_until_it_succeeds(caplog):
 
 def test_close_commits_what_is_buffered():
     write = Recorder()
-    gc = GroupCommit(write, interval=3600, max_events=1000, max_delay=0.1)
-    for e in events(3):
-        gc.add(e)
+    gc = filled(write, 3, interval=3600)
     gc.close(timeout=5)
     assert write.groups == [["r0", "r1", "r2"]]
     gc.add(RunEvent("late", RunStatus.COMPLETED))  # adding after close starts a writer again

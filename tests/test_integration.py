@@ -78,31 +78,6 @@ def test_a_nul_in_a_members_error_is_stored_escaped_and_stalls_nothing(proj, wor
     fired_once(proj, keys["failure"])
 
 
-def test_retry_then_success_counts_once(proj, worker):
-    attempts = tag("attempts")
-    with proj.batches.batch("retries") as b:
-        b.enqueue(proj.flaky, attempts, 2)
-        keys = with_continuations(b, proj)
-    done = proj.batches.wait(b.id, timeout=WAIT)
-    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 1, 0)
-    [job] = proj.batches.get_batch_jobs(b.id)
-    assert job.status == RunStatus.COMPLETED and job.retries == 2 and count(proj, attempts) == 3
-    fired_once(proj, keys["success"])
-
-
-def test_retries_exhausted_counts_one_failure(proj, worker):
-    attempts = tag("attempts")
-    with proj.batches.batch("exhausted") as b:
-        b.enqueue(proj.always_retry, attempts)
-        keys = with_continuations(b, proj)
-    done = proj.batches.wait(b.id, timeout=WAIT)
-    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 0, 1)
-    [job] = proj.batches.get_batch_jobs(b.id)
-    assert job.status == RunStatus.FAILED and job.retries == 2 and "still broken" in job.error
-    assert count(proj, attempts) == 3  # max_retries=2: three attempts
-    fired_once(proj, keys["failure"])
-
-
 def test_hard_time_limit_counts_once(proj, worker):
     """Celery 5.7 sends task_failure twice (main process) for a hard time limit: counted once."""
     ran = tag("overrun")

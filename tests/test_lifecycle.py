@@ -28,24 +28,8 @@ from celery_batches import (
 )
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent, utcnow
-from tests.helpers import (
-    TABLES,
-    WAIT,
-    continuation_states,
-    continuations_become,
-    count,
-    counters,
-    drain,
-    eventually,
-    fired_once,
-    memory_app,
-    never_fired,
-    publish,
-    row_counts,
-    stored_message,
-    tag,
-    with_continuations,
-)
+from tests.helpers import (TABLES, WAIT, continuation_states, continuations_become, count, counters, drain,
+    eventually, fired_once, memory_app, never_fired, publish, row_counts, stored_message, tag, with_continuations)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

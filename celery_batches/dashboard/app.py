@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import secrets
 import uuid
 from importlib import resources
 from typing import Any, Callable, Iterable
@@ -25,7 +24,7 @@ from ..api import Batches
 from ..errors import BatchNotFoundError
 from ..models import BatchStatus, RunStatus
 from ..store import pages, reads
-from ..store.pages import BatchRow
+from ..store.pagerows import BatchRow
 from . import security
 from .filters import FILTERS
 from .security import CSRF_HEADER
@@ -41,10 +40,8 @@ TEXT_CHARS = 300  # args, kwargs and errors in the HTML jobs table
 REFRESH_INTERVAL = 2.0  # default seconds between two live refreshes of a page showing unfinished batches
 SEARCH_CHARS = 255  # a name search is cut to this length (the longest batch name)
 INT_ARG_DIGITS = 10  # a numeric parameter (position, limit) longer than this is a 400, not a huge query
-MIN_API_TOKEN_CHARS = 16  # shortest api_token accepted
 STATIC_MAX_AGE = 300  # seconds browsers cache a static file fetched without its digest
 STATIC_IMMUTABLE_MAX_AGE = 31536000  # ... and with it (?v=<digest>): a year, the content never changes
-SECRET_BYTES = 32  # length of the random CSRF key of a process started without secret_key
 
 
 def create_app(batches: Batches, **options: Any) -> Dashboard:
@@ -79,20 +76,12 @@ class Dashboard:
                  page_size: int = pages.PAGE_SIZE, jobs_page_size: int = pages.JOBS_PAGE_SIZE,
                  refresh_interval: float = REFRESH_INTERVAL, tree_limit: int = pages.TREE_LIMIT,
                  title: str = "Celery batches") -> None:
-        if basic_auth is not None and (len(basic_auth) != 2 or not all(basic_auth)):
-            raise ValueError("basic_auth must be a (user, password) pair of non-empty strings")
         if min(page_size, jobs_page_size, tree_limit) < 1 or page_size > MAX_LIMIT or jobs_page_size > MAX_LIMIT:
             raise ValueError(f"page_size and jobs_page_size must be 1–{MAX_LIMIT}, tree_limit at least 1")
-        if api_token is not None and len(api_token) < MIN_API_TOKEN_CHARS:
-            raise ValueError(f"api_token must be at least {MIN_API_TOKEN_CHARS} characters long")
+        self.access = security.Access(authorize=authorize, basic_auth=basic_auth, read_only=read_only,
+                                      secret_key=secret_key, api_token=api_token)
         self.batches = batches
         self.store = batches.store
-        self.authorize = authorize
-        self.basic_auth = basic_auth
-        self.read_only = read_only
-        key = secret_key.encode() if isinstance(secret_key, str) else secret_key
-        self.secret = key or secrets.token_bytes(SECRET_BYTES)
-        self.api_token = api_token
         self.page_size = page_size
         self.jobs_page_size = jobs_page_size
         self.refresh_interval = refresh_interval
@@ -147,25 +136,13 @@ class Dashboard:
 
     # -- security ----------------------------------------------------------------------------------
     def check_access(self, request: Request) -> Response | None:
-        if self.basic_auth is not None:
-            if not security.basic_auth_ok(request, self.basic_auth):
-                response = self.error(request, 401, "Authentication required.")
-                response.headers["WWW-Authenticate"] = 'Basic realm="celery_batches", charset="UTF-8"'
-                return response
-        if self.authorize is not None:
-            if not self.authorize(request):
-                return self.error(request, 403, "You are not allowed to see this dashboard.")
-        elif self.basic_auth is None and not security.is_local(request):
-            return self.error(request, 403, "This dashboard only answers requests from the machine it runs on. "
-                                            "Configure authorize= or basic_auth= to open it to others.")
-        return None
-
-    def csrf_token(self, request: Request) -> str:
-        return security.csrf_token(request, self.secret)
-
-    def check_action(self, request: Request) -> None:
-        """An action (POST): refused when read-only, cross-site or without a valid CSRF/API token."""
-        security.check_action(request, self.secret, read_only=self.read_only, api_token=self.api_token)
+        denied = self.access.denied(request)
+        if denied is None:
+            return None
+        response = self.error(request, *denied)
+        if denied[0] == 401:
+            response.headers["WWW-Authenticate"] = 'Basic realm="celery_batches", charset="UTF-8"'
+        return response
 
     # -- responses ---------------------------------------------------------------------------------
     @staticmethod
@@ -189,7 +166,7 @@ class Dashboard:
             url=lambda endpoint, **values: adapter.build(endpoint, {k: v for k, v in values.items()
                                                                     if v is not None}),
             static=lambda name: adapter.build("static", {"filename": name, "v": self.static[name][2]}),
-            csrf_token=lambda: self.csrf_token(request),
+            csrf_token=lambda: self.access.csrf_token(request),
             refresh_interval=self.refresh_interval,
             request=request,
         )
@@ -241,7 +218,7 @@ class Dashboard:
 
     def _cancel(self, request: Request, batch_id: str) -> tuple[Any, int | None]:
         """Shared by the page and the API: the batch as it was, and the runs cancelled (None: it had finished)."""
-        self.check_action(request)
+        self.access.check_action(request)
         batch = self.batches.get_batch(batch_id)
         if batch is None:
             raise NotFound("No batch with this id.")
@@ -329,7 +306,7 @@ class Dashboard:
         return self.json({"cancelled_runs": runs, "batch_status": batch.status.name if batch else None})
 
     def on_api_csrf(self, request: Request) -> Response:
-        return self.json({"csrf_token": self.csrf_token(request), "header": CSRF_HEADER})
+        return self.json({"csrf_token": self.access.csrf_token(request), "header": CSRF_HEADER})
 
     # -- helpers -----------------------------------------------------------------------------------
     def _list_args(self, request: Request, enum: type, parent: bool = False) -> tuple:

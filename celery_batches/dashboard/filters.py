@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from ..serialize import when
-from ..store.pages import Counts
+from ..store.pagerows import Counts
 
 __all__ = ["FILTERS", "duration", "pct", "segments"]
 

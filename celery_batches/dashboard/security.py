@@ -10,12 +10,13 @@ import hmac
 import ipaddress
 import re
 import secrets
+from typing import Callable
 from urllib.parse import urlsplit
 
 from werkzeug.exceptions import Forbidden
 from werkzeug.wrappers import Request, Response
 
-__all__ = ["CSRF_COOKIE", "CSRF_FIELD", "CSRF_HEADER", "TOKEN_HEADER", "basic_auth_ok", "check_action",
+__all__ = ["CSRF_COOKIE", "CSRF_FIELD", "CSRF_HEADER", "TOKEN_HEADER", "Access", "basic_auth_ok", "check_action",
            "csrf_token", "finish", "is_local"]
 
 CSRF_COOKIE = "celery_batches_csrf"
@@ -23,11 +24,48 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 TOKEN_HEADER = "X-Batches-Token"
 NONCE_BYTES = 32  # randomness of a browser's CSRF nonce (43 URL-safe base64 characters)
+MIN_API_TOKEN_CHARS = 16  # shortest api_token accepted
+SECRET_BYTES = 32  # length of the random CSRF key of a process started without secret_key
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 _FORWARDING_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
 _CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; object-src 'none'; "
         "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+class Access:
+    """Who may see a dashboard and act on it: the options of ``Dashboard`` that decide it, checked once."""
+
+    def __init__(self, *, authorize: Callable[[Request], bool] | None, basic_auth: tuple[str, str] | None,
+                 read_only: bool, secret_key: str | bytes | None, api_token: str | None) -> None:
+        if basic_auth is not None and (len(basic_auth) != 2 or not all(basic_auth)):
+            raise ValueError("basic_auth must be a (user, password) pair of non-empty strings")
+        if api_token is not None and len(api_token) < MIN_API_TOKEN_CHARS:
+            raise ValueError(f"api_token must be at least {MIN_API_TOKEN_CHARS} characters long")
+        self.authorize = authorize
+        self.basic_auth = basic_auth
+        self.read_only = read_only
+        key = secret_key.encode() if isinstance(secret_key, str) else secret_key
+        self.secret = key or secrets.token_bytes(SECRET_BYTES)
+        self.api_token = api_token
+
+    def denied(self, request: Request) -> tuple[int, str] | None:
+        """Why this request may not see the dashboard (401 or 403, and the reason), or None."""
+        if self.basic_auth is not None and not basic_auth_ok(request, self.basic_auth):
+            return 401, "Authentication required."
+        if self.authorize is not None:
+            return None if self.authorize(request) else (403, "You are not allowed to see this dashboard.")
+        if self.basic_auth is None and not is_local(request):
+            return 403, ("This dashboard only answers requests from the machine it runs on. "
+                         "Configure authorize= or basic_auth= to open it to others.")
+        return None
+
+    def csrf_token(self, request: Request) -> str:
+        return csrf_token(request, self.secret)
+
+    def check_action(self, request: Request) -> None:
+        """An action (POST): refused when read-only, cross-site or without a valid CSRF/API token."""
+        check_action(request, self.secret, read_only=self.read_only, api_token=self.api_token)
 
 
 def basic_auth_ok(request: Request, credentials: tuple[str, str]) -> bool:
