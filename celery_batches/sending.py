@@ -8,7 +8,9 @@ message of that shape is then that call with the fields Celery derived from the 
 arguments made again (id, correlation id, root id, argsrepr, kwargsrepr, retries, body), handed to
 kombu's ``Producer.publish``. Inside kombu's ``Producer.batch`` Redis gets them through a pipeline
 (other transports publish each at once). tests/test_sending.py sends the same signatures both
-ways and compares the stored messages field by field.
+ways and compares the stored messages field by field. Times Celery derives from "now" (an eta from
+``countdown``, an absolute ``expires``) are the recorded message's for every copy of its shape in
+the chunk: they differ from ``send_task``'s by the time the chunk takes to go out.
 
 What a copy cannot reproduce goes through ``send_task`` one by one: a router that may look at the
 arguments, receivers of ``before_task_publish``/``after_task_publish``/``task_sent`` (each message
