@@ -155,7 +155,7 @@ def test_the_relay_is_elected_by_a_lease_row(registry, tmp_path, url):
 
 
 def test_a_finished_run_delivered_again_is_not_executed(proj, worker):
-    """Issue 8 / design §6: a @batches.task member whose run is already final is not run again."""
+    """A @batches.task member whose run is already final is not run again."""
     ran = tag("ran")
     with proj.batches.batch("delivered-again") as b:
         run = b.enqueue(proj.noop, ran)
