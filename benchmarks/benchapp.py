@@ -11,7 +11,10 @@ from celery_batches import Batches
 
 env = os.environ.get
 REDIS = env("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
-app = Celery("benchapp", broker=REDIS, backend=REDIS)
+#: the broker (Redis unless BENCH_BROKER_URL says otherwise, e.g. amqp://guest:guest@127.0.0.1:5672//);
+#: results and the benchmark's counters always live in Redis
+BROKER = env("BENCH_BROKER_URL", REDIS)
+app = Celery("benchapp", broker=BROKER, backend=REDIS)
 app.conf.update(task_default_queue=env("BENCH_QUEUE", "celery_batches_bench"), worker_hijack_root_logger=False,
                 broker_connection_retry_on_startup=True)
 batches = Batches(app, database_url=env("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
@@ -23,6 +26,12 @@ r = redis.Redis.from_url(REDIS)
 @batches.task
 def noop(key: str) -> None:
     """The task all three ways run: it bumps a Redis counter (the floor reads it)."""
+    r.incr(key)
+
+
+@batches.task(acks_late=True)
+def noop_late(key: str) -> None:
+    """The floor's task with ``acks_late``: acknowledged after it ran, as a reliable setup would run it."""
     r.incr(key)
 
 

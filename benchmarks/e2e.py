@@ -1,13 +1,15 @@
-"""End-to-end throughput: N no-op tasks as plain delay() (the floor), a Celery chord, and a batch.
+"""End-to-end throughput: N no-op tasks as plain delay() (the floor, with acks_late off and on), a
+Celery chord, and a batch.
 
-Starts one real ``celery worker -P prefork -c 2`` and runs the three ways against it, each timed
+Starts one real ``celery worker -P prefork -c 2`` and runs the ways against it, each timed
 from the first call to the moment its counter/callback/continuation ran. Then times committing
 a 10,000-job batch and measures the peak memory of creating a 100,000-job batch.
 
     python benchmarks/e2e.py [-n 10000] [--rounds 1]
+    BENCH_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// python benchmarks/e2e.py   # on RabbitMQ
 
 Needs Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, database ``test``); override with
-BENCH_REDIS_URL / BENCH_DATABASE_URL.
+BENCH_REDIS_URL / BENCH_DATABASE_URL. The broker is Redis unless BENCH_BROKER_URL names another.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.benchapp import app, batches, done, noop, r  # noqa: E402
+from benchmarks.benchapp import app, batches, done, noop, noop_late, r  # noqa: E402
 from celery import chord  # noqa: E402
 
 
@@ -37,12 +39,16 @@ def wait_for(predicate, timeout: float = 600.0) -> float:
     return time.perf_counter()
 
 
-def floor(n: int) -> float:
+def floor(n: int, task=noop) -> float:
     key = f"bench:floor:{uuid.uuid4()}"
     t0 = time.perf_counter()
     for _ in range(n):
-        noop.delay(key)
+        task.delay(key)
     return wait_for(lambda: int(r.get(key) or 0) >= n) - t0
+
+
+def floor_acks_late(n: int) -> float:
+    return floor(n, noop_late)
 
 
 def with_chord(n: int) -> float:
@@ -124,10 +130,23 @@ def peak_memory_mb(n: int) -> float:
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     finally:
-        r.delete(queue)  # nobody consumes that queue
+        purge_queue(queue, delete=True)  # nobody consumes that queue
     total, kib = map(int, out.stdout.split()[-2:])
     assert total == n, f"the probe created {total} jobs, not {n}"
     return kib / 1024
+
+
+def purge_queue(queue: str | None = None, *, delete: bool = False) -> None:
+    """Nothing left in a queue (the benchmark's unless named) from an earlier run."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        try:
+            if delete:
+                channel.queue_delete(queue)
+            else:
+                channel.queue_purge(queue or app.conf.task_default_queue)
+        except Exception:  # noqa: BLE001  (RabbitMQ: the queue does not exist yet)
+            pass
 
 
 def start_worker() -> subprocess.Popen:
@@ -153,23 +172,26 @@ def main() -> None:
 
     drop_schema(batches.engine, batches.settings.table_prefix)  # a fresh registry: nothing left to relay
     batches.migrate()
-    r.delete(app.conf.task_default_queue)
+    purge_queue()
     worker = start_worker()
-    results: dict[str, list[float]] = {"floor": [], "chord": [], "batch": []}
+    ways = (("floor", floor), ("floor-late", floor_acks_late), ("chord", with_chord), ("batch", with_batch))
+    results: dict[str, list[float]] = {name: [] for name, _ in ways}
     try:
         for rnd in range(args.rounds):
-            for name, run in (("floor", floor), ("chord", with_chord), ("batch", with_batch)):
+            for name, run in ways:
                 seconds = run(args.n)
                 results[name].append(seconds)
-                print(f"round {rnd + 1}: {name:5s} {seconds:7.2f} s  {args.n / seconds:7.0f} tasks/s", flush=True)
+                print(f"round {rnd + 1}: {name:10s} {seconds:7.2f} s  {args.n / seconds:7.0f} tasks/s", flush=True)
     finally:
         worker.terminate()
         worker.wait(60)
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\nN = {args.n} no-op tasks, one worker -P prefork -c 2, median of {args.rounds} round(s)")
-    for name in ("floor", "chord", "batch"):
-        print(f"  {name:5s} {med[name]:7.2f} s  {args.n / med[name]:7.0f} tasks/s  {med[name] / med['floor']:.2f}x floor")
+    broker = app.connection_for_write().transport.driver_type
+    print(f"\nN = {args.n} no-op tasks, broker {broker}, one worker -P prefork -c 2, median of {args.rounds} round(s)")
+    for name in results:
+        print(f"  {name:10s} {med[name]:7.2f} s  {args.n / med[name]:7.0f} tasks/s  "
+              f"{med[name] / med['floor']:.2f}x floor")
     print(f"  batch / floor = {med['batch'] / med['floor']:.3f}  (target <= 1.15)")
     print(f"  chord / batch = {med['chord'] / med['batch']:.3f}  (target >= 1.4)")
 
