@@ -91,6 +91,31 @@ def test_a_run_a_worker_started_before_it_was_flagged_is_seen_by_the_reconciler(
     assert [r[0] for r in reads.open_runs(registry.store, utcnow() + HOUR, 10)] == [run]
 
 
+def flags(batches, ids) -> list[bool]:
+    r = batches.store.tables.runs
+    with batches.engine.connect() as conn:
+        published = dict(conn.execute(sa.select(r.c.id, r.c.published).where(r.c.id.in_(ids))).all())
+    return [published[i] for i in ids]
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["postgresql", "portable"])
+def test_flagging_skips_a_run_a_worker_is_writing_and_returns_it(registry, portable):
+    """A run whose row a worker holds locked is not waited for (that could deadlock with its group
+    commit): it is returned, and flagged on the next try; a run a worker moved past PENDING needs no flag."""
+    _, ids, _ = written_unpublished(registry, 4)
+    r = registry.store.tables.runs
+    with registry.engine.begin() as conn:
+        conn.execute(sa.update(r).where(r.c.id == ids[1]).values(status=int(RunStatus.RUNNING)))
+    with registry.engine.connect() as worker:
+        worker.begin()
+        worker.execute(sa.select(r.c.id).where(r.c.id == ids[0]).with_for_update())
+        assert registry.outbox.store.mark_published(ids, portable=portable) == [ids[0]]
+        worker.rollback()
+    assert flags(registry, ids) == [False, False, True, True]
+    assert registry.outbox.store.mark_published([ids[0]], portable=portable) == []
+    assert flags(registry, ids) == [True, False, True, True]
+
+
 def test_the_reconciler_walks_open_runs_with_a_cursor(registry):
     """Issue 8 #8: it always read the oldest runs, so runs that stay open hid every newer one."""
     _, ids, outbox = written_unpublished(registry, 5)

@@ -27,6 +27,8 @@ class OutboxStore:
         self.engine = engine
         self.tables = tables
         self.lease = lease
+        runs = engine.dialect.identifier_preparer.format_table(tables.runs)
+        self._pg_flag = self._PG_FLAG.format(runs=runs, pending=int(RunStatus.PENDING))
 
     # -- leases --------------------------------------------------------------------------------------
     def renew(self, publication: str) -> bool:
@@ -81,14 +83,19 @@ class OutboxStore:
             conn.execute(sa.delete(leases).where(leases.c.name == name, leases.c.holder == holder))
 
     # -- flags ---------------------------------------------------------------------------------------
-    def mark_published(self, run_ids: Sequence[str]) -> list[str]:
+    def mark_published(self, run_ids: Sequence[str], *, portable: bool = False) -> list[str]:
         """Flag runs published; returns the PENDING ones it could not flag yet (a worker holds their row).
 
         Rows a worker is transitioning right now are skipped rather than waited for: waiting would
         let this statement and a group commit lock the same rows in opposite orders (deadlock).
         A run a worker moved past PENDING needs no flag: only PENDING runs are ever waiting.
+        On PostgreSQL it is one statement (the ids as one array); ``portable``: the two-statement
+        path SQLite takes, on PostgreSQL too (tests/test_outbox.py holds the two equal).
         """
         r = self.tables.runs
+        if self.engine.dialect.name == "postgresql" and not portable:
+            with self.engine.begin() as conn:
+                return [str(i) for i in conn.exec_driver_sql(self._pg_flag, {"ids": list(run_ids)}).scalars()]
         mine = (sa.select(r.c.id).where(r.c.id.in_(run_ids), r.c.status == int(RunStatus.PENDING),
                                         sa.not_(r.c.published))
                 .with_for_update(skip_locked=True))
@@ -96,6 +103,17 @@ class OutboxStore:
             conn.execute(sa.update(r).where(r.c.id.in_(mine.scalar_subquery())).values(published=True))
             return [str(i) for i in conn.execute(sa.select(r.c.id).where(
                 r.c.id.in_(run_ids), r.c.status == int(RunStatus.PENDING), sa.not_(r.c.published))).scalars()]
+
+    # ``mark_published`` on PostgreSQL in one round trip: the waiting runs among the ids, those of
+    # them no worker holds locked, flagged; what was waiting and is not flagged comes back.
+    _PG_FLAG = """
+        WITH waiting AS (SELECT id FROM {runs} WHERE id = ANY(CAST(%(ids)s AS uuid[]))
+                         AND status = {pending} AND NOT published),
+             mine AS (SELECT r.id FROM {runs} AS r WHERE r.id IN (SELECT id FROM waiting)
+                      FOR UPDATE SKIP LOCKED),
+             flagged AS (UPDATE {runs} AS r SET published = true FROM mine
+                         WHERE r.id = mine.id AND r.status = {pending} AND NOT r.published RETURNING r.id)
+        SELECT id FROM waiting WHERE id NOT IN (SELECT id FROM flagged)"""
 
     def mark_dispatched(self, continuation_ids: Sequence[str]) -> None:
         c = self.tables.continuations
