@@ -63,7 +63,7 @@ try:
         builder = BatchBuilder(app, "bench-big")
         for _ in range({n}):
             builder.enqueue(noop, "bench:big")
-        plan = builder._close()
+        plan = builder.seal()
         t1 = time.perf_counter()
         with scratch.engine.begin() as conn:
             outbox = scratch.trees.insert_tree(conn, plan, utcnow())

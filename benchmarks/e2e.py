@@ -86,7 +86,7 @@ def commit_time(n: int) -> tuple[float, float]:
         builder = BatchBuilder(app, "bench-commit")
         for i in range(n):
             builder.enqueue(noop, f"k{i}")
-        plan = builder._close()
+        plan = builder.seal()
         t1 = time.perf_counter()
         with scratch.engine.begin() as conn:
             scratch.trees.insert_tree(conn, plan, utcnow())

@@ -56,7 +56,7 @@ def write_batches(prefix: str, n: int, batches_n: int) -> tuple[list[str], list[
         share = n // batches_n + (1 if i < n % batches_n else 0)
         run_ids += [builder.enqueue("bench.noop", j) for j in range(share)]
         with b.engine.begin() as conn:
-            b.trees.insert_tree(conn, builder._close(), utcnow())
+            b.trees.insert_tree(conn, builder.seal(), utcnow())
         batch_ids.append(builder.id)
     b.engine.dispose()
     return batch_ids, run_ids

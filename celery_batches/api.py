@@ -117,7 +117,7 @@ class Batches:
         builder = BatchBuilder(self.app, name, created_by=created_by)
         with self._building(builder):
             yield builder
-        plan = builder._close()
+        plan = builder.seal()
         self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow()), connection,
                      visible=lambda: reads.get_batch(self.store, plan.id) is not None)
 
@@ -147,7 +147,7 @@ class Batches:
         builder = BatchBuilder(self.app, batch.name, created_by=batch.created_by, batch_id=batch_id)
         with self._building(builder):
             yield builder
-        plan = builder._close()
+        plan = builder.seal()
         self._commit(lambda conn: self.trees.add_to_batch(conn, batch_id, plan, utcnow()), connection)
 
     def add_jobs_to_batch(self, batch_id: str, configure: Callable[[BatchBuilder], Any], *,
@@ -155,7 +155,7 @@ class Batches:
         """Callback-style add: ``configure(builder)``; returns the run ids of the direct jobs added."""
         with self.reopen(batch_id, connection=connection) as builder:
             configure(builder)
-        return [job.id for job in builder._plan.jobs]
+        return builder.job_ids
 
     def continue_batch_with(self, batch_id: str, name: str, configure: Callable[[BatchBuilder], Any], *,
                             when: str = "success", connection: Any = None) -> str:
@@ -172,7 +172,7 @@ class Batches:
         builder = BatchBuilder(self.app, name)
         with self._building(builder):
             configure(builder)
-        plan = builder._close()
+        plan = builder.seal()
         self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow(), antecedent=(antecedent, when)),
                      connection, visible=lambda: reads.get_batch(self.store, plan.id) is not None)
         return plan.id
@@ -183,7 +183,7 @@ class Batches:
         try:
             yield
         except BaseException:
-            builder._discard()
+            builder.discard()
             raise
 
     # -- cancel and expiry -------------------------------------------------------------------------

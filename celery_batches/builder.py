@@ -131,12 +131,11 @@ class BatchBuilder:
         try:
             yield child
         except BaseException:
-            child._discard()
+            child.discard()
             raise
         finally:
             self._open_children -= 1
-        child._close()
-        self._plan.children.append(child._plan)
+        self._plan.children.append(child.seal())
 
     def add_batch(self, name: str, configure: Callable[["BatchBuilder"], Any]) -> str:
         """Callback-style nested batch: ``configure(child)``; returns the child batch id."""
@@ -162,20 +161,27 @@ class BatchBuilder:
         what = f"on_{kind.value} continuation of batch {self.name!r}"
         self._plan.continuations.append(ContinuationSpec(kind, self._message(task, args, kwargs, what, None)))
 
-    # -- internals ----------------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BatchError(f"batch {self.name!r} is already written; use Batches.reopen() to add to it")
+    # -- what Batches does when the block ends (user code never needs these) -------------------
+    @property
+    def job_ids(self) -> list[str]:
+        """The run ids of the direct jobs added so far, in enqueue order."""
+        return [job.id for job in self._plan.jobs]
 
-    def _discard(self) -> None:
-        """The ``with`` block raised: nothing is written, and nothing more can be added."""
-        self._closed = True
-
-    def _close(self) -> BatchPlan:
+    def seal(self) -> BatchPlan:
+        """Close the builder and return what to write: ``Batches`` calls this as the block exits."""
         if self._open_children:
             raise BatchError(f"a nested batch of {self.name!r} is still open")
         self._closed = True
         return self._plan
+
+    def discard(self) -> None:
+        """Close the builder without writing anything (the block raised)."""
+        self._closed = True
+
+    # -- internals ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BatchError(f"batch {self.name!r} is already written; use Batches.reopen() to add to it")
 
     def _message(self, task: TaskRef, args: tuple, kwargs: dict, what: str, batch_id: str | None) -> Message:
         name, args, kwargs, options = _resolve(task, args, kwargs, what)

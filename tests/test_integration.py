@@ -210,7 +210,7 @@ def test_relay_publishes_runs_a_dead_producer_left_unpublished(proj, start_worke
     builder.on_complete(proj.record.s(key).set(queue=w.queue))
     with proj.batches.engine.begin() as conn:  # a lease of 1 s, which nobody renews
         lease = proj.batches.settings.publish_lease
-        proj.batches.trees.insert_tree(conn, builder._close(), utcnow() - timedelta(seconds=lease - 1))
+        proj.batches.trees.insert_tree(conn, builder.seal(), utcnow() - timedelta(seconds=lease - 1))
     done = proj.batches.wait(builder.id, timeout=WAIT)
     assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 5)
     fired_once(proj, key, w.queue)

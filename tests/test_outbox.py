@@ -37,7 +37,7 @@ def written_unpublished(batches, n=3, *, now=None, **options):
     builder = BatchBuilder(batches.app, "unpublished")
     ids = [builder.enqueue(builder_sig(batches, i, **options)) for i in range(n)]
     with batches.engine.begin() as conn:
-        outbox = batches.trees.insert_tree(conn, builder._close(), now or utcnow())
+        outbox = batches.trees.insert_tree(conn, builder.seal(), now or utcnow())
     return builder.id, ids, outbox
 
 

@@ -85,7 +85,7 @@ def test_cancel_waits_for_an_add_under_a_descendant_and_cancels_what_it_added(pr
     adding = BatchBuilder(proj.app, "child", batch_id=child.id)
     with adding.batch("late") as late:
         late_run = late.enqueue(proj.noop.s().set(queue=nowhere))
-    plan = adding._close()
+    plan = adding.seal()
     conn = proj.batches.engine.connect()
     tx = conn.begin()
     proj.batches.trees.add_to_batch(conn, child.id, plan, utcnow())  # not committed yet
