@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.benchapp import app, batches, done, noop, noop_late, r  # noqa: E402
+from benchmarks.big import probe  # noqa: E402
 from celery import chord  # noqa: E402
 
 
@@ -66,74 +67,6 @@ def with_batch(n: int) -> float:
             b.enqueue(noop, key)
         b.on_complete(done, key=flag)
     return wait_for(lambda: r.exists(flag)) - t0
-
-
-def commit_time(n: int) -> tuple[float, float]:
-    """Seconds to build a batch of n jobs in memory, and to write and commit it (no publishing).
-
-    It writes to a scratch registry (its own table prefix, dropped afterwards), so the worker's
-    relay never sees these never-published runs.
-    """
-    from celery_batches import Batches
-    from celery_batches.builder import BatchBuilder
-    from celery_batches.store import drop_schema, utcnow
-
-    scratch = Batches(app, database_url=str(batches.engine.url.render_as_string(hide_password=False)),
-                      table_prefix="cbbench_scratch_")
-    scratch.migrate()
-    try:
-        t0 = time.perf_counter()
-        builder = BatchBuilder(app, "bench-commit")
-        for i in range(n):
-            builder.enqueue(noop, f"k{i}")
-        plan = builder.seal()
-        t1 = time.perf_counter()
-        with scratch.engine.begin() as conn:
-            scratch.trees.insert_tree(conn, plan, utcnow())
-        return t1 - t0, time.perf_counter() - t1
-    finally:
-        drop_schema(scratch.engine, scratch.settings.table_prefix)
-
-
-MEMORY_PROBE = """
-import sys
-sys.path.insert(0, {root!r})
-from benchmarks.benchapp import app, batches, noop
-
-
-def status(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-app.conf.task_default_queue = {queue!r}
-with batches.engine.connect():
-    pass
-with app.connection_for_write() as c:
-    c.ensure_connection()
-before = status("VmRSS")
-with batches.batch("bench-memory") as b:
-    for i in range({n}):
-        b.enqueue(noop, "bench:memory")
-print(batches.get_batch(b.id).total_jobs, status("VmHWM") - before)
-"""
-
-
-def peak_memory_mb(n: int) -> float:
-    """Peak RSS growth (MB) of a fresh process creating an n-job batch, publishing included.
-
-    Measured as the process's high-water mark (VmHWM) minus its resident size just before the
-    ``with`` block, after imports and the first database and broker connections.
-    """
-    queue = f"bench-memory-{uuid.uuid4().hex[:8]}"
-    code = MEMORY_PROBE.format(root=str(ROOT), queue=queue, n=n)
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    finally:
-        purge_queue(queue, delete=True)  # nobody consumes that queue
-    total, kib = map(int, out.stdout.split()[-2:])
-    assert total == n, f"the probe created {total} jobs, not {n}"
-    return kib / 1024
 
 
 def purge_queue(queue: str | None = None, *, delete: bool = False) -> None:
@@ -195,11 +128,11 @@ def main() -> None:
     print(f"  batch / floor = {med['batch'] / med['floor']:.3f}  (target <= 1.15)")
     print(f"  chord / batch = {med['chord'] / med['batch']:.3f}  (target >= 1.4)")
 
-    build, commit = commit_time(10_000)
-    print(f"\nbuild a 10,000-job batch in memory: {build:.3f} s; commit it on "
-          f"{batches.engine.dialect.name}: {commit:.3f} s  (target <= 0.5 s)")
-    mem = peak_memory_mb(args.memory_jobs)
-    print(f"peak memory creating a {args.memory_jobs:,}-job batch: +{mem:.0f} MB over baseline  (target <= 200 MB)")
+    small, big = probe("batch", 10_000), probe("batch", args.memory_jobs)  # fresh processes (benchmarks/big.py)
+    print(f"\nbuild a 10,000-job batch in memory: {small['build']:.3f} s; commit it on "
+          f"{batches.engine.dialect.name}: {small['commit']:.3f} s  (target <= 0.5 s)")
+    print(f"peak memory creating a {args.memory_jobs:,}-job batch: +{big['peak_mb']:.0f} MB over baseline  "
+          f"(target <= 200 MB)")
 
 
 if __name__ == "__main__":
