@@ -101,33 +101,38 @@ class Session:
         self._recorder.recorded = None
         self.app.send_task(name, args, kwargs, task_id=task_id, producer=self._recorder, headers=headers,
                            add_to_parent=False, **options)
-        assert self._recorder.recorded is not None, "send_task did not publish"
+        if self._recorder.recorded is None:
+            raise RuntimeError(f"send_task published nothing for {name} (a custom publish path?)")
         body, publish = self._recorder.recorded
         h = publish["headers"]
-        amax, kmax, levels = self._repr_size
         # a field is made again only where Celery derived it from this message (a user's own
         # argsrepr, or a header the user set, stays as given)
         derived = {key for key, value in (("id", task_id), ("root_id", task_id), ("retries", options.get("retries", 0)),
-                                          ("argsrepr", saferepr(args, amax, maxlevels=levels)),
-                                          ("kwargsrepr", saferepr(kwargs, kmax, maxlevels=levels)))
+                                          *zip(("argsrepr", "kwargsrepr"), self._reprs(args, kwargs)))
                    if h.get(key) == value}
         return _Shape(body, publish, frozenset(derived), task_id)
+
+    def _reprs(self, args: list, kwargs: dict) -> tuple[str, str]:
+        """argsrepr and kwargsrepr, as Celery's ``as_task_v2`` makes them."""
+        amax, kmax, levels = self._repr_size
+        return saferepr(args, amax, maxlevels=levels), saferepr(kwargs, kmax, maxlevels=levels)
 
     def _copy(self, shape: _Shape, task_id: str, args: list, kwargs: dict, retries: int,
               first: bool) -> tuple[tuple, dict[str, Any]]:
         publish = dict(shape.kwargs)
         headers = dict(publish["headers"])
         derived = shape.derived
-        amax, kmax, levels = self._repr_size
         for key in ("id", "root_id"):
             if key in derived:
                 headers[key] = task_id
         if "retries" in derived:
             headers["retries"] = retries
-        if "argsrepr" in derived:
-            headers["argsrepr"] = saferepr(args, amax, maxlevels=levels)
-        if "kwargsrepr" in derived:
-            headers["kwargsrepr"] = saferepr(kwargs, kmax, maxlevels=levels)
+        if derived & {"argsrepr", "kwargsrepr"}:
+            argsrepr, kwargsrepr = self._reprs(args, kwargs)
+            if "argsrepr" in derived:
+                headers["argsrepr"] = argsrepr
+            if "kwargsrepr" in derived:
+                headers["kwargsrepr"] = kwargsrepr
         publish["headers"] = headers
         if publish.get("correlation_id") == shape.task_id:
             publish["correlation_id"] = task_id
