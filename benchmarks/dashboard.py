@@ -1,18 +1,18 @@
-"""Dashboard response times on a large registry: 100,000 batches and 1,000,000 runs in PostgreSQL.
+"""Dashboard response times on a large registry: N batches and 10·N runs in PostgreSQL (N = 100,000 or 1,000,000).
 
 Fills a registry under its own table prefix (``cbdash_``) with ``INSERT ... SELECT generate_series``
 (once; later runs reuse it unless ``--refill``), then times every page and API endpoint through the
 WSGI application with Werkzeug's test client: the server time of a request, without a network.
 
-    python benchmarks/dashboard.py [--repeat 9] [--refill] [--drop]
+    python benchmarks/dashboard.py [--batches 100000] [--repeat 9] [--refill] [--drop]
 
-The registry holds:
+The registry (table prefix ``cbdash_<N/1000>k_``) holds, for ``--batches N``:
 
-* ``big-import``: one batch of 100,000 jobs, 60% done (1% of them failed), the rest pending;
-* 99,999 more batches of 9 jobs each (899,991 runs): 80% top-level, 20% nested under them
-  (some two levels deep), plus one 1,000-batch tree (a 10-ary tree four levels deep) under
-  ``tree-root``; about 2% FAILED, 2% CANCELLED, the newest 100 STARTED, the rest COMPLETED;
-  names ``order-N``, ``import-N`` and ``report-N``; created one every 25 s over the last 29 days;
+* ``big-import``: one batch of N jobs, 60% done (1% of them failed), the rest pending;
+* N - 1 more batches of 9 jobs each: 80% top-level, 20% nested under them (some two levels
+  deep), plus one 1,000-batch tree (a 10-ary tree four levels deep) under ``tree-root``; about 2%
+  FAILED, 2% CANCELLED, the newest 100 STARTED, the rest COMPLETED; names ``order-N``,
+  ``import-N`` and ``report-N``; created one every 25 s (N = 100,000: over the last 29 days);
 * an ``on_success`` continuation on every tenth batch.
 
 Needs PostgreSQL (127.0.0.1:5432, database ``test``; override with BENCH_DATABASE_URL) and Redis
@@ -40,11 +40,8 @@ from celery_batches.dashboard import create_app  # noqa: E402
 from celery_batches.store import drop_schema  # noqa: E402
 
 env = os.environ.get
-PREFIX = env("BENCH_DASHBOARD_PREFIX", "cbdash_")
-BATCHES = 100_000
-BIG_JOBS = 100_000
 JOBS_EACH = 9
-TREE_ROOT = 99_000  # batches 99,001..100,000 form a 10-ary tree under batch 99,000
+TREE = 1_000  # the last 1,000 batches form a 10-ary tree under the one before them
 LOCAL = {"REMOTE_ADDR": "127.0.0.1"}
 
 
@@ -53,7 +50,10 @@ def bid(n: str) -> str:
     return f"md5('cbdash-b' || ({n}))::uuid"
 
 
-FILL = [
+def fill_statements(BATCHES: int) -> list[str]:  # noqa: N803  (reads as the constant it is)
+    """The statements that fill a registry of ``BATCHES`` batches (the big one has as many jobs)."""
+    BIG_JOBS, TREE_ROOT = BATCHES, BATCHES - TREE  # noqa: N806
+    return [
     # batches: parent, status and counters are derived from the number n
     f"""
     INSERT INTO {{batches}} (id, name, parent_id, status, total_jobs, completed_jobs, failed_jobs, cancelled_jobs,
@@ -124,7 +124,7 @@ FILL = [
            CASE WHEN status = 2 THEN completed_at END, CASE WHEN status = 2 THEN completed_at END
     FROM {batches} WHERE parent_id IS NULL AND (hashtext(name) % 10) = 0
     """,
-]
+    ]
 
 
 def tables(batches: Batches) -> dict[str, str]:
@@ -133,18 +133,19 @@ def tables(batches: Batches) -> dict[str, str]:
             "continuations": t.continuations.name}
 
 
-def fill(batches: Batches, refill: bool) -> None:
+def fill(batches: Batches, n: int, refill: bool) -> None:
     names = tables(batches)
     with batches.engine.connect() as conn:
         have = conn.scalar(sa.text(f"SELECT count(*) FROM {names['batches']}"))
-    if have >= BATCHES and not refill:
-        print(f"reusing the registry under prefix {PREFIX!r} ({have:,} batches); --refill to rebuild it")
+    if have >= n and not refill:
+        print(f"reusing the registry under prefix {batches.settings.table_prefix!r} ({have:,} batches); "
+              "--refill to rebuild it")
         return
     t0 = time.perf_counter()
     with batches.engine.begin() as conn:
         conn.execute(sa.text(f"TRUNCATE {names['continuations']}, {names['batch_jobs']}, {names['runs']}, "
                              f"{names['batches']}"))
-        for statement in FILL:
+        for statement in fill_statements(n):
             conn.execute(sa.text(statement.format(**names)))
     with batches.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for name in names.values():
@@ -188,47 +189,50 @@ def timed(call, repeat: int) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=100_000, help="batches in the registry (runs: ten times as many)")
     parser.add_argument("--repeat", type=int, default=9, help="timed requests per endpoint (median reported)")
     parser.add_argument("--refill", action="store_true", help="rebuild the registry even if it is there")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark tables at the end")
     args = parser.parse_args()
 
+    n = args.batches
+    prefix = env("BENCH_DASHBOARD_PREFIX", f"cbdash_{n // 1000}k_")
     app = Celery("dashbench", broker=env("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8"), set_as_current=False)
     batches = Batches(app, database_url=env("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
-                      table_prefix=PREFIX, relay_interval=0)
+                      table_prefix=prefix, relay_interval=0)
     batches.migrate()
-    fill(batches, args.refill)
+    fill(batches, n, args.refill)
 
     with batches.engine.connect() as conn:
-        ids = {n: str(conn.scalar(sa.text(f"SELECT {bid(str(n))}"))) for n in (1, TREE_ROOT, 99_950, 50_000)}
-    big, tree, small, middle = ids[1], ids[TREE_ROOT], ids[99_950], ids[50_000]
+        ids = {k: str(conn.scalar(sa.text(f"SELECT {bid(str(k))}"))) for k in (1, n - TREE, n - 50, n // 2)}
+    big, tree, small, middle = ids[1], ids[n - TREE], ids[n - 50], ids[n // 2]
+    jobs, half = f"{n:,} jobs", f"{n // 2:,}th"
     client = Client(create_app(batches))
     get = lambda url: lambda: client.get(url, environ_base=LOCAL)  # noqa: E731
 
     cases = [
         ("batches page, newest", get("/")),
-        ("batches page, older than the 50,000th", get(f"/?before={middle}")),
+        (f"batches page, older than the {half}", get(f"/?before={middle}")),
         ("batches page, status=failed", get("/?status=failed")),
         ("batches page, status=started", get("/?status=started")),
         ("batches page, name search 'order-9999' (matches)", get("/?q=order-9999")),
-        ("batches page, name search 'no-such-name' (scans all)", get("/?q=no-such-name")),
-        ("batch page, 100,000 jobs, first page", get(f"/batches/{big}")),
-        ("batch page, 100,000 jobs, last page", get(f"/batches/{big}?start=99900")),
-        ("batch page, 100,000 jobs, failed only", get(f"/batches/{big}?status=failed")),
-        ("batch page, 100,000 jobs, failed, page 5", get(f"/batches/{big}?status=failed&start=49000")),
-        ("batch page, 100,000 jobs, pending only", get(f"/batches/{big}?status=pending")),
-        ("batch page, 100,000 jobs, failed after 60,000 (none: scans 40%)",
-         get(f"/batches/{big}?status=failed&start=60000")),
-        ("batch page, 100,000 jobs, running only (none: scans all)", get(f"/batches/{big}?status=running")),
+        ("batches page, name search 'no-such-name' (no match)", get("/?q=no-such-name")),
+        (f"batch page, {jobs}, first page", get(f"/batches/{big}")),
+        (f"batch page, {jobs}, last page", get(f"/batches/{big}?start={n - 100}")),
+        (f"batch page, {jobs}, failed only", get(f"/batches/{big}?status=failed")),
+        (f"batch page, {jobs}, failed, page 5", get(f"/batches/{big}?status=failed&start={n * 49 // 100}")),
+        (f"batch page, {jobs}, pending only", get(f"/batches/{big}?status=pending")),
+        (f"batch page, {jobs}, failed after 60% (none)", get(f"/batches/{big}?status=failed&start={n * 6 // 10}")),
+        (f"batch page, {jobs}, running only (none)", get(f"/batches/{big}?status=running")),
         ("batch page, 1,000-batch tree", get(f"/batches/{tree}")),
         ("batch page, small nested batch", get(f"/batches/{small}")),
         ("GET /api/batches", get("/api/batches")),
         ("GET /api/batches?status=completed&q=report", get("/api/batches?status=completed&q=report")),
-        ("GET /api/batches?before=<50,000th>", get(f"/api/batches?before={middle}")),
-        ("GET /api/batches/<100,000 jobs>", get(f"/api/batches/{big}")),
+        (f"GET /api/batches?before=<{half}>", get(f"/api/batches?before={middle}")),
+        (f"GET /api/batches/<{jobs}>", get(f"/api/batches/{big}")),
         ("GET /api/batches/<1,000-batch tree>", get(f"/api/batches/{tree}")),
-        ("GET /api/batches/<id>/jobs (100,000 jobs)", get(f"/api/batches/{big}/jobs")),
-        ("GET /api/batches/<id>/jobs?after=99000", get(f"/api/batches/{big}/jobs?after=99000")),
+        (f"GET /api/batches/<id>/jobs ({jobs})", get(f"/api/batches/{big}/jobs")),
+        (f"GET /api/batches/<id>/jobs?after={n - 1000}", get(f"/api/batches/{big}/jobs?after={n - 1000}")),
         ("GET /api/batches/<id>/jobs?status=failed", get(f"/api/batches/{big}/jobs?status=failed")),
     ]
     targets = cancel_targets(batches, args.repeat + 2)
@@ -244,8 +248,8 @@ def main() -> None:
         print(f"{label:<66} {median:9.1f} {worst:8.1f}  {status}")
 
     if args.drop:
-        drop_schema(batches.engine, PREFIX)
-        print(f"dropped the tables under prefix {PREFIX!r}")
+        drop_schema(batches.engine, prefix)
+        print(f"dropped the tables under prefix {prefix!r}")
 
 
 if __name__ == "__main__":

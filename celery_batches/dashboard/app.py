@@ -26,7 +26,7 @@ from ..models import BatchStatus, RunStatus
 from ..store import pages, reads
 from ..store.pagerows import BatchRow
 from . import security
-from .filters import FILTERS
+from .filters import FILTERS, GLOBALS
 from .security import CSRF_HEADER
 
 __all__ = ["Dashboard", "create_app"]
@@ -102,7 +102,8 @@ class Dashboard:
         self.jinja = Environment(loader=PackageLoader("celery_batches.dashboard", "templates"), autoescape=True,
                                  trim_blocks=True, lstrip_blocks=True)
         self.jinja.filters.update(FILTERS)
-        self.jinja.globals.update(title=title, read_only=read_only, BatchStatus=BatchStatus, RunStatus=RunStatus)
+        self.jinja.globals.update(GLOBALS, title=title, read_only=read_only, BatchStatus=BatchStatus,
+                                  RunStatus=RunStatus)
 
     # -- WSGI --------------------------------------------------------------------------------------
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:

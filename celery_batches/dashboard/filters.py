@@ -1,14 +1,18 @@
-"""The Jinja2 filters of the dashboard's pages: times, durations, progress bars and percentages."""
+"""The Jinja2 filters of the dashboard's pages (times, durations, percentages), and the markup
+drawn once per batch row (status badges, progress bars, counts), written in Python: a tree page
+draws 200 rows of them, and as Jinja macros they were half of its time."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any, Callable
 
+from markupsafe import Markup, escape
+
 from ..serialize import when
 from ..store.pagerows import Counts
 
-__all__ = ["FILTERS", "duration", "pct", "segments"]
+__all__ = ["FILTERS", "GLOBALS", "badge", "bar", "counts", "duration", "pct", "segments"]
 
 
 def duration(value: timedelta | None) -> str:
@@ -44,4 +48,32 @@ def pct(c: Counts) -> str:
     return f"{100.0 * c.progress:.0f}%"
 
 
+def badge(status: Any) -> Markup:
+    """A status badge: ``<span class="badge s-completed">completed</span>``."""
+    name = status.name.lower()
+    return Markup(f'<span class="badge s-{name}">{name}</span>')
+
+
+def bar(c: Counts, label: str = "") -> Markup:
+    """The progress bar of ``c`` as an SVG, described for screen readers (``label`` first)."""
+    rects = "".join(f'<rect class="{cls}" x="{x}" y="0" width="{w}" height="10"/>' for cls, x, w in segments(c))
+    return Markup(
+        '<svg class="bar" viewBox="0 0 100 10" preserveAspectRatio="none" role="img"\n'
+        f'     aria-label="{escape(label)}{c.finished} of {c.total} finished: {c.completed} completed, '
+        f'{c.failed} failed, {c.cancelled} cancelled, {c.pending} pending">\n'
+        f'<rect class="track" x="0" y="0" width="100" height="10"/>\n{rects}</svg>')
+
+
+def counts(c: Counts) -> Markup:
+    """``c`` in words, with each number in a data attribute (the pages' live refresh reads them)."""
+    parts = [f'<span class="n-completed">{c.completed} completed</span>']
+    parts += [f'<span class="n-{cls}">{n} {cls}</span>'
+              for cls, n in (("failed", c.failed), ("cancelled", c.cancelled), ("pending", c.pending)) if n]
+    return Markup(
+        f'<span class="counts" data-total="{c.total}" data-completed="{c.completed}" data-failed="{c.failed}"\n'
+        f'      data-cancelled="{c.cancelled}" data-pending="{c.pending}">\n' + "\n".join(parts)
+        + f'\n<span class="n-total">of {c.total}</span>\n</span>')
+
+
 FILTERS: dict[str, Callable[..., Any]] = {"when": when, "duration": duration, "segments": segments, "pct": pct}
+GLOBALS: dict[str, Callable[..., Any]] = {"badge": badge, "bar": bar, "counts": counts}

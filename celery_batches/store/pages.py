@@ -20,7 +20,7 @@ Nothing here writes; every function takes the registry (:class:`~.reads.Db`).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import sqlalchemy as sa
 
@@ -184,66 +184,55 @@ def _ancestors(db: Db, conn: sa.Connection, parent_id: str | None) -> list[Batch
 
 
 def _tree(db: Db, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[TreeNode], bool]:
-    """The subtree under ``batch_id`` with per-node counters and subtree roll-ups, all in one statement.
+    """The subtree under ``batch_id`` with per-node counters and subtree roll-ups.
 
-    ``tree``: every batch of the subtree with its depth. ``leaf``: per batch, its direct jobs per
-    outcome = its unit counters minus its child batches per status (a finished child counts once in
-    its parent: COMPLETED → completed, FAILED → failed, CANCELLED → cancelled). ``pairs``: every
-    (ancestor, descendant) pair of the subtree, so each node's roll-up is one grouped sum.
+    One statement reads the subtree (a recursive walk of the ``parent_id`` index) with each batch's
+    unit counters; the roll-ups are summed here, in one pass from the leaves up: a batch's direct
+    jobs per outcome are its unit counters minus its child batches per status (a finished child
+    counts once in its parent: COMPLETED → completed, FAILED → failed, CANCELLED → cancelled), and
+    its subtree's jobs are those plus its children's subtrees'. (In SQL, as an ancestor/descendant
+    join, this took twice as long as the walk itself.)
     """
     b = db.tables.batches
-    kid = b.alias("kid")
     tree = (sa.select(b.c.id, sa.literal(0).label("depth")).where(b.c.id == batch_id)
             .cte("tree", recursive=True))
     tree = tree.union_all(sa.select(b.c.id, tree.c.depth + 1).join(tree, b.c.parent_id == tree.c.id))
-
-    def by_status(status: BatchStatus) -> sa.ColumnElement:
-        return sa.func.coalesce(sa.func.sum(sa.case((kid.c.status == int(status), 1), else_=0)), 0)
-
-    kids = (sa.select(kid.c.parent_id.label("id"), sa.func.count().label("n"),
-                      by_status(BatchStatus.COMPLETED).label("c"), by_status(BatchStatus.FAILED).label("f"),
-                      by_status(BatchStatus.CANCELLED).label("x"))
-            .where(kid.c.parent_id.in_(sa.select(tree.c.id))).group_by(kid.c.parent_id).cte("kids"))
-    leaf = (sa.select(
-        tree.c.id, tree.c.depth,
-        (b.c.total_jobs - sa.func.coalesce(kids.c.n, 0)).label("jt"),
-        (b.c.completed_jobs - sa.func.coalesce(kids.c.c, 0)).label("jc"),
-        (b.c.failed_jobs - sa.func.coalesce(kids.c.f, 0)).label("jf"),
-        (b.c.cancelled_jobs - sa.func.coalesce(kids.c.x, 0)).label("jx"),
-    ).select_from(tree.join(b, b.c.id == tree.c.id).outerjoin(kids, kids.c.id == tree.c.id)).cte("leaf"))
-    pairs = sa.select(tree.c.id.label("anc"), tree.c.id.label("des")).cte("pairs", recursive=True)
-    pairs = pairs.union_all(sa.select(pairs.c.anc, b.c.id).join(pairs, b.c.parent_id == pairs.c.des))
-    own = pairs.c.anc == pairs.c.des
-
-    def mine(column: sa.ColumnElement) -> sa.ColumnElement:  # the ancestor's own value (des = anc)
-        return sa.cast(sa.func.max(sa.case((own, column), else_=None)), sa.BigInteger)
-
-    def total(column: sa.ColumnElement) -> sa.ColumnElement:  # sum(bigint) is numeric in PostgreSQL
-        return sa.cast(sa.func.sum(column), sa.BigInteger)
-
-    rollup = (sa.select(pairs.c.anc.label("id"), sa.func.count().label("n"),
-                        mine(leaf.c.depth).label("depth"), mine(leaf.c.jt).label("jt"), mine(leaf.c.jc).label("jc"),
-                        mine(leaf.c.jf).label("jf"), mine(leaf.c.jx).label("jx"),
-                        total(leaf.c.jt).label("st"), total(leaf.c.jc).label("sc"),
-                        total(leaf.c.jf).label("sf"), total(leaf.c.jx).label("sx"))
-              .join(leaf, leaf.c.id == pairs.c.des).group_by(pairs.c.anc).subquery("rollup"))
+    rows = [_TreeRow(*r) for r in conn.execute(
+        sa.select(b.c.id, b.c.name, b.c.parent_id, b.c.status, b.c.total_jobs, b.c.completed_jobs,
+                  b.c.failed_jobs, b.c.cancelled_jobs, b.c.created_at, tree.c.depth).join(tree, tree.c.id == b.c.id))]
+    if not any(r.id == batch_id for r in rows):
+        return [], False
+    kids: dict[str, list[_TreeRow]] = {}
+    for r in rows:
+        if r.id != batch_id:
+            kids.setdefault(r.parent_id, []).append(r)
+    finished = {int(BatchStatus.COMPLETED): 1, int(BatchStatus.FAILED): 2, int(BatchStatus.CANCELLED): 3}
+    jobs: dict[str, list[int]] = {}
+    subtree: dict[str, list[int]] = {}  # total, completed, failed, cancelled jobs; batches
+    for r in sorted(rows, key=lambda r: -r.depth):  # children before their parent
+        mine = kids.get(r.id, ())
+        own = [r.total_jobs - len(mine), r.completed_jobs, r.failed_jobs, r.cancelled_jobs]
+        whole = [0, 0, 0, 0, 1]
+        for k in mine:
+            if k.status in finished:
+                own[finished[k.status]] -= 1
+            below = subtree[k.id]
+            for i in range(5):
+                whole[i] += below[i]
+        for i in range(4):
+            whole[i] += own[i]
+        jobs[r.id], subtree[r.id] = own, whole
     # breadth-first, so the first ``limit`` rows are a connected top of the tree (each parent comes first)
-    q = (sa.select(b.c.id, b.c.name, b.c.parent_id, b.c.status, b.c.total_jobs, b.c.completed_jobs,
-                   b.c.failed_jobs, b.c.cancelled_jobs, b.c.created_at, rollup)
-         .select_from(rollup.join(b, b.c.id == rollup.c.id))
-         .order_by(rollup.c.depth, b.c.created_at, b.c.name, b.c.id).limit(limit + 1))
-    rows = conn.execute(q).all()
-    truncated = len(rows) > limit
-    rows = rows[:limit]
-    nodes = {r.id: _node(r) for r in rows}
+    top = sorted(rows, key=lambda r: (r.depth, r.created_at, r.name, r.id))[:limit + 1]
+    truncated = len(top) > limit
+    top = top[:limit]
+    nodes = {r.id: _node(r, jobs[r.id], subtree[r.id]) for r in top}
     children: dict[str | None, list[str]] = {}
-    for r in rows:  # already in sibling order (created_at, name, id)
+    for r in top:  # already in sibling order (created_at, name, id)
         if r.id != batch_id:
             children.setdefault(r.parent_id, []).append(r.id)
     out: list[TreeNode] = []
     stack = [batch_id]
-    if batch_id not in nodes:
-        return [], False
     while stack:  # depth-first for display
         node = nodes[stack.pop()]
         out.append(node)
@@ -251,12 +240,25 @@ def _tree(db: Db, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[
     return out, truncated
 
 
-def _node(r: sa.Row) -> TreeNode:
+class _TreeRow(NamedTuple):
+    id: str
+    name: str
+    parent_id: str | None
+    status: int
+    total_jobs: int
+    completed_jobs: int
+    failed_jobs: int
+    cancelled_jobs: int
+    created_at: datetime
+    depth: int
+
+
+def _node(r: _TreeRow, jobs: list[int], subtree: list[int]) -> TreeNode:
     status = BatchStatus(r.status)
     final = status.is_final
     return TreeNode(r.id, r.name, r.parent_id, status, r.depth,
                     Counts(r.total_jobs, r.completed_jobs, r.failed_jobs, r.cancelled_jobs, final),
-                    Counts(r.jt, r.jc, r.jf, r.jx, final), Counts(r.st, r.sc, r.sf, r.sx, final), r.n)
+                    Counts(*jobs, final), Counts(*subtree[:4], final), subtree[4])
 
 
 def _continuations(db: Db, conn: sa.Connection, batch_id: str) -> list[ContinuationRow]:
