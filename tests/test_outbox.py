@@ -229,3 +229,22 @@ def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data(services
         assert batches.get_batch(batch_id).status == BatchStatus.STARTED
         lease, runs, _ = batches.outbox.store.take_lapsed(10)
         assert [m.id for m in runs] == [run_id] and runs[0].batch_id == batch_id
+
+
+def test_a_lease_taken_early_in_a_long_transaction_counts_from_its_end(services):
+    """big.py, 1,000,000 jobs: writing the batch took longer than the publish lease, which was taken
+    as the first run was written, so the producer found its lease lapsed when the commit was through
+    and published nothing (the relay would have, 500 runs a pass). The lease now counts again from
+    the end of a transaction that ran longer than a quarter of it."""
+    import time
+
+    from celery_batches.store.transitions import Tx
+
+    with private_registry(memory_app("lease"), "cbt_lease", publish_lease=0.5) as batches:
+        with batches.engine.begin() as conn:
+            tx = Tx(batches.store, conn, utcnow())
+            publication = tx.publication()
+            time.sleep(0.7)  # the rest of a long write: longer than the lease
+            outbox = tx.outbox()
+        assert outbox.publication == publication
+        assert batches.outbox.store.renew(publication), "the lease had lapsed by the time the commit was through"

@@ -8,6 +8,7 @@ the same run changes nothing, and exactly one transaction finishes a batch.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -55,19 +56,29 @@ class Tx:
     publishes what a live producer (or the group commit that released it) is still publishing.
     """
 
-    __slots__ = ("conn", "now", "_store", "_publication")
+    __slots__ = ("conn", "now", "_store", "_publication", "_leased_at")
 
     def __init__(self, store: "Transitions", conn: sa.Connection, now: datetime) -> None:
         self.conn, self.now, self._store, self._publication = conn, now, store, None
+        self._leased_at = 0.0
 
     def publication(self) -> str:
         if self._publication is None:
             self._publication = str(uuid.uuid4())
+            self._leased_at = time.monotonic()
             self.conn.execute(sa.insert(self._store.tables.publications).values(
                 id=self._publication, expires_at=utcnow() + self._store.publish_lease))
         return self._publication
 
     def outbox(self, runs: list[Message] | None = None, continuations: list[Message] | None = None) -> Outbox:
+        """What the transaction made publishable, as its last step. A lease taken long before (a
+        million-job batch takes a minute to write) counts again from now: the publisher must find it
+        held when the commit is through, or it leaves everything to the relay."""
+        lease = self._store.publish_lease
+        if self._publication is not None and time.monotonic() - self._leased_at > lease.total_seconds() / 4:
+            p = self._store.tables.publications
+            self.conn.execute(sa.update(p).where(p.c.id == self._publication).values(expires_at=utcnow() + lease))
+            self._leased_at = time.monotonic()
         return Outbox(runs or [], continuations or [], self._publication)
 
 
