@@ -6,9 +6,12 @@ task id and arguments, so for each *shape* (task, options, headers) the first me
 ``send_task`` itself, with a producer that records the publish call instead of sending it; every
 message of that shape is then that call with the fields Celery derived from the id and the
 arguments made again (id, correlation id, root id, argsrepr, kwargsrepr, retries, body), handed to
-kombu's ``Producer.publish``. Inside kombu's ``Producer.batch`` Redis gets them through a pipeline
-(other transports publish each at once). tests/test_sending.py sends the same signatures both
-ways and compares the stored messages field by field. Times Celery derives from "now" (an eta from
+kombu's ``Producer.publish``. On Redis and RabbitMQ a session goes further (``wire.py``): every
+message reaches the broker at ``flush`` (one pipeline, one socket write), and one of a shape whose
+first message kombu wrote as JSON is that message with its own fields, not kombu's work again;
+other transports publish through kombu's ``Producer.batch`` (each at once where it does not
+buffer). tests/test_sending.py sends the same signatures both ways and compares the stored
+messages field by field. Times Celery derives from "now" (an eta from
 ``countdown``, an absolute ``expires``) are the recorded message's for every copy of its shape in
 the chunk: they differ from ``send_task``'s by the time the chunk takes to go out.
 
@@ -29,6 +32,8 @@ from celery import signals
 from celery.app.routes import MapRoute
 from celery.utils.saferepr import saferepr
 from kombu import Producer
+
+from .wire import Wire, open_wire
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -56,27 +61,67 @@ class _Shape:
     kwargs: dict[str, Any]
     derived: frozenset[str]  # header names to make again per message
     task_id: str
+    wire: Any = None  # what the session's wire needs for copies of this shape (None: no copies)
+
+
+def _saferepr(value: Any, maxlen: int, maxlevels: int) -> str:
+    """Celery's ``saferepr``, which costs about as much as sending the message: made directly
+    where its text is known (JSON's plain values and containers, shorter than ``maxlen``)."""
+    text = _plain_repr(value, 0, maxlevels)
+    if text is not None and len(text) < maxlen:
+        return text
+    return saferepr(value, maxlen, maxlevels=maxlevels)
+
+
+def _plain_repr(value: Any, depth: int, maxlevels: int) -> str | None:
+    """What ``saferepr`` writes for a str, int, float, bool, None, or a list or dict of them
+    (None for anything else, and for a container it would elide): its own quoting for strings
+    (``'`` escaped, nothing else), ``str`` for numbers, ``repr`` for the rest."""
+    kind = type(value)
+    if kind is str:
+        return "'" + value.replace("'", "\\'") + "'"
+    if kind is int or kind is float or kind is bool or value is None:
+        return repr(value)
+    if depth >= maxlevels:
+        return None
+    if kind is list:
+        parts = [_plain_repr(item, depth + 1, maxlevels) for item in value]
+        return None if None in parts else "[" + ", ".join(parts) + "]"  # type: ignore[arg-type]
+    if kind is dict:
+        items = []
+        for key, item in value.items():
+            key_text, item_text = _plain_repr(key, maxlevels, maxlevels), _plain_repr(item, depth + 1, maxlevels)
+            if key_text is None or item_text is None:
+                return None
+            items.append(f"{key_text}: {item_text}")
+        return "{" + ", ".join(items) + "}"
+    return None
 
 
 class Session:
     """The messages of one publication, sent through one producer (and one kombu batch where the
     transport buffers)."""
 
-    def __init__(self, app: "Celery", producer: Producer, batch: Any, copies: bool) -> None:
+    def __init__(self, app: "Celery", producer: Producer, batch: Any, copies: bool, wire: Wire | None = None) -> None:
         self.app = app
         self.producer = producer
         self._batch = batch
         self._copies = copies
+        self._wire = wire
+        self.stored_copies = 0  # messages the wire wrote as copies of the first of their shape
         self._shapes: dict[tuple, _Shape] = {}
         self._recorder: _Recorder | None = None
         self._repr_size = (app.amqp.argsrepr_maxsize, app.amqp.kwargsrepr_maxsize, app.conf.task_repr_maxlevels)
 
     def send(self, name: str, args: list, kwargs: dict, *, task_id: str, headers: dict | None,
-             options: dict[str, Any], shape_key: tuple | None = None) -> None:
+             options: dict[str, Any], shape_key: tuple | None = None, args_json: str | None = None,
+             kwargs_json: str | None = None) -> None:
         """Send one message (buffered where the transport buffers: ``flush`` sends them).
 
         ``shape_key`` names what the messages sharing a shape have in common (the task, its
-        options and headers); None sends this one through ``send_task``."""
+        options and headers); None sends this one through ``send_task``. ``args_json`` and
+        ``kwargs_json``: ``args`` and ``kwargs`` as kombu's JSON encodes them, where the caller
+        has them (a copy on the wire takes its body from them)."""
         if not self._copies or shape_key is None:
             self.app.send_task(name, args, kwargs, task_id=task_id, producer=self.producer, headers=headers,
                                add_to_parent=False, **options)
@@ -86,13 +131,23 @@ class Session:
         if shape is None:
             shape = self._shapes[shape_key] = self._record(name, args, kwargs, task_id, headers, options)
         body, publish = self._copy(shape, task_id, args, kwargs, options.get("retries", 0), first)
-        self.producer.publish(body, **publish)
+        if self._wire is None:
+            self.producer.publish(body, **publish)
+        elif shape.wire is not None and args_json is not None and kwargs_json is not None:
+            self._wire.copy(shape.wire, publish["headers"], publish.get("correlation_id"), args_json, kwargs_json)
+            self.stored_copies += 1
+        else:
+            stored = self._wire.publish(body, publish, args_json, kwargs_json)
+            if first:
+                shape.wire = stored
 
     def flush(self) -> None:
         """Send what the transport buffered; raises if the broker did not take it (then none of it
         counts as sent: kombu cannot tell how much arrived)."""
         if self._batch is not None:
             self._batch.flush()
+        if self._wire is not None:
+            self._wire.flush()
 
     def _record(self, name: str, args: list, kwargs: dict, task_id: str, headers: dict | None,
                 options: dict[str, Any]) -> _Shape:
@@ -115,7 +170,7 @@ class Session:
     def _reprs(self, args: list, kwargs: dict) -> tuple[str, str]:
         """argsrepr and kwargsrepr, as Celery's ``as_task_v2`` makes them."""
         amax, kmax, levels = self._repr_size
-        return saferepr(args, amax, maxlevels=levels), saferepr(kwargs, kmax, maxlevels=levels)
+        return _saferepr(args, amax, levels), _saferepr(kwargs, kmax, levels)
 
     def _copy(self, shape: _Shape, task_id: str, args: list, kwargs: dict, retries: int,
               first: bool) -> tuple[tuple, dict[str, Any]]:
@@ -138,7 +193,7 @@ class Session:
             publish["correlation_id"] = task_id
         if not first:
             publish["declare"] = []  # declared with the first of its shape
-        if self._batch is not None:
+        if self._batch is not None or self._wire is not None:
             publish["retry"] = False  # buffered: nothing to retry until the flush, which reports its failure
         return (args, kwargs, *shape.body[2:]), publish
 
@@ -163,6 +218,14 @@ class Sender:
     def session(self, producer: Producer, size: int) -> Iterator[Session]:
         """A session for up to ``size`` messages; buffered where kombu can batch for the transport."""
         batching = getattr(producer, "supports_batch_publish", False)
+        copies = self.copies_allowed()
+        wire = open_wire(producer) if copies else None
+        if wire is not None:
+            try:
+                yield Session(self.app, producer, None, copies, wire)
+            finally:
+                wire.close()
+            return
         with (producer.batch(max_size=max(1, size) * _OPS_PER_MESSAGE) if batching
               else contextlib.nullcontext()) as batch:
-            yield Session(self.app, producer, batch, self.copies_allowed())
+            yield Session(self.app, producer, batch, copies)

@@ -248,3 +248,30 @@ def test_a_lease_taken_early_in_a_long_transaction_counts_from_its_end(services)
             outbox = tx.outbox()
         assert outbox.publication == publication
         assert batches.outbox.store.renew(publication), "the lease had lapsed by the time the commit was through"
+
+
+def test_a_publication_of_several_chunks_is_all_flagged_before_its_lease_is_released(services):
+    """The flags of one chunk are written while the next chunk is sent; the publication still ends
+    (its lease released) only once every chunk it sent is flagged, and nothing else is flagged."""
+    app = memory_app("chunks")
+    with private_registry(app, "cbt_chunks", publish_chunk=100) as batches:
+        batches.queue = app.conf.task_default_queue
+        batch_id, ids, outbox = written_unpublished(batches, 350)
+        r, p = batches.store.tables.runs, batches.store.tables.publications
+        release, at_release = batches.outbox.store.release, []
+
+        def flagged() -> int:
+            with batches.engine.connect() as conn:
+                return conn.scalar(sa.select(sa.func.count()).select_from(r).where(r.c.batch_id == batch_id,
+                                                                                  r.c.published))
+
+        def release_and_count(lease):
+            at_release.append(flagged())
+            return release(lease)
+
+        batches.outbox.store.release = release_and_count
+        report = batches.outbox.publish(outbox)
+        assert (report.runs, report.broker_down, report.lease_lapsed) == (350, False, False)
+        assert at_release == [350]
+        with batches.engine.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(p)) == 0

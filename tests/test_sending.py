@@ -14,12 +14,14 @@ import contextlib
 import json
 import os
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
+from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
 from celery import Celery, signals
 from kombu import Exchange, Queue
+from kombu.utils import json as kjson
 
 from celery_batches.outbox import HEADER
 from celery_batches.sending import Sender
@@ -102,19 +104,29 @@ def close_in_time(a: dict, b: dict) -> bool:
     return a["expiration"] is None or abs(int(a["expiration"]) - int(b["expiration"])) <= 5000
 
 
-def send_both_ways(app, options: dict, queue: str, n: int = 3) -> tuple[list[dict], list[dict], Sender]:
+def send_both_ways(app, options: dict, queue: str, n: int = 4) -> tuple[list[dict], list[dict], Sender]:
+    """Send n messages with send_task, then the same through a session (two shapes, arguments of
+    kombu's JSON types, some quoted the way saferepr does not quote them), as the outbox does:
+    the arguments decoded from their stored JSON, and that JSON."""
     ids = [str(uuid.uuid4()) for _ in range(n)]
-    calls = [((i, f"a{i}" * i), {"k": [i, None, "é"]}, {HEADER: "b-1", "x-user": i % 2}) for i in range(n)]
-    for task_id, (args, kwargs, headers) in zip(ids, calls):
-        app.send_task("tests.proj.noop", list(args), kwargs, task_id=task_id, headers=headers, add_to_parent=False,
-                      **options)
+    calls = [((i, f"a{i}" * i, "it's" if i % 2 else 'a\\b\n'),
+              {"k": [i, None, "é"], "at": datetime(2026, 1, i + 1, tzinfo=timezone.utc), "d": Decimal(f"{i}.5"),
+               "u": uuid.UUID(int=i)},
+              {HEADER: "b-1", "x-user": i % 2}) for i in range(n)]
+    stored = [(kjson.dumps(list(args)), kjson.dumps(kwargs)) for args, kwargs, _ in calls]
+    for task_id, (args_json, kwargs_json), (_, _, headers) in zip(ids, stored, calls):
+        app.send_task("tests.proj.noop", kjson.loads(args_json), kjson.loads(kwargs_json), task_id=task_id,
+                      headers=headers, add_to_parent=False, **options)
     reference = read_all(app, queue)
     sender = Sender(app)
     with app.producer_or_acquire() as producer, sender.session(producer, n) as session:
-        for task_id, (args, kwargs, headers) in zip(ids, calls):
-            session.send("tests.proj.noop", list(args), kwargs, task_id=task_id, headers=headers,
-                         options=dict(options), shape_key=("noop", json.dumps(options, sort_keys=True), headers["x-user"]))
+        for task_id, (args_json, kwargs_json), (_, _, headers) in zip(ids, stored, calls):
+            session.send("tests.proj.noop", kjson.loads(args_json), kjson.loads(kwargs_json), task_id=task_id,
+                         headers=headers, options=dict(options),
+                         shape_key=("noop", json.dumps(options, sort_keys=True), headers["x-user"]),
+                         args_json=args_json, kwargs_json=kwargs_json)
         session.flush()
+    sender.stored_copies = session.stored_copies  # type: ignore[attr-defined]
     return reference, read_all(app, queue), sender
 
 
@@ -147,11 +159,13 @@ def test_a_copied_message_is_the_message_send_task_sends(app, case):
     reference, copies, sender = send_both_ways(app, options, target)
 
     assert sender.copies_allowed()
-    assert len(reference) == len(copies) == 3, (reference, copies)
+    assert len(reference) == len(copies) == 4, (reference, copies)
     for ref, copy in zip(reference, copies):
         (ref_fields, ref_times), (copy_fields, copy_times) = comparable(ref), comparable(copy)
         assert copy_fields == ref_fields
         assert close_in_time(ref_times, copy_times), (ref_times, copy_times)
+    # on each broker the second message of each shape was written as a copy of the first (JSON only)
+    assert sender.stored_copies == (0 if "serializer" in options else 2)
     if "priority" in options and app.conf.broker_url.startswith("redis"):
         assert all(m["key"].endswith("6") for m in copies)  # kombu's priority step for 7
 
@@ -160,7 +174,7 @@ def test_a_route_mapping_is_copied_and_a_route_function_is_not(app):
     queue = app.conf.task_default_queue
     app.conf.task_routes = {"tests.proj.*": {"queue": f"{queue}-routed"}}
     reference, copies, sender = send_both_ways(app, {}, f"{queue}-routed")
-    assert sender.copies_allowed() and len(copies) == 3
+    assert sender.copies_allowed() and len(copies) == 4
     assert [comparable(m)[0] for m in copies] == [comparable(m)[0] for m in reference]
 
     app.conf.task_routes = [lambda name, args, kwargs, options, task=None, **kw: {"queue": f"{queue}-{args[0]}"}]
@@ -182,7 +196,7 @@ def test_publish_signal_receivers_get_every_message(app):
         assert not sender.copies_allowed()
     finally:
         signals.before_task_publish.disconnect(receiver)
-    assert len(seen) == 6 and seen[:3] == seen[3:]  # the reference sends and the session's, each once
+    assert len(seen) == 8 and seen[:4] == seen[4:]  # the reference sends and the session's, each once
     assert [comparable(m)[0] for m in copies] == [comparable(m)[0] for m in reference]
 
 
@@ -255,3 +269,48 @@ def lapsed_and_relayed(batches) -> bool:
     r = batches.store.tables.runs
     with batches.engine.connect() as conn:
         return not conn.scalar(sa.select(sa.func.count()).select_from(r).where(sa.not_(r.c.published)))
+
+
+def test_the_fast_argsrepr_is_celerys_saferepr():
+    """argsrepr/kwargsrepr written from ``repr`` where that is safe are exactly Celery's ``saferepr``:
+    20,000 random argument lists and dicts of JSON's types (and a few others), strings with quotes,
+    backslashes, control and non-ASCII characters, nesting deeper than saferepr shows, lengths
+    around the limit."""
+    import random
+
+    from celery.utils.saferepr import saferepr
+
+    from celery_batches.sending import _plain_repr, _saferepr
+
+    rnd = random.Random(20261201)
+    alphabet = ["a", "Z", "0", " ", "'", '"', "\\", "\n", "\t", "é", "☃", "\x00", "{", "]", ",", ":"]
+
+    def value(depth: int):
+        kind = rnd.randrange(12 if depth < 4 else 7)
+        if kind == 0:
+            return "".join(rnd.choice(alphabet) for _ in range(rnd.choice((0, 1, 3, 20, 300))))
+        if kind == 1:
+            return rnd.choice((0, -7, 2 ** 70, True, False))
+        if kind == 2:
+            return rnd.choice((0.5, -1e300, float("inf"), 1 / 3))
+        if kind == 3:
+            return None
+        if kind == 4:
+            return rnd.choice((Decimal("1.5"), datetime(2026, 1, 1), uuid.UUID(int=5), b"x'y"))
+        if kind in (5, 6):
+            return "plain"
+        if kind in (7, 8, 9):
+            return [value(depth + 1) for _ in range(rnd.randrange(5))]
+        if kind == 10:
+            return {rnd.choice(("k", "it's", 1, None)): value(depth + 1) for _ in range(rnd.randrange(4))}
+        return tuple(value(depth + 1) for _ in range(rnd.randrange(3)))
+
+    fast = 0
+    for case in range(20_000):
+        maxlen, levels = rnd.choice((1024, 100, 40)), rnd.choice((3, 3, 2, 4, 1))
+        top = [value(1) for _ in range(rnd.randrange(5))] if case % 2 else \
+            {f"k{i}": value(1) for i in range(rnd.randrange(5))}
+        assert _saferepr(top, maxlen, levels) == saferepr(top, maxlen, maxlevels=levels), (top, maxlen, levels)
+        plain = _plain_repr(top, 0, levels)
+        fast += plain is not None and len(plain) < maxlen
+    assert fast > 2000, fast  # the fast path was taken, not only the fallback
