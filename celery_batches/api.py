@@ -8,14 +8,14 @@ import uuid
 import weakref
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from celery import Celery, current_task
 
 from . import retry
 from .aftercommit import caller_connection, on_commit
 from .broker import probe_for
-from .builder import BatchBuilder
+from .builder import BatchBuilder, validate_properties
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
 from .models import Batch, BatchStatus, Continuation, JobRun
 from .outbox import CONTINUATION_HEADER, HEADER, Publisher
@@ -107,14 +107,19 @@ class Batches:
 
     # -- creation ----------------------------------------------------------------------------------
     @contextmanager
-    def batch(self, name: str, *, created_by: str | None = None, connection: Any = None) -> Iterator[BatchBuilder]:
+    def batch(self, name: str, *, created_by: str | None = None, connection: Any = None,
+              description: str | None = None, properties: dict[str, Any] | None = None,
+              tags: Iterable[str] = ()) -> Iterator[BatchBuilder]:
         """Build a batch in a ``with`` block: written atomically on a clean exit, not at all otherwise.
 
         With ``connection`` (a SQLAlchemy ``Session`` or a ``Connection`` in a transaction, on the
         registry's database) the batch is written in the caller's transaction: it exists only if the
         caller commits, and its messages are published right after that commit (or by the relay).
+        ``description``, ``properties`` (a JSON object) and ``tags`` (short strings) label the batch:
+        shown by the dashboard and the CLI, ``tags`` filtered on by :meth:`list_batches`.
         """
-        builder = BatchBuilder(self.app, name, created_by=created_by)
+        builder = BatchBuilder(self.app, name, created_by=created_by, description=description,
+                               properties=properties, tags=tags)
         with self._building(builder):
             yield builder
         plan = builder.seal()
@@ -267,9 +272,10 @@ class Batches:
         return reads.get_continuations(self.store, _batch_id(batch_id))
 
     def list_batches(self, *, status: BatchStatus | int | None = None, parent_id: str | None = None,
-                     name: str | None = None, limit: int = reads.PAGE_SIZE, offset: int = 0) -> list[Batch]:
+                     name: str | None = None, tag: str | None = None, limit: int = reads.PAGE_SIZE,
+                     offset: int = 0) -> list[Batch]:
         """Newest first; top-level batches unless ``parent_id`` is given; ``name`` matches a substring,
-        ignoring case."""
+        ignoring case; ``tag`` is one of the batch's tags."""
         if not (isinstance(limit, int) and isinstance(offset, int) and limit >= 0 and offset >= 0):
             raise InvalidBatchError(f"limit and offset must be non-negative integers, got {limit!r}, {offset!r}")
         try:
@@ -277,7 +283,21 @@ class Batches:
         except ValueError:
             raise InvalidBatchError(f"{status!r} is not a BatchStatus") from None
         parent = None if parent_id is None else _batch_id(parent_id)
-        return reads.batch_list(self.store, status=wanted, parent_id=parent, name=name, limit=limit, offset=offset)
+        if tag is not None and not isinstance(tag, str):
+            raise InvalidBatchError(f"tag must be a string, got {tag!r}")
+        return reads.batch_list(self.store, status=wanted, parent_id=parent, name=name, tag=tag, limit=limit,
+                                offset=offset)
+
+    def set_properties(self, batch_id: str, mapping: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``mapping``'s keys into the batch's properties, atomically; returns the new properties.
+
+        ``BatchNotFoundError`` if no batch has that id; ``InvalidBatchError`` (and nothing written)
+        if ``mapping`` is not a JSON object."""
+        batch_id = _batch_id(batch_id)
+        merged = self.trees.merge_properties(batch_id, validate_properties(mapping, "set_properties mapping"))
+        if merged is None:
+            raise BatchNotFoundError(batch_id)
+        return merged
 
     def wait(self, batch_id: str, timeout: float | None = None) -> Batch:
         """Poll until the batch is finished; raises ``TimeoutError`` after ``timeout`` seconds."""

@@ -6,11 +6,12 @@ block, before anything is written or published.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from celery import Task
 from celery.canvas import Signature
@@ -27,6 +28,8 @@ __all__ = ["BatchBuilder", "TaskRef"]
 
 TaskRef = Task | str | Signature
 MAX_NAME = 255
+MAX_TAG = 64
+MAX_DESCRIPTION = 10_000
 # options a batch sets itself; a Signature carrying them would be silently overridden
 _RESERVED_OPTIONS = frozenset({"task_id", "headers", "chord", "group_id", "group_index"})
 
@@ -66,6 +69,9 @@ class BatchPlan:
     jobs: list[Message] = field(default_factory=list)
     children: list["BatchPlan"] = field(default_factory=list)
     continuations: list[ContinuationSpec] = field(default_factory=list)
+    description: str | None = None
+    properties: str | None = None  # JSON text of an object
+    tags: tuple[str, ...] = ()
 
     @property
     def total_units(self) -> int:
@@ -79,10 +85,15 @@ class BatchPlan:
 
 
 def validate_name(name: object, what: str = "batch name") -> str:
+    return validate_text(name, what, MAX_NAME)
+
+
+def validate_text(name: object, what: str, limit: int) -> str:
+    """A non-empty string of at most ``limit`` characters that every database can store."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidBatchError(f"{what} must be a non-empty string, got {name!r}")
-    if len(name) > MAX_NAME:
-        raise InvalidBatchError(f"{what} is {len(name)} characters long; the limit is {MAX_NAME}")
+    if len(name) > limit:
+        raise InvalidBatchError(f"{what} is {len(name)} characters long; the limit is {limit}")
     if "\x00" in name:  # PostgreSQL text cannot hold it
         raise InvalidBatchError(f"{what} contains a NUL character: {name!r}")
     try:
@@ -92,15 +103,47 @@ def validate_name(name: object, what: str = "batch name") -> str:
     return name
 
 
+def validate_properties(properties: object, what: str = "properties") -> dict[str, Any]:
+    """A JSON object (a dict of str keys whose values plain JSON can hold); returned as given."""
+    if not isinstance(properties, dict) or not all(isinstance(key, str) for key in properties):
+        raise InvalidBatchError(f"{what} must be a dict with string keys (a JSON object), got {properties!r}")
+    try:
+        json.dumps(properties, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidBatchError(f"{what} must hold JSON values only: {exc}") from None
+    return properties
+
+
+def validate_tags(tags: object) -> tuple[str, ...]:
+    """Short strings (each at most ``MAX_TAG`` characters), given as a list, tuple or set; duplicates dropped."""
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, (list, tuple, set, frozenset)):
+        raise InvalidBatchError(f"tags must be a list of strings, got {tags!r}")
+    out: list[str] = []
+    for tag in tags:
+        tag = validate_text(tag, "a tag", MAX_TAG)
+        if tag not in out:
+            out.append(tag)
+    return tuple(sorted(out) if isinstance(tags, (set, frozenset)) else out)
+
+
+def _labels(plan: BatchPlan, description: str | None, properties: dict[str, Any] | None, tags: Any) -> None:
+    """Validate a batch's description, properties and tags into its plan."""
+    plan.description = None if description is None else validate_text(description, "description", MAX_DESCRIPTION)
+    plan.properties = None if properties is None else json.dumps(validate_properties(properties))
+    plan.tags = validate_tags(tags)
+
+
 class BatchBuilder:
     """Collects a batch's content; obtained from ``Batches.batch()`` or passed to ``configure``."""
 
     def __init__(self, app: "Celery", name: str, *, created_by: str | None = None,
-                 parent_id: str | None = None, batch_id: str | None = None) -> None:
+                 parent_id: str | None = None, batch_id: str | None = None, description: str | None = None,
+                 properties: dict[str, Any] | None = None, tags: Iterable[str] = ()) -> None:
         self._app = app
         self._serializer = app.conf.task_serializer  # read once: a Celery setting lookup costs more than a job
         created_by = None if created_by is None else validate_name(created_by, "created_by")
         self._plan = BatchPlan(batch_id or str(uuid.uuid4()), validate_name(name), parent_id, created_by)
+        _labels(self._plan, description, properties, tags)
         self._closed = False
         self._open_children = 0
 
@@ -124,10 +167,12 @@ class BatchBuilder:
 
     # -- nested batches -----------------------------------------------------------------------
     @contextmanager
-    def batch(self, name: str) -> Iterator["BatchBuilder"]:
+    def batch(self, name: str, *, description: str | None = None, properties: dict[str, Any] | None = None,
+              tags: Iterable[str] = ()) -> Iterator["BatchBuilder"]:
         """A nested batch, counted as one unit of this batch."""
         self._check_open()
-        child = BatchBuilder(self._app, name, created_by=self._plan.created_by, parent_id=self.id)
+        child = BatchBuilder(self._app, name, created_by=self._plan.created_by, parent_id=self.id,
+                             description=description, properties=properties, tags=tags)
         self._open_children += 1
         try:
             yield child

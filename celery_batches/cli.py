@@ -73,17 +73,18 @@ def migrate(ctx: click.Context) -> None:
 @click.option("--status", type=click.Choice([s.name for s in BatchStatus], case_sensitive=False))
 @click.option("--name", help="substring of the batch name")
 @click.option("--parent", "parent_id", help="list the children of this batch")
+@click.option("--tag", help="only batches with this tag")
 @click.option("--limit", default=pages.PAGE_SIZE, show_default=True, type=click.IntRange(0))
 @click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
 @click.pass_context
-def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: str | None, limit: int,
-          offset: int, as_json: bool) -> None:
+def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: str | None, tag: str | None,
+          limit: int, offset: int, as_json: bool) -> None:
     """List batches, newest first (top-level unless --parent)."""
     service = _service(ctx)
     rows = pages.batch_rows(service.store, status=BatchStatus[status.upper()] if status else None, name=name,
-                            parent_id=_batch_id(parent_id, "--parent") if parent_id else None, limit=limit,
-                            offset=offset)
+                            parent_id=_batch_id(parent_id, "--parent") if parent_id else None, tag=tag,
+                            limit=limit, offset=offset)
     if as_json:
         _echo_json([serialize.batch_json(row) for row in rows])
         return
@@ -117,6 +118,12 @@ def show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
     batch = detail.row.batch
     click.echo(f"created {_when(batch.created_at)}  finished {_when(batch.completed_at)}  "
                f"expires {_when(batch.expires_at)}")
+    if batch.description:
+        click.echo(f"description: {batch.description}")
+    if batch.tags:
+        click.echo(f"tags: {', '.join(batch.tags)}")
+    if batch.properties:
+        click.echo(f"properties: {json.dumps(batch.properties, ensure_ascii=False, sort_keys=True)}")
     for c in detail.continuations:
         click.echo(f"on_{c.kind.lower()}: {c.task_name} [{c.status.name}]")
 

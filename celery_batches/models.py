@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -86,6 +86,9 @@ class Batch:
     created_at: datetime
     completed_at: datetime | None
     expires_at: datetime | None
+    description: str | None = None
+    properties: dict[str, Any] = field(default_factory=dict)  # a JSON object (set_properties merges into it)
+    tags: tuple[str, ...] = ()
 
     @property
     def pending_jobs(self) -> int:

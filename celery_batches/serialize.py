@@ -69,6 +69,7 @@ def batch_json(row: BatchRow) -> dict[str, Any]:
         "progress": round(b.progress, PROGRESS_DIGITS), "children": row.children, "created_by": b.created_by,
         "created_at": iso(b.created_at), "completed_at": iso(b.completed_at), "expires_at": iso(b.expires_at),
         "antecedent_id": row.antecedent_id, "continue_when": row.continue_when,
+        "description": b.description, "properties": b.properties, "tags": list(b.tags),
     }
 
 

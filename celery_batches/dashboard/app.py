@@ -21,6 +21,7 @@ from werkzeug.wrappers import Request, Response
 
 from .. import serialize
 from ..api import Batches
+from ..builder import MAX_TAG
 from ..errors import BatchNotFoundError
 from ..models import BatchStatus, RunStatus
 from ..store import pages, reads
@@ -181,11 +182,12 @@ class Dashboard:
     # -- HTML views --------------------------------------------------------------------------------
     def on_batches(self, request: Request) -> Response:
         status, name, before, after, _ = self._list_args(request, BatchStatus)
-        page = pages.batch_page(self.store, status=status, name=name, limit=self.page_size, before=before,
+        tag = self._tag(request)
+        page = pages.batch_page(self.store, status=status, name=name, tag=tag, limit=self.page_size, before=before,
                                 after=after)
-        filters = {"status": status.name.lower() if status is not None else None, "q": name or None}
-        return self.render(request, "batches.html", page=page, status=status, q=name or "", filters=filters,
-                           unfinished=any(not row.batch.is_finished for row in page.rows))
+        filters = {"status": status.name.lower() if status is not None else None, "q": name or None, "tag": tag}
+        return self.render(request, "batches.html", page=page, status=status, q=name or "", tag=tag or "",
+                           filters=filters, unfinished=any(not row.batch.is_finished for row in page.rows))
 
     def on_batch(self, request: Request, batch_id: Any) -> Response:
         batch_id = str(batch_id)
@@ -252,10 +254,12 @@ class Dashboard:
     # -- JSON API ----------------------------------------------------------------------------------
     def on_api_batches(self, request: Request) -> Response:
         status, name, before, after, parent = self._list_args(request, BatchStatus, parent=True)
+        tag = self._tag(request)
         limit = self._limit(request, self.page_size)
-        page = pages.batch_page(self.store, status=status, name=name, parent_id=parent, limit=limit,
+        page = pages.batch_page(self.store, status=status, name=name, parent_id=parent, tag=tag, limit=limit,
                                 before=before, after=after)
-        base = {"status": request.args.get("status"), "q": name or None, "parent": parent, "limit": limit}
+        base = {"status": request.args.get("status"), "q": name or None, "tag": tag, "parent": parent,
+                "limit": limit}
         build = request.adapter.build
         older = newer = None
         if page.rows:
@@ -317,6 +321,10 @@ class Dashboard:
         after = _uuid_arg(request, "after")
         parent_id = _uuid_arg(request, "parent") if parent else None
         return status, name, before, after, parent_id
+
+    @staticmethod
+    def _tag(request: Request) -> str | None:
+        return request.args.get("tag", "").strip()[:MAX_TAG] or None
 
     @staticmethod
     def _limit(request: Request, default: int) -> int:

@@ -74,23 +74,24 @@ def _row(row: sa.Row) -> BatchRow:
 
 
 def batch_rows(db: Db, *, status: BatchStatus | None = None, name: str | None = None,
-               parent_id: str | None = None, limit: int = PAGE_SIZE, offset: int = 0) -> list[BatchRow]:
+               parent_id: str | None = None, tag: str | None = None, limit: int = PAGE_SIZE,
+               offset: int = 0) -> list[BatchRow]:
     """:func:`batch_list` with each batch's links (children, antecedent), as the dashboard lists them."""
     b = db.tables.batches
     query = sa.select(b, _children(db).label("children"))
-    return [_row(row) for row in batch_list_rows(db, query, b, status, name, parent_id, limit, offset)]
+    return [_row(row) for row in batch_list_rows(db, query, status, name, parent_id, tag, limit, offset)]
 
 
 def batch_page(db: Db, *, status: BatchStatus | None = None, name: str | None = None,
-               parent_id: str | None = None, limit: int = PAGE_SIZE, before: str | None = None,
-               after: str | None = None) -> BatchPage:
+               parent_id: str | None = None, tag: str | None = None, limit: int = PAGE_SIZE,
+               before: str | None = None, after: str | None = None) -> BatchPage:
     """A page of batches, newest first, keyset-paginated; the filters are :func:`batch_filters`'.
 
     ``before``: the page of batches older than the batch with this id; ``after``: the page newer
     than it (an unknown cursor id reads the newest page).
     """
     b = db.tables.batches
-    filters = batch_filters(b, status=status, name=name, parent_id=parent_id)
+    filters = batch_filters(db.tables, status=status, name=name, parent_id=parent_id, tag=tag)
     base = sa.select(b, _children(db).label("children")).where(*filters)
 
     def exists(condition: sa.ColumnElement) -> sa.Select:

@@ -64,29 +64,35 @@ def get_continuations(db: Db, batch_id: str) -> list[Continuation]:
         return [continuation_from_row(row) for row in conn.execute(q)]
 
 
-def batch_filters(b: sa.Table, *, status: BatchStatus | None = None, name: str | None = None,
-                  parent_id: str | None = None) -> list[sa.ColumnElement]:
+def batch_filters(t: Tables, *, status: BatchStatus | None = None, name: str | None = None,
+                  parent_id: str | None = None, tag: str | None = None) -> list[sa.ColumnElement]:
     """The WHERE clauses of every list of batches: top-level batches unless ``parent_id`` is given,
-    ``status`` exactly, ``name`` a substring ignoring case (``%`` and ``_`` match themselves)."""
+    ``status`` exactly, ``name`` a substring ignoring case (``%`` and ``_`` match themselves),
+    ``tag`` one of the batch's tags."""
+    b = t.batches
     filters = [b.c.parent_id.is_(None) if parent_id is None else b.c.parent_id == parent_id]
     if status is not None:
         filters.append(b.c.status == int(status))
     if name:
         filters.append(b.c.name.icontains(name, autoescape=True))
+    if tag is not None:
+        filters.append(b.c.id.in_(sa.select(t.batch_tags.c.batch_id).where(t.batch_tags.c.tag == tag)))
     return filters
 
 
 def batch_list(db: Db, *, status: BatchStatus | None = None, name: str | None = None,
-               parent_id: str | None = None, limit: int = PAGE_SIZE, offset: int = 0) -> list[Batch]:
+               parent_id: str | None = None, tag: str | None = None, limit: int = PAGE_SIZE,
+               offset: int = 0) -> list[Batch]:
     """Batches newest first, ``offset`` rows in (what :meth:`Batches.list_batches` returns)."""
     b = db.tables.batches
-    return [batch_from_row(row) for row in batch_list_rows(db, sa.select(b), b, status, name, parent_id,
+    return [batch_from_row(row) for row in batch_list_rows(db, sa.select(b), status, name, parent_id, tag,
                                                           limit, offset)]
 
 
-def batch_list_rows(db: Db, query: sa.Select, b: sa.Table, status: BatchStatus | None, name: str | None,
-                 parent_id: str | None, limit: int, offset: int) -> list[sa.Row]:
-    query = (query.where(*batch_filters(b, status=status, name=name, parent_id=parent_id))
+def batch_list_rows(db: Db, query: sa.Select, status: BatchStatus | None, name: str | None,
+                    parent_id: str | None, tag: str | None, limit: int, offset: int) -> list[sa.Row]:
+    b = db.tables.batches
+    query = (query.where(*batch_filters(db.tables, status=status, name=name, parent_id=parent_id, tag=tag))
              .order_by(b.c.created_at.desc(), b.c.id.desc()).limit(limit).offset(offset))
     with db.engine.connect() as conn:
         return conn.execute(query).all()

@@ -3,6 +3,7 @@ transaction made publishable, and rows turned into the public models."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ def batch_from_row(row: sa.Row) -> Batch:
         total_jobs=row.total_jobs, completed_jobs=row.completed_jobs, failed_jobs=row.failed_jobs,
         cancelled_jobs=row.cancelled_jobs, created_by=row.created_by, created_at=as_utc(row.created_at),
         completed_at=as_utc(row.completed_at), expires_at=as_utc(row.expires_at),
+        description=row.description, properties=json.loads(row.properties) if row.properties else {},
+        tags=tuple(json.loads(row.tags)) if row.tags else (),
     )
 
 

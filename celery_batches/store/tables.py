@@ -28,6 +28,7 @@ class Tables:
     batches: sa.Table
     runs: sa.Table
     batch_jobs: sa.Table
+    batch_tags: sa.Table
     continuations: sa.Table
     publications: sa.Table
     leases: sa.Table
@@ -64,6 +65,9 @@ def build_tables(prefix: str) -> Tables:
         # continue-with: this batch waits (CREATED) for `antecedent_id` to finish with `continue_when`
         sa.Column("antecedent_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), nullable=True),
         sa.Column("continue_when", sa.String(16), nullable=True),
+        sa.Column("description", sa.Text, nullable=True),
+        sa.Column("properties", sa.Text, nullable=True),  # a JSON object
+        sa.Column("tags", sa.Text, nullable=True),  # a JSON list, as given (batch_tags is what filters)
         sa.Index(f"ix_{prefix}batches_parent", "parent_id"),
         sa.Index(f"ix_{prefix}batches_created", "created_at"),
         sa.Index(f"ix_{prefix}batches_status_created", "status", "created_at"),
@@ -104,6 +108,14 @@ def build_tables(prefix: str) -> Tables:
         # only the runs a node holds or runs: "no node" is not worth an index entry
         _partial_index(f"ix_{prefix}runs_node", "node", f"status < {OPEN_BELOW} AND node IS NOT NULL"),
         _partial_index(f"ix_{prefix}runs_open", "created_at", f"status < {OPEN_BELOW}"),
+    )
+    # one row per tag of a batch: the lists' tag filter (a batch's tags are also in batches.tags)
+    batch_tags = sa.Table(
+        f"{prefix}batch_tags",
+        md,
+        sa.Column("tag", sa.String(64), primary_key=True),
+        sa.Column("batch_id", UUID, sa.ForeignKey(f"{prefix}batches.id"), primary_key=True),
+        sa.Index(f"ix_{prefix}batch_tags_batch", "batch_id"),
     )
     batch_jobs = sa.Table(
         f"{prefix}batch_jobs",
@@ -160,4 +172,4 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("heartbeat_at", TIMESTAMP, nullable=False),
         sa.Column("pids", sa.Text, nullable=True),
     )
-    return Tables(md, batches, runs, batch_jobs, continuations, publications, leases, nodes, prefix)
+    return Tables(md, batches, runs, batch_jobs, batch_tags, continuations, publications, leases, nodes, prefix)

@@ -1,12 +1,13 @@
 """Writing whole batch trees: a new batch (or continue-with stage) with its nested batches, runs
-and continuations; jobs, nested batches and continuations added to an open batch; expired trees
-purged. The counting and finishing these writes can cause is the state machine's
+and continuations; jobs, nested batches and continuations added to an open batch; a batch's
+properties merged; expired trees purged. The counting and finishing these writes can cause is the state machine's
 (:class:`~.transitions.Transitions`), in the same transaction.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import datetime
 from typing import Iterable
 
@@ -92,8 +93,13 @@ class Trees:
                 "id": node.id, "name": node.name, "parent_id": node.parent_id, "status": int(status),
                 "total_jobs": node.total_units, "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
                 "created_by": node.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
+                "description": node.description, "properties": node.properties,
+                "tags": json.dumps(list(node.tags)) if node.tags else None,
                 **(root_extra if i == 0 and root_extra else {}),
             } for i, node in enumerate(nodes)])
+            tags = [{"tag": tag, "batch_id": node.id} for node in nodes for tag in node.tags]
+            if tags:
+                conn.execute(sa.insert(self.tables.batch_tags), tags)
 
     def _insert_continuations(self, conn: sa.Connection, owners: list[tuple[str, int, BatchPlan]]) -> None:
         rows = [{
@@ -134,6 +140,19 @@ class Trees:
         conn.execute(sa.insert(j).from_select(["batch_id", "position", "run_id"],
                                               sa.select(r.c.batch_id, r.c.position, r.c.id).where(new)))
 
+    # -- properties -------------------------------------------------------------------------------
+    def merge_properties(self, batch_id: str, mapping: dict) -> dict | None:
+        """Merge ``mapping``'s keys into the batch's properties under its row lock (concurrent merges
+        all land); the new properties, or None if no batch has that id."""
+        b = self.tables.batches
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(b.c.properties).where(b.c.id == batch_id).with_for_update()).first()
+            if row is None:
+                return None
+            merged = {**(json.loads(row.properties) if row.properties else {}), **mapping}
+            conn.execute(sa.update(b).where(b.c.id == batch_id).values(properties=json.dumps(merged)))
+        return merged
+
     # -- expiry -----------------------------------------------------------------------------------
     def purge_expired(self, now: datetime, chunk: int = PURGE_CHUNK) -> int:
         """Delete expired top-level batches with their whole tree, ``chunk`` trees per transaction."""
@@ -153,6 +172,7 @@ class Trees:
                 ids = conn.execute(sa.select(tree.c.id)).scalars().all()
                 conn.execute(sa.update(b).where(b.c.antecedent_id.in_(ids)).values(antecedent_id=None))
                 conn.execute(sa.delete(c).where(c.c.batch_id.in_(ids)))
+                conn.execute(sa.delete(self.tables.batch_tags).where(self.tables.batch_tags.c.batch_id.in_(ids)))
                 conn.execute(sa.delete(j).where(j.c.batch_id.in_(ids)))
                 conn.execute(sa.delete(r).where(r.c.batch_id.in_(ids)))
                 deleted += conn.execute(sa.delete(b).where(b.c.id.in_(ids))).rowcount
