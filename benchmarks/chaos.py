@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 WORK_TASKS = ("chaos.work",) * 8 + ("chaos.work_late", "chaos.plain_work")
 CONTINUATION_TASKS = ("chaos.continuation", "chaos.continuation_member")
-KINDS = ("success", "failure", "complete")
+KINDS = ("success", "failure", "complete")  # continue-with's ``when`` too
+CONTINUATION_KINDS = KINDS + ("first_failure",)
 FAULTS = ("kill_pool_process", "kill_worker", "kill_pg_backends", "restart_redis")
 VIOLATIONS = ("stuck", "doubled", "wrong counters", "continuations not exactly once")
 
@@ -128,7 +129,7 @@ class Producer:
         for _ in range(max(1, min(max_jobs, int(math.exp(rng.uniform(0, math.log(max_jobs + 1))))))):
             rng.choice(nodes).jobs.append(self.job(fail_rate))
         for node in nodes:
-            node.continuations += [(rng.choice(KINDS), rng.choice(CONTINUATION_TASKS))
+            node.continuations += [(rng.choice(CONTINUATION_KINDS), rng.choice(CONTINUATION_TASKS))
                                    for _ in range(rng.choice((0, 0, 1, 2)))]
         return root
 
@@ -476,9 +477,11 @@ class Checker:
         from celery_batches.models import ContinuationStatus
 
         fires = {"COMPLETED": ("success", "complete"), "FAILED": ("failure", "complete")}
+        failed = {row.id: row.failed_jobs for row in self.batches}
         for c in self.conts:
             s, ran, row = self.status[c.batch_id], self.cont_runs.get(str(c.id), 0), ContinuationStatus(c.status)
-            should = c.kind in fires.get(s.name, ())
+            # on_first_failure: once a unit failed, whatever the batch's end (a cancel can follow it)
+            should = failed[c.batch_id] > 0 if c.kind == "first_failure" else c.kind in fires.get(s.name, ())
             expected = ContinuationStatus.DISPATCHED if should else ContinuationStatus.SKIPPED
             if (ran != should or row != expected) if s.is_final else ran > 0:
                 self.violations["continuations not exactly once"].append(

@@ -202,6 +202,11 @@ class BatchBuilder:
         """Run ``task`` once when the batch finishes, COMPLETED or FAILED."""
         self._continuation(ContinuationKind.COMPLETE, task, args, kwargs)
 
+    def on_first_failure(self, task: TaskRef, *args: Any, **kwargs: Any) -> None:
+        """Run ``task`` once, as soon as a unit of the batch fails (a job out of retries, or a nested
+        batch that finished FAILED), without waiting for the rest; never if none fails."""
+        self._continuation(ContinuationKind.FIRST_FAILURE, task, args, kwargs)
+
     def _continuation(self, kind: ContinuationKind, task: TaskRef, args: tuple, kwargs: dict) -> None:
         self._check_open()
         what = f"on_{kind.value} continuation of batch {self.name!r}"

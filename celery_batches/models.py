@@ -55,6 +55,7 @@ class ContinuationKind(str, enum.Enum):
     SUCCESS = "success"
     FAILURE = "failure"
     COMPLETE = "complete"
+    FIRST_FAILURE = "first_failure"  # at the batch's first failed unit, without waiting for the rest
 
 
 class ContinuationStatus(enum.IntEnum):

@@ -208,7 +208,26 @@ class Transitions:
         for batch_id, status in finished_units:
             deltas[batch_id][_COUNTER[status.name]] += 1
         self._bump(tx.conn, deltas)
-        return self.finish(tx, list(deltas))
+        outbox = self.first_failures(tx, [batch_id for batch_id, d in deltas.items() if d["failed_jobs"]])
+        outbox.extend(self.finish(tx, list(deltas)))
+        return outbox
+
+    def first_failures(self, tx: Tx, batch_ids: list[str]) -> Outbox:
+        """``on_first_failure`` continuations of these batches (each has a failed unit by now) become
+        due: only a WAITING row moves, so each fires once, in the transaction of the first failure."""
+        c, conn = self.tables.continuations, tx.conn
+        waiting = sa.and_(c.c.batch_id.in_(sorted(batch_ids)), c.c.kind == ContinuationKind.FIRST_FAILURE.value,
+                          c.c.status == int(ContinuationStatus.WAITING))
+        if not batch_ids or not conn.scalar(sa.select(sa.exists().where(waiting))):
+            return tx.outbox()  # the usual case: no lease taken for nothing
+        due = conn.execute(
+            sa.update(c).where(waiting)
+            .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.publication())
+            .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.kind,
+                       c.c.position)
+        ).all()
+        due = sorted(due, key=lambda row: (str(row.batch_id), row.position))
+        return tx.outbox(continuations=[continuation_message(row) for row in due])
 
     def _bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
         b = self.tables.batches

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from ..builder import BatchPlan, Message
 from ..errors import BatchClosedError
-from ..models import BatchStatus, ContinuationStatus, RunStatus
+from ..models import BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from ..settings import PURGE_CHUNK
 from .rows import Outbox
 from .transitions import Transitions, Tx
@@ -83,6 +83,8 @@ class Trees:
         if not started:
             return tx.outbox()  # a continue-with stage still waiting: published when it starts
         outbox = tx.outbox(runs=[job for _, _, job in jobs])
+        if batch.failed_jobs and any(s.kind == ContinuationKind.FIRST_FAILURE for s in plan.continuations):
+            outbox.extend(self.machine.first_failures(tx, [batch_id]))  # its first failure is behind it
         outbox.extend(self.machine.finish(tx, [node.id for node in children if node.total_units == 0]))
         return outbox
 
