@@ -1,8 +1,8 @@
 """Chaos soak: random batches under SIGKILLs, killed PostgreSQL backends and broker restarts.
 
 For ``--minutes``, several producer processes create batches of random shapes (1-500 jobs, nested
-up to three levels, continuations, continue-with stages, jobs added later, cancels, retries,
-failures) against two real ``celery worker -P prefork -c 2`` nodes, while a fault loop SIGKILLs
+up to three levels, continuations of every kind, continue-with stages, jobs added later, cancels,
+retries, failures, fail-fast batches) against two real ``celery worker -P prefork -c 2`` nodes, while a fault loop SIGKILLs
 pool processes and whole workers (restarting them), terminates the app's PostgreSQL backends and
 restarts the broker: a private, non-persistent ``redis-server``, so a restart loses its queues.
 Then producers and faults stop, the workers keep running, and the soak waits (``--settle-timeout``)
@@ -74,6 +74,7 @@ class Node:
     jobs: list[tuple[str, dict]] = field(default_factory=list)
     children: list[Node] = field(default_factory=list)
     continuations: list[tuple[str, str]] = field(default_factory=list)
+    fail_fast: bool = False  # cancel_on_failure
 
 
 class Producer:
@@ -131,6 +132,7 @@ class Producer:
         for node in nodes:
             node.continuations += [(rng.choice(CONTINUATION_KINDS), rng.choice(CONTINUATION_TASKS))
                                    for _ in range(rng.choice((0, 0, 1, 2)))]
+            node.fail_fast = fail_rate > 0 and rng.random() < 0.2
         return root
 
     def job(self, fail_rate: float) -> tuple[str, dict]:
@@ -148,7 +150,7 @@ class Producer:
         for task, spec in node.jobs:
             builder.enqueue(task, spec)
         for i, child in enumerate(node.children):
-            with builder.batch(f"nested-{i}") as sub:
+            with builder.batch(f"nested-{i}", cancel_on_failure=child.fail_fast) as sub:
                 ids += self.write(sub, child)
         for kind, task in node.continuations:
             getattr(builder, f"on_{kind}")(task, kind)
@@ -159,7 +161,8 @@ class Producer:
         rng, node = self.rng, self.plan(self.max_jobs)
 
         def create_tree() -> list[str]:
-            with self.batches.batch(f"chaos-p{self.index}", created_by=f"producer-{self.index}") as b:
+            with self.batches.batch(f"chaos-p{self.index}", created_by=f"producer-{self.index}",
+                                    cancel_on_failure=node.fail_fast) as b:
                 return self.write(b, node)
 
         ids = self.call("create", create_tree)

@@ -109,7 +109,7 @@ class Batches:
     @contextmanager
     def batch(self, name: str, *, created_by: str | None = None, connection: Any = None,
               description: str | None = None, properties: dict[str, Any] | None = None,
-              tags: Iterable[str] = ()) -> Iterator[BatchBuilder]:
+              tags: Iterable[str] = (), cancel_on_failure: bool = False) -> Iterator[BatchBuilder]:
         """Build a batch in a ``with`` block: written atomically on a clean exit, not at all otherwise.
 
         With ``connection`` (a SQLAlchemy ``Session`` or a ``Connection`` in a transaction, on the
@@ -117,9 +117,11 @@ class Batches:
         caller commits, and its messages are published right after that commit (or by the relay).
         ``description``, ``properties`` (a JSON object) and ``tags`` (short strings) label the batch:
         shown by the dashboard and the CLI, ``tags`` filtered on by :meth:`list_batches`.
+        ``cancel_on_failure``: the batch's first failed unit cancels every unfinished run of its
+        subtree (running ones finish); the batch then finishes FAILED.
         """
         builder = BatchBuilder(self.app, name, created_by=created_by, description=description,
-                               properties=properties, tags=tags)
+                               properties=properties, tags=tags, cancel_on_failure=cancel_on_failure)
         with self._building(builder):
             yield builder
         plan = builder.seal()

@@ -72,6 +72,7 @@ class BatchPlan:
     description: str | None = None
     properties: str | None = None  # JSON text of an object
     tags: tuple[str, ...] = ()
+    cancel_on_failure: bool = False
 
     @property
     def total_units(self) -> int:
@@ -138,12 +139,16 @@ class BatchBuilder:
 
     def __init__(self, app: "Celery", name: str, *, created_by: str | None = None,
                  parent_id: str | None = None, batch_id: str | None = None, description: str | None = None,
-                 properties: dict[str, Any] | None = None, tags: Iterable[str] = ()) -> None:
+                 properties: dict[str, Any] | None = None, tags: Iterable[str] = (),
+                 cancel_on_failure: bool = False) -> None:
         self._app = app
         self._serializer = app.conf.task_serializer  # read once: a Celery setting lookup costs more than a job
         created_by = None if created_by is None else validate_name(created_by, "created_by")
         self._plan = BatchPlan(batch_id or str(uuid.uuid4()), validate_name(name), parent_id, created_by)
         _labels(self._plan, description, properties, tags)
+        if not isinstance(cancel_on_failure, bool):
+            raise InvalidBatchError(f"cancel_on_failure must be True or False, got {cancel_on_failure!r}")
+        self._plan.cancel_on_failure = cancel_on_failure
         self._closed = False
         self._open_children = 0
 
@@ -168,11 +173,12 @@ class BatchBuilder:
     # -- nested batches -----------------------------------------------------------------------
     @contextmanager
     def batch(self, name: str, *, description: str | None = None, properties: dict[str, Any] | None = None,
-              tags: Iterable[str] = ()) -> Iterator["BatchBuilder"]:
+              tags: Iterable[str] = (), cancel_on_failure: bool = False) -> Iterator["BatchBuilder"]:
         """A nested batch, counted as one unit of this batch."""
         self._check_open()
         child = BatchBuilder(self._app, name, created_by=self._plan.created_by, parent_id=self.id,
-                             description=description, properties=properties, tags=tags)
+                             description=description, properties=properties, tags=tags,
+                             cancel_on_failure=cancel_on_failure)
         self._open_children += 1
         try:
             yield child

@@ -90,6 +90,7 @@ class Batch:
     description: str | None = None
     properties: dict[str, Any] = field(default_factory=dict)  # a JSON object (set_properties merges into it)
     tags: tuple[str, ...] = ()
+    cancel_on_failure: bool = False  # the first failed unit cancels the rest of its subtree
 
     @property
     def pending_jobs(self) -> int:

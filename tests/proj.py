@@ -96,6 +96,13 @@ def barrier(key: str, parties: int) -> None:
 
 
 @batches.task
+def barrier_fail(key: str, parties: int) -> None:
+    """``barrier``, then fails: a failure at the same instant as another member's end."""
+    barrier(key, parties)
+    raise ValueError("fails at the barrier")
+
+
+@batches.task
 def sleep_then(seconds: float, tag: str | None = None) -> None:
     time.sleep(seconds)
     if tag:

@@ -68,6 +68,7 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("description", sa.Text, nullable=True),
         sa.Column("properties", sa.Text, nullable=True),  # a JSON object
         sa.Column("tags", sa.Text, nullable=True),  # a JSON list, as given (batch_tags is what filters)
+        sa.Column("cancel_on_failure", sa.Boolean, nullable=True),  # its first failed unit cancels the rest
         sa.Index(f"ix_{prefix}batches_parent", "parent_id"),
         sa.Index(f"ix_{prefix}batches_created", "created_at"),
         sa.Index(f"ix_{prefix}batches_status_created", "status", "created_at"),

@@ -208,8 +208,32 @@ class Transitions:
         for batch_id, status in finished_units:
             deltas[batch_id][_COUNTER[status.name]] += 1
         self._bump(tx.conn, deltas)
-        outbox = self.first_failures(tx, [batch_id for batch_id, d in deltas.items() if d["failed_jobs"]])
+        failing = [batch_id for batch_id, d in deltas.items() if d["failed_jobs"]]
+        outbox = self.first_failures(tx, failing)
+        outbox.extend(self._fail_fast(tx, failing))
         outbox.extend(self.finish(tx, list(deltas)))
+        return outbox
+
+    def _fail_fast(self, tx: Tx, batch_ids: list[str]) -> Outbox:
+        """``cancel_on_failure`` batches among these (each has a failed unit by now): every waiting
+        run of their subtrees is CANCELLED and counted, in this transaction; running ones finish.
+        The batch then finishes FAILED, like any batch with a unit not completed."""
+        b, r, conn = self.tables.batches, self.tables.runs, tx.conn
+        fast = conn.execute(sa.select(b.c.id).where(b.c.id.in_(sorted(batch_ids)), b.c.cancel_on_failure.is_(True),
+                                                     b.c.status == int(BatchStatus.STARTED))).scalars().all() \
+            if batch_ids else []
+        outbox = tx.outbox()
+        for batch_id in fast:
+            tree = self._subtree(batch_id, successors=False)
+            runs = conn.execute(
+                sa.update(r)
+                .where(r.c.batch_id.in_(sa.select(tree.c.id)),
+                       r.c.status.in_([int(RunStatus.PENDING), int(RunStatus.RETRYING)]))
+                .values(status=int(RunStatus.CANCELLED), finished_at=tx.now,
+                        error=f"cancelled: batch {batch_id} has a failed unit (cancel_on_failure)")
+                .returning(r.c.batch_id)
+            ).all()
+            outbox.extend(self._count(tx, [(row.batch_id, RunStatus.CANCELLED) for row in runs]))
         return outbox
 
     def first_failures(self, tx: Tx, batch_ids: list[str]) -> Outbox:
@@ -344,6 +368,10 @@ class Transitions:
         committed before it, and an add that waited for a cancel finds its batch CANCELLED.
         Locking top first everywhere keeps two such transactions from deadlocking.
         """
+        return batch_from_row(self.lock_lineage(conn, batch_id)[-1])
+
+    def lock_lineage(self, conn: sa.Connection, batch_id: str) -> list[sa.Row]:
+        """:meth:`lock_batch`, returning the lineage's rows, top first (the batch last)."""
         b = self.tables.batches
         up = (sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id).label("above"),
                         sa.literal(0).label("depth"))
@@ -354,7 +382,7 @@ class Transitions:
                             .with_for_update(of=b)).all()
         if not rows:
             raise BatchNotFoundError(batch_id)
-        return batch_from_row(rows[-1])
+        return rows
 
     # -- cancel -----------------------------------------------------------------------------------
     def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:

@@ -17,7 +17,7 @@ from ..builder import BatchPlan, Message
 from ..errors import BatchClosedError
 from ..models import BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from ..settings import PURGE_CHUNK
-from .rows import Outbox
+from .rows import Outbox, batch_from_row
 from .transitions import Transitions, Tx
 
 __all__ = ["Trees"]
@@ -64,9 +64,12 @@ class Trees:
         """
         r, c, b = self.tables.runs, self.tables.continuations, self.tables.batches
         tx = Tx(self.machine, conn, now)
-        batch = self.machine.lock_batch(conn, batch_id)
+        lineage = self.machine.lock_lineage(conn, batch_id)
+        batch = batch_from_row(lineage[-1])
         if batch.status.is_final:
             raise BatchClosedError(batch_id, batch.status)
+        if _failing_fast(lineage):
+            raise BatchClosedError(batch_id, "failing (a cancel_on_failure batch above it has a failed unit)")
         first_job = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(r.c.position) + 1, 0))
                                 .where(r.c.batch_id == batch_id))
         first_cont = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(c.c.position) + 1, 0))
@@ -97,6 +100,7 @@ class Trees:
                 "created_by": node.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
                 "description": node.description, "properties": node.properties,
                 "tags": json.dumps(list(node.tags)) if node.tags else None,
+                "cancel_on_failure": node.cancel_on_failure or None,
                 **(root_extra if i == 0 and root_extra else {}),
             } for i, node in enumerate(nodes)])
             tags = [{"tag": tag, "batch_id": node.id} for node in nodes for tag in node.tags]
@@ -178,3 +182,15 @@ class Trees:
                 conn.execute(sa.delete(j).where(j.c.batch_id.in_(ids)))
                 conn.execute(sa.delete(r).where(r.c.batch_id.in_(ids)))
                 deleted += conn.execute(sa.delete(b).where(b.c.id.in_(ids))).rowcount
+
+
+def _failing_fast(lineage: list[sa.Row]) -> bool:
+    """Is the batch (the last row) in the subtree of a ``cancel_on_failure`` batch that has a failed
+    unit (itself included)? Its runs would escape that cancel."""
+    rows = {row.id: row for row in lineage}
+    row = lineage[-1]
+    while row is not None:
+        if row.cancel_on_failure and row.failed_jobs:
+            return True
+        row = rows.get(row.parent_id)
+    return False
