@@ -213,6 +213,23 @@ class Batches:
                      visible=lambda: reads.batch_status(self.store, batch_id) == BatchStatus.CANCELLED)
         return len(cancelled)
 
+    def retry_failed(self, batch_id: str, *, connection: Any = None) -> int:
+        """Publish every FAILED run of the batch's subtree again (same run id, a fresh retry budget);
+        returns how many. Counters move back with the runs, and the batch, its failed nested
+        batches and the ancestors that counted them re-open (STARTED) and finish again later. A
+        continuation that fired never fires again; one that did not may fire on the new outcome.
+        ``BatchClosedError`` if the batch (or one above it) was cancelled; 0 if nothing failed.
+        ``connection``: as for :meth:`batch`."""
+        batch_id = _batch_id(batch_id)
+        retried = [0]
+
+        def retry(conn: Any) -> Outbox:
+            retried[0], outbox = self.store.retry_failed(conn, batch_id, utcnow())
+            return outbox
+
+        self._commit(retry, connection)
+        return retried[0]
+
     def _revoke(self, run_ids: list[str]) -> None:
         for start in range(0, len(run_ids), REVOKE_CHUNK):
             try:

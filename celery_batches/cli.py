@@ -18,6 +18,7 @@ import click
 from . import serialize
 from .api import Batches
 from .dashboard.launcher import dashboard_options, serve_dashboard
+from .errors import BatchClosedError
 from .models import Batch, BatchStatus
 from .store import pages
 
@@ -173,6 +174,19 @@ def cancel(ctx: click.Context, batch_id: str) -> None:
     service = _service(ctx)
     _get(service, batch_id)
     click.echo(f"cancelled {service.cancel_batch(batch_id)} run(s)")
+
+
+@batches.command()
+@click.argument("batch_id")
+@click.pass_context
+def retry(ctx: click.Context, batch_id: str) -> None:
+    """Publish the failed jobs of a batch and its subtree again."""
+    service = _service(ctx)
+    _get(service, batch_id)
+    try:
+        click.echo(f"retried {service.retry_failed(batch_id)} run(s)")
+    except BatchClosedError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @batches.command()

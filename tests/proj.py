@@ -103,6 +103,16 @@ def barrier_fail(key: str, parties: int) -> None:
 
 
 @batches.task
+def fail_unless(flag: str, tag: str | None = None) -> str:
+    """Fails until the Redis key ``flag`` is set (a failure that a later retry_failed fixes)."""
+    if tag:
+        r.incr(tag)
+    if not r.get(flag):
+        raise ValueError(f"{flag} is not set yet")
+    return "ok"
+
+
+@batches.task
 def sleep_then(seconds: float, tag: str | None = None) -> None:
     time.sleep(seconds)
     if tag:

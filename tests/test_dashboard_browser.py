@@ -144,3 +144,31 @@ def test_watch_a_batch_run_open_it_and_cancel_another(proj, worker, browser, ser
 
     assert errors == []
     page.close()
+
+
+def test_retry_failed_from_the_batch_page(proj, worker, browser, server):
+    """The "Retry failed" button publishes the failed jobs again; the page then follows the batch to COMPLETED."""
+    flag = f"flag-{uuid.uuid4().hex[:8]}"
+    with proj.batches.batch(f"charge-cards-{flag}") as b:
+        b.enqueue(proj.noop)
+        b.enqueue(proj.fail_unless, flag)
+    assert proj.batches.wait(b.id, timeout=60).status == BatchStatus.FAILED
+    proj.r.set(flag, 1)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{server}/batches/{b.id}")
+    assert page.locator("h1 .badge").inner_text() == "failed"
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#retry-failed").click()
+    page.wait_for_url(f"**/batches/{b.id}?notice=retried&runs=1")
+    assert page.locator(".notice").inner_text() == "1 failed job(s) published again."
+    deadline = time.monotonic() + 60
+    while page.locator("h1 .badge").inner_text() != "completed" and time.monotonic() < deadline:
+        time.sleep(0.1)  # the live refresh swaps the page in place
+    assert page.locator("h1 .badge").inner_text() == "completed"
+    assert page.locator("#retry-failed").count() == 0
+    assert proj.batches.get_batch(b.id).completed_jobs == 2
+    assert errors == []
+    page.close()

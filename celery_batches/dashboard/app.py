@@ -22,7 +22,7 @@ from werkzeug.wrappers import Request, Response
 from .. import serialize
 from ..api import Batches
 from ..builder import MAX_TAG
-from ..errors import BatchNotFoundError
+from ..errors import BatchClosedError, BatchNotFoundError
 from ..models import BatchStatus, RunStatus
 from ..store import pages, reads
 from ..store.pagerows import BatchRow
@@ -92,11 +92,13 @@ class Dashboard:
             Rule("/", endpoint="batches", methods=["GET"]),
             Rule("/batches/<uuid:batch_id>", endpoint="batch", methods=["GET"]),
             Rule("/batches/<uuid:batch_id>/cancel", endpoint="cancel", methods=["POST"]),
+            Rule("/batches/<uuid:batch_id>/retry", endpoint="retry", methods=["POST"]),
             Rule("/static/<filename>", endpoint="static", methods=["GET"]),
             Rule("/api/batches", endpoint="api_batches", methods=["GET"]),
             Rule("/api/batches/<uuid:batch_id>", endpoint="api_batch", methods=["GET"]),
             Rule("/api/batches/<uuid:batch_id>/jobs", endpoint="api_jobs", methods=["GET"]),
             Rule("/api/batches/<uuid:batch_id>/cancel", endpoint="api_cancel", methods=["POST"]),
+            Rule("/api/batches/<uuid:batch_id>/retry", endpoint="api_retry", methods=["POST"]),
             Rule("/api/csrf", endpoint="api_csrf", methods=["GET"]),
         ], strict_slashes=False)
         self.static = _load_static()
@@ -206,7 +208,9 @@ class Dashboard:
             paging = {"count": max(math.ceil(direct.total / size), 1),
                      "current": (jobs.jobs[0].position // size) if jobs.jobs else 0, "size": size}
         notice = {"cancelled": "Batch cancelled: {runs} pending job(s) cancelled.",
-                  "finished": "The batch had already finished; nothing was cancelled."}.get(
+                  "finished": "The batch had already finished; nothing was cancelled.",
+                  "retried": "{runs} failed job(s) published again.",
+                  "not-retried": "The batch was cancelled; nothing was retried."}.get(
             request.args.get("notice", ""), "")
         if notice:
             notice = notice.format(runs=_int_arg(request, "runs") or 0)
@@ -239,6 +243,22 @@ class Dashboard:
         if runs is None:
             return _redirect(f"{url}?notice=finished")
         return _redirect(f"{url}?notice=cancelled&runs={runs}")
+
+    def _retry(self, request: Request, batch_id: str) -> int | None:
+        """Shared by the page and the API: the failed runs published again (None: the batch was cancelled)."""
+        self.access.check_action(request)
+        try:
+            return self.batches.retry_failed(batch_id)
+        except BatchNotFoundError:
+            raise NotFound("No batch with this id.") from None
+        except BatchClosedError:
+            return None
+
+    def on_retry(self, request: Request, batch_id: Any) -> Response:
+        batch_id = str(batch_id)
+        runs = self._retry(request, batch_id)
+        url = request.adapter.build("batch", {"batch_id": batch_id})
+        return _redirect(f"{url}?notice=not-retried" if runs is None else f"{url}?notice=retried&runs={runs}")
 
     def on_static(self, request: Request, filename: str) -> Response:
         if filename not in self.static:
@@ -309,6 +329,15 @@ class Dashboard:
                               "cancelled_runs": 0, "batch_status": batch.status.name}, 409)
         batch = self.batches.get_batch(batch_id)
         return self.json({"cancelled_runs": runs, "batch_status": batch.status.name if batch else None})
+
+    def on_api_retry(self, request: Request, batch_id: Any) -> Response:
+        batch_id = str(batch_id)
+        runs = self._retry(request, batch_id)
+        batch = self.batches.get_batch(batch_id)
+        if runs is None:
+            return self.json({"error": "the batch was cancelled", "status": 409, "retried_runs": 0,
+                              "batch_status": batch.status.name if batch else None}, 409)
+        return self.json({"retried_runs": runs, "batch_status": batch.status.name if batch else None})
 
     def on_api_csrf(self, request: Request) -> Response:
         return self.json({"csrf_token": self.access.csrf_token(request), "header": CSRF_HEADER})

@@ -18,7 +18,7 @@ from typing import Iterable
 import sqlalchemy as sa
 
 from ..builder import Message
-from ..errors import BatchNotFoundError
+from ..errors import BatchClosedError, BatchNotFoundError
 from ..models import Batch, BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from .rows import (
     Outbox,
@@ -383,6 +383,59 @@ class Transitions:
         if not rows:
             raise BatchNotFoundError(batch_id)
         return rows
+
+    # -- retry the failed -------------------------------------------------------------------------
+    def retry_failed(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[int, Outbox]:
+        """Every FAILED run of the batch's subtree back to PENDING, to be published again (same run
+        id); counters move back with them; FAILED batches that get an open unit again re-open
+        (STARTED), up through the ancestors that counted them as failed; continuations that did not
+        fire (SKIPPED) of a re-opened batch wait again; what fired stays fired. One transaction,
+        under the lineage's locks (as cancel)."""
+        lineage = self.lock_lineage(conn, batch_id)
+        if any(row.status == int(BatchStatus.CANCELLED) for row in lineage):
+            raise BatchClosedError(batch_id, BatchStatus.CANCELLED)
+        b, r, c = self.tables.batches, self.tables.runs, self.tables.continuations
+        tree = self._subtree(batch_id, successors=False)
+        rows = {row.id: row for row in lineage}
+        rows.update({row.id: row for row in conn.execute(
+            sa.select(b.c.id, b.c.parent_id, b.c.status).where(b.c.id.in_(sa.select(tree.c.id))))})
+        open_batches = [i for i, row in rows.items() if row.status in (int(BatchStatus.STARTED), int(BatchStatus.FAILED))
+                        and i not in {x.id for x in lineage[:-1]}]  # the subtree's, not the ancestors' own runs
+        failed = conn.execute(sa.select(sa.exists().where(r.c.batch_id.in_(open_batches),
+                                                          r.c.status == int(RunStatus.FAILED)))).scalar()
+        tx = Tx(self, conn, now)
+        if not failed:
+            return 0, tx.outbox()
+        runs = conn.execute(
+            sa.update(r).where(r.c.batch_id.in_(open_batches), r.c.status == int(RunStatus.FAILED))
+            .values(status=int(RunStatus.PENDING), published=False, publication_id=tx.publication(), error=None,
+                    started_at=None, finished_at=None, node=None, claimed_at=None, retries=0)
+            .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
+                       r.c.retries)
+        ).all()
+        deltas: dict[str, Counter] = defaultdict(Counter)
+        reopen: list[str] = []
+        for row in runs:
+            deltas[row.batch_id]["failed_jobs"] -= 1
+        pending = [i for i in deltas if rows[i].status == int(BatchStatus.FAILED)]
+        while pending:  # a FAILED batch with an open unit again: re-open it, and un-count it in its parent
+            i = pending.pop()
+            if i in reopen:
+                continue
+            reopen.append(i)
+            parent = rows[i].parent_id
+            if parent is not None:
+                deltas[parent]["failed_jobs"] -= 1
+                if rows[parent].status == int(BatchStatus.FAILED):
+                    pending.append(parent)
+        self._bump(conn, deltas)
+        if reopen:
+            conn.execute(sa.update(b).where(b.c.id.in_(reopen))
+                         .values(status=int(BatchStatus.STARTED), completed_at=None, expires_at=None))
+            conn.execute(sa.update(c).where(c.c.batch_id.in_(reopen), c.c.status == int(ContinuationStatus.SKIPPED))
+                         .values(status=int(ContinuationStatus.WAITING)))
+        runs = sorted(runs, key=lambda row: (str(row.batch_id), row.position))
+        return len(runs), tx.outbox(runs=[run_message(row) for row in runs])
 
     # -- cancel -----------------------------------------------------------------------------------
     def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:
