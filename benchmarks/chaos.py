@@ -2,7 +2,7 @@
 
 For ``--minutes``, several producer processes create batches of random shapes (1-500 jobs, nested
 up to three levels, continuations of every kind, continue-with stages, jobs added later, cancels,
-retries, failures, fail-fast batches) against two real ``celery worker -P prefork -c 2`` nodes, while a fault loop SIGKILLs
+retries, failures, fail-fast batches, windows of running jobs) against two real ``celery worker -P prefork -c 2`` nodes, while a fault loop SIGKILLs
 pool processes and whole workers (restarting them), terminates the app's PostgreSQL backends and
 restarts the broker: a private, non-persistent ``redis-server``, so a restart loses its queues.
 Then producers and faults stop, the workers keep running, and the soak waits (``--settle-timeout``)
@@ -75,6 +75,7 @@ class Node:
     children: list[Node] = field(default_factory=list)
     continuations: list[tuple[str, str]] = field(default_factory=list)
     fail_fast: bool = False  # cancel_on_failure
+    window: int | None = None  # max_concurrency
 
 
 class Producer:
@@ -133,6 +134,7 @@ class Producer:
             node.continuations += [(rng.choice(CONTINUATION_KINDS), rng.choice(CONTINUATION_TASKS))
                                    for _ in range(rng.choice((0, 0, 1, 2)))]
             node.fail_fast = fail_rate > 0 and rng.random() < 0.2
+            node.window = rng.choice((None, None, None, None, 1, 3, 10))
         return root
 
     def job(self, fail_rate: float) -> tuple[str, dict]:
@@ -150,7 +152,7 @@ class Producer:
         for task, spec in node.jobs:
             builder.enqueue(task, spec)
         for i, child in enumerate(node.children):
-            with builder.batch(f"nested-{i}", cancel_on_failure=child.fail_fast) as sub:
+            with builder.batch(f"nested-{i}", cancel_on_failure=child.fail_fast, max_concurrency=child.window) as sub:
                 ids += self.write(sub, child)
         for kind, task in node.continuations:
             getattr(builder, f"on_{kind}")(task, kind)
@@ -162,7 +164,7 @@ class Producer:
 
         def create_tree() -> list[str]:
             with self.batches.batch(f"chaos-p{self.index}", created_by=f"producer-{self.index}",
-                                    cancel_on_failure=node.fail_fast) as b:
+                                    cancel_on_failure=node.fail_fast, max_concurrency=node.window) as b:
                 return self.write(b, node)
 
         ids = self.call("create", create_tree)

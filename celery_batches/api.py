@@ -109,7 +109,8 @@ class Batches:
     @contextmanager
     def batch(self, name: str, *, created_by: str | None = None, connection: Any = None,
               description: str | None = None, properties: dict[str, Any] | None = None,
-              tags: Iterable[str] = (), cancel_on_failure: bool = False) -> Iterator[BatchBuilder]:
+              tags: Iterable[str] = (), cancel_on_failure: bool = False,
+              max_concurrency: int | None = None) -> Iterator[BatchBuilder]:
         """Build a batch in a ``with`` block: written atomically on a clean exit, not at all otherwise.
 
         With ``connection`` (a SQLAlchemy ``Session`` or a ``Connection`` in a transaction, on the
@@ -118,10 +119,13 @@ class Batches:
         ``description``, ``properties`` (a JSON object) and ``tags`` (short strings) label the batch:
         shown by the dashboard and the CLI, ``tags`` filtered on by :meth:`list_batches`.
         ``cancel_on_failure``: the batch's first failed unit cancels every unfinished run of its
-        subtree (running ones finish); the batch then finishes FAILED.
+        subtree (running ones finish); the batch then finishes FAILED. ``max_concurrency``: at most
+        this many of the batch's direct jobs published and unfinished at once; the others wait
+        unpublished, in enqueue order, each released by the transaction that records a job's end.
         """
         builder = BatchBuilder(self.app, name, created_by=created_by, description=description,
-                               properties=properties, tags=tags, cancel_on_failure=cancel_on_failure)
+                               properties=properties, tags=tags, cancel_on_failure=cancel_on_failure,
+                               max_concurrency=max_concurrency)
         with self._building(builder):
             yield builder
         plan = builder.seal()
@@ -165,18 +169,19 @@ class Batches:
         return builder.job_ids
 
     def continue_batch_with(self, batch_id: str, name: str, configure: Callable[[BatchBuilder], Any], *,
-                            when: str = "success", connection: Any = None) -> str:
+                            when: str = "success", connection: Any = None,
+                            max_concurrency: int | None = None) -> str:
         """A new batch that starts when ``batch_id`` finishes and ``when`` matches its outcome.
 
         ``when``: "success" (antecedent COMPLETED), "failure" (FAILED) or "complete" (either). Until
         then the new batch is CREATED with its runs unpublished; if the antecedent finishes the other
         way, or is cancelled, the new batch is CANCELLED. Returns the new batch id.
-        ``connection``: as for :meth:`batch`.
+        ``connection``, ``max_concurrency``: as for :meth:`batch`.
         """
         if when not in ("success", "failure", "complete"):
             raise InvalidBatchError(f"when must be 'success', 'failure' or 'complete', not {when!r}")
         antecedent = _batch_id(batch_id)
-        builder = BatchBuilder(self.app, name)
+        builder = BatchBuilder(self.app, name, max_concurrency=max_concurrency)
         with self._building(builder):
             configure(builder)
         plan = builder.seal()

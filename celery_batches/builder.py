@@ -73,6 +73,7 @@ class BatchPlan:
     properties: str | None = None  # JSON text of an object
     tags: tuple[str, ...] = ()
     cancel_on_failure: bool = False
+    max_concurrency: int | None = None
 
     @property
     def total_units(self) -> int:
@@ -140,7 +141,7 @@ class BatchBuilder:
     def __init__(self, app: "Celery", name: str, *, created_by: str | None = None,
                  parent_id: str | None = None, batch_id: str | None = None, description: str | None = None,
                  properties: dict[str, Any] | None = None, tags: Iterable[str] = (),
-                 cancel_on_failure: bool = False) -> None:
+                 cancel_on_failure: bool = False, max_concurrency: int | None = None) -> None:
         self._app = app
         self._serializer = app.conf.task_serializer  # read once: a Celery setting lookup costs more than a job
         created_by = None if created_by is None else validate_name(created_by, "created_by")
@@ -149,6 +150,10 @@ class BatchBuilder:
         if not isinstance(cancel_on_failure, bool):
             raise InvalidBatchError(f"cancel_on_failure must be True or False, got {cancel_on_failure!r}")
         self._plan.cancel_on_failure = cancel_on_failure
+        if max_concurrency is not None and (not isinstance(max_concurrency, int) or isinstance(max_concurrency, bool)
+                                            or max_concurrency < 1):
+            raise InvalidBatchError(f"max_concurrency must be a positive integer or None, got {max_concurrency!r}")
+        self._plan.max_concurrency = max_concurrency
         self._closed = False
         self._open_children = 0
 
@@ -173,12 +178,13 @@ class BatchBuilder:
     # -- nested batches -----------------------------------------------------------------------
     @contextmanager
     def batch(self, name: str, *, description: str | None = None, properties: dict[str, Any] | None = None,
-              tags: Iterable[str] = (), cancel_on_failure: bool = False) -> Iterator["BatchBuilder"]:
-        """A nested batch, counted as one unit of this batch."""
+              tags: Iterable[str] = (), cancel_on_failure: bool = False,
+              max_concurrency: int | None = None) -> Iterator["BatchBuilder"]:
+        """A nested batch, counted as one unit of this batch (its own ``max_concurrency``, if any)."""
         self._check_open()
         child = BatchBuilder(self._app, name, created_by=self._plan.created_by, parent_id=self.id,
                              description=description, properties=properties, tags=tags,
-                             cancel_on_failure=cancel_on_failure)
+                             cancel_on_failure=cancel_on_failure, max_concurrency=max_concurrency)
         self._open_children += 1
         try:
             yield child

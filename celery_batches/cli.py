@@ -125,6 +125,10 @@ def show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
         click.echo(f"tags: {', '.join(batch.tags)}")
     if batch.properties:
         click.echo(f"properties: {json.dumps(batch.properties, ensure_ascii=False, sort_keys=True)}")
+    if batch.cancel_on_failure:
+        click.echo("cancel_on_failure: its first failed unit cancels the rest")
+    if batch.max_concurrency:
+        click.echo(f"max_concurrency: {batch.max_concurrency} job(s) at once")
     for c in detail.continuations:
         click.echo(f"on_{c.kind.lower()}: {c.task_name} [{c.status.name}]")
 

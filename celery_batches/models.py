@@ -91,6 +91,7 @@ class Batch:
     properties: dict[str, Any] = field(default_factory=dict)  # a JSON object (set_properties merges into it)
     tags: tuple[str, ...] = ()
     cancel_on_failure: bool = False  # the first failed unit cancels the rest of its subtree
+    max_concurrency: int | None = None  # at most this many of its direct jobs published and unfinished
 
     @property
     def pending_jobs(self) -> int:

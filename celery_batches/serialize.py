@@ -70,7 +70,7 @@ def batch_json(row: BatchRow) -> dict[str, Any]:
         "created_at": iso(b.created_at), "completed_at": iso(b.completed_at), "expires_at": iso(b.expires_at),
         "antecedent_id": row.antecedent_id, "continue_when": row.continue_when,
         "description": b.description, "properties": b.properties, "tags": list(b.tags),
-        "cancel_on_failure": b.cancel_on_failure,
+        "cancel_on_failure": b.cancel_on_failure, "max_concurrency": b.max_concurrency,
     }
 
 

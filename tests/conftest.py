@@ -115,12 +115,12 @@ def relay_reported(fragment: str, timeout: float = WAIT) -> None:
 class Worker:
     """A real ``celery -A tests.proj worker -P prefork -c 2`` process; as a context manager, stopped at exit."""
 
-    def __init__(self, proj: Any, queue: str, **env: str) -> None:
+    def __init__(self, proj: Any, queue: str, concurrency: int = 2, **env: str) -> None:
         self.proj = proj
         self.queue = queue
         self.log = Path(f"/tmp/celery_batches-worker-{SESSION}-{queue}.log")
         environ = dict(os.environ, TEST_QUEUE=queue, PYTHONPATH=str(ROOT), **env)
-        self.proc = subprocess.Popen([*worker_argv("tests.proj", queue), "-n", f"{queue}@%h"],
+        self.proc = subprocess.Popen([*worker_argv("tests.proj", queue, concurrency), "-n", f"{queue}@%h"],
                                      cwd=ROOT, env=environ, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
         tag = f"ready:{uuid.uuid4()}"
         if "TEST_BROKER_URL" in env:  # a worker on another broker: say hello through that broker
@@ -213,8 +213,8 @@ def start_worker(proj: Any) -> Callable[..., Worker]:
     """Start a dedicated worker on its own queue (for tests that kill or reconfigure it)."""
     started: list[Worker] = []
 
-    def start(**env: str) -> Worker:
-        w = Worker(proj, f"cbt-{SESSION}-{uuid.uuid4().hex[:6]}", **env)
+    def start(concurrency: int = 2, **env: str) -> Worker:
+        w = Worker(proj, f"cbt-{SESSION}-{uuid.uuid4().hex[:6]}", concurrency, **env)
         started.append(w)
         return w
 

@@ -189,10 +189,10 @@ def publish(app: Celery, messages: list) -> list[str]:
 
 
 # -- processes -----------------------------------------------------------------------------------------
-def worker_argv(app: str, queue: str) -> list[str]:
+def worker_argv(app: str, queue: str, concurrency: int = 2) -> list[str]:
     """``celery worker`` as the tests run it: prefork with two pool processes, on one queue, INFO log,
     without gossip, mingle or heartbeat (nothing in the tests uses them, and they slow the start)."""
-    return [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "prefork", "-c", "2", "-Q", queue,
+    return [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "prefork", "-c", str(concurrency), "-Q", queue,
             "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
 

@@ -112,6 +112,31 @@ def fail_unless(flag: str, tag: str | None = None) -> str:
     return "ok"
 
 
+def _at_once(key: str, seconds: float) -> None:
+    """Counts how many run at once under ``key`` (the most ever seen in ``key:max``) for ``seconds``."""
+    r.eval("local n = redis.call('incr', KEYS[1]) "
+           "if n > tonumber(redis.call('get', KEYS[2]) or '0') then redis.call('set', KEYS[2], n) end",
+           2, key, f"{key}:max")
+    try:
+        time.sleep(seconds)
+    finally:
+        r.decr(key)
+
+
+@batches.task
+def concurrent(key: str, seconds: float = 0.02) -> None:
+    """Counts how many run at once under ``key`` (the most ever seen in ``key:max``)."""
+    _at_once(key, seconds)
+
+
+@batches.task
+def concurrent_unless(key: str, flag: str) -> None:
+    """``concurrent``, failing at its end until the Redis key ``flag`` is set."""
+    _at_once(key, 0.05)
+    if not r.get(flag):
+        raise ValueError(f"{flag} is not set yet")
+
+
 @batches.task
 def sleep_then(seconds: float, tag: str | None = None) -> None:
     time.sleep(seconds)

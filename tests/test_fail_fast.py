@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 
 from celery_batches import BatchClosedError, BatchStatus, InvalidBatchError, RunStatus
+from celery_batches.dashboard import create_app
 from tests.helpers import WAIT, count, counters, drain, eventually, tag, with_continuations
+from tests.test_dashboard import Local
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +37,9 @@ def test_the_first_failure_cancels_the_rest_of_the_subtree(proj, worker, nowhere
 
     with pytest.raises(BatchClosedError):  # finished: closed like any finished batch
         proj.batches.add_jobs_to_batch(b.id, lambda more: more.enqueue(proj.noop))
+    assert proj.batches.get_batch(b.id).cancel_on_failure and not proj.batches.get_batch(child.id).cancel_on_failure
+    page = Local(create_app(proj.batches)).get(f"/batches/{b.id}").get_data(as_text=True)
+    assert "<dt>fails fast</dt>" in page
 
 
 def test_a_failure_racing_the_last_success_finishes_failed_once(proj, worker):

@@ -144,7 +144,7 @@ class OutboxStore:
         with self.engine.begin() as conn:
             runs_q = (sa.select(r.c.id).join(b, b.c.id == r.c.batch_id)
                       .where(sa.not_(r.c.published), r.c.status == int(RunStatus.PENDING),
-                             b.c.status == int(BatchStatus.STARTED), self._lapsed(r, now))
+                             r.c.held.isnot(True), b.c.status == int(BatchStatus.STARTED), self._lapsed(r, now))
                       .order_by(r.c.created_at).limit(limit).with_for_update(of=r, skip_locked=True))
             run_ids = list(conn.execute(runs_q).scalars())
             cont_q = (sa.select(c.c.id).where(c.c.status == int(ContinuationStatus.DUE), self._lapsed(c, now))

@@ -113,6 +113,7 @@ def batch_from_row(row: sa.Row) -> Batch:
         completed_at=as_utc(row.completed_at), expires_at=as_utc(row.expires_at),
         description=row.description, properties=json.loads(row.properties) if row.properties else {},
         tags=tuple(json.loads(row.tags)) if row.tags else (), cancel_on_failure=bool(row.cancel_on_failure),
+        max_concurrency=row.max_concurrency,
     )
 
 

@@ -69,6 +69,7 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("properties", sa.Text, nullable=True),  # a JSON object
         sa.Column("tags", sa.Text, nullable=True),  # a JSON list, as given (batch_tags is what filters)
         sa.Column("cancel_on_failure", sa.Boolean, nullable=True),  # its first failed unit cancels the rest
+        sa.Column("max_concurrency", sa.Integer, nullable=True),  # at most this many direct jobs in flight
         sa.Index(f"ix_{prefix}batches_parent", "parent_id"),
         sa.Index(f"ix_{prefix}batches_created", "created_at"),
         sa.Index(f"ix_{prefix}batches_status_created", "status", "created_at"),
@@ -98,6 +99,8 @@ def build_tables(prefix: str) -> Tables:
         # the worker node holding (``<node>``) or running (``<node>/<pid>``) this run, while it is open
         sa.Column("node", sa.String(255), nullable=True),
         sa.Column("claimed_at", TIMESTAMP, nullable=True),  # when its current delivery claimed it
+        # waiting behind its batch's max_concurrency window: unpublished until a finishing job releases it
+        sa.Column("held", sa.Boolean, nullable=True),
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # a batch's jobs in a rare status, in enqueue order (the dashboard's "failed only" of a huge
         # batch); only those statuses: every job's insert, claim and completion add no entry (one of
@@ -109,6 +112,7 @@ def build_tables(prefix: str) -> Tables:
         # only the runs a node holds or runs: "no node" is not worth an index entry
         _partial_index(f"ix_{prefix}runs_node", "node", f"status < {OPEN_BELOW} AND node IS NOT NULL"),
         _partial_index(f"ix_{prefix}runs_open", "created_at", f"status < {OPEN_BELOW}"),
+        _partial_index(f"ix_{prefix}runs_held", ("batch_id", "position"), "held"),  # the next to release
     )
     # one row per tag of a batch: the lists' tag filter (a batch's tags are also in batches.tags)
     batch_tags = sa.Table(

@@ -123,7 +123,11 @@ class Transitions:
             # ``portable``: the row-at-a-time path on PostgreSQL too (the tests hold the two paths equal)
             apply = self._apply_pg if conn.dialect.name == "postgresql" and not portable else self._apply_rows
             counted = apply(conn, list(progress.values()), list(final.values()))
-            return self._count(Tx(self, conn, utcnow()), counted)
+            tx = Tx(self, conn, utcnow())
+            outbox = self._count(tx, [(batch_id, status) for batch_id, status, _ in counted])
+            # each job that ended frees its place in its batch's window (if it has one) for the next
+            outbox.extend(self.release(tx, Counter(batch_id for batch_id, _, window in counted if window)))
+            return outbox
 
     # On PostgreSQL a whole group is two statements: the events travel as arrays and are joined
     # to the runs with unnest(). Conditions (all keyed by run id, final statuses are >= COMPLETED):
@@ -145,11 +149,12 @@ class Transitions:
                     CAST(:ats AS timestamptz[]), CAST(:starts AS timestamptz[]), CAST(:errors AS text[]))
              AS v(id, status, retries, at, started, error)
         WHERE r.id = v.id AND r.status < {completed}
-        RETURNING r.batch_id, r.status"""
+        RETURNING r.batch_id, r.status, (SELECT b.max_concurrency FROM {batches} AS b WHERE b.id = r.batch_id)"""
 
     def _apply_pg(self, conn: sa.Connection, progress: list[RunEvent],
-                  final: list[RunEvent]) -> list[tuple[str, RunStatus]]:
-        names = {"runs": self.sql_name(self.tables.runs), "completed": int(RunStatus.COMPLETED),
+                  final: list[RunEvent]) -> list[tuple[str, RunStatus, int | None]]:
+        names = {"runs": self.sql_name(self.tables.runs), "batches": self.sql_name(self.tables.batches),
+                 "completed": int(RunStatus.COMPLETED),
                  "running": int(RunStatus.RUNNING), "retrying": int(RunStatus.RETRYING)}
         if progress:
             conn.execute(sa.text(self._PG_PROGRESS.format(**names)), {
@@ -164,10 +169,10 @@ class Transitions:
             "retries": [e.retries for e in final], "ats": [from_epoch(e.at) for e in final],
             "starts": [from_epoch(e.started) for e in final], "errors": [storable_text(e.error) for e in final],
         }).all()
-        return [(str(row.batch_id), RunStatus(row.status)) for row in rows]
+        return [(str(row[0]), RunStatus(row[1]), row[2]) for row in rows]
 
     def _apply_rows(self, conn: sa.Connection, progress: list[RunEvent],
-                    final: list[RunEvent]) -> list[tuple[str, RunStatus]]:
+                    final: list[RunEvent]) -> list[tuple[str, RunStatus, int | None]]:
         """The same conditions as the PostgreSQL statements, one row at a time (SQLite)."""
         r = self.tables.runs
         unfinished = r.c.status < int(RunStatus.COMPLETED)
@@ -188,16 +193,18 @@ class Transitions:
                   "b_node": e.node} for e in progress],
             )
         counted = []
+        b = self.tables.batches
+        window = sa.select(b.c.max_concurrency).where(b.c.id == r.c.batch_id).scalar_subquery()
         for e in final:
             row = conn.execute(
                 sa.update(r).where(r.c.id == e.run_id, unfinished)
                 .values(status=int(e.status), finished_at=from_epoch(e.at), error=storable_text(e.error),
                         started_at=sa.func.coalesce(r.c.started_at, from_epoch(e.started)),
                         retries=sa.case((r.c.retries > e.retries, r.c.retries), else_=e.retries))
-                .returning(r.c.batch_id)
+                .returning(r.c.batch_id, window)
             ).first()
             if row is not None:
-                counted.append((row.batch_id, e.status))
+                counted.append((row[0], e.status, row[1]))
         return counted
 
     def _count(self, tx: Tx, finished_units: list[tuple[str, RunStatus | BatchStatus]]) -> Outbox:
@@ -235,6 +242,36 @@ class Transitions:
             ).all()
             outbox.extend(self._count(tx, [(row.batch_id, RunStatus.CANCELLED) for row in runs]))
         return outbox
+
+    # -- max_concurrency ---------------------------------------------------------------------------
+    def release(self, tx: Tx, places: dict[str, int]) -> Outbox:
+        """Publish up to ``places[batch]`` held runs of each batch, in enqueue order. Called under the
+        batch's row lock (the transaction already updated its counters), so two transactions that
+        end jobs of one batch release one after the other, never the same runs or more than freed."""
+        r, conn = self.tables.runs, tx.conn
+        outbox = tx.outbox()
+        for batch_id, n in sorted(places.items()):
+            if n <= 0:
+                continue
+            ids = conn.execute(sa.select(r.c.id).where(r.c.batch_id == batch_id, r.c.held,
+                                                       r.c.status == int(RunStatus.PENDING))
+                               .order_by(r.c.position).limit(n)).scalars().all()
+            if not ids:
+                continue
+            runs = conn.execute(
+                sa.update(r).where(r.c.id.in_(ids)).values(held=None, publication_id=tx.publication())
+                .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
+                           r.c.retries)
+            ).all()
+            outbox.extend(tx.outbox(runs=[run_message(row) for row in sorted(runs, key=lambda row: row.position)]))
+        return outbox
+
+    def in_flight(self, conn: sa.Connection, batch_id: str) -> int:
+        """The batch's direct jobs published (or about to be) and not finished: its window's occupants."""
+        r = self.tables.runs
+        return conn.scalar(sa.select(sa.func.count()).where(r.c.batch_id == batch_id,
+                                                            r.c.status < int(RunStatus.COMPLETED),
+                                                            r.c.held.isnot(True))) or 0
 
     def first_failures(self, tx: Tx, batch_ids: list[str]) -> Outbox:
         """``on_first_failure`` continuations of these batches (each has a failed unit by now) become
@@ -339,7 +376,7 @@ class Transitions:
         runs = conn.execute(
             sa.update(r)
             .where(r.c.batch_id.in_([row.id for row in started]), r.c.status == int(RunStatus.PENDING),
-                   sa.not_(r.c.published))
+                   sa.not_(r.c.published), r.c.held.isnot(True))
             .values(publication_id=tx.publication())
             .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position)
         ).all() if started else []
@@ -413,6 +450,11 @@ class Transitions:
             .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
                        r.c.retries)
         ).all()
+        windows = dict(conn.execute(sa.select(b.c.id, b.c.max_concurrency).where(
+            b.c.id.in_({row.batch_id for row in runs}), b.c.max_concurrency.isnot(None))).all())
+        if windows:  # behind their windows like new jobs: held, then as many released as there is room
+            conn.execute(sa.update(r).where(r.c.id.in_([row.id for row in runs if row.batch_id in windows]))
+                         .values(held=True, publication_id=None))
         deltas: dict[str, Counter] = defaultdict(Counter)
         reopen: list[str] = []
         for row in runs:
@@ -434,8 +476,11 @@ class Transitions:
                          .values(status=int(BatchStatus.STARTED), completed_at=None, expires_at=None))
             conn.execute(sa.update(c).where(c.c.batch_id.in_(reopen), c.c.status == int(ContinuationStatus.SKIPPED))
                          .values(status=int(ContinuationStatus.WAITING)))
-        runs = sorted(runs, key=lambda row: (str(row.batch_id), row.position))
-        return len(runs), tx.outbox(runs=[run_message(row) for row in runs])
+        publish = sorted((row for row in runs if row.batch_id not in windows),
+                         key=lambda row: (str(row.batch_id), row.position))
+        outbox = tx.outbox(runs=[run_message(row) for row in publish])
+        outbox.extend(self.release(tx, {i: window - self.in_flight(conn, i) for i, window in windows.items()}))
+        return len(runs), outbox
 
     # -- cancel -----------------------------------------------------------------------------------
     def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:

@@ -45,14 +45,16 @@ class Trees:
             antecedent_row = self.machine.lock_batch(conn, antecedent[0])
         self._insert_nodes(conn, nodes, status, now, root_extra={
             "antecedent_id": antecedent[0], "continue_when": antecedent[1]} if antecedent else {})
-        self._insert_runs(tx, ((node.id, position, job) for node in nodes for position, job in enumerate(node.jobs)),
+        self._insert_runs(tx, ((node.id, position, job, _held(node, position)) for node in nodes
+                               for position, job in enumerate(node.jobs)),
                           new_batches=[node.id for node in nodes], publishable=not antecedent)
         self._insert_continuations(conn, [(node.id, 0, node) for node in nodes])
         if antecedent:
             if antecedent_row.status.is_final:
                 return self.machine.settle_successors(tx, {antecedent_row.id: antecedent_row.status})
             return tx.outbox()
-        outbox = tx.outbox(runs=[job for node in nodes for job in node.jobs])
+        outbox = tx.outbox(runs=[job for node in nodes for position, job in enumerate(node.jobs)
+                                 if not _held(node, position)])
         outbox.extend(self.machine.finish(tx, [node.id for node in nodes if node.total_units == 0]))
         return outbox
 
@@ -76,8 +78,10 @@ class Trees:
                                  .where(c.c.batch_id == batch_id))
         children = [node for child in plan.children for node in child.walk()]
         self._insert_nodes(conn, children, batch.status, now)
-        jobs = [(batch_id, first_job + i, job) for i, job in enumerate(plan.jobs)]
-        jobs += [(node.id, i, job) for node in children for i, job in enumerate(node.jobs)]
+        free = len(plan.jobs) if batch.max_concurrency is None else \
+            batch.max_concurrency - self.machine.in_flight(conn, batch_id)
+        jobs = [(batch_id, first_job + i, job, i >= free) for i, job in enumerate(plan.jobs)]
+        jobs += [(node.id, i, job, _held(node, i)) for node in children for i, job in enumerate(node.jobs)]
         started = batch.status == BatchStatus.STARTED
         self._insert_runs(tx, iter(jobs), new_batches=[node.id for node in children],
                           appended=(batch_id, first_job), publishable=started)
@@ -85,7 +89,7 @@ class Trees:
         conn.execute(sa.update(b).where(b.c.id == batch_id).values(total_jobs=b.c.total_jobs + plan.total_units))
         if not started:
             return tx.outbox()  # a continue-with stage still waiting: published when it starts
-        outbox = tx.outbox(runs=[job for _, _, job in jobs])
+        outbox = tx.outbox(runs=[job for _, _, job, held in jobs if not held])
         if batch.failed_jobs and any(s.kind == ContinuationKind.FIRST_FAILURE for s in plan.continuations):
             outbox.extend(self.machine.first_failures(tx, [batch_id]))  # its first failure is behind it
         outbox.extend(self.machine.finish(tx, [node.id for node in children if node.total_units == 0]))
@@ -100,7 +104,7 @@ class Trees:
                 "created_by": node.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
                 "description": node.description, "properties": node.properties,
                 "tags": json.dumps(list(node.tags)) if node.tags else None,
-                "cancel_on_failure": node.cancel_on_failure or None,
+                "cancel_on_failure": node.cancel_on_failure or None, "max_concurrency": node.max_concurrency,
                 **(root_extra if i == 0 and root_extra else {}),
             } for i, node in enumerate(nodes)])
             tags = [{"tag": tag, "batch_id": node.id} for node in nodes for tag in node.tags]
@@ -117,20 +121,22 @@ class Trees:
             conn.execute(sa.insert(self.tables.continuations), rows)
 
     _RUN_COLUMNS = ("id", "batch_id", "position", "status", "task_name", "args", "kwargs", "queue", "options",
-                    "created_at", "retries", "published", "publication_id")
+                    "created_at", "retries", "published", "publication_id", "held")
 
-    def _insert_runs(self, tx: Tx, jobs: Iterable[tuple[str, int, Message]], *, new_batches: list[str],
+    def _insert_runs(self, tx: Tx, jobs: Iterable[tuple[str, int, Message, bool]], *, new_batches: list[str],
                      appended: tuple[str, int] | None = None, publishable: bool) -> None:
         """Insert runs, streaming: COPY on PostgreSQL, chunked executemany elsewhere; then their links.
 
+        ``jobs``: ``(batch_id, position, message, held)``, held behind its batch's window.
         ``new_batches`` hold only new runs; ``appended=(batch_id, first_position)`` names the runs
         added to an existing batch. Both are index ranges, so linking never rescans old runs.
-        ``publishable`` runs are published after the commit, under the transaction's lease.
+        ``publishable`` runs (not held) are published after the commit, under the transaction's lease.
         """
         r, j, conn, now = self.tables.runs, self.tables.batch_jobs, tx.conn, tx.now
         publication = tx.publication() if publishable else None
         rows = ((job.id, batch_id, position, int(RunStatus.PENDING), job.task_name, job.args, job.kwargs,
-                 job.queue, job.options, now, 0, False, publication) for batch_id, position, job in jobs)
+                 job.queue, job.options, now, 0, False, None if held else publication, held or None)
+                for batch_id, position, job, held in jobs)
         if conn.dialect.name == "postgresql":
             cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
             with cursor.copy(f"COPY {self.machine.sql_name(r)} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
@@ -194,3 +200,8 @@ def _failing_fast(lineage: list[sa.Row]) -> bool:
             return True
         row = rows.get(row.parent_id)
     return False
+
+
+def _held(node: BatchPlan, position: int) -> bool:
+    """Does a new batch's job wait behind its window (the first ``max_concurrency`` go at once)?"""
+    return node.max_concurrency is not None and position >= node.max_concurrency
