@@ -76,6 +76,7 @@ class Node:
     continuations: list[tuple[str, str]] = field(default_factory=list)
     fail_fast: bool = False  # cancel_on_failure
     window: int | None = None  # max_concurrency
+    results: bool = False  # results=True (a root's choice: nested batches inherit it)
 
 
 class Producer:
@@ -135,6 +136,7 @@ class Producer:
                                    for _ in range(rng.choice((0, 0, 1, 2)))]
             node.fail_fast = fail_rate > 0 and rng.random() < 0.2
             node.window = rng.choice((None, None, None, None, 1, 3, 10))
+        root.results = rng.random() < 0.3
         return root
 
     def job(self, fail_rate: float) -> tuple[str, dict]:
@@ -164,7 +166,8 @@ class Producer:
 
         def create_tree() -> list[str]:
             with self.batches.batch(f"chaos-p{self.index}", created_by=f"producer-{self.index}",
-                                    cancel_on_failure=node.fail_fast, max_concurrency=node.window) as b:
+                                    cancel_on_failure=node.fail_fast, max_concurrency=node.window,
+                                    results=node.results) as b:
                 return self.write(b, node)
 
         ids = self.call("create", create_tree)
@@ -184,7 +187,7 @@ class Producer:
     def stage(self, antecedent: str) -> list[str]:
         node, when = self.plan(min(self.max_jobs, 100)), self.rng.choice(KINDS)
         stage_id = self.call("stage", lambda: self.batches.continue_batch_with(
-            antecedent, f"stage-{when}", lambda b: self.write(b, node), when=when))
+            antecedent, f"stage-{when}", lambda b: self.write(b, node), when=when, results=node.results))
         if stage_id:
             self.r.sadd(f"{self.keys}:stages", stage_id)
         return [stage_id] if stage_id else []
@@ -367,7 +370,7 @@ class Checker:
     ``stuck``: a batch not finished. ``doubled``: a job attempt that started twice, except for
     acks_late tasks, which Celery redelivers itself. ``wrong counters``: a batch's counters against
     its direct runs and child batches, impossible outcomes, a stage started or cancelled against its
-    antecedent's outcome. ``continuations not exactly once``. The ``notes`` explain, without judging,
+    antecedent's outcome, a kept result that is not what the job returned (``results=True``). ``continuations not exactly once``. The ``notes`` explain, without judging,
     why open runs are open (never sent, sent and lost, ran and the outcome lost) and what was allowed.
     """
 
@@ -381,10 +384,11 @@ class Checker:
         with mod.batches.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
             self.batches = conn.execute(sa.select(t.batches)).all()
             self.runs = conn.execute(sa.select(t.runs.c.id, t.runs.c.batch_id, t.runs.c.task_name, t.runs.c.status,
-                                               t.runs.c.args, t.runs.c.published)).all()
+                                               t.runs.c.args, t.runs.c.published, t.runs.c.result)).all()
             self.conts = conn.execute(sa.select(t.continuations.c.id, t.continuations.c.batch_id,
                                                 t.continuations.c.kind, t.continuations.c.status)).all()
         self.status = {row.id: BatchStatus(row.status) for row in self.batches}
+        self.keeps = {row.id: bool(row.results) for row in self.batches}
         self.starts, self.ends, self.cont_runs, self.sent = (
             {k.decode(): int(n) for k, n in r.hgetall(f"{keys}:{name}").items()}
             for name in ("starts", "ends", "continuations", "published"))
@@ -456,6 +460,9 @@ class Checker:
                 wrong.append(f"run {run.id} ({run.task_name}): COMPLETED, never ran to the end")
             if s == RunStatus.COMPLETED and (spec["fail"] or spec["retries"] > self.max_retries):
                 wrong.append(f"run {run.id} ({run.task_name}): COMPLETED, always fails")
+            kept = json.dumps(str(run.id)) if s == RunStatus.COMPLETED and self.keeps[run.batch_id] else None
+            if run.result != kept:  # a results=True batch keeps what each completed job returned (its id)
+                wrong.append(f"run {run.id} ({run.task_name}, {s.name}): result {run.result!r}, not {kept!r}")
             if not s.is_final:
                 self.notes[f"open run: {s.name}{'' if run.published else ' (unpublished)'}, "
                            f"{self.why_open(run.id, s, attempts)}"] += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import redis
 from celery import Celery, Task, signals
@@ -77,7 +78,7 @@ def _execute(task: Task, spec: dict) -> str:
         raise task.retry(countdown=spec.get("countdown", 0), exc=ChaosFailure(f"retry after attempt {attempt}"))
     if spec.get("fail"):
         raise ChaosFailure("fails on purpose")
-    return "ok"
+    return task.request.id  # a results=True batch keeps it: the check compares it with the run's id
 
 
 @batches.task(name="chaos.work", bind=True, max_retries=MAX_RETRIES)
@@ -97,13 +98,14 @@ def plain_work(self: Task, spec: dict) -> str:
 
 
 @app.task(name="chaos.continuation", bind=True)
-def continuation(self: Task, kind: str) -> None:
-    """Counts its executions by task id, which is the continuation row's id."""
+def continuation(self: Task, *args: Any) -> None:
+    """Counts its executions by task id, which is the continuation row's id. Its last argument is
+    its kind; a ``results=True`` batch's continuation gets the results list before it."""
     counters.hincrby(CONTINUATIONS, self.request.id)
 
 
 @batches.task(name="chaos.continuation_member", bind=True)
-def continuation_member(self: Task, kind: str) -> None:
+def continuation_member(self: Task, *args: Any) -> None:
     """The same as a ``@batches.task``."""
     counters.hincrby(CONTINUATIONS, self.request.id)
 

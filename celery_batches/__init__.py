@@ -3,7 +3,7 @@
 from .api import Batches, current_batch_id
 from .builder import BatchBuilder
 from .errors import BatchClosedError, BatchError, BatchNotFoundError, InvalidBatchError
-from .models import Batch, BatchStatus, JobRun, RunStatus
+from .models import Batch, BatchStatus, JobResult, JobRun, RunStatus
 from .worker.task import BatchTask
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "BatchTask",
     "Batches",
     "InvalidBatchError",
+    "JobResult",
     "JobRun",
     "RunStatus",
     "current_batch_id",

@@ -17,7 +17,7 @@ from .aftercommit import caller_connection, on_commit
 from .broker import probe_for
 from .builder import BatchBuilder, validate_properties
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
-from .models import Batch, BatchStatus, Continuation, JobRun
+from .models import Batch, BatchStatus, Continuation, JobResult, JobRun
 from .outbox import CONTINUATION_HEADER, HEADER, Publisher
 from .settings import REVOKE_CHUNK, Settings
 from .store import Outbox, Transitions, build_tables, make_engine, migrate, reads, utcnow
@@ -110,7 +110,7 @@ class Batches:
     def batch(self, name: str, *, created_by: str | None = None, connection: Any = None,
               description: str | None = None, properties: dict[str, Any] | None = None,
               tags: Iterable[str] = (), cancel_on_failure: bool = False,
-              max_concurrency: int | None = None) -> Iterator[BatchBuilder]:
+              max_concurrency: int | None = None, results: bool = False) -> Iterator[BatchBuilder]:
         """Build a batch in a ``with`` block: written atomically on a clean exit, not at all otherwise.
 
         With ``connection`` (a SQLAlchemy ``Session`` or a ``Connection`` in a transaction, on the
@@ -122,10 +122,13 @@ class Batches:
         subtree (running ones finish); the batch then finishes FAILED. ``max_concurrency``: at most
         this many of the batch's direct jobs published and unfinished at once; the others wait
         unpublished, in enqueue order, each released by the transaction that records a job's end.
+        ``results``: the registry keeps each job's return value (JSON, at most ``result_max_bytes``)
+        and every continuation gets the list of the units' results as its first argument, as a chord
+        body does (:meth:`get_results`); nested batches inherit it.
         """
         builder = BatchBuilder(self.app, name, created_by=created_by, description=description,
                                properties=properties, tags=tags, cancel_on_failure=cancel_on_failure,
-                               max_concurrency=max_concurrency)
+                               max_concurrency=max_concurrency, results=results)
         with self._building(builder):
             yield builder
         plan = builder.seal()
@@ -155,7 +158,8 @@ class Batches:
             raise BatchNotFoundError(batch_id)
         if batch.is_finished:
             raise BatchClosedError(batch_id, batch.status)
-        builder = BatchBuilder(self.app, batch.name, created_by=batch.created_by, batch_id=batch_id)
+        builder = BatchBuilder(self.app, batch.name, created_by=batch.created_by, batch_id=batch_id,
+                               results=batch.results)
         with self._building(builder):
             yield builder
         plan = builder.seal()
@@ -170,18 +174,18 @@ class Batches:
 
     def continue_batch_with(self, batch_id: str, name: str, configure: Callable[[BatchBuilder], Any], *,
                             when: str = "success", connection: Any = None,
-                            max_concurrency: int | None = None) -> str:
+                            max_concurrency: int | None = None, results: bool = False) -> str:
         """A new batch that starts when ``batch_id`` finishes and ``when`` matches its outcome.
 
         ``when``: "success" (antecedent COMPLETED), "failure" (FAILED) or "complete" (either). Until
         then the new batch is CREATED with its runs unpublished; if the antecedent finishes the other
         way, or is cancelled, the new batch is CANCELLED. Returns the new batch id.
-        ``connection``, ``max_concurrency``: as for :meth:`batch`.
+        ``connection``, ``max_concurrency``, ``results``: as for :meth:`batch`.
         """
         if when not in ("success", "failure", "complete"):
             raise InvalidBatchError(f"when must be 'success', 'failure' or 'complete', not {when!r}")
         antecedent = _batch_id(batch_id)
-        builder = BatchBuilder(self.app, name, max_concurrency=max_concurrency)
+        builder = BatchBuilder(self.app, name, max_concurrency=max_concurrency, results=results)
         with self._building(builder):
             configure(builder)
         plan = builder.seal()
@@ -291,6 +295,20 @@ class Batches:
     def get_batch_jobs(self, batch_id: str) -> list[JobRun]:
         """The batch's direct jobs in enqueue order."""
         return reads.get_jobs(self.store, _batch_id(batch_id))
+
+    def get_results(self, batch_id: str) -> list[JobResult]:
+        """A ``results=True`` batch's units in order: ``JobResult(run_id, status, value, error)``, a
+        job's value its return value once COMPLETED (None before, or if it failed or was cancelled), a
+        nested batch's value its own list. ``BatchNotFoundError`` for an unknown id,
+        ``InvalidBatchError`` for a batch made without ``results=True``."""
+        batch_id = _batch_id(batch_id)
+        found = reads.results(self.store, batch_id)
+        if found is None:
+            batch = reads.get_batch(self.store, batch_id)
+            if batch is None:
+                raise BatchNotFoundError(batch_id)
+            raise InvalidBatchError(f"batch {batch_id} keeps no results: create it with results=True")
+        return found
 
     def get_continuations(self, batch_id: str) -> list[Continuation]:
         return reads.get_continuations(self.store, _batch_id(batch_id))

@@ -29,6 +29,8 @@ __all__ = ["BatchBuilder", "TaskRef"]
 TaskRef = Task | str | Signature
 MAX_NAME = 255
 MAX_TAG = 64
+#: Message header of a job whose batch keeps results (``results=True``): the worker records its return value.
+RESULTS_HEADER = "celery_batches_results"
 MAX_DESCRIPTION = 10_000
 # options a batch sets itself; a Signature carrying them would be silently overridden
 _RESERVED_OPTIONS = frozenset({"task_id", "headers", "chord", "group_id", "group_index"})
@@ -74,6 +76,8 @@ class BatchPlan:
     tags: tuple[str, ...] = ()
     cancel_on_failure: bool = False
     max_concurrency: int | None = None
+    results: bool = False
+    unit_position: int | None = None  # a nested batch's place among its parent's units (jobs and batches)
 
     @property
     def total_units(self) -> int:
@@ -141,7 +145,8 @@ class BatchBuilder:
     def __init__(self, app: "Celery", name: str, *, created_by: str | None = None,
                  parent_id: str | None = None, batch_id: str | None = None, description: str | None = None,
                  properties: dict[str, Any] | None = None, tags: Iterable[str] = (),
-                 cancel_on_failure: bool = False, max_concurrency: int | None = None) -> None:
+                 cancel_on_failure: bool = False, max_concurrency: int | None = None,
+                 results: bool = False) -> None:
         self._app = app
         self._serializer = app.conf.task_serializer  # read once: a Celery setting lookup costs more than a job
         created_by = None if created_by is None else validate_name(created_by, "created_by")
@@ -154,6 +159,10 @@ class BatchBuilder:
                                             or max_concurrency < 1):
             raise InvalidBatchError(f"max_concurrency must be a positive integer or None, got {max_concurrency!r}")
         self._plan.max_concurrency = max_concurrency
+        if not isinstance(results, bool):
+            raise InvalidBatchError(f"results must be True or False, got {results!r}")
+        self._plan.results = results
+        self._units = 0  # units (jobs and nested batches) added so far: a nested batch's place
         self._closed = False
         self._open_children = 0
 
@@ -171,8 +180,10 @@ class BatchBuilder:
         """Add a job; returns its run id, which is also its Celery task id."""
         self._check_open()
         position = len(self._plan.jobs) + 1
-        message = self._message(task, args, kwargs, f"job #{position} of batch {self.name!r}", self.id)
+        message = self._message(task, args, kwargs, f"job #{position} of batch {self.name!r}", self.id,
+                                results=self._plan.results)
         self._plan.jobs.append(message)
+        self._units += 1
         return message.id
 
     # -- nested batches -----------------------------------------------------------------------
@@ -184,7 +195,10 @@ class BatchBuilder:
         self._check_open()
         child = BatchBuilder(self._app, name, created_by=self._plan.created_by, parent_id=self.id,
                              description=description, properties=properties, tags=tags,
-                             cancel_on_failure=cancel_on_failure, max_concurrency=max_concurrency)
+                             cancel_on_failure=cancel_on_failure, max_concurrency=max_concurrency,
+                             results=self._plan.results)  # a nested batch's results are part of ours
+        child._plan.unit_position = self._units
+        self._units += 1
         self._open_children += 1
         try:
             yield child
@@ -246,8 +260,11 @@ class BatchBuilder:
         if self._closed:
             raise BatchError(f"batch {self.name!r} is already written; use Batches.reopen() to add to it")
 
-    def _message(self, task: TaskRef, args: tuple, kwargs: dict, what: str, batch_id: str | None) -> Message:
+    def _message(self, task: TaskRef, args: tuple, kwargs: dict, what: str, batch_id: str | None, *,
+                 results: bool = False) -> Message:
         name, args, kwargs, options = _resolve(task, args, kwargs, what)
+        if results:  # the worker keeps the return value of a job carrying this header
+            options["headers"] = {**(options.get("headers") or {}), RESULTS_HEADER: True}
         serializer = options.get("serializer") or self._serializer
         try:
             if serializer != "json":  # the broker message must encode with the app's serializer too

@@ -48,7 +48,7 @@ def _batch_id(value: str, hint: str) -> str:
 
 
 def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=JSON_INDENT))
+    click.echo(json.dumps(data, indent=JSON_INDENT, default=str))  # a result may hold a date
 
 
 def _when(value: Any) -> str:
@@ -107,7 +107,10 @@ def show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
     if detail is None:
         raise click.ClickException(f"no batch with id {batch_id}")
     if as_json:
-        _echo_json(serialize.detail_json(detail))
+        data = serialize.detail_json(detail)
+        if detail.row.batch.results:  # each unit's result, in order
+            data["results"] = serialize.results_json(service.get_results(detail.row.batch.id))
+        _echo_json(data)
         return
     for node in detail.tree:  # depth-first, the batch itself first
         pad, u = "  " * node.depth, node.units
@@ -129,6 +132,8 @@ def show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
         click.echo("cancel_on_failure: its first failed unit cancels the rest")
     if batch.max_concurrency:
         click.echo(f"max_concurrency: {batch.max_concurrency} job(s) at once")
+    if batch.results:
+        click.echo("results: kept for its continuations (show --json lists them)")
     for c in detail.continuations:
         click.echo(f"on_{c.kind.lower()}: {c.task_name} [{c.status.name}]")
 

@@ -92,6 +92,7 @@ class Batch:
     tags: tuple[str, ...] = ()
     cancel_on_failure: bool = False  # the first failed unit cancels the rest of its subtree
     max_concurrency: int | None = None  # at most this many of its direct jobs published and unfinished
+    results: bool = False  # its jobs' return values are kept and passed to its continuations
 
     @property
     def pending_jobs(self) -> int:
@@ -106,6 +107,17 @@ class Batch:
     @property
     def is_finished(self) -> bool:
         return self.status.is_final
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """One unit's outcome in a ``results=True`` batch: a job's return value, or a nested batch's own
+    list (``run_id`` is then the nested batch's id); ``value`` is None for a failed or cancelled unit."""
+
+    run_id: str
+    status: RunStatus | BatchStatus
+    value: Any
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import json
 from datetime import datetime
 from typing import Any
 
+from .models import BatchStatus, JobResult
 from .store.pagerows import BatchDetail, BatchRef, BatchRow, ContinuationRow, Counts, JobRow, TreeNode
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "iso",
     "job_json",
     "ref_json",
+    "results_json",
     "stored_json",
     "tree_node_json",
     "when",
@@ -70,7 +72,7 @@ def batch_json(row: BatchRow) -> dict[str, Any]:
         "created_at": iso(b.created_at), "completed_at": iso(b.completed_at), "expires_at": iso(b.expires_at),
         "antecedent_id": row.antecedent_id, "continue_when": row.continue_when,
         "description": b.description, "properties": b.properties, "tags": list(b.tags),
-        "cancel_on_failure": b.cancel_on_failure, "max_concurrency": b.max_concurrency,
+        "cancel_on_failure": b.cancel_on_failure, "max_concurrency": b.max_concurrency, "results": b.results,
     }
 
 
@@ -111,7 +113,17 @@ def job_json(job: JobRow) -> dict[str, Any]:
         "retries": job.retries, "created_at": iso(job.created_at), "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
         "duration": job.duration.total_seconds() if job.duration is not None else None, "error": job.error,
+        "result": None if job.result is None else stored_json(job.result),
     }
+
+
+def results_json(results: list[JobResult]) -> list[dict[str, Any]]:
+    """A ``results=True`` batch's units in order (:meth:`Batches.get_results
+    <celery_batches.Batches.get_results>`): ``run_id`` (a nested batch's id), ``status``, ``value``
+    (a nested batch's own list) and ``error``."""
+    return [{"run_id": r.run_id, "status": r.status.name,
+             "value": results_json(r.value) if isinstance(r.status, BatchStatus) else r.value, "error": r.error}
+            for r in results]
 
 
 def detail_json(d: BatchDetail) -> dict[str, Any]:

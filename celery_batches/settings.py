@@ -97,6 +97,10 @@ class Settings:
     run_timeout: float | None = None
     """Seconds after which a run with no recorded outcome is marked FAILED by the reconciler (None: never)."""
 
+    result_max_bytes: int = 1 << 20
+    """Largest return value, in bytes of its JSON, a ``results=True`` batch keeps for a job; a job
+    returning more (or something JSON cannot hold) is recorded FAILED with the reason."""
+
     wait_interval: float = 0.2
     """Seconds between two registry reads in :meth:`Batches.wait`."""
 
@@ -117,6 +121,8 @@ class Settings:
             raise InvalidBatchError("heartbeat_interval, node_timeout and lost_after must be > 0, recovery_batch >= 1")
         if self.node_timeout <= 2 * self.heartbeat_interval:
             raise InvalidBatchError("node_timeout must be more than twice heartbeat_interval")
+        if self.result_max_bytes < 1:
+            raise InvalidBatchError("result_max_bytes must be >= 1")
         if self.publish_lease <= 0 or self.publish_chunk < 1:
             raise InvalidBatchError("publish_lease must be > 0 and publish_chunk >= 1")
 

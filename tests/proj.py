@@ -7,6 +7,7 @@ process see the same configuration.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -194,3 +195,31 @@ def track_late(self, key: str, seconds: float = 0.0) -> None:
     """``track`` with acks_late: Celery delivers it again if its worker dies while it runs."""
     r.hincrby(key, self.request.id)
     time.sleep(seconds)
+
+
+@batches.task
+def gate(flag: str, value: object) -> object:
+    """Waits (up to 60 s) until the Redis key ``flag`` is set, then returns ``value``: keeps its
+    batch open while a test adds to it."""
+    deadline = time.monotonic() + 60
+    while not r.get(flag) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+@batches.task(ignore_result=True)
+def returns(value: object, copies: int = 1) -> object:
+    """Returns ``value`` (``copies`` times over, for a string): with no result backend involved, so
+    only the batch's own result keeping judges it."""
+    return value * copies if isinstance(value, str) else value
+
+
+@batches.task(ignore_result=True)
+def returns_a_set() -> set:
+    return {1, 2}
+
+
+@app.task
+def remember(results: list, key: str) -> None:
+    """A ``results=True`` continuation: stores the results it got (JSON) under ``key``, counts its runs."""
+    r.rpush(key, json.dumps(results))

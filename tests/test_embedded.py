@@ -408,6 +408,26 @@ def test_retries_count_once_and_exhausted_retries_one_failure(backend):
 
 
 # -- creation and reads (no worker) --------------------------------------------------------------
+def test_results_reach_the_continuation_in_unit_order(env, embedded_worker):
+    """``results=True`` on SQLite (row-at-a-time writes): values, a failed job's None, a nested
+    batch's own list, in the order the units were added."""
+    with env.batches.batch("results", results=True) as b:
+        b.enqueue(env.t.ok, "a")
+        with b.batch("inner") as inner:
+            inner.enqueue(env.t.ok, "b")
+            inner.enqueue(env.t.fail, "c")
+        b.enqueue(env.t.ok, "d")
+        b.on_complete(env.t.cont, "complete")
+    assert env.batches.wait(b.id, timeout=EMBEDDED_WAIT).status == BatchStatus.FAILED
+    eventually(lambda: records(env.key, "cont"), "the continuation", EMBEDDED_WAIT)
+    env.drain()
+    assert records(env.key, "cont") == [("cont", ["a", ["b", None], "d"], ("complete",), b.id)]
+    results = env.batches.get_results(b.id)
+    assert [r.status for r in results] == [RunStatus.COMPLETED, BatchStatus.FAILED, RunStatus.COMPLETED]
+    assert [(r.status, r.value) for r in results[1].value] == [(RunStatus.COMPLETED, "b"), (RunStatus.FAILED, None)]
+    assert "c fails on purpose" in results[1].value[1].error
+
+
 def test_create_batch_returns_the_id(env):
     b, t = env.batches, env.t
     child_ids = []

@@ -6,6 +6,7 @@ written when creation fails) run on both backends in ``test_embedded.py``.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import timedelta
 from concurrent.futures import ThreadPoolExecutor
@@ -176,21 +177,24 @@ def test_current_batch_id_inside_a_member(proj, worker):
 @pytest.mark.slow
 def test_group_commit_lost_with_a_killed_pool_process_is_recovered(proj, start_worker):
     """Completions held in a pool process's group-commit buffer die with it (SIGKILL); the
-    reconciler recovers them from the result backend, each counted once."""
+    reconciler recovers them from the result backend, each counted once, with its return value
+    (a ``results=True`` batch)."""
     w = start_worker(TEST_FLUSH_INTERVAL="3600", TEST_FLUSH_MAX="100000",
                      TEST_RELAY_INTERVAL="0.5", TEST_RECONCILE_GRACE="1")
-    ran = tag("ran")
-    with proj.batches.batch("recovered") as b:
+    ran, key = tag("ran"), tag("complete")
+    with proj.batches.batch("recovered", results=True) as b:
         ids = [b.enqueue(proj.noop.s(ran).set(queue=w.queue)) for _ in range(6)]
-        b.on_success(proj.record.s(tag("unused")).set(queue=w.queue))
-        b.on_complete(proj.record.s(key := tag("complete")).set(queue=w.queue))
+        ids += [b.enqueue(proj.add.s(i, i).set(queue=w.queue)) for i in (1, 2)]
+        b.on_complete(proj.remember.s(key).set(queue=w.queue))
     eventually(lambda: all(proj.app.AsyncResult(i).state == "SUCCESS" for i in ids), "results stored", WAIT)
     assert count(proj, ran) == 6
     assert proj.batches.get_batch(b.id).completed_jobs == 0  # still in the pool processes' buffers
     assert w.kill_children()
     done = proj.batches.wait(b.id, timeout=WAIT)
-    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 6, 0)
-    fired_once(proj, key, w.queue)
+    assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 8, 0)
+    eventually(lambda: proj.r.llen(key) >= 1, "the continuation", WAIT)
+    drain(proj, w.queue)
+    assert [json.loads(item) for item in proj.r.lrange(key, 0, -1)] == [[None] * 6 + [2, 4]]
     assert count(proj, ran) == 6
     relay_reported("runs_reconciled=")
 

@@ -126,6 +126,7 @@ class JobRow:
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    result: str | None = None  # its return value's JSON (a results=True batch's completed job), possibly truncated
 
     @property
     def duration(self) -> timedelta | None:

@@ -279,7 +279,7 @@ def job_page(db: Db, batch_id: str, *, status: Sequence[RunStatus] | RunStatus |
 
     ``start``: the first position of the page (inclusive); ``before``: the page that ends just
     before this position. ``status`` keeps only jobs in that status (or those statuses).
-    ``text_chars`` truncates args, kwargs and error in SQL (for list views of huge arguments).
+    ``text_chars`` truncates args, kwargs, error and result in SQL (for list views of huge arguments).
     """
     r = db.tables.runs
     filters = [r.c.batch_id == batch_id]
@@ -291,7 +291,7 @@ def job_page(db: Db, batch_id: str, *, status: Sequence[RunStatus] | RunStatus |
         return (sa.func.substr(column, 1, text_chars) if text_chars else column).label(column.name)
 
     cols = [r.c.id, r.c.position, r.c.status, r.c.task_name, text(r.c.args), text(r.c.kwargs), r.c.queue,
-            r.c.retries, r.c.created_at, r.c.started_at, r.c.finished_at, text(r.c.error)]
+            r.c.retries, r.c.created_at, r.c.started_at, r.c.finished_at, text(r.c.error), text(r.c.result)]
 
     def exists(condition: sa.ColumnElement) -> sa.Select:
         return sa.select(sa.exists(sa.select(r.c.id).where(*filters, condition)))
@@ -312,6 +312,7 @@ def job_page(db: Db, batch_id: str, *, status: Sequence[RunStatus] | RunStatus |
             rows = rows[:limit]
             has_previous = bool(start) and bool(conn.scalar(exists(r.c.position < start)))
     jobs = [JobRow(row.id, row.position, RunStatus(row.status), row.task_name, row.args, row.kwargs, row.queue,
-                   row.retries, as_utc(row.created_at), as_utc(row.started_at), as_utc(row.finished_at), row.error)
+                   row.retries, as_utc(row.created_at), as_utc(row.started_at), as_utc(row.finished_at), row.error,
+                   row.result)
             for row in rows]
     return JobPage(jobs, has_previous=has_previous, has_next=has_next)

@@ -12,12 +12,13 @@ from typing import Protocol
 
 import sqlalchemy as sa
 
-from ..models import Batch, BatchStatus, Continuation, JobRun, RunStatus
+from ..models import Batch, BatchStatus, Continuation, JobResult, JobRun, RunStatus
+from .results import unit_results
 from .rows import as_utc, batch_from_row, continuation_from_row, run_from_row
 from .tables import Tables
 
 __all__ = ["Db", "PAGE_SIZE", "batch_filters", "batch_list", "batch_status", "get_batch", "get_continuations",
-           "get_jobs", "batch_list_rows", "open_runs"]
+           "get_jobs", "batch_list_rows", "open_runs", "results"]
 
 PAGE_SIZE = 50  # batches per list page unless the caller says otherwise
 
@@ -62,6 +63,16 @@ def get_continuations(db: Db, batch_id: str) -> list[Continuation]:
     q = sa.select(c).where(c.c.batch_id == batch_id).order_by(c.c.kind, c.c.position)
     with db.engine.connect() as conn:
         return [continuation_from_row(row) for row in conn.execute(q)]
+
+
+def results(db: Db, batch_id: str) -> list[JobResult] | None:
+    """A ``results=True`` batch's units in order (:func:`.results.unit_results`); None if no such
+    batch keeps results."""
+    b = db.tables.batches
+    with db.engine.connect() as conn:
+        if not conn.scalar(sa.select(b.c.results).where(b.c.id == batch_id)):
+            return None
+        return unit_results(conn, db.tables, batch_id)
 
 
 def batch_filters(t: Tables, *, status: BatchStatus | None = None, name: str | None = None,

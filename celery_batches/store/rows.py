@@ -88,6 +88,7 @@ class RunEvent:
     started: float | None = None  # a final event's folded RUNNING time
     node: str | None = None  # RUNNING: the ``<node>/<pid>`` running it (when its claim could not be written);
     # RETRYING clears it: the retry is a new message, whoever holds it marks it
+    result: str | None = None  # COMPLETED in a results=True batch: the return value's JSON
 
     def rank(self) -> tuple[int, int]:
         """Order of two progress events of one run: the later attempt, then RETRYING after RUNNING."""
@@ -113,7 +114,7 @@ def batch_from_row(row: sa.Row) -> Batch:
         completed_at=as_utc(row.completed_at), expires_at=as_utc(row.expires_at),
         description=row.description, properties=json.loads(row.properties) if row.properties else {},
         tags=tuple(json.loads(row.tags)) if row.tags else (), cancel_on_failure=bool(row.cancel_on_failure),
-        max_concurrency=row.max_concurrency,
+        max_concurrency=row.max_concurrency, results=bool(row.results),
     )
 
 

@@ -70,6 +70,8 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("tags", sa.Text, nullable=True),  # a JSON list, as given (batch_tags is what filters)
         sa.Column("cancel_on_failure", sa.Boolean, nullable=True),  # its first failed unit cancels the rest
         sa.Column("max_concurrency", sa.Integer, nullable=True),  # at most this many direct jobs in flight
+        sa.Column("results", sa.Boolean, nullable=True),  # its jobs' return values are kept (and passed on)
+        sa.Column("unit_position", sa.Integer, nullable=True),  # a nested batch's place among its parent's units
         sa.Index(f"ix_{prefix}batches_parent", "parent_id"),
         sa.Index(f"ix_{prefix}batches_created", "created_at"),
         sa.Index(f"ix_{prefix}batches_status_created", "status", "created_at"),
@@ -101,6 +103,7 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("claimed_at", TIMESTAMP, nullable=True),  # when its current delivery claimed it
         # waiting behind its batch's max_concurrency window: unpublished until a finishing job releases it
         sa.Column("held", sa.Boolean, nullable=True),
+        sa.Column("result", sa.Text, nullable=True),  # its return value as JSON (a results=True batch's job)
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # a batch's jobs in a rare status, in enqueue order (the dashboard's "failed only" of a huge
         # batch); only those statuses: every job's insert, claim and completion add no entry (one of

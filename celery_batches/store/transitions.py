@@ -17,6 +17,7 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
+from .. import kombujson
 from ..builder import Message
 from ..errors import BatchClosedError, BatchNotFoundError
 from ..models import Batch, BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
@@ -31,6 +32,7 @@ from .rows import (
     storable_text,
     utcnow,
 )
+from .results import result_values, unit_results
 from .tables import Tables
 
 __all__ = ["Transitions", "Tx"]
@@ -143,11 +145,12 @@ class Transitions:
         WHERE r.id = v.id AND r.status < {completed}
           AND (r.retries < v.retries OR (r.retries = v.retries AND r.status <= {running}))"""
     _PG_FINAL = """
-        UPDATE {runs} AS r SET status = v.status, finished_at = v.at, error = v.error,
+        UPDATE {runs} AS r SET status = v.status, finished_at = v.at, error = v.error, result = v.result,
                started_at = coalesce(r.started_at, v.started), retries = greatest(r.retries, v.retries)
         FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
-                    CAST(:ats AS timestamptz[]), CAST(:starts AS timestamptz[]), CAST(:errors AS text[]))
-             AS v(id, status, retries, at, started, error)
+                    CAST(:ats AS timestamptz[]), CAST(:starts AS timestamptz[]), CAST(:errors AS text[]),
+                    CAST(:results AS text[]))
+             AS v(id, status, retries, at, started, error, result)
         WHERE r.id = v.id AND r.status < {completed}
         RETURNING r.batch_id, r.status, (SELECT b.max_concurrency FROM {batches} AS b WHERE b.id = r.batch_id)"""
 
@@ -168,6 +171,7 @@ class Transitions:
             "ids": [e.run_id for e in final], "statuses": [int(e.status) for e in final],
             "retries": [e.retries for e in final], "ats": [from_epoch(e.at) for e in final],
             "starts": [from_epoch(e.started) for e in final], "errors": [storable_text(e.error) for e in final],
+            "results": [e.result for e in final],
         }).all()
         return [(str(row[0]), RunStatus(row[1]), row[2]) for row in rows]
 
@@ -199,6 +203,7 @@ class Transitions:
             row = conn.execute(
                 sa.update(r).where(r.c.id == e.run_id, unfinished)
                 .values(status=int(e.status), finished_at=from_epoch(e.at), error=storable_text(e.error),
+                        result=e.result,
                         started_at=sa.func.coalesce(r.c.started_at, from_epoch(e.started)),
                         retries=sa.case((r.c.retries > e.retries, r.c.retries), else_=e.retries))
                 .returning(r.c.batch_id, window)
@@ -281,6 +286,7 @@ class Transitions:
                           c.c.status == int(ContinuationStatus.WAITING))
         if not batch_ids or not conn.scalar(sa.select(sa.exists().where(waiting))):
             return tx.outbox()  # the usual case: no lease taken for nothing
+        self._give_results(conn, waiting)
         due = conn.execute(
             sa.update(c).where(waiting)
             .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.publication())
@@ -336,8 +342,11 @@ class Transitions:
             by_status[status].append(batch_id)
         fires = [sa.and_(c.c.batch_id.in_(ids), c.c.kind.in_(_FIRES_ON[status]))
                  for status, ids in by_status.items() if status in _FIRES_ON]
+        firing = sa.and_(c.c.status == int(ContinuationStatus.WAITING), sa.or_(sa.false(), *fires))
+        if fires:
+            self._give_results(conn, firing)
         due = conn.execute(
-            sa.update(c).where(c.c.status == int(ContinuationStatus.WAITING), sa.or_(sa.false(), *fires))
+            sa.update(c).where(firing)
             .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.publication())
             .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.kind,
                        c.c.position)
@@ -348,6 +357,20 @@ class Transitions:
         )
         due = sorted(due, key=lambda row: (str(row.batch_id), row.kind, row.position))
         return tx.outbox(continuations=[continuation_message(row) for row in due])
+
+    def _give_results(self, conn: sa.Connection, firing: sa.ColumnElement[bool]) -> None:
+        """The continuations about to fire (``firing``) of ``results=True`` batches get the batch's
+        results as their first argument, written into their rows: a republish sends the same."""
+        b, c = self.tables.batches, self.tables.continuations
+        rows = conn.execute(sa.select(c.c.id, c.c.batch_id, c.c.args).join(b, b.c.id == c.c.batch_id)
+                            .where(firing, b.c.results.is_(True))).all()
+        if not rows:
+            return
+        values = {batch_id: result_values(unit_results(conn, self.tables, batch_id))
+                  for batch_id in {row.batch_id for row in rows}}
+        conn.execute(sa.update(c).where(c.c.id == sa.bindparam("b_id")).values(args=sa.bindparam("b_args")),
+                     [{"b_id": row.id, "b_args": kombujson.dumps([values[row.batch_id], *kombujson.loads(row.args)])}
+                      for row in rows])
 
     def settle_successors(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
         """Continue-with: start the stages waiting on these batches whose ``when`` matches; cancel the rest."""
@@ -446,7 +469,8 @@ class Transitions:
         runs = conn.execute(
             sa.update(r).where(r.c.batch_id.in_(open_batches), r.c.status == int(RunStatus.FAILED))
             .values(status=int(RunStatus.PENDING), published=False, publication_id=tx.publication(), error=None,
-                    started_at=None, finished_at=None, node=None, claimed_at=None, retries=0)
+                    started_at=None, finished_at=None, node=None, claimed_at=None, retries=0,
+                    result=None)
             .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
                        r.c.retries)
         ).all()

@@ -77,7 +77,8 @@ class Trees:
         first_cont = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(c.c.position) + 1, 0))
                                  .where(c.c.batch_id == batch_id))
         children = [node for child in plan.children for node in child.walk()]
-        self._insert_nodes(conn, children, batch.status, now)
+        # a nested batch's place among the batch's units counts the units it had before
+        self._insert_nodes(conn, children, batch.status, now, units_before=(batch_id, batch.total_jobs))
         free = len(plan.jobs) if batch.max_concurrency is None else \
             batch.max_concurrency - self.machine.in_flight(conn, batch_id)
         jobs = [(batch_id, first_job + i, job, i >= free) for i, job in enumerate(plan.jobs)]
@@ -96,7 +97,12 @@ class Trees:
         return outbox
 
     def _insert_nodes(self, conn: sa.Connection, nodes: list[BatchPlan], status: BatchStatus, now: datetime,
-                      root_extra: dict | None = None) -> None:
+                      root_extra: dict | None = None, units_before: tuple[str, int] | None = None) -> None:
+        def unit_position(node: BatchPlan) -> int | None:
+            if node.unit_position is None or units_before is None or node.parent_id != units_before[0]:
+                return node.unit_position
+            return units_before[1] + node.unit_position
+
         if nodes:
             conn.execute(sa.insert(self.tables.batches), [{
                 "id": node.id, "name": node.name, "parent_id": node.parent_id, "status": int(status),
@@ -105,6 +111,7 @@ class Trees:
                 "description": node.description, "properties": node.properties,
                 "tags": json.dumps(list(node.tags)) if node.tags else None,
                 "cancel_on_failure": node.cancel_on_failure or None, "max_concurrency": node.max_concurrency,
+                "results": node.results or None, "unit_position": unit_position(node),
                 **(root_extra if i == 0 and root_extra else {}),
             } for i, node in enumerate(nodes)])
             tags = [{"tag": tag, "batch_id": node.id} for node in nodes for tag in node.tags]

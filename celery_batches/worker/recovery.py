@@ -34,6 +34,7 @@ from celery.backends.base import DisabledBackend
 from kombu.utils import json as kjson
 
 from ..broker import Probe, Snapshot
+from ..kombujson import keep
 from ..models import RunStatus
 from ..store import RunEvent, utcnow
 
@@ -47,15 +48,16 @@ __all__ = ["Recovery", "backend_outcome"]
 log = logging.getLogger(__name__)
 
 
-def backend_outcome(app: "Celery", run_id: str) -> RunEvent | None:
-    """The run's outcome as the app's result backend recorded it (SUCCESS, FAILURE, REVOKED), if any."""
+def backend_outcome(app: "Celery", run_id: str, result_max_bytes: int) -> RunEvent | None:
+    """The run's outcome as the app's result backend recorded it (SUCCESS, FAILURE, REVOKED), if any;
+    a SUCCESS brings its return value along, for a ``results=True`` batch (if JSON can hold it)."""
     backend = app.backend
     if isinstance(backend, DisabledBackend):
         return None
     meta = backend.get_task_meta(run_id)
     state, result = meta.get("status"), meta.get("result")
     if state == states.SUCCESS:
-        return RunEvent(run_id, RunStatus.COMPLETED)
+        return RunEvent(run_id, RunStatus.COMPLETED, result=keep(result, result_max_bytes)[0])
     if state == states.FAILURE:
         return RunEvent(run_id, RunStatus.FAILED, 0, f"{type(result).__name__}: {result}")
     if state == states.REVOKED:
@@ -143,7 +145,8 @@ class Recovery:
         """End runs whose process died: with the outcome the result backend kept, if the app has one
         and it kept one; FAILED with ``error`` otherwise."""
         if rows:
-            self.record([backend_outcome(self.app, str(row.id)) or RunEvent(str(row.id), RunStatus.FAILED, 0, error)
+            most = self.settings.result_max_bytes
+            self.record([backend_outcome(self.app, str(row.id), most) or RunEvent(str(row.id), RunStatus.FAILED, 0, error)
                          for row in rows])
             done["runs_worker_lost"] += len(rows)
 

@@ -104,7 +104,7 @@ class Relay:
         timeout = self.settings.run_timeout
         events: list[RunEvent] = []
         for run_id, since, _created in stale:
-            event = backend_outcome(node.app, run_id)
+            event = backend_outcome(node.app, run_id, self.settings.result_max_bytes)
             if event is not None:
                 events.append(event)
             elif timeout is not None and since < now - timedelta(seconds=timeout):

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
+from .. import kombujson
+from ..builder import RESULTS_HEADER
 from ..models import RunStatus
 from ..outbox import CONTINUATION_HEADER, HEADER
 from ..settings import ERROR_CHARS
@@ -57,10 +59,18 @@ def connect(node: "Node") -> None:
                 add(RunEvent(task_id or request.id, RunStatus.RUNNING, request.retries or 0,
                              node=f"{node.name}/{os.getpid()}"))
 
-    def on_success(sender: Any = None, **_: Any) -> None:
+    def on_success(sender: Any = None, result: Any = None, **_: Any) -> None:
         request, batch_id = member(sender)
-        if batch_id:
+        if not batch_id:
+            return
+        if not getattr(request, RESULTS_HEADER, None):
             add(RunEvent(request.id, RunStatus.COMPLETED, request.retries or 0))
+            return
+        kept, error = kombujson.keep(result, node.settings.result_max_bytes)
+        if error is None:
+            add(RunEvent(request.id, RunStatus.COMPLETED, request.retries or 0, result=kept))
+        else:  # the batch promised its continuations this value and cannot keep it: the run fails
+            add(RunEvent(request.id, RunStatus.FAILED, request.retries or 0, error[:ERROR_CHARS]))
 
     def on_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app and getattr(request, HEADER, None):
