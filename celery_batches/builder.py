@@ -197,8 +197,6 @@ class BatchBuilder:
                              description=description, properties=properties, tags=tags,
                              cancel_on_failure=cancel_on_failure, max_concurrency=max_concurrency,
                              results=self._plan.results)  # a nested batch's results are part of ours
-        child._plan.unit_position = self._units
-        self._units += 1
         self._open_children += 1
         try:
             yield child
@@ -207,6 +205,8 @@ class BatchBuilder:
             raise
         finally:
             self._open_children -= 1
+        child._plan.unit_position = self._units  # its place among the units: where its block ended
+        self._units += 1
         self._plan.children.append(child.seal())
 
     def add_batch(self, name: str, configure: Callable[["BatchBuilder"], Any]) -> str:

@@ -375,3 +375,19 @@ def test_nested_builder_is_closed_after_its_block(registry, tasks):
             payment.enqueue(tasks.validate, 2)
     child = registry.list_batches(parent_id=b.id)
     assert [c.id for c in child] == [payment.id] and child[0].total_jobs == 1
+
+
+def test_a_nested_batch_takes_its_place_among_the_units_where_its_block_ends(app):
+    """``results=True`` orders units by these places: a nested batch given up inside its parent's
+    block takes none, so the units after it keep their order."""
+    b = BatchBuilder(app, "outer", results=True)
+    b.enqueue("t.a")
+    with pytest.raises(RuntimeError):
+        with b.batch("given up"):
+            raise RuntimeError("given up")
+    with b.batch("kept") as kept:
+        kept.enqueue("t.b")
+    b.enqueue("t.c")
+    plan = b.seal()
+    assert [(child.name, child.unit_position, child.results) for child in plan.children] == [("kept", 1, True)]
+    assert all(job.options and "celery_batches_results" in job.options for job in plan.jobs)
