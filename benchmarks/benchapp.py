@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import redis
 from celery import Celery
@@ -17,6 +18,8 @@ BROKER = env("BENCH_BROKER_URL", REDIS)
 app = Celery("benchapp", broker=BROKER, backend=REDIS)
 app.conf.update(task_default_queue=env("BENCH_QUEUE", "celery_batches_bench"), worker_hijack_root_logger=False,
                 broker_connection_retry_on_startup=True)
+if BROKER.startswith("amqp"):  # py-amqp drops a socket RabbitMQ's flow control paused for 1 s (docs/howto.md)
+    app.conf.broker_transport_options = {"socket_settings": {socket.TCP_USER_TIMEOUT: 30000}}
 batches = Batches(app, database_url=env("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
                   table_prefix=env("BENCH_PREFIX", "cbbench_"),
                   flush_interval=float(env("BENCH_FLUSH_INTERVAL", "0")) or None)  # None: the default

@@ -131,7 +131,8 @@ def main() -> None:
               f"{batch['total']:8.2f} {batch['peak_mb']:8.0f} {delay:8.2f}{mark or ' '} "
               f"{batch['total'] / delay:11.3f}", flush=True)
     if any(n > args.delay_max for n in sizes):
-        print(f"* delay() extrapolated linearly from N = {max(measured):,}")
+        print(f"* delay() extrapolated linearly from N = {max(measured):,}" if measured else
+              f"* delay() not measured: no size is <= --delay-max {args.delay_max:,}")
     print("targets: 10,000 jobs total/delay <= 0.15; 100,000 jobs total <= 10 s; "
           "1,000,000 jobs total <= 120 s and peak <= 600 MB")
 
