@@ -286,14 +286,7 @@ class Transitions:
                           c.c.status == int(ContinuationStatus.WAITING))
         if not batch_ids or not conn.scalar(sa.select(sa.exists().where(waiting))):
             return tx.outbox()  # the usual case: no lease taken for nothing
-        self._give_results(conn, waiting)
-        due = conn.execute(
-            sa.update(c).where(waiting)
-            .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.publication())
-            .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.kind,
-                       c.c.position)
-        ).all()
-        due = sorted(due, key=lambda row: (str(row.batch_id), row.position))
+        due = sorted(self._make_due(tx, waiting), key=lambda row: (str(row.batch_id), row.position))
         return tx.outbox(continuations=[continuation_message(row) for row in due])
 
     def _bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
@@ -343,20 +336,25 @@ class Transitions:
         fires = [sa.and_(c.c.batch_id.in_(ids), c.c.kind.in_(_FIRES_ON[status]))
                  for status, ids in by_status.items() if status in _FIRES_ON]
         firing = sa.and_(c.c.status == int(ContinuationStatus.WAITING), sa.or_(sa.false(), *fires))
-        if fires:
-            self._give_results(conn, firing)
-        due = conn.execute(
-            sa.update(c).where(firing)
-            .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.publication())
-            .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.kind,
-                       c.c.position)
-        ).all() if fires else []
+        due = self._make_due(tx, firing) if fires else []
         conn.execute(
             sa.update(c).where(c.c.batch_id.in_(list(finished)), c.c.status == int(ContinuationStatus.WAITING))
             .values(status=int(ContinuationStatus.SKIPPED))
         )
         due = sorted(due, key=lambda row: (str(row.batch_id), row.kind, row.position))
         return tx.outbox(continuations=[continuation_message(row) for row in due])
+
+    def _make_due(self, tx: Tx, firing: sa.ColumnElement[bool]) -> list[sa.Row]:
+        """The WAITING continuations ``firing`` selects become due, under the transaction's lease;
+        those of a ``results=True`` batch get its results first."""
+        c = self.tables.continuations
+        self._give_results(tx.conn, firing)
+        return tx.conn.execute(
+            sa.update(c).where(firing)
+            .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.publication())
+            .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.kind,
+                       c.c.position)
+        ).all()
 
     def _give_results(self, conn: sa.Connection, firing: sa.ColumnElement[bool]) -> None:
         """The continuations about to fire (``firing``) of ``results=True`` batches get the batch's
