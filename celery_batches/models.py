@@ -111,8 +111,9 @@ class Batch:
 
 @dataclass(frozen=True, slots=True)
 class JobResult:
-    """One unit's outcome in a ``results=True`` batch: a job's return value, or a nested batch's own
-    list (``run_id`` is then the nested batch's id); ``value`` is None for a failed or cancelled unit."""
+    """One unit's outcome in a ``results=True`` batch: a job's return value (None while it has not
+    completed, or if it failed or was cancelled), or a nested batch's own list of ``JobResult``
+    whatever its status (``run_id`` is then the nested batch's id)."""
 
     run_id: str
     status: RunStatus | BatchStatus
