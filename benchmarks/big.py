@@ -97,8 +97,15 @@ def delete_queue(queue: str) -> None:
     from benchmarks.benchapp import app
 
     with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        if conn.transport.driver_type == "redis":
+            # kombu's virtual queue_delete only deletes bindings this connection declared itself: a
+            # fresh connection would leave the probe's (up to a million) messages in Redis
+            # (the probe's exchange is named after its queue, as Celery names a default queue's)
+            channel.client.delete(queue, channel.keyprefix_queue % queue, channel.keyprefix_binding_permanent % queue)
+            return
         try:
-            conn.default_channel.queue_delete(queue)
+            channel.queue_delete(queue)
         except Exception:  # noqa: BLE001  (never declared)
             pass
 
