@@ -85,3 +85,18 @@ def test_postgresql_and_portable_claims_agree(registry, scenario):
         claim = registry.liveness.claim(run, retries, node, at, portable=portable)
         ends.append(((claim.claimed, claim.run_status, claim.batch_status), _row(registry, run)))
     assert ends[0] == ends[1], f"{scenario}: PostgreSQL claim {ends[0]} != portable claim {ends[1]}"
+
+
+@pytest.mark.parametrize("keeps", [True, False], ids=["results batch", "plain batch"])
+def test_a_result_is_kept_only_for_a_results_batch_on_both_paths(registry, keeps):
+    """A COMPLETED event may carry a value (recovery reads it from a result backend for any run);
+    only a ``results=True`` batch's run keeps it, on the PostgreSQL and the portable path alike."""
+    kept = []
+    for portable in (False, True):
+        with registry.batch(f"result kept={keeps} (portable={portable})", results=keeps) as b:
+            run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
+        registry.store.apply_events([RunEvent(run, C, 0, result='{"n": 1}')], portable=portable)
+        r = registry.store.tables.runs
+        with registry.engine.connect() as conn:
+            kept.append(conn.scalar(sa.select(r.c.result).where(r.c.id == run)))
+    assert kept == (['{"n": 1}'] * 2 if keeps else [None, None])

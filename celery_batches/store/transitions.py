@@ -135,7 +135,8 @@ class Transitions:
     # to the runs with unnest(). Conditions (all keyed by run id, final statuses are >= COMPLETED):
     #   progress: never touches a final run; a later attempt wins; within one attempt RUNNING may
     #             become RETRYING but not back;
-    #   final:    only the first final event of a run changes it (and only that one is counted).
+    #   final:    only the first final event of a run changes it (and only that one is counted); its
+    #             value (``result``) is kept only in a results=True batch, looked up only when one came.
     _PG_PROGRESS = """
         UPDATE {runs} AS r SET status = v.status, retries = v.retries, started_at = coalesce(r.started_at, v.at),
                node = CASE WHEN v.status = {retrying} THEN NULL ELSE coalesce(v.node, r.node) END,
@@ -145,7 +146,9 @@ class Transitions:
         WHERE r.id = v.id AND r.status < {completed}
           AND (r.retries < v.retries OR (r.retries = v.retries AND r.status <= {running}))"""
     _PG_FINAL = """
-        UPDATE {runs} AS r SET status = v.status, finished_at = v.at, error = v.error, result = v.result,
+        UPDATE {runs} AS r SET status = v.status, finished_at = v.at, error = v.error,
+               result = CASE WHEN v.result IS NOT NULL
+                             THEN (SELECT v.result FROM {batches} AS b WHERE b.id = r.batch_id AND b.results) END,
                started_at = coalesce(r.started_at, v.started), retries = greatest(r.retries, v.retries)
         FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
                     CAST(:ats AS timestamptz[]), CAST(:starts AS timestamptz[]), CAST(:errors AS text[]),
@@ -200,10 +203,11 @@ class Transitions:
         b = self.tables.batches
         window = sa.select(b.c.max_concurrency).where(b.c.id == r.c.batch_id).scalar_subquery()
         for e in final:
+            keeps = sa.select(sa.literal(e.result)).where(b.c.id == r.c.batch_id, b.c.results.is_(True))
             row = conn.execute(
                 sa.update(r).where(r.c.id == e.run_id, unfinished)
                 .values(status=int(e.status), finished_at=from_epoch(e.at), error=storable_text(e.error),
-                        result=e.result,
+                        result=None if e.result is None else keeps.scalar_subquery(),
                         started_at=sa.func.coalesce(r.c.started_at, from_epoch(e.started)),
                         retries=sa.case((r.c.retries > e.retries, r.c.retries), else_=e.retries))
                 .returning(r.c.batch_id, window)
