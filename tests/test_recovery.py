@@ -304,3 +304,43 @@ def test_a_claim_is_one_deliverys_own(registry):
     assert not registry.liveness.claim(run, 0, "n/2/third", utcnow()).claimed
     assert registry.liveness.claim(run, 0, "n/1/first", utcnow()).claimed  # its commit went unanswered
     assert registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed  # the next attempt
+
+
+class _Broker:
+    """A probe whose every look finds the given run held unacknowledged under ``tag`` (the message of
+    its current attempt), and which records what recovery restores."""
+
+    knows = True
+
+    def __init__(self, run_id: str) -> None:
+        from celery_batches.broker import Snapshot
+
+        self.run_id, self.tag, self.restored, self.Snapshot = run_id, "tag-0", [], Snapshot
+
+    def look(self, queues):
+        return self.Snapshot(held={self.run_id: self.tag})
+
+    def restore(self, tags):
+        self.restored += list(tags)
+        return len(tags)
+
+
+def test_messages_of_successive_attempts_held_in_turn_are_not_one_orphan(registry):
+    """Chaos soak, 2026-12-02: a plain task retrying with a short countdown had each attempt's message
+    held unacknowledged for a moment before its worker's heartbeat marked it; the lost-message search
+    counted those moments as one message held by nobody for longer than the confirm time, restored the
+    third attempt's message while its worker held it, and that attempt ran twice. Only the same message
+    seen held at both looks is an orphan."""
+    import time
+
+    recovery = _recovery(registry, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
+    with registry.batch("retrying") as b:
+        run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
+    recovery.probe = broker = _Broker(run)
+    confirm = recovery._confirm()
+    for attempt in range(3):  # each look finds the next attempt's message, after more than confirm
+        broker.tag = f"tag-{attempt}"
+        assert recovery.run_once()["messages_restored"] == 0, f"attempt {attempt}'s message restored"
+        time.sleep(confirm + 0.1)
+    assert recovery.run_once()["messages_restored"] == 1  # the same message at two looks: orphaned
+    assert broker.restored == ["tag-2"]

@@ -236,7 +236,7 @@ class Liveness:
         Read along the open-runs index in creation order, whatever the planner's statistics say."""
         r = self.tables.runs
         q = (sa.select(r.c.id, r.c.status, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id,
-                       r.c.position, r.c.queue, r.c.created_at)
+                       r.c.position, r.c.queue, r.c.created_at, r.c.retries)
              .where(r.c.status < int(RunStatus.COMPLETED), r.c.status != int(RunStatus.RUNNING),
                     r.c.node.is_(None), r.c.created_at < older_than,
                     sa.or_(r.c.published, r.c.status == int(RunStatus.RETRYING)))

@@ -74,7 +74,8 @@ class Recovery:
         self.record = node.write_events  # commit RunEvents and publish what they made due
         self.me = node.name
         self._seen: dict[str, tuple[object, float]] = {}  # node -> (last heartbeat value, when it changed)
-        # run id -> ("held" | "absent", since when, pass of the last look): what the lost-message search saw
+        # run id -> (what the lost-message search saw: "held <delivery tag>" or "absent <attempt>", since
+        # when, pass of the last look): one message held, or one attempt's message missing, throughout
         self._absent: dict[str, tuple[str, float, int]] = {}
         self._pass = 0
         self._cursor: tuple[Any, str] | None = None
@@ -182,12 +183,15 @@ class Recovery:
         lost, orphaned = [], []
         for row in rows:
             run_id = str(row.id)
-            state = "held" if run_id in snap.held else "queued" if run_id in snap.queued else "absent"
-            if state == "queued":
+            if run_id in snap.queued and run_id not in snap.held:
                 self._absent.pop(run_id, None)
                 continue
+            # a retrying run's attempts each have a message of their own, held or missing in turn for a
+            # moment (before a heartbeat marks it, while the next is sent): each is watched on its own
+            held = snap.held.get(run_id)
+            state = f"held {held}" if held else f"absent {row.retries}"
             if self._missing(run_id, state, now, confirm):
-                (orphaned if state == "held" else lost).append(row)
+                (orphaned if held else lost).append(row)
         if orphaned:  # unacknowledged, and no live node says it holds it: its consumer died
             done["messages_restored"] += self.probe.restore([snap.held[str(row.id)] for row in orphaned])
         if lost:  # back to the outbox: the relay publishes them (same task ids)
