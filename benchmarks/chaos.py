@@ -2,23 +2,37 @@
 
 For ``--minutes``, several producer processes create batches of random shapes (1-500 jobs, nested
 up to three levels, continuations of every kind, continue-with stages, jobs added later, cancels,
-retries, failures, fail-fast batches, windows of running jobs) against two real ``celery worker -P prefork -c 2`` nodes, while a fault loop SIGKILLs
-pool processes and whole workers (restarting them), terminates the app's PostgreSQL backends and
-restarts the broker: a private, non-persistent ``redis-server``, so a restart loses its queues.
+retries, failures, members that replace themselves, continuations that retry, fail-fast batches,
+windows of running jobs) against two real ``celery worker -P prefork -c 2`` nodes, while a fault
+loop SIGKILLs pool processes and whole workers (restarting them), terminates the app's PostgreSQL
+backends, restarts PgBouncer (when the registry is reached through it) and restarts the broker.
 Then producers and faults stop, the workers keep running, and the soak waits (``--settle-timeout``)
 for every batch to finish and checks the reliability contract (docs: "never stuck, never doubled"):
 nothing stuck, counters equal the runs' final states at every level, every continuation that
-should fire ran exactly once and no other ran, no job attempt started twice unless Celery itself
+should fire fired exactly once and no other did, no job attempt started twice unless Celery itself
 redelivers it (acks_late). Executions are counted in the shared Redis (127.0.0.1:6379 db 11),
 which the broker restarts do not touch. Exit status 0 only if nothing is wrong.
 
-    python benchmarks/chaos.py [--minutes 10] [--seed N] [--producers 3] [--fault-interval 3]
-                               [--settle-timeout 600] [--max-jobs 500] [--keep]
+The configuration is one cell of the matrix users deploy:
+
+* ``--broker redis``: a private, non-persistent ``redis-server``; a restart loses its queues.
+  ``--broker rabbitmq``: a private virtual host on the local RabbitMQ; a "restart" closes every
+  connection to it (durable queues and persistent messages survive a real restart).
+* ``--database direct``: PostgreSQL itself. ``--database pgbouncer``: producers and workers reach it
+  through a private PgBouncer in transaction pooling mode (Debian's ``pgbouncer``).
+* ``--profile defaults``: Celery's settings as shipped (no acks_late, no result backend).
+  ``--profile acks-late``: ``task_acks_late`` for every task and a Redis result backend.
+
+    python benchmarks/chaos.py [--minutes 10] [--seed N] [--broker redis|rabbitmq]
+                               [--database direct|pgbouncer] [--profile defaults|acks-late]
+                               [--producers 3] [--fault-interval 3] [--settle-timeout 600]
+                               [--max-jobs 500] [--keep]
 
 Needs PostgreSQL (127.0.0.1:5432, database ``test``, or CHAOS_DATABASE_URL), the shared Redis
-(or CHAOS_COUNTER_URL) and ``redis-server`` on PATH. Everything it creates (``cbchaos_<hex>_``
-tables, counter keys, the private Redis, workers) is removed at the end; ``--keep`` keeps the
-tables and counter keys to debug a violation, and the logs are kept whenever something failed.
+(or CHAOS_COUNTER_URL), ``redis-server`` on PATH, and for the other cells ``rabbitmqctl`` and
+``pgbouncer``. Everything it creates (``cbchaos_<hex>_`` tables, counter keys, the private broker
+or virtual host, the bouncer, workers) is removed at the end; ``--keep`` keeps the tables and
+counter keys to debug a violation, and the logs are kept whenever something failed.
 """
 
 from __future__ import annotations
@@ -48,11 +62,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-WORK_TASKS = ("chaos.work",) * 8 + ("chaos.work_late", "chaos.plain_work")
-CONTINUATION_TASKS = ("chaos.continuation", "chaos.continuation_member")
+WORK_TASKS = ("chaos.work",) * 7 + ("chaos.work_late", "chaos.plain_work", "chaos.work_replace")
+CONTINUATION_TASKS = ("chaos.continuation", "chaos.continuation_member", "chaos.continuation_retry")
 KINDS = ("success", "failure", "complete")  # continue-with's ``when`` too
 CONTINUATION_KINDS = KINDS + ("first_failure",)
-FAULTS = ("kill_pool_process", "kill_worker", "kill_pg_backends", "restart_redis")
+FAULTS = ("kill_pool_process", "kill_worker", "kill_pg_backends", "restart_broker")
 VIOLATIONS = ("stuck", "doubled", "wrong counters", "continuations not exactly once")
 
 
@@ -90,13 +104,11 @@ class Producer:
     BACKLOG = 1000  # messages waiting in the broker above which a producer waits for the workers
 
     def __init__(self, index: int, seed: int, until: float, max_jobs: int) -> None:
-        import redis
-
         from benchmarks import chaosapp
 
         self.batches, self.r, self.keys = chaosapp.batches, chaosapp.counters, chaosapp.KEYS
         self.max_retries, self.queue = chaosapp.MAX_RETRIES, chaosapp.app.conf.task_default_queue
-        self.broker = redis.Redis.from_url(chaosapp.app.conf.broker_url, socket_timeout=1, socket_connect_timeout=1)
+        self.broker = chaosapp.app.connection_for_write()
         self.rng = random.Random(f"{seed}/producer/{index}")
         self.index, self.until, self.max_jobs = index, until, max_jobs
         self.actions: list[tuple[float, float, str, str]] = []  # heap of (due, tie-break, kind, batch id)
@@ -114,8 +126,13 @@ class Producer:
         """Don't outpace the workers: wait while the broker holds a long queue. A broker that does not
         answer (it is restarting) is no reason to wait: creating batches then is part of the test."""
         try:
-            return self.broker.llen(self.queue) < self.BACKLOG
+            channel = self.broker.default_channel
+            if self.broker.transport.driver_type == "redis":
+                return channel.client.llen(self.queue) < self.BACKLOG
+            return channel.queue_declare(self.queue, passive=True).message_count < self.BACKLOG
         except Exception:
+            self.broker.close()
+            self.broker = self.broker.clone()
             return True
 
     def plan(self, max_jobs: int, depth: int = 3) -> Node:
@@ -224,7 +241,7 @@ class Producer:
 
 
 # -- what the fault loop breaks ------------------------------------------------------------------------
-class Broker:
+class RedisBroker:
     """The private, non-persistent ``redis-server``: a restart loses every queued message."""
 
     def __init__(self, logdir: Path) -> None:
@@ -254,6 +271,34 @@ class Broker:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+    def restart(self, pause: float) -> None:
+        self.kill()
+        time.sleep(pause)
+        self.start()
+
+    cleanup = kill
+
+
+class RabbitBroker:
+    """A private virtual host on the local RabbitMQ. A "restart" closes every connection to it: what
+    clients see when the broker restarts (its durable queues and persistent messages survive)."""
+
+    def __init__(self, run: str) -> None:
+        from benchmarks.services import RabbitVhost
+
+        self.vhost = RabbitVhost(f"cbchaos_{run}")
+        self.url = self.vhost.url
+
+    def start(self) -> None:
+        self.vhost.create()
+
+    def restart(self, pause: float) -> None:
+        self.vhost.close_connections()
+        time.sleep(pause)
+
+    def cleanup(self) -> None:
+        self.vhost.delete()
 
 
 class Worker:
@@ -313,15 +358,17 @@ class Faults:
     """Injects one fault at a time. Kinds come in shuffled rounds, so even a short run injects every
     kind; the seed fixes the sequence."""
 
-    def __init__(self, rng: random.Random, workers: list[Worker], broker: Broker, engine: Any,
-                 app_names: list[str]) -> None:
+    def __init__(self, rng: random.Random, workers: list[Worker], broker: Any, engine: Any,
+                 app_names: list[str], bouncer: Any = None) -> None:
         self.rng, self.workers, self.broker, self.engine, self.app_names = rng, workers, broker, engine, app_names
+        self.bouncer = bouncer
+        self.kinds = FAULTS + (("restart_pgbouncer",) if bouncer is not None else ())
         self.count: Counter[str] = Counter()
         self.backends_killed = self.revived = 0
         self.round: list[str] = []
 
     def inject(self) -> str:
-        self.round = self.round or self.rng.sample(FAULTS, len(FAULTS))
+        self.round = self.round or self.rng.sample(self.kinds, len(self.kinds))
         kind = self.round.pop()
         getattr(self, kind)()
         self.count[kind] += 1
@@ -349,10 +396,14 @@ class Faults:
                 "WHERE application_name = ANY(:names) AND pid <> pg_backend_pid()"), {"names": self.app_names}).all())
             conn.commit()
 
-    def restart_redis(self) -> None:
-        self.broker.kill()
-        time.sleep(self.rng.uniform(0.2, 3))
-        self.broker.start()
+    def restart_broker(self) -> None:
+        self.broker.restart(self.rng.uniform(0.2, 3))
+
+    def restart_pgbouncer(self) -> None:
+        """Every client connection of producers and workers cut at once, then the bouncer back."""
+        self.bouncer.stop()
+        time.sleep(self.rng.uniform(0.2, 2))
+        self.bouncer.start()
 
     def revive(self) -> None:
         """Restart a worker that died by itself (counted: it is worth knowing)."""
@@ -379,19 +430,21 @@ class Checker:
 
         from celery_batches import BatchStatus
 
-        self.max_retries, self.acks_late = mod.MAX_RETRIES, mod.ACKS_LATE_TASKS
+        self.max_retries, self.redelivered = mod.MAX_RETRIES, mod.redelivered_by_celery
         t, r, keys = mod.batches.store.tables, mod.counters, mod.KEYS
         with mod.batches.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
             self.batches = conn.execute(sa.select(t.batches)).all()
             self.runs = conn.execute(sa.select(t.runs.c.id, t.runs.c.batch_id, t.runs.c.task_name, t.runs.c.status,
                                                t.runs.c.args, t.runs.c.published, t.runs.c.result)).all()
             self.conts = conn.execute(sa.select(t.continuations.c.id, t.continuations.c.batch_id,
-                                                t.continuations.c.kind, t.continuations.c.status)).all()
+                                                t.continuations.c.kind, t.continuations.c.status,
+                                                t.continuations.c.task_name)).all()
         self.status = {row.id: BatchStatus(row.status) for row in self.batches}
         self.keeps = {row.id: bool(row.results) for row in self.batches}
-        self.starts, self.ends, self.cont_runs, self.sent = (
+        self.starts, self.ends, self.cont_runs, self.sent, self.replaced, self.cont_done, self.redelivered_by_broker = (
             {k.decode(): int(n) for k, n in r.hgetall(f"{keys}:{name}").items()}
-            for name in ("starts", "ends", "continuations", "published"))
+            for name in ("starts", "ends", "continuations", "published", "replaced", "continuations_done",
+                         "redelivered"))
         self.recorded = {kind: {m.decode() for m in r.smembers(f"{keys}:{kind}")}
                          for kind in ("roots", "stages", "cancelled")}
         self.publog = lambda: r.lrange(f"{keys}:publog", 0, -1)
@@ -445,9 +498,21 @@ class Checker:
         for run in self.runs:
             s, spec = RunStatus(run.status), json.loads(run.args)[0]
             attempts = [f"{run.id}:{a}" for a in range(self.max_retries + 2) if f"{run.id}:{a}" in self.starts]
+            if self.replaced.get(str(run.id), 0) > 1:  # the body of a member that replaced itself
+                if self.redelivered(run.task_name):
+                    self.notes["acks_late replacing members re-executed (allowed)"] += 1
+                else:
+                    self.violations["doubled"].append(f"run {run.id} ({run.task_name}, {s.name}): replaced "
+                                                      f"itself {self.replaced[str(run.id)]}x")
+            if run.task_name == "chaos.work_replace":
+                self.notes["members that replaced themselves"] += str(run.id) in self.replaced
             if twice := [f for f in attempts if self.starts[f] > 1]:
-                if run.task_name in self.acks_late:
+                if self.redelivered(run.task_name):
                     self.notes["acks_late runs re-executed (allowed)"] += 1
+                elif run.task_name == "chaos.plain_work" and all(self.redelivered_by_broker.get(f) for f in twice):
+                    # a plain task has no claim to skip it: the broker's own redelivery (an early
+                    # acknowledgement lost with its connection) runs it again, as Celery would
+                    self.notes["plain tasks the broker delivered again, run again (allowed)"] += 1
                 else:
                     doubled.append(twice)
                     resent = any(self.sent.get(f, 0) > 1 for f in twice)
@@ -495,10 +560,20 @@ class Checker:
             # on_first_failure: once a unit failed, whatever the batch's end (a cancel can follow it)
             should = failed[c.batch_id] > 0 if c.kind == "first_failure" else c.kind in fires.get(s.name, ())
             expected = ContinuationStatus.DISPATCHED if should else ContinuationStatus.SKIPPED
-            if (ran != should or row != expected) if s.is_final else ran > 0:
+            if should and ran > 1 and c.task_name == "chaos.continuation" and self.redelivered(c.task_name):
+                self.notes["acks_late plain continuations re-executed (allowed)"] += 1
+                ran = 1
+            done = self.cont_done.get(str(c.id), 0)
+            if c.task_name == "chaos.continuation_retry" and ran:
+                self.notes[f"retrying continuations whose retry ran {min(done, 2)}x"] += 1
+            if s.is_final:
+                wrong = ran != should or row != expected or done > 1
+            else:  # only a first failure fires before its batch ends
+                wrong = ran > (c.kind == "first_failure" and failed[c.batch_id] > 0) or done > 1
+            if wrong:
                 self.violations["continuations not exactly once"].append(
-                    f"continuation {c.id} (on_{c.kind} of {s.name} batch {c.batch_id}): row {row.name}, "
-                    f"sent {self.sent.get(f'{c.id}:0', 0)}x, ran {ran}x")
+                    f"continuation {c.id} ({c.task_name}, on_{c.kind} of {s.name} batch {c.batch_id}): row "
+                    f"{row.name}, sent {self.sent.get(f'{c.id}:0', 0)}x, ran {ran}x, its retry ran {done}x")
 
     def table(self, soak: Soak, faults: Faults, settled: bool, minutes: float) -> str:
         from celery_batches import RunStatus
@@ -512,6 +587,7 @@ class Checker:
         run_states = Counter(RunStatus(r.status).name for r in self.runs)
         rows = [
             ("run", f"seed {a.seed}, {a.minutes:g} min, {a.producers} producers, 2 workers, tables {soak.prefix}*"),
+            ("cell", f"broker {a.broker}, database {a.database}, profile {a.profile}"),
             ("batches", f"top-level {len(self.recorded['roots'])}, total {len(self.batches)} "
                         f"(nested {nested}, stages {len(self.recorded['stages'])})"),
             ("batch states", fmt(Counter(s.name for s in self.status.values()))),
@@ -544,11 +620,19 @@ class Soak:
         self.args, run = args, uuid.uuid4().hex[:8]
         self.prefix, self.keys, self.app_name = f"cbchaos_{run}_", f"cbchaos:{run}", f"cbchaos_{run}"
         self.logdir = Path(tempfile.mkdtemp(prefix=f"cbchaos-{run}-"))
-        self.broker = Broker(self.logdir)
+        self.broker = RabbitBroker(run) if args.broker == "rabbitmq" else RedisBroker(self.logdir)
         os.environ.update(CHAOS_BROKER_URL=self.broker.url, CHAOS_PREFIX=self.prefix, CHAOS_KEYS=self.keys,
+                          CHAOS_PROFILE=args.profile,
                           CHAOS_APP_NAME=f"{self.app_name}-control")  # the fault loop spares this process
         os.environ.setdefault("CHAOS_COUNTER_URL", "redis://127.0.0.1:6379/11")
+        os.environ.setdefault("CHAOS_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
         self.env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.bouncer = None
+        if args.database == "pgbouncer":  # producers and workers go through it; this process (the checks) does not
+            from benchmarks.services import PgBouncer
+
+            self.bouncer = PgBouncer(os.environ["CHAOS_DATABASE_URL"], pool_size=8)
+            self.env["CHAOS_DATABASE_URL"] = self.bouncer.url(os.environ["CHAOS_DATABASE_URL"])
         self.workers = [Worker(slot, self.logdir, dict(self.env, CHAOS_APP_NAME=f"{self.app_name}-worker"))
                         for slot in (1, 2)]
         self.producers: list[subprocess.Popen] = []
@@ -560,6 +644,8 @@ class Soak:
         print(f"chaos soak: seed {args.seed}, tables {self.prefix}*, logs in {self.logdir}", flush=True)
         try:
             self.broker.start()
+            if self.bouncer is not None:
+                self.bouncer.start()
             mod.batches.migrate()
             migrated = True
             for w in self.workers:
@@ -568,7 +654,7 @@ class Soak:
             if not all(w.alive() for w in self.workers):
                 raise RuntimeError(f"a worker exited at start; see {self.logdir}")
             faults = Faults(random.Random(f"{args.seed}/faults"), self.workers, self.broker, mod.batches.engine,
-                            [f"{self.app_name}-worker", f"{self.app_name}-producer"])
+                            [f"{self.app_name}-worker", f"{self.app_name}-producer"], self.bouncer)
             until = time.time() + args.minutes * 60
             self.start_producers(until)
             self.fault_loop(faults, until)
@@ -661,6 +747,20 @@ class Soak:
         except Exception as exc:
             print(f"drain failed ({exc}): executions still queued are not counted", flush=True)
 
+    @staticmethod
+    def forget_outcomes(mod: Any) -> None:
+        """The result backend's entries of this run's tasks (the acks-late profile keeps them)."""
+        import sqlalchemy as sa
+
+        if not mod.ACKS_LATE:
+            return
+        t = mod.batches.store.tables
+        with mod.batches.engine.connect() as conn:
+            ids = [*conn.execute(sa.select(t.runs.c.id)).scalars(),
+                   *conn.execute(sa.select(t.continuations.c.id)).scalars()]
+        for task_id in ids:
+            mod.app.backend.forget(str(task_id))
+
     def stats(self) -> dict[str, int]:
         from benchmarks.chaosapp import counters
 
@@ -674,7 +774,8 @@ class Soak:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
-        for step in [w.stop for w in self.workers] + [self.broker.kill]:
+        for step in [w.stop for w in self.workers] + [self.broker.cleanup] + (
+                [self.bouncer.cleanup] if self.bouncer is not None else []):
             try:
                 step()
             except Exception:
@@ -682,6 +783,7 @@ class Soak:
         try:
             if drop:
                 mod.batches.engine.dispose()
+                self.forget_outcomes(mod)
                 drop_schema(mod.batches.engine, self.prefix)
             keys = list(mod.counters.scan_iter(match=f"{self.keys}:*", count=1000))
             if keys and not self.args.keep:
@@ -699,6 +801,11 @@ class Soak:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="how long producers and faults run")
+    p.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis")
+    p.add_argument("--database", choices=("direct", "pgbouncer"), default="direct",
+                   help="how producers and workers reach PostgreSQL")
+    p.add_argument("--profile", choices=("defaults", "acks-late"), default="defaults",
+                   help="Celery's settings as shipped, or acks_late for every task and a result backend")
     p.add_argument("--seed", type=int, default=None, help="fixes the batch shapes and the fault sequence")
     p.add_argument("--producers", type=int, default=3)
     p.add_argument("--fault-interval", type=float, default=3.0, help="mean seconds between two faults")

@@ -6,8 +6,10 @@ that keeps the execution counts across those restarts), ``CHAOS_DATABASE_URL``, 
 (table prefix), ``CHAOS_KEYS`` (counter key prefix) and ``CHAOS_APP_NAME`` (the PostgreSQL
 ``application_name`` the fault loop uses to find this process's connections).
 
-Celery's reliability settings stay at their defaults on purpose (no global acks_late, no result
-backend, the default visibility timeout): the product must cope with them.
+``CHAOS_PROFILE`` picks Celery's settings: ``defaults`` keeps them as Celery ships them (no global
+acks_late, no result backend, the default visibility timeout), so the product must cope with
+them; ``acks-late`` turns on ``task_acks_late`` for every task and a Redis result backend
+(``CHAOS_BACKEND_URL``, on the shared Redis: broker restarts do not touch it).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from celery_batches import Batches
 
 env = os.environ.get
 MAX_RETRIES = 3
-#: tasks Celery itself may run again after a kill (their message is acknowledged only at the end)
-ACKS_LATE_TASKS = frozenset({"chaos.work_late"})
 
-app = Celery("chaosapp", broker=env("CHAOS_BROKER_URL", "redis://127.0.0.1:6390/0"), backend=None)
-app.conf.update(task_default_queue=env("CHAOS_QUEUE", "chaos"), broker_connection_retry_on_startup=True)
+PROFILE = env("CHAOS_PROFILE", "defaults")
+ACKS_LATE = PROFILE == "acks-late"
+app = Celery("chaosapp", broker=env("CHAOS_BROKER_URL", "redis://127.0.0.1:6390/0"),
+             backend=env("CHAOS_BACKEND_URL", "redis://127.0.0.1:6379/12") if ACKS_LATE else None)
+app.conf.update(task_default_queue=env("CHAOS_QUEUE", "chaos"), broker_connection_retry_on_startup=True,
+                task_acks_late=ACKS_LATE, result_expires=3600)
 # Recovery speed. Set through app.conf, where a setting this version does not know yet is ignored
 # (an unknown keyword argument to Batches would raise).
 app.conf.update(batches_relay_interval=1, batches_publish_lease=5, batches_heartbeat_interval=1,
@@ -41,6 +45,7 @@ batches = Batches(
 counters = redis.Redis.from_url(env("CHAOS_COUNTER_URL", "redis://127.0.0.1:6379/11"))
 KEYS = env("CHAOS_KEYS", "cbchaos")
 STARTS, ENDS, CONTINUATIONS = f"{KEYS}:starts", f"{KEYS}:ends", f"{KEYS}:continuations"
+REPLACED, CONTINUATIONS_DONE, REDELIVERED = f"{KEYS}:replaced", f"{KEYS}:continuations_done", f"{KEYS}:redelivered"
 PUBLISHED, PUBLOG = f"{KEYS}:published", f"{KEYS}:publog"
 
 
@@ -71,6 +76,8 @@ def _execute(task: Task, spec: dict) -> str:
     attempt = task.request.retries or 0
     field = f"{task.request.id}:{attempt}"
     counters.hincrby(STARTS, field)  # first thing: every start counts, even one killed a moment later
+    if (task.request.delivery_info or {}).get("redelivered"):  # the broker delivered this message again
+        counters.hincrby(REDELIVERED, field)
     if spec.get("sleep"):
         time.sleep(spec["sleep"])
     counters.hincrby(ENDS, field)
@@ -97,6 +104,14 @@ def plain_work(self: Task, spec: dict) -> str:
     return _execute(self, spec)
 
 
+@batches.task(name="chaos.work_replace", bind=True)
+def work_replace(self: Task, spec: dict) -> None:
+    """Replaces itself (``Task.replace``) with ``chaos.work`` of the same spec, which runs under this
+    task's id and is what the run records. Its own body counts apart (``REPLACED``)."""
+    counters.hincrby(REPLACED, self.request.id)
+    return self.replace(work.si(spec))
+
+
 @app.task(name="chaos.continuation", bind=True)
 def continuation(self: Task, *args: Any) -> None:
     """Counts its executions by task id, which is the continuation row's id. Its last argument is
@@ -108,6 +123,21 @@ def continuation(self: Task, *args: Any) -> None:
 def continuation_member(self: Task, *args: Any) -> None:
     """The same as a ``@batches.task``."""
     counters.hincrby(CONTINUATIONS, self.request.id)
+
+
+@batches.task(name="chaos.continuation_retry", bind=True, max_retries=MAX_RETRIES)
+def continuation_retry(self: Task, *args: Any) -> None:
+    """A ``@batches.task`` continuation that retries once: counted as it fires (its first attempt),
+    and apart as it ends (its retry; a second delivery of a retry would count twice there)."""
+    if not self.request.retries:
+        counters.hincrby(CONTINUATIONS, self.request.id)
+        raise self.retry(countdown=0)
+    counters.hincrby(CONTINUATIONS_DONE, self.request.id)
+
+
+def redelivered_by_celery(task_name: str) -> bool:
+    """May Celery itself run this task again after a kill (its message acknowledged only at the end)?"""
+    return ACKS_LATE or task_name == "chaos.work_late"
 
 
 @app.task(name="chaos.sentinel")

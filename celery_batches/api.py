@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from celery import Celery, current_task
+from celery.backends.base import DisabledBackend
 
 from . import retry
 from .aftercommit import caller_connection, on_commit
@@ -67,15 +68,18 @@ class Batches:
         self.app = app
         self.settings = Settings.resolve(app.conf, dict(settings, database_url=database_url,
                                                         table_prefix=table_prefix))
-        self.engine = make_engine(self.settings.database_url, self.settings.engine_options)
+        prepared = self.settings.prepared_statements
+        self.engine = make_engine(self.settings.database_url, self.settings.engine_options,
+                                  prepared_statements=prepared)
         tables = build_tables(self.settings.table_prefix)
         lease = timedelta(seconds=self.settings.publish_lease)
         self.store = Transitions(self.engine, tables, self.settings.expires, lease)
         self.trees = Trees(self.store)
         self.outbox = Publisher(app, OutboxStore(self.engine, tables, lease), self.store.apply_events,
-                                chunk=self.settings.publish_chunk)
+                                chunk=self.settings.publish_chunk, bulk=self.settings.bulk_publish)
         self.liveness = Liveness(self.engine, tables,
-                                 make_claim_engine(self.settings.database_url, self.settings.engine_options))
+                                 make_claim_engine(self.settings.database_url, self.settings.engine_options,
+                                                   prepared_statements=prepared))
         self.probe = probe_for(app, self.settings.probe_scan_limit)
         #: the worker side's one seam to the registry (signal handlers, BatchTask, heartbeat, relay)
         self.worker = Node(app, self.settings, self.store, self.liveness, self.probe, self.outbox)
@@ -230,14 +234,28 @@ class Batches:
         ``BatchClosedError`` if the batch (or one above it) was cancelled; 0 if nothing failed.
         ``connection``: as for :meth:`batch`."""
         batch_id = _batch_id(batch_id)
-        retried = [0]
+        retried: list[str] = []
 
         def retry(conn: Any) -> Outbox:
-            retried[0], outbox = self.store.retry_failed(conn, batch_id, utcnow())
+            retried[:], outbox = self.store.retry_failed(conn, batch_id, utcnow())
             return outbox
 
-        self._commit(retry, connection)
-        return retried[0]
+        # the result backend still holds each run's failed attempt under the same task id: forget it
+        # before the new attempt is published, so nothing reads it as the new attempt's outcome
+        self._commit(retry, connection, first=lambda: self._forget_outcomes(retried))
+        return len(retried)
+
+    def _forget_outcomes(self, run_ids: list[str]) -> None:
+        """Drop what the app's result backend kept for these task ids (best effort: the reconciler
+        also ignores an outcome dated before the run was put back)."""
+        if not run_ids or isinstance(self.app.backend, DisabledBackend):
+            return
+        try:
+            for run_id in run_ids:
+                self.app.backend.forget(run_id)
+        except Exception:  # noqa: BLE001 - a backend that cannot forget now does not stop the retry
+            log.warning("celery_batches: could not forget the earlier outcomes of %d retried run(s) in the "
+                        "result backend", len(run_ids), exc_info=True)
 
     def _revoke(self, run_ids: list[str]) -> None:
         for start in range(0, len(run_ids), REVOKE_CHUNK):
@@ -251,13 +269,15 @@ class Batches:
         return self.trees.purge_expired(utcnow())
 
     def _commit(self, work: Callable[[Any], Outbox], connection: Any, *, visible: Callable[[], bool] | None = None,
-                then: Callable[[], None] | None = None) -> None:
+                first: Callable[[], None] | None = None, then: Callable[[], None] | None = None) -> None:
         """The one way a write API writes. Without ``connection``: ``work(conn)`` in a transaction of
-        our own, then publish what it made publishable (then ``then()``). With ``connection`` (the
-        caller's Session or Connection): ``work`` joins the caller's transaction, and publishing
-        waits for the caller's commit (``visible`` tells a commit from a rollback; by default the
-        transaction's publish lease being there)."""
+        our own, then publish what it made publishable (``first()`` before, ``then()`` after). With
+        ``connection`` (the caller's Session or Connection): ``work`` joins the caller's transaction,
+        and publishing waits for the caller's commit (``visible`` tells a commit from a rollback; by
+        default the transaction's publish lease being there)."""
         def publish(outbox: Outbox) -> None:
+            if first is not None:
+                first()
             self._publish(outbox)
             if then is not None:
                 then()

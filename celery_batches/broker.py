@@ -1,11 +1,13 @@
 """What the broker still holds: is a run's message queued, held by a consumer, or gone?
 
 Recovery asks this before it republishes a run whose message may be lost, and to hand back the
-messages a dead worker had taken but not acknowledged. Only Redis needs it: kombu's Redis
-transport keeps a consumer's unacknowledged messages in the ``unacked`` hash until the visibility
-timeout (an hour by default), and a Redis restart without persistence loses queues. RabbitMQ
-returns a dead consumer's messages at once and keeps durable queues, so there the probe knows
-nothing and recovery leaves messages to the broker.
+messages a dead worker had taken but not acknowledged. kombu's Redis transport keeps a consumer's
+unacknowledged messages in the ``unacked`` hash until the visibility timeout (an hour by default),
+and a Redis restart without persistence loses queues: there the probe reads the queues (up to a
+scan limit) and the unacked hash. RabbitMQ returns a dead consumer's messages at once and keeps
+durable queues, but a message a worker took and lost (it died before recording anything) is gone
+there too; a queue's messages cannot be listed without taking them, but its count of ready
+messages can be read: an empty queue holds no lost message, a busy one is not judged.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from kombu.utils import json as kjson
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["Probe", "Snapshot", "probe_for"]
+__all__ = ["AmqpProbe", "Probe", "RedisProbe", "Snapshot", "probe_for"]
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +29,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class Snapshot:
     """One look at the broker: task ids queued, task ids held unacknowledged (with their delivery tags),
-    and whether every queue was read to its end (if not, an id missing from ``queued`` proves nothing)."""
+    and the queues whose messages could not all be read (an id missing from one of those proves nothing)."""
 
     queued: set[str] = field(default_factory=set)
     held: dict[str, str] = field(default_factory=dict)
-    complete: bool = True
+    unknown: set[str] = field(default_factory=set)
 
     def has(self, task_id: str) -> bool:
         return task_id in self.queued or task_id in self.held
@@ -47,7 +49,7 @@ class Probe:
         self.scan_limit = scan_limit
 
     def look(self, queues: Iterable[str]) -> Snapshot:
-        return Snapshot(complete=False)
+        return Snapshot(unknown=set(queues))
 
     def restore(self, delivery_tags: Iterable[str]) -> int:
         return 0
@@ -67,7 +69,7 @@ class RedisProbe(Probe):
                 for key in {channel._q_for_pri(queue, step) for step in channel.priority_steps}:
                     length = client.llen(key)
                     if length > self.scan_limit:
-                        snap.complete = False
+                        snap.unknown.add(queue)
                     for raw in client.lrange(key, 0, self.scan_limit - 1):
                         task_id = _task_id(raw)
                         if task_id:
@@ -93,6 +95,31 @@ class RedisProbe(Probe):
         return restored
 
 
+class AmqpProbe(Probe):
+    """RabbitMQ: only a queue's count of ready messages is read (a passive declare takes nothing). An
+    empty queue is known to hold none of the runs looked for; a queue with messages is not judged.
+    Unacknowledged messages are RabbitMQ's to return (it does, at once, when their consumer dies)."""
+
+    knows = True
+
+    def look(self, queues: Iterable[str]) -> Snapshot:
+        snap = Snapshot()
+        with self.app.connection_for_write() as conn:
+            channel: Any = conn.channel()
+            try:
+                for queue in set(queues):
+                    try:
+                        ready = channel.queue_declare(queue, passive=True).message_count
+                    except conn.channel_errors:  # no such queue (RabbitMQ closes the channel): nothing in it
+                        channel = conn.channel()
+                        ready = 0
+                    if ready:
+                        snap.unknown.add(queue)
+            finally:
+                channel.close()
+        return snap
+
+
 def _task_id(raw: Any) -> str | None:
     try:
         payload = kjson.loads(raw) if isinstance(raw, (bytes, str)) else raw
@@ -102,10 +129,12 @@ def _task_id(raw: Any) -> str | None:
 
 
 def probe_for(app: "Celery", scan_limit: int) -> Probe:
-    """The probe for the app's broker transport."""
+    """The probe for the app's broker transport: judged by the transport class the URL resolves to
+    (its ``driver_type``), so ``rediss://``, ``sentinel://`` and a custom alias of kombu's Redis
+    transport all get the Redis probe. Nothing connects here."""
     try:
-        transport = app.connection_for_write().transport_cls
-    except Exception:
+        with app.connection_for_write() as conn:
+            driver = conn.transport.driver_type
+    except Exception:  # noqa: BLE001 - a transport that cannot even be loaded here: nothing to look into
         return Probe(app, scan_limit)
-    name = transport if isinstance(transport, str) else getattr(transport, "driver_type", "")
-    return (RedisProbe if name in ("redis", "rediss") else Probe)(app, scan_limit)
+    return {"redis": RedisProbe, "amqp": AmqpProbe}.get(driver, Probe)(app, scan_limit)

@@ -7,10 +7,17 @@ The relay (a worker thread, one node at a time) takes over only what carries a l
 producer died, the broker was down, or the flag could not be written. So nothing is published by
 two publishers at once, and nothing committed stays unpublished.
 
-Messages go out a chunk at a time (``sending.py``: one Redis pipeline per chunk, each message as
-``send_task`` would send it): a broker that is down stops the publisher (the relay goes on
-later); a message the broker or Celery refuses for good (an option of the wrong type) fails its
-run, or its continuation, with the reason, and the others go out.
+Messages go out a chunk at a time (``sending.py``: on Redis and RabbitMQ one write per chunk, each
+message as ``send_task`` would send it). When something fails, what failed decides, never the
+exception's type alone (kombu counts ``KeyError`` among Redis's connection errors, and Celery's
+``QueueNotFound`` is one): the messages not known to have reached the broker are sent again one by
+one through kombu's own publish, and one that fails again is judged by whether the broker answers
+a fresh connection. A broker that does not answer stops the publisher, with its lease kept: the
+relay goes on later and nothing is lost. A message the broker answers for and still will not take
+(an option of the wrong type, a queue Celery does not know, a queue RabbitMQ declared with other
+arguments) fails its run, or its continuation, with the reason, and everything else goes out. A
+connection error on one message while the broker answers waits one lease (the relay tries again),
+twice at most, then counts as a refusal: no single row blocks the relay.
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from kombu.exceptions import ContentDisallowed, EncodeError, OperationalError
+from collections import Counter
+
+from kombu.exceptions import OperationalError
 
 from . import kombujson, retry
 from .builder import Message
 from .models import RunStatus
 from .sending import Sender, Session
+from .settings import PUBLISH_DEFERRALS
 from .store import Outbox, RunEvent
 
 if TYPE_CHECKING:
@@ -34,16 +44,36 @@ if TYPE_CHECKING:
 
     from .store.outbox import OutboxStore
 
-__all__ = ["CONTINUATION_HEADER", "HEADER", "Publisher", "Report"]
+__all__ = ["REPLACES_HEADER", "CONTINUATION_HEADER", "HEADER", "Publisher", "Report"]
 
 #: Message header carrying a member's batch id. Namespaced: user headers override Celery's own.
 HEADER = "celery_batches_batch_id"
 #: Message header of a continuation: the batch whose finish fired it.
 CONTINUATION_HEADER = "celery_batches_continuation_of"
+#: Message header of a replacement (``Task.replace()``): the claim of the delivery it takes over.
+REPLACES_HEADER = "celery_batches_replaces"
 
 log = logging.getLogger(__name__)
-#: what publishing one message raises when the message itself is wrong (not the broker)
-_REFUSALS = (TypeError, ValueError, LookupError, EncodeError, ContentDisallowed)
+
+
+def _connection_trouble(exc: BaseException) -> bool:
+    """An error a socket, a server going away or a timeout raises (not one a message earns)."""
+    if isinstance(exc, LookupError):  # kombu lists KeyError among Redis's connection errors
+        return False
+    kinds: list[type] = [OSError, OperationalError]
+    try:
+        from redis import exceptions as redis_errors
+
+        kinds += [redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError]
+    except ImportError:  # pragma: no cover (no redis client installed)
+        pass
+    try:
+        from amqp import exceptions as amqp_errors
+
+        kinds.append(amqp_errors.ConnectionError)
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, tuple(kinds))
 
 
 @dataclass
@@ -53,9 +83,24 @@ class Report:
     runs: int = 0
     continuations: int = 0
     refused: int = 0
+    deferred: int = 0
     broker_down: bool = False
     lease_lapsed: bool = False
     errors: list[str] = field(default_factory=list)
+    #: until when (``time.monotonic()``) the publisher surely holds its lease: its bookkeeping writes
+    #: are tried again until then (nothing else publishes its rows meanwhile)
+    held_until: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Sent:
+    """What sending some messages did: ``sent`` reached the broker, ``refused`` never will (with why),
+    ``deferred`` waits one lease; ``down``: the broker stopped answering (the rest was not sent)."""
+
+    sent: list[str] = field(default_factory=list)
+    refused: list[tuple[Message, str]] = field(default_factory=list)
+    deferred: list[Message] = field(default_factory=list)
+    down: str | None = None
 
 
 class Publisher:
@@ -66,16 +111,16 @@ class Publisher:
     """
 
     def __init__(self, app: "Celery", store: "OutboxStore", record: Callable[[Sequence[RunEvent]], Outbox], *,
-                 chunk: int = 1000) -> None:
+                 chunk: int = 1000, bulk: bool = True) -> None:
         self.app = app
         self.store = store
         self.record = record
         self.chunk = chunk
-        self._connection_errors: tuple[type[BaseException], ...] | None = None
-        self.sender = Sender(app)
+        self.sender = Sender(app, bulk=bulk)
+        self._deferrals: Counter[str] = Counter()  # message id -> times this publisher deferred it
 
     def publish(self, outbox: Outbox) -> Report:
-        report = Report()
+        report = Report(held_until=self._lease_from_now())  # the lease was taken (or renewed) just before
         self._publish(outbox, report, depth=0)
         if report.broker_down or report.lease_lapsed:
             log.error("celery_batches: published %d run(s) and %d continuation(s) of this outbox; the relay "
@@ -94,6 +139,7 @@ class Publisher:
             total.runs += report.runs
             total.continuations += report.continuations
             total.refused += report.refused
+            total.deferred += report.deferred
             if report.broker_down or report.lease_lapsed or (len(runs) < limit and len(continuations) < limit):
                 total.broker_down, total.lease_lapsed = report.broker_down, report.lease_lapsed
                 return total
@@ -103,76 +149,141 @@ class Publisher:
             return
         lease = outbox.publication
         refused: list[RunEvent] = []
+        deferred: list[Message] = []
         overlap = len(outbox.runs) > self.chunk and self.store.engine.dialect.name != "sqlite"  # one writer there
-        with _Flagger(self._flag_runs, overlap) as flagger:
+        with _Flagger(lambda sent: self._flag_runs(sent, report.held_until), overlap) as flagger:
             for start in range(0, len(outbox.runs), self.chunk):
                 if not self._hold(lease, report):
-                    return
-                chunk = outbox.runs[start:start + self.chunk]
-                sent, bad = self._send(chunk, report)
-                if sent:
-                    flagger.flag(sent)
-                report.runs += len(sent)
+                    break
+                done = self._send(outbox.runs[start:start + self.chunk])
+                if done.sent:
+                    flagger.flag(done.sent)
+                report.runs += len(done.sent)
                 refused += [RunEvent(m.id, RunStatus.FAILED, 0, "celery_batches: the broker refused this run's "
-                                                                f"message: {type(exc).__name__}: {exc}") for m, exc in bad]
-                if report.broker_down:
+                                                                f"message: {why}") for m, why in done.refused]
+                deferred += done.deferred
+                if done.down:
+                    report.broker_down = True
+                    report.errors.append(done.down)
                     break
         if outbox.continuations and not report.broker_down and self._hold(lease, report):
-            sent, bad = self._send(outbox.continuations, report)
-            if sent:
-                self._write("flag dispatched continuations", self.store.mark_dispatched, sent)
-            report.continuations += len(sent)
-            for m, exc in bad:
+            done = self._send(outbox.continuations)
+            if done.sent:
+                self._write("flag dispatched continuations", self.store.mark_dispatched, done.sent,
+                            until=report.held_until)
+            report.continuations += len(done.sent)
+            for m, why in done.refused:
                 self._write("fail a refused continuation", self.store.refuse_continuation, m.id,
-                            "celery_batches: the broker refused this continuation's message: "
-                            f"{type(exc).__name__}: {exc}")
+                            f"celery_batches: the broker refused this continuation's message: {why}",
+                            until=report.held_until)
+            report.refused += len(done.refused)
+            deferred += done.deferred
+            if done.down:
+                report.broker_down = True
+                report.errors.append(done.down)
+        if deferred:
+            report.deferred += len(deferred)
+            self._write("defer messages the broker did not take", self.store.defer,
+                        [m.id for m in deferred if m.batch_id], [m.id for m in deferred if not m.batch_id],
+                        until=report.held_until)
         if refused:
             report.refused += len(refused)
             then = self.record(refused)  # counted FAILED; may finish batches and make continuations due
             if depth < 16:
                 self._publish(then, report, depth + 1)
         if lease and not report.broker_down and not report.lease_lapsed:
-            self._write("release a publish lease", self.store.release, lease)
+            self._write("release a publish lease", self.store.release, lease, until=report.held_until)
 
     def _hold(self, lease: str | None, report: Report) -> bool:
         """Renew the lease before a chunk; False (stop) if it lapsed: the relay may own the rest now."""
         if lease is None or report.lease_lapsed:
             return not report.lease_lapsed
-        held = self._write("renew a publish lease", self.store.renew, lease)
+        held = self._write("renew a publish lease", self.store.renew, lease, until=report.held_until)
         if not held:
             report.lease_lapsed = True
+        else:
+            report.held_until = self._lease_from_now()
         return bool(held)
 
-    def _send(self, messages: Sequence[Message], report: Report) -> tuple[list[str], list[tuple[Message, Exception]]]:
-        """Send a chunk; what it returns as sent reached the broker (a buffered chunk whose flush
-        failed counts as not sent: the relay publishes it again, and claims keep a duplicate from
-        running twice)."""
-        sent: list[str] = []
-        refused: list[tuple[Message, Exception]] = []
+    def _lease_from_now(self) -> float:
+        """Until when a lease renewed now surely holds (a margin for the clocks of other hosts)."""
+        return time.monotonic() + 0.8 * self.store.lease.total_seconds()
+
+    def _send(self, messages: Sequence[Message]) -> _Sent:
+        """Send messages: all at once, then one by one what that could not send (see the module)."""
+        done = _Sent()
+        rest, error = self._send_together(messages, done)
+        if rest:
+            self._send_alone(rest, done)
+            if error is not None and not _connection_trouble(error) and not done.refused and not done.down \
+                    and self.sender.bulk:
+                # kombu's own publish sent what the bulk path failed on: the bulk path is at fault
+                # here (a kombu or py-amqp that is not what it was proven on), not the messages
+                log.warning("celery_batches: bulk publishing failed (%s: %s) where kombu's own publish did not; "
+                            "publishing message by message from now on in this process",
+                            type(error).__name__, error)
+                self.sender.bulk = False
+        return done
+
+    def _send_together(self, messages: Sequence[Message], done: _Sent) -> tuple[list[Message], Exception | None]:
+        """One session for all of them; returns what did not go out, and the error that stopped it."""
+        session: Session | None = None
         try:
-            with self.app.producer_or_acquire() as producer, self.sender.session(producer, len(messages)) as session:
+            with self.app.producer_or_acquire() as producer, \
+                    self.sender.session(producer, len(messages)) as session:
                 for m in messages:
-                    try:
-                        self._send_one(m, session)
-                    except Exception as exc:
-                        if self._broker_down(exc):
-                            raise
-                        log.error("celery_batches: the broker refused message %s (%s): %s: %s", m.id, m.task_name,
-                                  type(exc).__name__, exc)
-                        refused.append((m, exc))
-                        continue
-                    sent.append(m.id)
-                session.flush()
+                    self._send_one(m, session)
+                failed = set(session.flush())  # the messages the broker answered with an error
         except Exception as exc:
-            if not self._broker_down(exc):
-                raise
-            report.broker_down = True
-            report.errors.append(f"{type(exc).__name__}: {exc}")
-            return [], refused
-        return sent, refused
+            # a buffered session sent nothing (kombu discards an unflushed batch); an unbuffered one
+            # sent exactly the messages it was handed before the error
+            gone = 0 if session is None or session.buffered else session.handed
+            done.sent += [m.id for m in messages[:gone]]
+            return list(messages[gone:]), exc
+        done.sent += [m.id for i, m in enumerate(messages) if i not in failed]
+        return [messages[i] for i in sorted(failed)], None
+
+    def _send_alone(self, messages: Sequence[Message], done: _Sent) -> None:
+        """Each message through kombu's own publish; one that fails is tried once more on a fresh
+        connection, then judged by whether the broker answers (see the module)."""
+        for m in messages:
+            error: Exception | None = None
+            for fresh in (False, True):
+                try:
+                    self._publish_alone(m, fresh)
+                    break
+                except Exception as exc:
+                    error = exc
+                    if not self._broker_answers():
+                        done.down = f"{type(exc).__name__}: {exc}"
+                        return
+            else:
+                why = f"{type(error).__name__}: {error}"
+                if _connection_trouble(error) and self._deferrals[m.id] < PUBLISH_DEFERRALS:
+                    self._deferrals[m.id] += 1
+                    log.warning("celery_batches: message %s (%s) failed while the broker answers (%s); trying it "
+                                "again in a while", m.id, m.task_name, why)
+                    done.deferred.append(m)
+                else:
+                    self._deferrals.pop(m.id, None)
+                    log.error("celery_batches: the broker refused message %s (%s): %s", m.id, m.task_name, why)
+                    done.refused.append((m, why))
+                continue
+            self._deferrals.pop(m.id, None)
+            done.sent.append(m.id)
+
+    def _publish_alone(self, m: Message, fresh: bool) -> None:
+        """One message through ``send_task`` and kombu, on the producer pool or a fresh connection."""
+        if not fresh:
+            with self.app.producer_or_acquire() as producer:
+                self._send_one(m, self.sender.plain(producer))
+            return
+        with self.app.connection_for_write() as conn:
+            self._send_one(m, self.sender.plain(self.app.amqp.Producer(conn)))
 
     @staticmethod
     def _send_one(m: Message, session: Session) -> None:
+        """Hand one stored message to ``session`` as ``send_task`` would get it."""
         options = kombujson.loads(m.options) if m.options else {}
         headers = dict(options.pop("headers", None) or {})
         if m.batch_id:
@@ -181,42 +292,37 @@ class Publisher:
             headers[CONTINUATION_HEADER] = m.continuation_of
         if m.retries:
             options["retries"] = m.retries
-        session.send(m.task_name, kombujson.loads(m.args), kombujson.loads(m.kwargs), task_id=m.id, headers=headers or None,
-                     options=options, shape_key=(m.task_name, m.options, m.batch_id, m.continuation_of),
+        session.send(m.task_name, kombujson.loads(m.args), kombujson.loads(m.kwargs), task_id=m.id,
+                     headers=headers or None, options=options,
+                     shape_key=(m.task_name, m.options, m.batch_id, m.continuation_of),
                      args_json=m.args, kwargs_json=m.kwargs)
 
-    def _broker_down(self, exc: BaseException) -> bool:
-        """Is this the broker (or the result store) being unreachable — try again later — rather than
-        a refusal of this one message? Only the errors Celery and kombu raise for a bad option or an
-        unserialisable argument count as a refusal, and only if the broker answers; anything else
-        (a connection error, an error we do not know) stops this publisher, and the relay tries later."""
-        if self._connection_errors is None:
-            conn = self.app.connection_for_write()
-            self._connection_errors = (OSError, OperationalError, *conn.connection_errors, *conn.channel_errors)
-        if isinstance(exc, self._connection_errors) or not isinstance(exc, _REFUSALS):
-            return True
+    def _broker_answers(self) -> bool:
+        """Does the broker take a fresh connection right now (on Redis, answer its PING)?"""
         try:
             with self.app.connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=2)
-        except Exception:
+                conn.ensure_connection(max_retries=1, interval_start=0.2, timeout=2)
+                conn.default_channel  # noqa: B018 (opening it is the check: kombu's Redis channel pings)
             return True
-        return False
+        except Exception:  # noqa: BLE001 - any failure to connect means no
+            return False
 
-    def _flag_runs(self, sent: list[str]) -> None:
+    def _flag_runs(self, sent: list[str], until: float) -> None:
         """Flag sent runs; a run a worker holds right now is flagged on a second try (or needs none)."""
         left = sent
         for attempt in range(3):
-            left = self._write("flag published runs", self.store.mark_published, left) or []
+            left = self._write("flag published runs", self.store.mark_published, left, until=until) or []
             if not left:
                 return
             time.sleep(0.05 * (attempt + 1))
 
     @staticmethod
-    def _write(what: str, write: Callable, *args: object) -> object:
-        """A bookkeeping write after messages went out: never raises to the caller. If every attempt
-        fails, the lease lapses and the relay publishes those messages again (the same task ids)."""
+    def _write(what: str, write: Callable, *args: object, until: float) -> object:
+        """A bookkeeping write after messages went out, tried again while the lease surely holds
+        (``until``); never raises to the caller. If it never succeeds, the lease lapses and the relay
+        publishes those messages again (the same task ids)."""
         try:
-            return retry.call(lambda: write(*args), retry.BOOKKEEPING, what, log)
+            return retry.call(lambda: write(*args), retry.BOOKKEEPING, what, log, until=until)
         except Exception:
             log.exception("celery_batches: could not %s; the relay will see to it", what)
             return None

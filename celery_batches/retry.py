@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 
 import sqlalchemy as sa
 
-__all__ = ["BOOKKEEPING", "DEADLOCK", "FOREVER", "READ", "Policy", "call"]
+__all__ = ["BOOKKEEPING", "CLAIM", "DEADLOCK", "FOREVER", "READ", "Policy", "call"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -49,21 +49,29 @@ def _lost_a_race(exc: BaseException) -> bool:
 READ = Policy(attempts=4, delay=0.05, retry_on=_passing_connection_error)
 #: a write transaction that lost a deadlock: the whole transaction is repeated, so nothing is half-done
 DEADLOCK = Policy(attempts=5, delay=0.01, retry_on=_lost_a_race)
-#: bookkeeping after messages went out (flags, leases): a few tries, then the relay sees to it
-BOOKKEEPING = Policy(attempts=5, delay=0.1)
+#: bookkeeping after messages went out (flags, leases): tried again for as long as the publisher
+#: holds its lease (the caller's ``until``: meanwhile nothing else publishes those rows), then the
+#: relay sees to it
+BOOKKEEPING = Policy(attempts=None, delay=0.1, max_delay=1.0)
 #: the group commit: transitions are never dropped for a passing reason (the caller says which are not)
 FOREVER = Policy(attempts=None, delay=0.05, level=logging.ERROR)
+#: a claim before a member starts: it waits for the registry, however long, so that nothing runs
+#: that the registry does not know runs (a member that ran unrecorded can be published and run again)
+CLAIM = Policy(attempts=None, delay=0.05, max_delay=2.0, retry_on=_passing_connection_error, level=logging.ERROR)
 
 
-def call(work: Callable[[], _T], policy: Policy, what: str, logger: logging.Logger = log) -> _T:
-    """``work()``, repeated under ``policy``; the last error (or one not worth another try) is raised.
+def call(work: Callable[[], _T], policy: Policy, what: str, logger: logging.Logger = log, *,
+         until: float | None = None) -> _T:
+    """``work()``, repeated under ``policy`` (and, with ``until``, only while the next attempt would
+    start before that ``time.monotonic()``); the last error (or one not worth another try) is raised.
     Each failed attempt and a late success are logged on ``logger`` (the caller's)."""
     attempt, delay = 1, policy.delay
     while True:
         try:
             result = work()
         except Exception as exc:
-            if (policy.attempts is not None and attempt >= policy.attempts) or not policy.retry_on(exc):
+            if (policy.attempts is not None and attempt >= policy.attempts) or not policy.retry_on(exc) \
+                    or (until is not None and time.monotonic() + delay > until):
                 raise
             logger.log(policy.level, "celery_batches: %s failed (attempt %d): %s: %s; retrying in %.2fs",
                        what, attempt, type(exc).__name__, exc, delay)

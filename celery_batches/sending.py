@@ -38,7 +38,11 @@ from .wire import Wire, open_wire
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["Sender", "Session"]
+__all__ = ["RECEIVER_PREFIX", "Sender", "Session"]
+
+#: the ``dispatch_uid`` of every signal receiver of ours starts with this: ours look only at messages
+#: sent from inside a member (its ``Task.replace()``), never at a copy, so they do not stop copies
+RECEIVER_PREFIX = "celery_batches:"
 
 #: kombu's operations per buffered message, at most (an lpush, a pexpire per priority step)
 _OPS_PER_MESSAGE = 12
@@ -108,6 +112,10 @@ class Session:
         self._batch = batch
         self._copies = copies
         self._wire = wire
+        #: messages reach the broker only at ``flush`` (else each as ``send`` returns)
+        self.buffered = batch is not None or wire is not None
+        self.handed = 0  # messages ``send`` took
+        self._on_wire: list[int] = []  # the position of each message the wire buffered
         self.stored_copies = 0  # messages the wire wrote as copies of the first of their shape
         self._shapes: dict[tuple, _Shape] = {}
         self._recorder: _Recorder | None = None
@@ -125,6 +133,7 @@ class Session:
         if not self._copies or shape_key is None:
             self.app.send_task(name, args, kwargs, task_id=task_id, producer=self.producer, headers=headers,
                                add_to_parent=False, **options)
+            self.handed += 1
             return
         shape = self._shapes.get(shape_key)
         first = shape is None
@@ -134,20 +143,25 @@ class Session:
         if self._wire is None:
             self.producer.publish(body, **publish)
         elif shape.wire is not None and args_json is not None and kwargs_json is not None:
+            self._on_wire.append(self.handed)
             self._wire.copy(shape.wire, publish["headers"], publish.get("correlation_id"), args_json, kwargs_json)
             self.stored_copies += 1
         else:
+            self._on_wire.append(self.handed)
             stored = self._wire.publish(body, publish, args_json, kwargs_json)
             if first:
                 shape.wire = stored
+        self.handed += 1
 
-    def flush(self) -> None:
-        """Send what the transport buffered; raises if the broker did not take it (then none of it
-        counts as sent: kombu cannot tell how much arrived)."""
+    def flush(self) -> list[int]:
+        """Send what the transport buffered; returns the positions (in the order ``send`` took them)
+        of the messages the broker answered with an error (the others arrived). Raises if the
+        broker did not answer: then none of it counts as sent (kombu cannot tell how much arrived)."""
         if self._batch is not None:
             self._batch.flush()
         if self._wire is not None:
-            self._wire.flush()
+            return [self._on_wire[i] for i in self._wire.flush()]
+        return []
 
     def _record(self, name: str, args: list, kwargs: dict, task_id: str, headers: dict | None,
                 options: dict[str, Any]) -> _Shape:
@@ -199,25 +213,37 @@ class Session:
 
 
 class Sender:
-    """Opens sessions of ``app``'s messages; knows whether copies can stand for ``send_task``."""
+    """Opens sessions of ``app``'s messages; knows whether copies can stand for ``send_task``.
 
-    def __init__(self, app: "Celery") -> None:
+    ``bulk`` False: every message through ``send_task`` and kombu's own publish, one by one (the
+    ``bulk_publish`` setting; the publisher also turns it off when the bulk path fails where
+    kombu's own does not)."""
+
+    def __init__(self, app: "Celery", *, bulk: bool = True) -> None:
         self.app = app
+        self.bulk = bulk
+
+    def plain(self, producer: Producer) -> Session:
+        """A session that sends each message at once through ``send_task`` (no copies, no buffer)."""
+        return Session(self.app, producer, None, False)
 
     def copies_allowed(self) -> bool:
         """Can a copy of a recorded ``send_task`` call stand for ``send_task`` right now?"""
+        if not self.bulk:
+            return False
         conf = self.app.conf
         if conf.task_protocol != 2 or conf.task_send_sent_event:
             return False
-        if any(s.receivers for s in (signals.before_task_publish, signals.after_task_publish, signals.task_sent)):
-            return False
+        for signal in (signals.before_task_publish, signals.after_task_publish, signals.task_sent):
+            if any(not str(lookup[0]).startswith(RECEIVER_PREFIX) for lookup, _receiver in signal.receivers):
+                return False
         # a route given as a function may look at the arguments; a mapping looks at the name only
         return all(isinstance(route, MapRoute) for route in self.app.amqp.router.routes)
 
     @contextlib.contextmanager
     def session(self, producer: Producer, size: int) -> Iterator[Session]:
         """A session for up to ``size`` messages; buffered where kombu can batch for the transport."""
-        batching = getattr(producer, "supports_batch_publish", False)
+        batching = self.bulk and getattr(producer, "supports_batch_publish", False)
         copies = self.copies_allowed()
         wire = open_wire(producer) if copies else None
         if wire is not None:

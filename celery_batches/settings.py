@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 from .errors import InvalidBatchError
 
-__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "ERROR_CHARS", "PURGE_CHUNK", "RELAY_PASS_TTL",
-           "RELAY_STEP", "REVOKE_CHUNK"]
+__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "ERROR_CHARS", "PUBLISH_DEFERRALS", "PURGE_CHUNK",
+           "RELAY_PASS_TTL", "RELAY_STEP", "REVOKE_CHUNK"]
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_batches.sqlite3"
 DATABASE_URL_ENV = "CELERY_BATCHES_DATABASE_URL"
@@ -37,6 +37,9 @@ ERROR_CHARS = 4000
 REVOKE_CHUNK = 1000
 #: top-level batch trees deleted per transaction by ``purge_expired``
 PURGE_CHUNK = 100
+#: times a publisher puts off a message that fails with a connection error while the broker answers
+#: (it waits one publish lease each time); at the next such failure it counts as refused
+PUBLISH_DEFERRALS = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ class Settings:
     publish_chunk: int = 1000
     """Messages a publisher sends between two lease renewals and published-flag writes."""
 
+    bulk_publish: bool = True
+    """Send a chunk of messages in one write on Redis and RabbitMQ (``wire.py``), each a copy of the
+    message ``send_task`` makes for the first of its shape, where the installed kombu, py-amqp and
+    redis-py are versions it was proven on. False: every message through ``send_task`` and kombu's
+    own publish, one by one (slower, nothing else changes)."""
+
     heartbeat_interval: float = 5.0
     """Seconds between two heartbeats of a worker node (its row in the registry, with its live pool pids)."""
 
@@ -106,6 +115,14 @@ class Settings:
 
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for :func:`sqlalchemy.create_engine` (pool size and so on)."""
+
+    prepared_statements: bool = False
+    """Let psycopg prepare the statements a connection runs often, on the PostgreSQL server.
+
+    Off by default, so the registry works through PgBouncer in transaction pooling mode, which
+    before 1.21 cannot carry a prepared statement from one transaction to the next. Turn it on
+    where PostgreSQL is reached directly, in session pooling mode, or through PgBouncer 1.21 or
+    later with ``max_prepared_statements`` set (docs/deploying.md)."""
 
     def __post_init__(self) -> None:
         if not _IDENTIFIER.match(self.table_prefix):

@@ -10,9 +10,13 @@ only if rebuilding its first message this way gives the bytes kombu wrote for it
 compression): anything else goes through kombu, message by message, in the same session.
 
 Everything a session wrote reaches the broker at ``flush``: one Redis pipeline, one socket write
-on RabbitMQ. A flush that fails reports the whole session as not sent (some of it may have
-arrived; the relay publishes it again, and claims keep a duplicate from running twice).
+on RabbitMQ. Redis answers each command: a message whose command it refused is reported, the
+others arrived. A flush the broker does not answer reports the whole session as not sent (some of
+it may have arrived; it is published again, and claims keep a duplicate from running twice).
 tests/test_sending.py compares what both write, field by field, on both brokers.
+
+The wire leans on kombu's and py-amqp's internals, so it is used only with the versions it was
+proven on (``PROVEN``); any other version publishes through kombu's own path.
 """
 
 from __future__ import annotations
@@ -25,11 +29,26 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from importlib.metadata import PackageNotFoundError, version
+
 from kombu import Producer
 
 from . import kombujson
 
-__all__ = ["Wire", "body_json", "open_wire"]
+__all__ = ["PROVEN", "Wire", "body_json", "open_wire", "proven"]
+
+#: the versions the wire was proven on (tests/test_sending.py), as [lowest, above the highest)
+PROVEN = {"kombu": ((5, 7), (5, 8)), "amqp": ((5, 4), (5, 5)), "redis": ((6, 4), (8, 3))}
+
+
+def proven(package: str) -> bool:
+    """Is the installed ``package`` a version the wire was proven on?"""
+    try:
+        parts = tuple(int(p) for p in version(package).split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    low, high = PROVEN[package]
+    return low <= parts < high
 
 _FRAME_END = b"\xce"
 _BASIC = 60  # AMQP class id of basic.*
@@ -58,6 +77,7 @@ class Wire:
     def __init__(self, producer: Producer) -> None:
         self.producer = producer
         self.channel = producer.channel
+        self.messages = 0  # messages buffered so far (their positions, in order)
 
     def publish(self, body: tuple, publish: dict[str, Any], args_json: str | None,
                 kwargs_json: str | None) -> Any:
@@ -73,6 +93,7 @@ class Wire:
         if captured.call is None:
             raise RuntimeError("kombu published without its batch hook (an unknown kombu version?)")
         message, kwargs = captured.call
+        self.messages += 1
         embed = kombujson.dumps(body[2]) if len(body) == 3 else None
         expected = None if args_json is None or kwargs_json is None or embed is None \
             else body_json(args_json, kwargs_json, embed)
@@ -84,9 +105,15 @@ class Wire:
     def copy(self, template: Any, headers: dict[str, Any], correlation_id: Any, args_json: str,
              kwargs_json: str) -> None:
         """Buffer a message of ``template``'s shape with its own headers, correlation id and arguments."""
+        self.messages += 1
+        self._copy(template, headers, correlation_id, args_json, kwargs_json)
+
+    def _copy(self, template: Any, headers: dict[str, Any], correlation_id: Any, args_json: str,
+              kwargs_json: str) -> None:
         raise NotImplementedError
 
-    def flush(self) -> None:
+    def flush(self) -> list[int]:
+        """Write everything buffered; the positions of the messages the broker refused."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -124,6 +151,7 @@ class RedisWire(Wire):
         self._stack = contextlib.ExitStack()
         client = self._stack.enter_context(self.channel.conn_or_acquire())
         self.pipeline = self._stack.enter_context(client.pipeline(transaction=False))
+        self._owners: list[int] = []  # the position of the message each pipelined command stores
 
     def _first(self, message: dict[str, Any], kwargs: dict[str, Any], body: bytes | None,
                embed: str | None) -> _Stored | None:
@@ -131,6 +159,7 @@ class RedisWire(Wire):
         self.channel.basic_publish(message, _publish_batch=commands, **kwargs)
         for name, args in commands.commands:
             getattr(self.pipeline, name)(*args)
+        self._owners += [self.messages - 1] * len(commands.commands)
         if body is None or embed is None or "compression" in message["headers"]:
             return None
         if (message["content-type"], message["content-encoding"], message["properties"].get("body_encoding")) \
@@ -141,8 +170,8 @@ class RedisWire(Wire):
             return None
         return _Stored(message, commands.commands, payload, embed)
 
-    def copy(self, template: _Stored, headers: dict[str, Any], correlation_id: Any, args_json: str,
-             kwargs_json: str) -> None:
+    def _copy(self, template: _Stored, headers: dict[str, Any], correlation_id: Any, args_json: str,
+              kwargs_json: str) -> None:
         message = dict(template.message)
         message["body"] = base64.b64encode(body_json(args_json, kwargs_json, template.embed)).decode("ascii")
         message["headers"] = headers
@@ -152,9 +181,11 @@ class RedisWire(Wire):
         payload = kombujson.dumps(message)
         for name, args in template.commands:
             getattr(self.pipeline, name)(*(payload if arg == template.payload else arg for arg in args))
+        self._owners += [self.messages - 1] * len(template.commands)
 
-    def flush(self) -> None:
-        self.pipeline.execute()
+    def flush(self) -> list[int]:
+        replies = self.pipeline.execute(raise_on_error=False)  # a lost connection still raises
+        return sorted({owner for owner, reply in zip(self._owners, replies) if isinstance(reply, Exception)})
 
     def close(self) -> None:
         self._stack.close()
@@ -227,8 +258,8 @@ class AmqpWire(Wire):
                             properties.get("correlation_id"), body)
         return template if mine == frames else None
 
-    def copy(self, template: _Frames, headers: dict[str, Any], correlation_id: Any, args_json: str,
-             kwargs_json: str) -> None:
+    def _copy(self, template: _Frames, headers: dict[str, Any], correlation_id: Any, args_json: str,
+              kwargs_json: str) -> None:
         self._out.append(self._frames(template, headers, correlation_id,
                                       body_json(args_json, kwargs_json, template.embed)))
 
@@ -251,9 +282,9 @@ class AmqpWire(Wire):
     def _frame(self, kind: int, payload: bytes) -> bytes:
         return struct.pack(">BHI", kind, self.channel.channel_id, len(payload)) + payload + _FRAME_END
 
-    def flush(self) -> None:
+    def flush(self) -> list[int]:
         if not self._out:
-            return
+            return []
         data, self._out = b"".join(self._out), []
         connection = self.connection
         if connection is None or connection.transport is None:
@@ -262,6 +293,7 @@ class AmqpWire(Wire):
             with contextlib.suppress(socket.timeout):  # as py-amqp's basic_publish: see a Connection.Blocked
                 connection.drain_events(timeout=0)
         connection.transport.write(data)
+        return []  # basic.publish has no answer: what the socket took, RabbitMQ took
 
 
 #: headers Celery derives from each message (sending.py decides which of them a shape makes again)
@@ -281,19 +313,23 @@ def _item(key: str, value: Any) -> bytes:
 
 
 def open_wire(producer: Producer) -> Wire | None:
-    """A wire for this producer's transport, or None where kombu's own path must be used."""
+    """A wire for this producer's transport, or None where kombu's own path must be used (another
+    transport, or a kombu, py-amqp or redis-py version the wire was not proven on)."""
+    if not proven("kombu"):
+        return None
     channel = producer.channel
     try:
         from kombu.transport.redis import Channel as RedisChannel
     except ImportError:  # pragma: no cover (the redis client is not installed)
         RedisChannel = ()  # type: ignore[assignment,misc]
     if isinstance(channel, RedisChannel) and getattr(producer, "supports_batch_publish", False):
-        return RedisWire(producer)
+        return RedisWire(producer) if proven("redis") else None
     try:
         import amqp
     except ImportError:  # pragma: no cover
         return None
-    if isinstance(channel, amqp.Channel) and getattr(channel.basic_publish, "__func__", None) \
-            is amqp.Channel._basic_publish and hasattr(producer, "_batch_local"):
+    if proven("amqp") and isinstance(channel, amqp.Channel) \
+            and getattr(channel.basic_publish, "__func__", None) is amqp.Channel._basic_publish \
+            and hasattr(producer, "_batch_local"):
         return AmqpWire(producer)  # not in publisher-confirm mode (then each publish waits for its ack)
     return None

@@ -89,6 +89,59 @@ def fresh_database_url(services: None) -> Any:
 
 
 @pytest.fixture
+def pgbouncer(services: None) -> Callable[..., Any]:
+    """Start private PgBouncers (transaction pooling) in front of the test PostgreSQL: ``start(pool_size)``
+    returns one; its ``url(os.environ["TEST_DATABASE_URL"])`` reaches the same database through it."""
+    from benchmarks.services import PgBouncer
+
+    if not PgBouncer.available():
+        unavailable("pgbouncer is not installed (apt-get install pgbouncer)")
+    started: list[PgBouncer] = []
+
+    def start(pool_size: int = 4) -> PgBouncer:
+        bouncer = PgBouncer(os.environ["TEST_DATABASE_URL"], pool_size).start()
+        started.append(bouncer)
+        return bouncer
+
+    yield start
+    for bouncer in started:
+        bouncer.cleanup()
+
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker_url(request: pytest.FixtureRequest, services: None) -> str:
+    """Each broker Celery users run: the session's Redis, then the local RabbitMQ."""
+    if request.param == "amqp" and not _answers("127.0.0.1", 5672):
+        unavailable("RabbitMQ not answering on 127.0.0.1:5672")
+    return os.environ["TEST_BROKER_URL"] if request.param == "redis" else AMQP_URL
+
+
+@pytest.fixture
+def producer_on(proj: Any) -> Callable[[str], Any]:
+    """``producer_on(broker_url)``: a Batches on the session's registry (its tables) whose app publishes
+    to that broker, for workers started on it (``start_worker(TEST_BROKER_URL=...)``); tasks are named."""
+    from celery import Celery
+
+    from celery_batches import Batches
+
+    made: list[Any] = []
+
+    def make(url: str, **settings: Any) -> Any:
+        app = Celery(f"producer_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False)
+        batches = Batches(app, database_url=settings.pop("database_url", os.environ["TEST_DATABASE_URL"]),
+                          table_prefix=proj.batches.settings.table_prefix, relay_interval=0, **settings)
+        made.append(batches)
+        return batches
+
+    yield make
+    for batches in made:
+        batches.engine.dispose()
+
+
+@pytest.fixture
 def registry(services: None) -> Any:
     """A Batches on a private prefix of the real PostgreSQL, publishing to the real Redis, no worker."""
     from celery import Celery
@@ -115,12 +168,13 @@ def relay_reported(fragment: str, timeout: float = WAIT) -> None:
 class Worker:
     """A real ``celery -A tests.proj worker -P prefork -c 2`` process; as a context manager, stopped at exit."""
 
-    def __init__(self, proj: Any, queue: str, concurrency: int = 2, **env: str) -> None:
+    def __init__(self, proj: Any, queue: str, concurrency: int = 2, name: str | None = None, **env: str) -> None:
         self.proj = proj
         self.queue = queue
-        self.log = Path(f"/tmp/celery_batches-worker-{SESSION}-{queue}.log")
+        name = name or queue
+        self.log = Path(f"/tmp/celery_batches-worker-{SESSION}-{name}.log")
         environ = dict(os.environ, TEST_QUEUE=queue, PYTHONPATH=str(ROOT), **env)
-        self.proc = subprocess.Popen([*worker_argv("tests.proj", queue, concurrency), "-n", f"{queue}@%h"],
+        self.proc = subprocess.Popen([*worker_argv("tests.proj", queue, concurrency), "-n", f"{name}@%h"],
                                      cwd=ROOT, env=environ, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
         tag = f"ready:{uuid.uuid4()}"
         if "TEST_BROKER_URL" in env:  # a worker on another broker: say hello through that broker
@@ -213,8 +267,8 @@ def start_worker(proj: Any) -> Callable[..., Worker]:
     """Start a dedicated worker on its own queue (for tests that kill or reconfigure it)."""
     started: list[Worker] = []
 
-    def start(concurrency: int = 2, **env: str) -> Worker:
-        w = Worker(proj, f"cbt-{SESSION}-{uuid.uuid4().hex[:6]}", concurrency, **env)
+    def start(concurrency: int = 2, queue: str | None = None, name: str | None = None, **env: str) -> Worker:
+        w = Worker(proj, queue or f"cbt-{SESSION}-{uuid.uuid4().hex[:6]}", concurrency, name, **env)
         started.append(w)
         return w
 

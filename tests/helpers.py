@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import sqlalchemy as sa
 from celery import Celery
 
+from benchmarks.services import free_port  # noqa: F401  (re-exported for the test modules)
 from celery_batches import Batches
 from celery_batches.builder import Message
 from celery_batches.models import ContinuationStatus
@@ -212,15 +213,6 @@ def start_redis(port: int) -> subprocess.Popen:
 
     eventually(pings, "redis to start", 20)
     return server
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now, for a server a test starts."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def works_in_a_child_forked_while_held(lock: Any, child: Callable[[], bool]) -> bool:

@@ -223,3 +223,71 @@ def returns_a_set() -> set:
 def remember(results: list, key: str) -> None:
     """A ``results=True`` continuation: stores the results it got (JSON) under ``key``, counts its runs."""
     r.rpush(key, json.dumps(results))
+
+
+@batches.task(bind=True)
+def replace_with(self, key: str, how: str = "direct") -> None:
+    """Replaces itself (``Task.replace``): with ``noop(key)`` (``direct``, the replacement takes this
+    task's id), or with a chain whose last link takes it (``chain``)."""
+    r.incr(f"{key}:replaced")
+    if how == "chain":
+        return self.replace(noop.si(key) | add.si(1, 2))
+    return self.replace(noop.si(key))
+
+
+@app.task(bind=True)
+def plain_replace_with(self, key: str) -> None:
+    """``replace_with`` as a plain ``@app.task``."""
+    r.incr(f"{key}:replaced")
+    return self.replace(noop.si(key))
+
+
+@batches.task(bind=True)
+def ignores(self, key: str, record: str | None = None) -> None:
+    """Raises Ignore; with ``record``, after recording that state itself (Celery's custom-state idiom)."""
+    from celery.exceptions import Ignore
+
+    r.incr(key)
+    if record == "SUCCESS":
+        self.update_state(state=record, meta="recorded by the task")
+    elif record == "FAILURE":  # as Celery stores an exception
+        self.update_state(state=record, meta={"exc_type": "ValueError", "exc_module": "builtins",
+                                              "exc_message": ["recorded by the task"]})
+    raise Ignore()
+
+
+@batches.task(bind=True, acks_late=True)
+def rejects(self, key: str, requeue_times: int = 0) -> str:
+    """Raises Reject: requeued ``requeue_times`` times (then it succeeds), or (0) not requeued."""
+    from celery.exceptions import Reject
+
+    n = r.incr(key)
+    if requeue_times == 0:
+        raise Reject("rejected on purpose", requeue=False)
+    if n <= requeue_times:
+        raise Reject("requeued on purpose", requeue=True)
+    return "ok"
+
+
+@batches.task(bind=True, max_retries=3)
+def retrying_continuation(self, key: str, *values: object) -> None:
+    """A ``@batches.task`` continuation that retries once, then counts its completion under ``key``."""
+    if r.incr(f"{key}:attempts") == 1:
+        raise self.retry(countdown=0)
+    r.incr(key)
+
+
+@batches.task(bind=True, acks_late=True, reject_on_worker_lost=True)
+def requeued_if_lost(self, key: str, seconds: float) -> None:
+    """acks_late + reject_on_worker_lost: Celery requeues it if its pool process dies under it."""
+    r.hincrby(key, self.request.id)
+    time.sleep(seconds)
+
+
+@batches.task
+def fail_then_sleep(flag: str, seconds: float) -> str:
+    """Fails until the Redis key ``flag`` is set; then takes ``seconds`` and succeeds."""
+    if not r.get(flag):
+        raise ValueError(f"{flag} is not set yet")
+    time.sleep(seconds)
+    return "ok"

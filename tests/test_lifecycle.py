@@ -8,6 +8,7 @@ exactly once or never.
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from dataclasses import replace
@@ -29,7 +30,8 @@ from celery_batches import (
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent, utcnow
 from tests.helpers import (TABLES, WAIT, continuation_states, continuations_become, count, counters, drain,
-    eventually, fired_once, memory_app, never_fired, publish, row_counts, stored_message, tag, with_continuations)
+                           eventually, fired_once, memory_app, never_fired, private_registry, publish, row_counts,
+                           stored_message, tag, with_continuations)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -346,14 +348,32 @@ def test_the_delivery_check_survives_a_registry_connection_killed_under_it(proj,
     assert killed, "no connection was killed; nothing was tested"
 
 
-def test_the_delivery_check_runs_the_member_when_the_registry_is_unreachable(caplog):
-    """With no registry to ask, the member runs (its outcome is recorded later) rather than fail."""
-    unreachable = Batches(memory_app("unreachable"), database_url="postgresql://127.0.0.1:1/nothing", relay_interval=0)
-    try:
-        assert unreachable.worker.verdict(str(uuid.uuid4()), None) == "run"
-    finally:
-        unreachable.engine.dispose()
-    assert "cannot claim run" in caplog.text
+def test_a_claim_waits_for_an_unreachable_registry_instead_of_running_unrecorded(pgbouncer, caplog):
+    """Seen in the chaos soak through PgBouncer: a member whose claim could not be written ran
+    unrecorded; its worker died before its outcome was written, its message (whose published flag
+    had not been written either) was published again, and it ran twice. A claim now waits for the
+    registry: the member starts only once the registry knows it runs."""
+    bouncer = pgbouncer(pool_size=2)
+    app = memory_app("waits")
+    with private_registry(app, "cbt_wait") as direct:
+        through = Batches(app, database_url=bouncer.url(os.environ["TEST_DATABASE_URL"]),
+                          table_prefix=direct.settings.table_prefix, relay_interval=0)
+        try:
+            with direct.batch("claim-waits") as b:
+                run = b.enqueue(app.signature("tests.proj.noop"))
+            bouncer.stop()  # the registry is unreachable for this worker
+            verdicts: list[str] = []
+            starting = threading.Thread(target=lambda: verdicts.append(through.worker.verdict(run, None)))
+            starting.start()
+            starting.join(1.5)
+            assert starting.is_alive() and not verdicts, "the member started with no claim written"
+            bouncer.start()  # back, on the same address
+            starting.join(30)
+            assert verdicts == ["run"]
+            assert direct.get_batch_jobs(b.id)[0].status == RunStatus.RUNNING
+        finally:
+            through.engine.dispose()
+    assert "claim failed" in caplog.text
 
 
 def test_a_running_member_whose_next_attempt_is_skipped_is_counted_cancelled(proj, worker, nowhere):

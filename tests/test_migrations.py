@@ -119,3 +119,19 @@ def test_name_search_gets_a_trigram_index_where_pg_trgm_can_be_had_and_works_wit
             conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
             conn.exec_driver_sql(f'DROP ROLE "{role}"')
         admin.dispose()
+
+
+@pytest.mark.integration
+def test_a_worker_refuses_to_start_on_a_schema_older_than_its_code(proj, fresh_database_url):
+    """An upgrade deployed before its migration ran: the worker stops at start with what to do,
+    rather than fail every write it makes."""
+    from tests.conftest import Worker
+
+    engine = sa.create_engine(fresh_database_url)
+    try:
+        migrate(engine, "cbt_old_", revision="0007")
+    finally:
+        engine.dispose()
+    with pytest.raises(RuntimeError, match="worker exited at start") as refused:
+        Worker(proj, f"cbt-old-{uuid.uuid4().hex[:6]}", TEST_DATABASE_URL=fresh_database_url, TEST_PREFIX="cbt_old_")
+    assert "schema revision 0007" in str(refused.value) and "batches migrate" in str(refused.value)

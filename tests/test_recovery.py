@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 
 from celery_batches import BatchStatus, RunStatus
 from celery_batches.models import ContinuationStatus
-from celery_batches.store import utcnow
+from celery_batches.store import RunEvent, utcnow
 from tests.conftest import Worker
 from tests.helpers import RECOVERY, eventually, fired_once, tag
 
@@ -344,3 +346,273 @@ def test_messages_of_successive_attempts_held_in_turn_are_not_one_orphan(registr
         time.sleep(confirm + 0.1)
     assert recovery.run_once()["messages_restored"] == 1  # the same message at two looks: orphaned
     assert broker.restored == ["tag-2"]
+
+
+def test_a_heartbeat_marks_more_runs_than_a_statement_has_parameters(registry):
+    """Seen by reading: the held list was one bind parameter per id, so a node holding more than
+    65,535 unstarted messages (a big batch with a countdown) failed every heartbeat, looked dead while
+    alive, and had its running runs failed and its held messages handed back while it held them."""
+    from celery_batches.builder import BatchBuilder
+
+    builder = BatchBuilder(registry.app, "held-by-one-node")
+    ids = [builder.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue, countdown=60))
+           for _ in range(70_000)]
+    with registry.engine.begin() as conn:
+        registry.trees.insert_tree(conn, builder.seal(), utcnow())
+    r = registry.store.tables.runs
+
+    def marked() -> int:
+        with registry.engine.connect() as conn:
+            return conn.scalar(sa.select(sa.func.count()).where(r.c.node == "big"))
+
+    registry.liveness.beat("big", [1], ids)
+    assert marked() == 70_000
+    registry.liveness.beat("big", [1], ids[:100] + ["a-task-id-of-my-own", "celery-beat-task"])
+    assert marked() == 100, "ids that are no run's are ignored, not an error"
+    registry.liveness.beat("big", [1], [])
+    assert marked() == 0
+
+
+def test_one_unreadable_outcome_in_the_result_backend_stops_nothing_else(registry, monkeypatch):
+    """Seen by reading: one result-backend error aborted the whole reconciler (and recovery) pass.
+    Now that run is left for the next pass and the others are resolved."""
+    from celery_batches.worker.relay import Relay
+
+    registry.app.conf.result_backend = os.environ["TEST_BACKEND_URL"]
+    _, (broken, fine) = _claimed(registry, "n/1/x")
+    registry.app.backend.store_result(fine, "done", "SUCCESS")
+    real = registry.app.backend.get_task_meta
+
+    def get_task_meta(task_id, *args, **kwargs):
+        if task_id == broken:
+            raise ConnectionError("the backend hiccuped")
+        return real(task_id, *args, **kwargs)
+
+    monkeypatch.setattr(registry.app.backend, "get_task_meta", get_task_meta)
+    assert Relay(registry.worker)._reconcile(utcnow() + timedelta(hours=1)) == 1
+    assert (_status(registry, broken), _status(registry, fine)) == (RunStatus.RUNNING, RunStatus.COMPLETED)
+
+
+def test_a_value_recovered_from_the_result_backend_is_kept_as_the_worker_would_keep_it(registry):
+    """Seen by reading: a results=True run completed from the backend with a value over
+    result_max_bytes was COMPLETED with no value, where the worker would have failed it."""
+    from celery_batches.worker.relay import Relay
+
+    registry.app.conf.result_backend = os.environ["TEST_BACKEND_URL"]
+    with registry.batch("recovered-values", results=True) as b:
+        small, big = (b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue)) for _ in "ab")
+    for run_id in (small, big):
+        assert registry.liveness.claim(run_id, 0, "n/1/x", utcnow()).claimed
+    registry.app.backend.store_result(small, [1, 2], "SUCCESS")
+    registry.app.backend.store_result(big, "x" * (registry.settings.result_max_bytes + 1), "SUCCESS")
+    assert Relay(registry.worker)._reconcile(utcnow() + timedelta(hours=1)) == 2
+    results = {r.run_id: r for r in registry.get_results(b.id)}
+    assert (results[small].status, results[small].value) == (RunStatus.COMPLETED, [1, 2])
+    assert results[big].status == RunStatus.FAILED and "result_max_bytes" in results[big].error
+
+
+def test_a_run_celery_requeues_when_its_pool_process_dies_is_handed_back(registry):
+    """task_reject_on_worker_lost (with acks_late): Celery requeues the message of a task whose pool
+    process died. Recovery failed such a run "worker lost" while its message came back."""
+    def requeued() -> None:
+        """acks_late + reject_on_worker_lost."""
+
+    registry.app.task(name="tests.recovery.requeued", acks_late=True, reject_on_worker_lost=True,
+                      shared=False)(requeued)
+    _, (again,) = _claimed(registry, "node/100/a", 1, task="tests.recovery.requeued")
+    _, (lost,) = _claimed(registry, "node/100/b", 1)
+    time.sleep(1.1)  # claimed before the heartbeat below (by more than its one-second margin)
+    registry.liveness.beat("node", [1, 200], [])
+    done = _recovery(registry).run_once()
+    assert (done["runs_released"], done["runs_worker_lost"]) == (1, 1)
+    assert (_status(registry, again), _status(registry, lost)) == (RunStatus.PENDING, RunStatus.FAILED)
+
+
+def test_a_delivery_skipped_while_its_run_ran_elsewhere_is_published_again_if_the_run_comes_back(registry):
+    """Seen: RabbitMQ redelivers a dead consumer's acks_late message at once; the delivery found the
+    run RUNNING under the dead node and was skipped (and acknowledged); recovery later put the run
+    back to PENDING, still flagged published, and nothing republished it. A skipped delivery now
+    notes that no message of the run is left, so a run handed back goes to the relay."""
+    _, (run,) = _claimed(registry, "dead/1/x", 1)
+    assert registry.worker.verdict(run, None, registry.liveness.claim(run, 0, "alive/2/y", utcnow())) == "skip"
+    assert registry.liveness.release([run], held_by="dead") == 1
+    lease, runs, _ = registry.outbox.store.take_lapsed(100)
+    assert [m.id for m in runs] == [run]
+
+
+def test_a_plain_tasks_claim_takes_the_run_over(registry):
+    """A plain @app.task runs whatever the registry says: its claim names the process that runs it,
+    so recovery never fails (or hands back) a run that a live process is running."""
+    _, (run,) = _claimed(registry, "dead/1/x", 1)
+    assert not registry.liveness.claim(run, 0, "alive/2/y", utcnow()).claimed
+    assert registry.liveness.claim(run, 0, "alive/2/y", utcnow(), force=True).claimed
+    assert _node(registry, run) == "alive/2/y"
+
+
+# -- the configurations people deploy: RabbitMQ, several nodes, Celery's requeue settings ----------------
+@pytest.mark.slow
+@pytest.mark.integration
+def test_acks_late_runs_of_a_worker_killed_and_restarted_at_once_finish(proj, broker_url, producer_on, start_worker):
+    """Seen on RabbitMQ: 20 acks_late jobs, the worker SIGKILLed and a new one started at once.
+    RabbitMQ redelivered the running ones at once; the claim found them RUNNING under the dead node
+    and the deliveries were skipped and acknowledged; recovery later put them back to PENDING,
+    still flagged published, and nothing republished them: 2 of 20 stuck for good. On Redis the
+    messages come back from the unacked set. Either way every job now ends, as acks_late promises."""
+    w = start_worker(TEST_BROKER_URL=broker_url)
+    producer, key = producer_on(broker_url), tag("starts")
+    with producer.batch("acks-late-restarted") as b:
+        for _ in range(20):
+            b.enqueue(producer.app.signature("tests.proj.track_late", (key, 0.5), queue=w.queue))
+    eventually(lambda: len(starts(proj, key)) >= 2, "two members to start", 30)
+    w.kill()
+    with Worker(proj, w.queue, TEST_BROKER_URL=broker_url):  # a new node at once, on the same queue
+        done, jobs = settled(proj, b.id)
+    assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 20)
+    assert len(starts(proj, key)) == 20
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_node_lost_for_good_while_another_runs_on(proj, broker_url, producer_on, start_worker):
+    """Two worker nodes on one queue (``-n``); one is SIGKILLed for good while the other runs on.
+    Seen on RabbitMQ: 2 of 200 runs left PENDING and published. Now, within the recovery bound,
+    what the lost node was running ends FAILED "worker lost" where Celery acknowledged it (the
+    default) and runs again on the other node where Celery redelivers it (acks_late); what it held
+    runs on the other node; nothing runs twice that Celery would not run twice."""
+    queue = f"cbt-two-{uuid.uuid4().hex[:6]}"
+    lost = start_worker(queue=queue, name=f"{queue}-a", TEST_BROKER_URL=broker_url)
+    start_worker(queue=queue, name=f"{queue}-b", TEST_BROKER_URL=broker_url)
+    producer, key = producer_on(broker_url), tag("starts")
+    with producer.batch("two-nodes") as b:
+        default, late = [], []
+        for _ in range(50):  # in turn, so the lost node is running some of each kind
+            default.append(b.enqueue(producer.app.signature("tests.proj.track", (key, 0.2), queue=queue)))
+            late.append(b.enqueue(producer.app.signature("tests.proj.track_late", (key, 0.2), queue=queue)))
+    eventually(lambda: len(starts(proj, key)) >= 10, "members to start on both nodes", 30)
+    lost.kill()
+    done, jobs = settled(proj, b.id)
+    ran, status = starts(proj, key), {j.id: j for j in jobs}
+    assert all(ran.get(i, 0) <= 1 for i in default), "a job Celery acknowledged ran twice"
+    assert all(status[i].status == RunStatus.COMPLETED for i in late), "acks_late jobs all run to their end"
+    failed = [status[i] for i in default if status[i].status == RunStatus.FAILED]
+    assert all("worker lost" in j.error for j in failed) and {j.id for j in failed} <= set(ran)
+    assert done.completed_jobs + len(failed) == 100
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_task_celery_requeues_when_its_pool_process_dies_runs_again(proj, start_worker):
+    """task_reject_on_worker_lost (with acks_late): Celery requeues the message of a task whose pool
+    process died. Seen: the redelivery found the run claimed by the dead process and was skipped,
+    then recovery failed the run "worker lost". Now it runs again and completes, as Celery promises."""
+    w = start_worker()
+    key = tag("starts")
+    with proj.batches.batch("requeued-if-lost") as b:
+        for _ in range(2):
+            b.enqueue(proj.requeued_if_lost.s(key, 2.0).set(queue=w.queue))
+    eventually(lambda: len(starts(proj, key)) == 2, "both members to start", 30)
+    w.kill_children()
+    done, jobs = settled(proj, b.id)
+    assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 2)
+    assert sorted(starts(proj, key).values()) == [2, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_retry_failed_next_to_a_result_backend_ends_with_the_new_attempt(proj, start_worker):
+    """Seen: a job fixed between attempts and retried with retry_failed, its second attempt slow:
+    the reconciler read the first attempt's FAILURE from the result backend (same task id) and the
+    batch ended FAILED with the old error while the second attempt still ran."""
+    w = start_worker(TEST_RECONCILE_GRACE="1")  # its reconciler looks at any run open for a second
+    flag = tag("flag")
+    with proj.batches.batch("retry-with-a-backend") as b:
+        run = b.enqueue(proj.fail_then_sleep.s(flag, 6.0).set(queue=w.queue))
+    assert proj.batches.wait(b.id, timeout=RECOVERY).status == BatchStatus.FAILED
+    proj.r.set(flag, 1)
+    assert proj.batches.retry_failed(b.id) == 1
+    done = proj.batches.wait(b.id, timeout=RECOVERY)
+    [job] = proj.batches.get_batch_jobs(b.id)
+    assert (done.status, job.id, job.status, job.error) == (BatchStatus.COMPLETED, run, RunStatus.COMPLETED, None)
+
+
+@pytest.fixture
+def sentinel(services, tmp_path):
+    """A private Redis watched by a private Sentinel (``redis-server --sentinel``): the broker URL a
+    Sentinel deployment gives Celery, and its master's client."""
+    import subprocess
+
+    import redis
+
+    from tests.helpers import free_port, start_redis
+
+    port, sentinel_port = free_port(), free_port()
+    server = start_redis(port)
+    config = tmp_path / "sentinel.conf"
+    config.write_text(f"port {sentinel_port}\nbind 127.0.0.1\nsentinel monitor cbt 127.0.0.1 {port} 1\n")
+    watcher = subprocess.Popen(["redis-server", str(config), "--sentinel"], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=sentinel_port, socket_connect_timeout=0.5)
+
+    def knows_the_master() -> bool:
+        try:
+            return client.execute_command("SENTINEL", "get-master-addr-by-name", "cbt") is not None
+        except redis.RedisError:
+            return False
+
+    eventually(knows_the_master, "the sentinel to answer", 20)
+    try:
+        yield f"sentinel://127.0.0.1:{sentinel_port}", redis.Redis(port=port)
+    finally:
+        watcher.kill()
+        server.kill()
+        watcher.wait(10)
+        server.wait(10)
+
+
+def test_a_message_lost_behind_a_redis_sentinel_is_found_and_published_again(sentinel):
+    """Seen by reading: the lost-message probe was chosen by the broker URL's scheme, so a Sentinel
+    broker ("sentinel://") got none, and a message lost in a failover was never found."""
+    from celery import Celery
+
+    from celery_batches.broker import RedisProbe
+    from tests.helpers import private_registry
+
+    url, master = sentinel
+    app = Celery(f"sentinel_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False)
+    app.conf.broker_transport_options = {"master_name": "cbt"}
+    with private_registry(app, "cbt_sn") as registry:
+        assert isinstance(registry.probe, RedisProbe)
+        registry.queue = "cbt-behind-a-sentinel"
+        with registry.batch("behind-a-sentinel") as b:
+            ids = [b.enqueue(app.signature("tests.proj.noop").set(queue=registry.queue)) for _ in range(3)]
+        assert master.llen(registry.queue) == 3
+        master.delete(registry.queue)  # what a failover to a replica that had not got them yet does
+        recovery = _recovery(registry, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
+        confirm = recovery._confirm()
+        assert recovery.run_once()["runs_republished"] == 0  # one look proves nothing
+        time.sleep(confirm + 0.1)
+        assert recovery.run_once()["runs_republished"] == 3
+        assert registry.outbox.relay(100).runs == 3
+        assert master.llen(registry.queue) == 3
+        assert {j.status for j in registry.get_batch_jobs(b.id)} == {RunStatus.PENDING} and len(ids) == 3
+
+
+def test_a_run_handed_to_its_replacement_is_claimed_by_the_replacement_only(registry):
+    """Chaos soak through PgBouncer: a member replaced itself; a second copy of its message (the relay
+    had published it again: the flag had not been written) claimed the run handed to the replacement
+    and ran the replaced body a second time. Now only a delivery presenting the replaced claim takes
+    it; without the hand-over (the registry was unreachable then) it still takes the claim itself."""
+    _, (handed, kept) = _claimed(registry, "n/1/original")
+    assert registry.liveness.hand_back(handed, "n/1/original", replaced_by="message") == 1
+    assert not registry.liveness.claim(handed, 0, "n/2/duplicate", utcnow()).claimed
+    assert registry.liveness.claim(handed, 0, "n/3/replacement", utcnow(), replaces="n/1/original").claimed
+    assert registry.liveness.claim(kept, 0, "n/3/other", utcnow(), replaces="n/1/original").claimed
+
+
+def test_a_copy_of_the_attempt_that_raised_the_retry_is_not_run_again(registry):
+    """Chaos soak on RabbitMQ: one message of attempt 0 reached two workers (its early acknowledgement
+    was lost with a closed connection); the first raised a retry, and the second, claiming once the
+    run was RETRYING, ran attempt 0 again. Only the next attempt claims a RETRYING run."""
+    _, (run,) = _claimed(registry, "n/1/first", 1)
+    registry.store.apply_events([RunEvent(run, RunStatus.RETRYING, 0)])
+    assert not registry.liveness.claim(run, 0, "n/2/copy", utcnow()).claimed
+    assert registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -25,18 +24,14 @@ from kombu.utils import json as kjson
 
 from celery_batches.outbox import HEADER
 from celery_batches.sending import Sender
-from tests.conftest import _answers, unavailable
 from tests.helpers import eventually, free_port, private_registry, start_redis, tag
 
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TIMES = ("eta", "expires")
 
 
-@pytest.fixture(params=["redis", "amqp"])
-def broker(request, services):
-    if request.param == "amqp" and not _answers("127.0.0.1", 5672):
-        unavailable("RabbitMQ not answering on 127.0.0.1:5672")
-    return os.environ["TEST_BROKER_URL"] if request.param == "redis" else AMQP_URL
+@pytest.fixture
+def broker(broker_url):
+    return broker_url
 
 
 @pytest.fixture

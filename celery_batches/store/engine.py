@@ -12,11 +12,17 @@ from sqlalchemy.pool import StaticPool
 __all__ = ["make_claim_engine", "make_engine", "refused_for_good"]
 
 
-def make_engine(url: str, options: Mapping[str, Any]) -> sa.Engine:
+def make_engine(url: str, options: Mapping[str, Any], *, prepared_statements: bool = False) -> sa.Engine:
     """Create the registry engine.
 
     SQLite gets one writer at a time (``BEGIN IMMEDIATE``) and WAL, so concurrent threads and
     processes queue on the lock instead of failing on a read-to-write upgrade.
+
+    On PostgreSQL nothing outlives a transaction on the server: no startup options, no session
+    settings, and (unless ``prepared_statements``) no server-side prepared statements, which psycopg
+    makes by itself of a statement run five times. So every connection works through PgBouncer in
+    transaction pooling mode, where consecutive transactions of one connection may reach different
+    server connections (PgBouncer before 1.21 does not carry prepared statements across them).
     """
     sa_url = sa.make_url(url)
     if sa_url.get_backend_name() == "postgresql" and sa_url.drivername == "postgresql":
@@ -28,7 +34,12 @@ def make_engine(url: str, options: Mapping[str, Any]) -> sa.Engine:
             kwargs["poolclass"] = StaticPool
     else:
         kwargs["pool_pre_ping"] = True
+        if sa_url.get_driver_name() == "psycopg" and not prepared_statements:
+            kwargs["connect_args"] = {"prepare_threshold": None}
+    connect_args = {**kwargs.get("connect_args", {}), **options.get("connect_args", {})}
     kwargs.update(options)
+    if connect_args:
+        kwargs["connect_args"] = connect_args
     engine = sa.create_engine(sa_url, **kwargs)
     _fork_safe(engine)
     if engine.dialect.name == "sqlite":
@@ -36,21 +47,18 @@ def make_engine(url: str, options: Mapping[str, Any]) -> sa.Engine:
     return engine
 
 
-def make_claim_engine(url: str, options: Mapping[str, Any]) -> sa.Engine | None:
+def make_claim_engine(url: str, options: Mapping[str, Any], *, prepared_statements: bool = False
+                      ) -> sa.Engine | None:
     """A small engine for claims (one before every member task starts), or None to use the main one.
 
-    On PostgreSQL a claim is one statement in autocommit, committed without waiting for the disk
-    (``synchronous_commit=off``): one round trip, no BEGIN/COMMIT, no pre-ping (a dead pooled
-    connection fails the statement, and the caller's retry takes a fresh one). A claim lost in a
-    server crash leaves the run PENDING, which recovery handles like a lost message.
+    On PostgreSQL a claim is one statement in autocommit: one round trip, no BEGIN/COMMIT, no
+    pre-ping (a dead pooled connection fails the statement, and the caller's retry takes a fresh
+    one). The statement itself asks not to wait for the disk flush (``store/liveness.py``).
     """
     if sa.make_url(url).get_backend_name() != "postgresql":
         return None
-    options = dict(options)
-    connect_args = dict(options.pop("connect_args", {}))
-    connect_args["options"] = f"{connect_args.get('options', '')} -c synchronous_commit=off".strip()
-    return make_engine(url, {**options, "connect_args": connect_args, "isolation_level": "AUTOCOMMIT",
-                             "pool_pre_ping": False})
+    return make_engine(url, {**options, "isolation_level": "AUTOCOMMIT", "pool_pre_ping": False},
+                       prepared_statements=prepared_statements)
 
 
 def _fork_safe(engine: sa.Engine) -> None:

@@ -8,7 +8,11 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-__all__ = ["drop_schema", "head_revision", "migrate"]
+__all__ = ["SchemaTooOld", "check_schema", "drop_schema", "head_revision", "migrate", "schema_revision"]
+
+
+class SchemaTooOld(RuntimeError):
+    """The registry's schema is older than this version of celery_batches needs."""
 
 
 def _config(prefix: str) -> Config:
@@ -23,6 +27,26 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(_config("")).get_current_head() or ""
+
+
+def schema_revision(engine: sa.Engine, prefix: str) -> str | None:
+    """The revision the registry's schema is at (None: no schema there yet)."""
+    version = sa.Table(f"{prefix}alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32)))
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table(version.name):
+            return None
+        return conn.scalar(sa.select(version.c.version_num))
+
+
+def check_schema(engine: sa.Engine, prefix: str) -> None:
+    """Raise ``SchemaTooOld``, saying what to do, unless the schema is at least this code's head.
+    (Revisions are numbered in order; a newer schema, from a newer version, is left alone.)"""
+    found, head = schema_revision(engine, prefix), head_revision()
+    if found is None or found < head:
+        raise SchemaTooOld(
+            f"celery_batches: the registry (tables {prefix}*) is at schema revision {found or 'none'}, and this "
+            f"version of celery_batches needs {head}. Upgrade it first: `celery -A <your app> batches migrate` "
+            "(or Batches.migrate()), from one process; workers and producers of the new version start after it.")
 
 
 def migrate(engine: sa.Engine, prefix: str, revision: str = "head") -> None:

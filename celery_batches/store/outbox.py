@@ -121,6 +121,21 @@ class OutboxStore:
             conn.execute(sa.update(c).where(c.c.id.in_(continuation_ids), c.c.status == int(ContinuationStatus.DUE))
                          .values(status=int(ContinuationStatus.DISPATCHED), dispatched_at=utcnow()))
 
+    def defer(self, run_ids: Sequence[str], continuation_ids: Sequence[str]) -> None:
+        """Hold waiting rows back for one lease (a lease of their own that nobody renews): the relay
+        takes them again when it lapses, and meanwhile takes everything behind them."""
+        p, r, c, now = self.tables.publications, self.tables.runs, self.tables.continuations, utcnow()
+        lease = str(uuid.uuid4())
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease))
+            if run_ids:
+                conn.execute(sa.update(r).where(r.c.id.in_(list(run_ids)), r.c.status == int(RunStatus.PENDING),
+                                                sa.not_(r.c.published)).values(publication_id=lease))
+            if continuation_ids:
+                conn.execute(sa.update(c).where(c.c.id.in_(list(continuation_ids)),
+                                                c.c.status == int(ContinuationStatus.DUE))
+                             .values(publication_id=lease))
+
     def refuse_continuation(self, continuation_id: str, error: str) -> None:
         """The broker refused this continuation's message for good: FAILED, with the reason."""
         c = self.tables.continuations
@@ -147,7 +162,9 @@ class OutboxStore:
                              r.c.held.isnot(True), b.c.status == int(BatchStatus.STARTED), self._lapsed(r, now))
                       .order_by(r.c.created_at).limit(limit).with_for_update(of=r, skip_locked=True))
             run_ids = list(conn.execute(runs_q).scalars())
-            cont_q = (sa.select(c.c.id).where(c.c.status == int(ContinuationStatus.DUE), self._lapsed(c, now))
+            # a continuation a delivery claimed was published (only its flag is missing): never again
+            cont_q = (sa.select(c.c.id).where(c.c.status == int(ContinuationStatus.DUE), c.c.claimed_by.is_(None),
+                                              self._lapsed(c, now))
                       .order_by(c.c.due_at).limit(limit).with_for_update(skip_locked=True))
             cont_ids = list(conn.execute(cont_q).scalars())
             if not run_ids and not cont_ids:

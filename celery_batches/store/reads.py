@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from ..models import Batch, BatchStatus, Continuation, JobResult, JobRun, RunStatus
 from .results import unit_results
-from .rows import as_utc, batch_from_row, continuation_from_row, run_from_row
+from .rows import batch_from_row, continuation_from_row, run_from_row
 from .tables import Tables
 
 __all__ = ["Db", "PAGE_SIZE", "batch_filters", "batch_list", "batch_status", "get_batch", "get_continuations",
@@ -112,16 +112,19 @@ def batch_list_rows(db: Db, query: sa.Select, status: BatchStatus | None, name: 
 
 
 def open_runs(db: Db, older_than: datetime, limit: int, *, after: tuple[datetime, str] | None = None
-              ) -> list[tuple[str, datetime, datetime]]:
-    """Published runs with no final state whose last known change is older than ``older_than``,
-    as ``(id, since, created_at)`` in ``(created_at, id)`` order, starting after the cursor ``after``.
+              ) -> list[sa.Row]:
+    """Published runs with no final state whose last known change is older than ``older_than``, in
+    ``(created_at, id)`` order, starting after the cursor ``after``: rows of ``id``, ``since``,
+    ``created_at``, ``reset_at`` and ``keeps_results`` (its batch keeps results).
 
     A run a worker has touched counts as published whether or not its flag was written; one that
-    started late is measured from its start, not from when it was created.
+    started late is measured from its start, one ``retry_failed`` put back from then, not from when
+    it was created.
     """
-    r = db.tables.runs
-    since = sa.func.coalesce(r.c.started_at, r.c.created_at)
-    q = (sa.select(r.c.id, since.label("since"), r.c.created_at)
+    r, b = db.tables.runs, db.tables.batches
+    since = sa.func.coalesce(r.c.started_at, r.c.reset_at, r.c.created_at)
+    keeps = sa.select(b.c.results).where(b.c.id == r.c.batch_id).scalar_subquery()
+    q = (sa.select(r.c.id, since.label("since"), r.c.created_at, r.c.reset_at, keeps.label("keeps_results"))
          .where(r.c.status < int(RunStatus.COMPLETED),
                 sa.or_(r.c.published, r.c.status > int(RunStatus.PENDING)),
                 r.c.created_at < older_than, since < older_than)
@@ -129,4 +132,4 @@ def open_runs(db: Db, older_than: datetime, limit: int, *, after: tuple[datetime
     if after is not None:
         q = q.where(sa.or_(r.c.created_at > after[0], sa.and_(r.c.created_at == after[0], r.c.id > after[1])))
     with db.engine.connect() as conn:
-        return [(str(row.id), as_utc(row.since), row.created_at) for row in conn.execute(q)]
+        return conn.execute(q).all()

@@ -89,6 +89,7 @@ class RunEvent:
     node: str | None = None  # RUNNING: the ``<node>/<pid>`` running it (when its claim could not be written);
     # RETRYING clears it: the retry is a new message, whoever holds it marks it
     result: str | None = None  # COMPLETED in a results=True batch: the return value's JSON
+    continuation: bool = False  # FAILED only: ``run_id`` is a continuation's, whose message no worker can run
 
     def rank(self) -> tuple[int, int]:
         """Order of two progress events of one run: the later attempt, then RETRYING after RUNNING."""

@@ -104,6 +104,12 @@ def build_tables(prefix: str) -> Tables:
         # waiting behind its batch's max_concurrency window: unpublished until a finishing job releases it
         sa.Column("held", sa.Boolean, nullable=True),
         sa.Column("result", sa.Text, nullable=True),  # its return value as JSON (a results=True batch's job)
+        # when retry_failed put it back: an outcome a result backend dated earlier is an earlier attempt's
+        sa.Column("reset_at", TIMESTAMP, nullable=True),
+        # its task replaced itself (Task.replace): only the replacement may claim it, not a duplicate of
+        # the replaced message. "message": the replacement's message has the run's id; "canvas": a canvas
+        # reaches it later (no message of the id is anywhere until then: the lost-message search waits)
+        sa.Column("replaced", sa.String(16), nullable=True),
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # a batch's jobs in a rare status, in enqueue order (the dashboard's "failed only" of a huge
         # batch); only those statuses: every job's insert, claim and completion add no entry (one of
@@ -150,6 +156,7 @@ def build_tables(prefix: str) -> Tables:
         # set by the first delivery a @batches.task continuation runs: a second delivery is skipped
         sa.Column("started_at", TIMESTAMP, nullable=True),
         sa.Column("claimed_by", UUID, nullable=True),  # the delivery that claimed it (repeatable by that one)
+        sa.Column("retries", sa.Integer, nullable=True),  # the attempt that claimed it (a retry claims it again)
         sa.Column("error", sa.Text, nullable=True),  # why it could not be published (status FAILED)
         sa.Index(f"ix_{prefix}continuations_batch", "batch_id"),
         _partial_index(f"ix_{prefix}continuations_due", "due_at", f"status = {DUE}"),

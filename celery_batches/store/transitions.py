@@ -106,10 +106,13 @@ class Transitions:
         """
         progress: dict[str, RunEvent] = {}
         final: dict[str, RunEvent] = {}
+        lost: dict[str, RunEvent] = {}  # continuations a worker discarded
         for event in events:
             if not is_run_id(event.run_id):
                 continue  # a task of the app that is no batch member (its id is not a UUID we made)
-            if event.status.is_final:
+            if event.continuation:
+                lost.setdefault(event.run_id, event)
+            elif event.status.is_final:
                 final.setdefault(event.run_id, event)
             else:
                 seen = progress.get(event.run_id)
@@ -119,9 +122,11 @@ class Transitions:
             started = progress.pop(run_id, None)
             if started is not None:
                 final[run_id] = replace(event, retries=max(event.retries, started.retries), started=started.at)
-        if not progress and not final:
+        if not progress and not final and not lost:
             return Outbox()
         with self.engine.begin() as conn:
+            if lost:
+                self._fail_continuations(conn, list(lost.values()))
             # ``portable``: the row-at-a-time path on PostgreSQL too (the tests hold the two paths equal)
             apply = self._apply_pg if conn.dialect.name == "postgresql" and not portable else self._apply_rows
             counted = apply(conn, list(progress.values()), list(final.values()))
@@ -156,6 +161,15 @@ class Transitions:
              AS v(id, status, retries, at, started, error, result)
         WHERE r.id = v.id AND r.status < {completed}
         RETURNING r.batch_id, r.status, (SELECT b.max_concurrency FROM {batches} AS b WHERE b.id = r.batch_id)"""
+
+    def _fail_continuations(self, conn: sa.Connection, events: list[RunEvent]) -> None:
+        """Continuations whose message a worker took and will never run (no worker knows the task):
+        FAILED with the reason, so nothing publishes them again."""
+        c = self.tables.continuations
+        conn.execute(sa.update(c).where(c.c.id == sa.bindparam("b_id"), c.c.status.in_(
+            [int(ContinuationStatus.DUE), int(ContinuationStatus.DISPATCHED)]))
+            .values(status=int(ContinuationStatus.FAILED), error=sa.bindparam("b_error")),
+            [{"b_id": e.run_id, "b_error": storable_text(e.error)} for e in events])
 
     def _apply_pg(self, conn: sa.Connection, progress: list[RunEvent],
                   final: list[RunEvent]) -> list[tuple[str, RunStatus, int | None]]:
@@ -447,7 +461,7 @@ class Transitions:
         return rows
 
     # -- retry the failed -------------------------------------------------------------------------
-    def retry_failed(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[int, Outbox]:
+    def retry_failed(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:
         """Every FAILED run of the batch's subtree back to PENDING, to be published again (same run
         id); counters move back with them; FAILED batches that get an open unit again re-open
         (STARTED), up through the ancestors that counted them as failed; continuations that did not
@@ -467,19 +481,20 @@ class Transitions:
                                                           r.c.status == int(RunStatus.FAILED)))).scalar()
         tx = Tx(self, conn, now)
         if not failed:
-            return 0, tx.outbox()
+            return [], tx.outbox()
         runs = conn.execute(
             sa.update(r).where(r.c.batch_id.in_(open_batches), r.c.status == int(RunStatus.FAILED))
             .values(status=int(RunStatus.PENDING), published=False, publication_id=tx.publication(), error=None,
                     started_at=None, finished_at=None, node=None, claimed_at=None, retries=0,
-                    result=None)
+                    result=None, reset_at=now, replaced=None)
             .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
                        r.c.retries)
         ).all()
         windows = dict(conn.execute(sa.select(b.c.id, b.c.max_concurrency).where(
             b.c.id.in_({row.batch_id for row in runs}), b.c.max_concurrency.isnot(None))).all())
         if windows:  # behind their windows like new jobs: held, then as many released as there is room
-            conn.execute(sa.update(r).where(r.c.id.in_([row.id for row in runs if row.batch_id in windows]))
+            conn.execute(sa.update(r).where(r.c.batch_id.in_(list(windows)), r.c.publication_id == tx.publication(),
+                                            r.c.status == int(RunStatus.PENDING), sa.not_(r.c.published))
                          .values(held=True, publication_id=None))
         deltas: dict[str, Counter] = defaultdict(Counter)
         reopen: list[str] = []
@@ -506,7 +521,7 @@ class Transitions:
                          key=lambda row: (str(row.batch_id), row.position))
         outbox = tx.outbox(runs=[run_message(row) for row in publish])
         outbox.extend(self.release(tx, {i: window - self.in_flight(conn, i) for i, window in windows.items()}))
-        return len(runs), outbox
+        return [str(row.id) for row in runs], outbox
 
     # -- cancel -----------------------------------------------------------------------------------
     def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:

@@ -27,6 +27,8 @@ def make_bootstep(node: "Node") -> type[bootsteps.StartStopStep]:
             self.heartbeat = Heartbeat(node.liveness, node.name, node.settings.heartbeat_interval, parent)
 
         def start(self, parent: Any) -> None:
+            # A worker on a schema older than its code would fail every write it makes: refuse to start.
+            node.check_schema()
             # The heartbeat goes on until the process exits: on a warm shutdown the pool finishes
             # its tasks after this step stopped, and the node must not look gone meanwhile.
             self.heartbeat.start()

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import sqlalchemy as sa
@@ -20,6 +21,7 @@ from .. import retry
 from ..models import BatchStatus, RunStatus
 from ..store import RunEvent, refused_for_good, utcnow
 from ..store.liveness import UNCLAIMED, Claim
+from ..store.migrate import check_schema
 from .groupcommit import GroupCommit
 
 if TYPE_CHECKING:
@@ -41,9 +43,9 @@ def _refusal(event: RunEvent, exc: BaseException) -> RunEvent | None:
     """What to record instead of a transition the registry refuses for good: the run FAILED, saying why."""
     if event.status == RunStatus.FAILED and event.error and event.error.startswith("celery_batches:"):
         return None  # already a refusal
-    return RunEvent(event.run_id, RunStatus.FAILED, event.retries,
-                    f"celery_batches: the registry refused this run's {event.status.name} transition: "
-                    f"{type(exc).__name__}: {str(exc)[:1000]}")
+    return replace(event, status=RunStatus.FAILED, result=None, node=None,
+                   error=f"celery_batches: the registry refused this run's {event.status.name} transition: "
+                         f"{type(exc).__name__}: {str(exc)[:1000]}")
 
 
 class Node:
@@ -63,6 +65,14 @@ class Node:
             self.write_events, interval=settings.flush_interval, max_events=settings.flush_max,
             max_delay=settings.write_retry_max_delay, refused_for_good=refused_for_good, replace_refused=_refusal)
 
+    def check_schema(self) -> None:
+        """Raise ``SchemaTooOld`` if the registry's schema is older than this code (a worker refuses to
+        start on it). A registry that cannot be reached now is not judged: the worker waits for it."""
+        try:
+            check_schema(self.store.engine, self.settings.table_prefix)
+        except sa.exc.DBAPIError:
+            log.error("celery_batches: cannot read the registry's schema revision at start", exc_info=True)
+
     def record(self, event: RunEvent) -> None:
         """Hand a transition to this process's group commit (never waits for the database)."""
         self.group_commit.add(event)
@@ -71,27 +81,31 @@ class Node:
         """Commit a group of run transitions, then publish what it made due."""
         self.publisher.publish(self.store.apply_events(events))
 
-    def claim(self, run_id: str, retries: int) -> Claim | None:
-        """As a member starts: mark its run RUNNING on this process (see ``Liveness.claim``). None if
-        the registry cannot be reached: the member runs, its RUNNING goes through the group commit."""
+    def claim(self, run_id: str, retries: int, *, force: bool = False, replaces: str | None = None) -> Claim | None:
+        """As a member starts: mark its run RUNNING on this process (see ``Liveness.claim``; ``force``
+        for a plain task, which runs anyway; ``replaces``: the claim a replacement takes over).
+
+        An unreachable registry is waited for (``retry.CLAIM``): a member that ran with no claim
+        could have its message published again and run twice. None only if the registry refuses
+        the claim itself: the member runs, its RUNNING goes through the group commit."""
         # <node>/<pid>/<delivery>: a repeat of this claim (its commit went unanswered) finds the run its own
         owner = f"{self.name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         try:
-            return retry.call(lambda: self.liveness.claim(run_id, retries, owner, utcnow()), retry.READ, "claim", log)
+            return retry.call(lambda: self.liveness.claim(run_id, retries, owner, utcnow(), force=force,
+                                                          replaces=replaces), retry.CLAIM, "claim", log)
         except sa.exc.DBAPIError:
-            log.error("celery_batches: cannot claim run %s in the registry; running it (its outcome is "
-                      "recorded when the registry answers again)", run_id, exc_info=True)
+            log.error("celery_batches: the registry refused the claim of run %s; running it", run_id, exc_info=True)
             return None
 
-    def claim_continuation(self, continuation_id: str) -> bool | None:
-        """As a continuation starts: True if this delivery is its first, False if an earlier one
-        claimed it, None if it is no continuation of ours or the registry cannot be reached."""
-        token = str(uuid.uuid4())
+    def claim_continuation(self, continuation_id: str, token: str, retries: int = 0) -> bool | None:
+        """As a continuation starts: True if this delivery is its first (or a later attempt of it, or
+        its replacement), False if an earlier one claimed it, None if it is no continuation of ours
+        (or the registry refuses the claim). An unreachable registry is waited for, as for a run."""
         try:
-            return retry.call(lambda: self.liveness.claim_continuation(continuation_id, token), retry.READ,
+            return retry.call(lambda: self.liveness.claim_continuation(continuation_id, token, retries), retry.CLAIM,
                               "continuation claim", log)
         except sa.exc.DBAPIError:
-            log.error("celery_batches: cannot claim continuation %s in the registry; running it",
+            log.error("celery_batches: the registry refused the claim of continuation %s; running it",
                       continuation_id, exc_info=True)
             return None
 
@@ -100,7 +114,7 @@ class Node:
         republish of a finished run, or a continuation that already ran) or "cancel" (the run or its
         batch was cancelled). A registry that cannot be read says "run": failing the task would be worse."""
         if continuation_of is not None:
-            claimed = self.claim_continuation(run_id) if claim is UNCLAIMED else claim
+            claimed = self.claim_continuation(run_id, uuid.uuid4().hex) if claim is UNCLAIMED else claim
             return "skip" if claimed is False else "run"
         if claim is UNCLAIMED:
             claim = self.claim(run_id, 0)
@@ -109,4 +123,18 @@ class Node:
         if claim.run_status == RunStatus.CANCELLED or (
                 claim.batch_status == BatchStatus.CANCELLED and not claim.run_status.is_final):
             return "cancel"
-        return "run" if claim.claimed else "skip"  # finished, or running elsewhere
+        if claim.claimed:
+            return "run"
+        if not claim.run_status.is_final:  # running elsewhere: this delivery's message is gone unrun
+            self.write("note a delivery skipped", self.liveness.consumed, run_id)
+        return "skip"
+
+    def write(self, what: str, write: Any, *args: Any, **kwargs: Any) -> Any:
+        """A registry write a pool process makes before it goes on (a claim handed back, a skipped
+        delivery noted): repeated if its connection died; logged, not raised, if it still fails
+        (recovery resolves what it would have said)."""
+        try:
+            return retry.call(lambda: write(*args, **kwargs), retry.READ, what, log)
+        except Exception:  # noqa: BLE001 - the task goes on either way
+            log.exception("celery_batches: could not %s", what)
+            return None

@@ -11,22 +11,25 @@ Runs in the relay pass (one node at a time). Four steps, each bounded per pass:
    lost-message search below (or to the broker: RabbitMQ returns a dead consumer's messages).
 2. **Dead pool processes** of a live node: runs they had claimed and not finished end FAILED
    "worker lost" (the process died: a hard time limit, an OOM kill), even where Celery's own
-   report of it was lost, or where the outcome was buffered in the process when it died.
+   report of it was lost, or where the outcome was buffered in the process when it died; a task
+   Celery runs again when its process dies (``acks_late`` with ``reject_on_worker_lost``, or
+   ``retry_on_worker_lost``) is released instead, as Celery requeues it.
 3. **Runs a cancel left running** that came back to waiting (handed back by step 1, or by the
    search below): nothing publishes a run of a cancelled batch, so they end CANCELLED, as
    ``BatchTask`` would end them if their message were delivered.
-4. **Lost messages** (Redis): published runs that no live node holds or runs, older than
-   ``lost_after`` seconds, are looked for in the broker. A message in no queue and no consumer's
-   hands at two looks some seconds apart (a message in flight between two places is seen at one of
-   them) is published again under a new lease (same task id). One held unacknowledged that no live
-   node has marked as its own for as long (its consumer died) is put back at the head of its queue.
+4. **Lost messages** (Redis, RabbitMQ: see ``broker.py`` for what each probe can see): published
+   runs that no live node holds or runs, older than ``lost_after`` seconds, are looked for in the
+   broker. A message in no queue and no consumer's hands at two looks some seconds apart (a message
+   in flight between two places is seen at one of them) is published again under a new lease (same
+   task id). One held unacknowledged that no live node has marked as its own for as long (its
+   consumer died) is put back at the head of its queue (Redis; RabbitMQ does that itself).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Sequence
 
 from celery import states
@@ -37,6 +40,7 @@ from ..broker import Probe, Snapshot
 from ..kombujson import keep
 from ..models import RunStatus
 from ..store import RunEvent, utcnow
+from ..store.rows import as_utc
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -48,21 +52,50 @@ __all__ = ["Recovery", "backend_outcome"]
 log = logging.getLogger(__name__)
 
 
-def backend_outcome(app: "Celery", run_id: str, result_max_bytes: int) -> RunEvent | None:
-    """The run's outcome as the app's result backend recorded it (SUCCESS, FAILURE, REVOKED), if any;
-    a SUCCESS brings its return value along, for a ``results=True`` batch (if JSON can hold it)."""
+def backend_outcome(app: "Celery", run_id: str, result_max_bytes: int, *, keeps_results: bool = False,
+                    not_before: datetime | None = None) -> RunEvent | None:
+    """The run's outcome as the app's result backend recorded it (SUCCESS, FAILURE, REVOKED), if any.
+
+    ``keeps_results`` (a ``results=True`` batch): a SUCCESS brings its value along, and a value the
+    registry cannot keep fails the run, as it would have on the worker. ``not_before`` (when
+    ``retry_failed`` put the run back): an outcome dated earlier is an earlier attempt's, not this
+    one's. A backend that cannot be read knows nothing this time (the error is logged)."""
     backend = app.backend
     if isinstance(backend, DisabledBackend):
         return None
-    meta = backend.get_task_meta(run_id)
+    try:
+        meta = backend.get_task_meta(run_id)
+    except Exception as exc:  # noqa: BLE001 - one unreadable outcome must not stop the others
+        log.warning("celery_batches: could not read run %s from the result backend: %s: %s",
+                    run_id, type(exc).__name__, exc)
+        return None
     state, result = meta.get("status"), meta.get("result")
+    if state not in (states.SUCCESS, states.FAILURE, states.REVOKED):
+        return None
+    if not_before is not None and not _dated_since(meta.get("date_done"), not_before):
+        return None
     if state == states.SUCCESS:
-        return RunEvent(run_id, RunStatus.COMPLETED, result=keep(result, result_max_bytes)[0])
+        if not keeps_results:
+            return RunEvent(run_id, RunStatus.COMPLETED)
+        kept, error = keep(result, result_max_bytes)
+        return RunEvent(run_id, RunStatus.COMPLETED, result=kept) if error is None \
+            else RunEvent(run_id, RunStatus.FAILED, 0, error)
     if state == states.FAILURE:
         return RunEvent(run_id, RunStatus.FAILED, 0, f"{type(result).__name__}: {result}")
-    if state == states.REVOKED:
-        return RunEvent(run_id, RunStatus.CANCELLED, 0, "revoked")
-    return None
+    return RunEvent(run_id, RunStatus.CANCELLED, 0, "revoked")
+
+
+def _dated_since(date_done: Any, since: datetime) -> bool:
+    """Was an outcome recorded at ``date_done`` (a datetime or ISO text, naive meaning UTC) at or
+    after ``since``? Unknown dates are not."""
+    if isinstance(date_done, str):
+        try:
+            date_done = datetime.fromisoformat(date_done)
+        except ValueError:
+            return False
+    if not isinstance(date_done, datetime):
+        return False
+    return as_utc(date_done) >= since
 
 
 class Recovery:
@@ -139,16 +172,31 @@ class Recovery:
             return
         rows = self.liveness.claimed_by_dead_processes(node, pids, beat - timedelta(seconds=1),
                                                        limit=self.settings.recovery_batch)
-        self._fail(rows, f"worker lost: its pool process on node {node} died while running it "
-                         "(an outcome it had not yet recorded was lost with it)", done)
+        # a task Celery runs again when its process dies (acks_late + reject_on_worker_lost requeues
+        # its message, retry_on_worker_lost sends a retry) is handed back, as Celery hands it back
+        again = [row for row in rows if self._requeued_on_process_death(row.task_name)]
+        self._fail([row for row in rows if row not in again],
+                   f"worker lost: its pool process on node {node} died while running it "
+                   "(an outcome it had not yet recorded was lost with it)", done)
+        for holder in {row.node.rsplit("/", 1)[0] for row in again}:
+            done["runs_released"] += self.liveness.release(
+                [str(row.id) for row in again if row.node.startswith(f"{holder}/")], held_by=holder)
+
+    def _requeued_on_process_death(self, task_name: str) -> bool:
+        """Does Celery run this task again when its pool process dies under it?"""
+        task, conf = self.app.tasks.get(task_name), self.app.conf
+        if task is None:
+            return bool(conf.task_acks_late and conf.task_reject_on_worker_lost)
+        return bool((task.acks_late and task.reject_on_worker_lost) or getattr(task, "retry_on_worker_lost", False))
 
     def _fail(self, rows: Sequence[Any], error: str, done: dict[str, int]) -> None:
         """End runs whose process died: with the outcome the result backend kept, if the app has one
         and it kept one; FAILED with ``error`` otherwise."""
         if rows:
             most = self.settings.result_max_bytes
-            self.record([backend_outcome(self.app, str(row.id), most) or RunEvent(str(row.id), RunStatus.FAILED, 0, error)
-                         for row in rows])
+            self.record([backend_outcome(self.app, str(row.id), most, keeps_results=bool(row.keeps_results),
+                                         not_before=as_utc(row.reset_at))
+                         or RunEvent(str(row.id), RunStatus.FAILED, 0, error) for row in rows])
             done["runs_worker_lost"] += len(rows)
 
     def _cancel_stranded(self, done: dict[str, int]) -> None:
@@ -177,8 +225,9 @@ class Recovery:
     def _look(self, rows: Sequence[Any], done: dict[str, int]) -> None:
         rows = [row for row in rows if self._queue_of(row)]
         snap: Snapshot = self.probe.look(self._queues(rows))
-        if not snap.complete:
-            return  # a queue longer than the scan limit: a missing id proves nothing
+        # a queue the probe could not read to its end (longer than the scan limit, or RabbitMQ's with
+        # messages in it): a run missing from it proves nothing
+        rows = [row for row in rows if self._queue_of(row) not in snap.unknown]
         now, confirm = time.monotonic(), self._confirm()
         lost, orphaned = [], []
         for row in rows:
@@ -208,8 +257,7 @@ class Recovery:
         if not rows:
             return
         snap = self.probe.look(self._queues(rows))
-        if not snap.complete:
-            return
+        rows = [row for row in rows if self._queue_of(row) not in snap.unknown]
         now, confirm = time.monotonic(), self._confirm()
         lost = []
         for row in rows:

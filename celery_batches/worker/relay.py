@@ -31,6 +31,7 @@ from celery.backends.base import DisabledBackend
 from ..models import RunStatus
 from ..settings import RELAY_PASS_TTL, RELAY_STEP
 from ..store import RunEvent, reads, utcnow
+from ..store.rows import as_utc
 from .recovery import Recovery, backend_outcome
 
 if TYPE_CHECKING:
@@ -96,19 +97,20 @@ class Relay:
         node = self.node
         stale = reads.open_runs(node.store, now - timedelta(seconds=self.settings.reconcile_grace), RELAY_STEP,
                                after=self._cursor)
-        self._cursor = (stale[-1][2], stale[-1][0]) if len(stale) == RELAY_STEP else None  # wrap around at the end
+        self._cursor = (stale[-1].created_at, str(stale[-1].id)) if len(stale) == RELAY_STEP else None  # wrap around
         if not stale:
             return 0
         if isinstance(node.app.backend, DisabledBackend) and self.settings.run_timeout is None:
             return 0
         timeout = self.settings.run_timeout
         events: list[RunEvent] = []
-        for run_id, since, _created in stale:
-            event = backend_outcome(node.app, run_id, self.settings.result_max_bytes)
+        for row in stale:
+            event = backend_outcome(node.app, str(row.id), self.settings.result_max_bytes,
+                                    keeps_results=bool(row.keeps_results), not_before=as_utc(row.reset_at))
             if event is not None:
                 events.append(event)
-            elif timeout is not None and since < now - timedelta(seconds=timeout):
-                events.append(RunEvent(run_id, RunStatus.FAILED, 0, f"no outcome recorded within {timeout}s"))
+            elif timeout is not None and as_utc(row.since) < now - timedelta(seconds=timeout):
+                events.append(RunEvent(str(row.id), RunStatus.FAILED, 0, f"no outcome recorded within {timeout}s"))
         if events:
             node.write_events(events)
         return len(events)

@@ -1,28 +1,34 @@
 """Thin Celery signal handlers: turn task signals into run transitions for the group commit.
 
 Where each signal runs matters (docs/architecture.md, "Where Celery sends each signal"):
-``task_prerun``/``task_success``/``task_retry`` and ordinary ``task_failure`` run in the pool child
-with the request (and our header) at hand;
-``task_failure`` for a lost worker or a hard time limit runs in the worker's main process with no
-request, so there the run is found by its task id alone. Handlers are connected strongly
-(``weak=False``) with a ``dispatch_uid`` per ``Node``, and only act on tasks of
-their own app. Fork safety needs no signal: the engine and the group commit notice a new pid.
+``task_prerun``/``task_success``/``task_retry``/``task_postrun`` and ordinary ``task_failure`` run in
+the pool child with the request (and our header) at hand; ``task_failure`` for a lost worker or a
+hard time limit, ``task_revoked``, ``task_unknown`` and ``task_rejected`` run in the worker's main
+process with no request, so there the run is found by its task id alone. ``before_task_publish``
+runs wherever a message is sent: inside a member, it follows the member's ``Task.replace()``.
+Handlers are connected strongly (``weak=False``) with a ``dispatch_uid`` per ``Node``, and only act
+on tasks of their own app. Fork safety needs no signal: the engine and the group commit notice a
+new pid.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
+from celery import signals, states
 
 from .. import kombujson
 from ..builder import RESULTS_HEADER
 from ..models import RunStatus
-from ..outbox import CONTINUATION_HEADER, HEADER
+from ..outbox import CONTINUATION_HEADER, HEADER, REPLACES_HEADER
+from ..sending import RECEIVER_PREFIX
 from ..settings import ERROR_CHARS
 from ..store import RunEvent
+from .recovery import backend_outcome
+from .task import CLAIM, REPLACED, SKIPPED, TOKEN, BatchTask
 
 if TYPE_CHECKING:
     from .node import Node
@@ -34,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def connect(node: "Node") -> None:
     app = node.app
-    uid = f"celery_batches:{id(node)}"
+    uid = f"{RECEIVER_PREFIX}{id(node)}"
     add = node.record
 
     def member(sender: Any) -> tuple[Any, str | None]:
@@ -47,14 +53,19 @@ def connect(node: "Node") -> None:
     def on_prerun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
         request, batch_id = member(sender)
         if request is not None and not batch_id and getattr(request, CONTINUATION_HEADER, None):
-            # a continuation notes its first start (recovery's lost-message search needs to know it ran)
-            request.celery_batches_claim = node.claim_continuation(task_id or request.id)
+            # a continuation notes its first start (recovery's lost-message search needs to know it ran);
+            # its replacement presents the claim of the delivery it replaces
+            token = getattr(request, REPLACES_HEADER, None) or str(uuid.uuid4())
+            setattr(request, TOKEN, token)
+            setattr(request, CLAIM, node.claim_continuation(task_id or request.id, token, request.retries or 0))
             return
         if batch_id:
             # synchronous: the run names this process before its body runs, so if the process dies
-            # (with whatever it had buffered) recovery knows the run was executing here
-            claim = node.claim(task_id or request.id, request.retries or 0)
-            request.celery_batches_claim = claim
+            # (with whatever it had buffered) recovery knows the run was executing here. A plain
+            # task runs whatever the registry says, so its claim takes the run over (``force``).
+            claim = node.claim(task_id or request.id, request.retries or 0, force=not isinstance(sender, BatchTask),
+                               replaces=getattr(request, REPLACES_HEADER, None))
+            setattr(request, CLAIM, claim)
             if claim is None:
                 add(RunEvent(task_id or request.id, RunStatus.RUNNING, request.retries or 0,
                              node=f"{node.name}/{os.getpid()}"))
@@ -91,6 +102,90 @@ def connect(node: "Node") -> None:
         if getattr(sender, "app", None) is app and getattr(request, "id", None):
             add(RunEvent(request.id, RunStatus.CANCELLED, 0, "revoked"))
 
+    def on_postrun(sender: Any = None, task_id: str | None = None, state: str | None = None, retval: Any = None,
+                   **_: Any) -> None:
+        """A member or continuation that raised ``Ignore`` or ``Reject`` (no success, failure or retry
+        signal follows): its run must still end, or go back to the broker with its message."""
+        request, batch_id = member(sender)
+        continuation = None if request is None else getattr(request, CONTINUATION_HEADER, None)
+        if state not in (states.IGNORED, states.REJECTED) or not (batch_id or continuation):
+            return
+        if getattr(request, SKIPPED, False) or getattr(request, REPLACED, False):
+            return  # BatchTask skipped this delivery, or a replacement carries the run on
+        run_id, retries = task_id or request.id, request.retries or 0
+        if state == states.REJECTED and getattr(retval, "requeue", False):
+            # the message goes back to the broker: its next delivery must be able to claim the run
+            if batch_id:
+                node.write("hand back a requeued run", node.liveness.hand_back, run_id,
+                           getattr(getattr(request, CLAIM, None), "owner", None))
+            else:
+                node.write("hand back a requeued continuation", node.liveness.hand_back_continuation, run_id,
+                           getattr(request, TOKEN, None))
+            return
+        if not batch_id:
+            return  # a continuation fired: how it ended is its own affair, as for any task
+        if state == states.REJECTED:  # not requeued: Celery will not run it again
+            add(RunEvent(run_id, RunStatus.FAILED, retries, _error(retval, "rejected: ")))
+            return
+        # Ignore: the task may have recorded its own state (update_state, then Ignore); else it did not run
+        recorded = backend_outcome(app, run_id, node.settings.result_max_bytes,
+                                   keeps_results=bool(getattr(request, RESULTS_HEADER, None)))
+        add(recorded or RunEvent(run_id, RunStatus.CANCELLED, retries, _error(retval, "ignored: the task raised ")))
+
+    def on_publish(sender: Any = None, body: Any = None, headers: dict | None = None, **_: Any) -> None:
+        """A message sent from inside a member or continuation that replaces it (``Task.replace()``:
+        Celery gives the replacement the same task id, and one more ``replaced_task_nesting``). The
+        replacement is given our headers, so it is recorded as the run, and the run is handed to it."""
+        task = app.current_worker_task
+        if task is None or not headers:
+            return
+        request = task.request
+        batch_id, continuation = getattr(request, HEADER, None), getattr(request, CONTINUATION_HEADER, None)
+        if not (batch_id or continuation):
+            return
+        if (headers.get("replaced_task_nesting") or 0) <= (getattr(request, "replaced_task_nesting", 0) or 0):
+            return  # not a replacement: a retry (same nesting), or another task the member sends
+        run_id = request.id
+        carried = {key: value for key in (HEADER, CONTINUATION_HEADER, RESULTS_HEADER)
+                   if (value := getattr(request, key, None))}
+        # the claim it takes over: should the run not be handed to it below (the registry is
+        # unreachable), its claim can still take the run from this delivery (which, if its own claim
+        # failed, the group commit records as running on this process)
+        claim = getattr(request, CLAIM, None)
+        carried[REPLACES_HEADER] = (getattr(claim, "owner", None) or f"{node.name}/{os.getpid()}") if batch_id \
+            else getattr(request, TOKEN, None)
+        direct = headers.get("id") == run_id
+        if direct:
+            headers.update(carried)
+        elif not (isinstance(body, tuple) and len(body) == 3 and _carry(body[2], run_id, carried)):
+            return  # nothing in it holds the member's id: not how Celery replaces a task
+        setattr(request, REPLACED, True)
+        if batch_id:
+            # before the replacement is sent: its delivery then claims the run (and nothing else does)
+            node.write("hand a run to its replacement", node.liveness.hand_back, run_id,
+                       getattr(claim, "owner", None), replaced_by="message" if direct else "canvas")
+
+    def on_discarded(task_id: str | None, headers: dict, reason: str) -> None:
+        """A worker took a message of ours off the broker and will never run it: its run fails at once."""
+        if not task_id:
+            return
+        if headers.get(HEADER):
+            add(RunEvent(task_id, RunStatus.FAILED, headers.get("retries") or 0, f"celery_batches: {reason}"))
+        elif headers.get(CONTINUATION_HEADER):
+            add(RunEvent(task_id, RunStatus.FAILED, 0, f"celery_batches: {reason}", continuation=True))
+
+    def on_unknown(sender: Any = None, message: Any = None, name: str | None = None, id: str | None = None,
+                   **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            on_discarded(id, getattr(message, "headers", None) or {},
+                         f"no worker knows task {name!r} (this worker discarded its message)")
+
+    def on_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            headers = getattr(message, "headers", None) or {}
+            why = _error(exc) or "a message in a format the worker does not know"
+            on_discarded(headers.get("id"), headers, f"the worker refused its message ({why})")
+
     def on_process_shutdown(**_: Any) -> None:
         node.group_commit.close()
 
@@ -100,13 +195,34 @@ def connect(node: "Node") -> None:
         (signals.task_retry, on_retry),
         (signals.task_failure, on_failure),
         (signals.task_revoked, on_revoked),
+        (signals.task_postrun, on_postrun),
+        (signals.before_task_publish, on_publish),
+        (signals.task_unknown, on_unknown),
+        (signals.task_rejected, on_rejected),
         (signals.worker_process_shutdown, on_process_shutdown),
     ):
         signal.connect(handler, weak=False, dispatch_uid=f"{uid}:{handler.__name__}")
 
 
-def _error(exc: Any) -> str | None:
+def _error(exc: Any, prefix: str = "") -> str | None:
     if exc is None:
         return None
-    text = f"{type(exc).__name__}: {exc}"
+    text = f"{prefix}{type(exc).__name__}: {exc}"
     return text[:ERROR_CHARS]
+
+
+def _carry(value: Any, task_id: str, headers: dict[str, Any]) -> bool:
+    """Give ``headers`` to the signature (a dict, as a message embeds the rest of a chain or a
+    chord's body) that will run as ``task_id``; True if there was one."""
+    found = False
+    if isinstance(value, dict):
+        options = value.get("options")
+        if isinstance(options, dict) and options.get("task_id") == task_id:
+            options["headers"] = {**(options.get("headers") or {}), **headers}
+            found = True
+        for item in value.values():
+            found = _carry(item, task_id, headers) or found
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found = _carry(item, task_id, headers) or found
+    return found

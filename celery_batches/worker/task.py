@@ -15,7 +15,17 @@ from ..store.liveness import UNCLAIMED
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["BatchTask"]
+__all__ = ["CLAIM", "REPLACED", "SKIPPED", "TOKEN", "BatchTask"]
+
+# What the worker notes on a request as it runs (attributes of ``task.request``):
+#: the claim the task_prerun handler made (a ``Claim``, or for a continuation True/False/None)
+CLAIM = "celery_batches_claim"
+#: a continuation delivery's claim token (its replacement presents it)
+TOKEN = "celery_batches_token"
+#: BatchTask decided not to run this delivery (its Ignore ends nothing)
+SKIPPED = "celery_batches_skipped"
+#: the task replaced itself: the replacement carries the run on
+REPLACED = "celery_batches_replaced"
 
 
 class BatchTask(Task):
@@ -36,10 +46,11 @@ class BatchTask(Task):
         continuation_of = getattr(request, CONTINUATION_HEADER, None)
         if node is None or not (batch_id or continuation_of):
             return
-        claim = getattr(request, "celery_batches_claim", UNCLAIMED)  # made by the task_prerun handler
+        claim = getattr(request, CLAIM, UNCLAIMED)  # made by the task_prerun handler
         verdict = node.verdict(task_id, None if batch_id else continuation_of, claim)
         if verdict == "run":
             return
+        setattr(request, SKIPPED, True)
         if verdict == "cancel":
             self.backend.mark_as_revoked(task_id, "batch cancelled", request=request)
             # a run that was RUNNING at cancel time and comes back (a retry, a redelivery) ends here

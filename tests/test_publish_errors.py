@@ -1,0 +1,221 @@
+"""What a failed publish means: the broker being down, or one message it will never take.
+
+Each test writes a batch with a producer that has not published it (or died), makes one message
+unpublishable in the way deployments do, and lets the relay publish: on the real PostgreSQL, the
+real Redis and the real RabbitMQ, no worker attached (the queues are consumed by nobody).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from kombu import Queue
+
+from celery_batches import BatchStatus, RunStatus
+from celery_batches.models import ContinuationStatus
+from celery_batches.settings import PUBLISH_DEFERRALS
+from celery_batches.store import RunEvent
+from tests.conftest import AMQP_URL, _answers, unavailable
+from tests.helpers import memory_app, private_registry
+from tests.test_outbox import lapse, written_unpublished
+
+pytestmark = [pytest.mark.integration]
+
+
+def set_options(batches, run_id: str, options: str) -> None:
+    """What a run stored before the deployment changed could hold (the builder checks new ones)."""
+    r = batches.store.tables.runs
+    with batches.engine.begin() as conn:
+        conn.execute(sa.update(r).where(r.c.id == run_id).values(options=options))
+
+
+def jobs(batches, batch_id):
+    return {j.id: j for j in batches.get_batch_jobs(batch_id)}
+
+
+def queued(app, queue: str) -> int:
+    with app.connection_for_write() as conn:
+        if conn.transport.driver_type == "redis":
+            return conn.default_channel.client.llen(queue)
+        return conn.default_channel.queue_declare(queue, passive=True).message_count
+
+
+@pytest.fixture
+def amqp_registry(services):
+    """A registry on the real PostgreSQL whose app publishes to the real RabbitMQ."""
+    if not _answers("127.0.0.1", 5672):
+        unavailable("RabbitMQ not answering on 127.0.0.1:5672")
+    app = Celery(f"amqp_{uuid.uuid4().hex[:6]}", broker=AMQP_URL, set_as_current=False)
+    with private_registry(app, "cbt_pe") as batches:
+        batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"
+        yield batches
+        with app.connection_for_write() as conn:
+            for name in (batches.queue, f"{batches.queue}-prio"):
+                try:
+                    conn.default_channel.queue_delete(name)
+                except Exception:  # noqa: BLE001 (never declared)
+                    pass
+
+
+def test_a_queue_celery_does_not_know_fails_that_run_and_the_relay_goes_on(registry):
+    """Seen: Celery raises QueueNotFound (a KeyError) for a queue not in task_queues when
+    task_create_missing_queues is off, and kombu counts KeyError among Redis's connection errors:
+    the relay took it for a broker that is down, kept the lease and took the same rows every pass,
+    so nothing behind them was ever published."""
+    registry.app.conf.update(task_create_missing_queues=False, task_queues=[Queue(registry.queue)])
+    batch_id, ids, outbox = written_unpublished(registry, 4)
+    set_options(registry, ids[1], '{"queue": "a-queue-celery-does-not-know"}')
+    lapse(registry, outbox.publication)
+    report = registry.outbox.relay(1000)
+    assert (report.runs, report.refused, report.broker_down) == (3, 1, False)
+    found = jobs(registry, batch_id)
+    assert found[ids[1]].status == RunStatus.FAILED and "QueueNotFound" in found[ids[1]].error
+    assert [found[i].status for i in (ids[0], ids[2], ids[3])] == [RunStatus.PENDING] * 3
+    assert queued(registry.app, registry.queue) == 3
+    assert registry.outbox.relay(1000).runs == 0, "nothing left behind it"
+
+
+def test_a_queue_rabbitmq_declared_with_other_arguments_fails_that_run_only(amqp_registry):
+    """Seen: a queue declared with other arguments (x-max-priority) answers 406 PRECONDITION_FAILED
+    at every declare; the relay stopped at that run on every pass. Now that run fails with the
+    reason and the others are published."""
+    batches = amqp_registry
+    other = f"{batches.queue}-prio"
+    with batches.app.connection_for_write() as conn:
+        conn.default_channel.queue_declare(other, durable=True, auto_delete=False,
+                                           arguments={"x-max-priority": 10})
+    batch_id, ids, outbox = written_unpublished(batches, 4)
+    set_options(batches, ids[2], f'{{"queue": "{other}"}}')
+    lapse(batches, outbox.publication)
+    report = batches.outbox.relay(1000)
+    assert (report.runs, report.refused, report.broker_down) == (3, 1, False)
+    found = jobs(batches, batch_id)
+    assert found[ids[2]].status == RunStatus.FAILED and "PreconditionFailed" in found[ids[2]].error
+    assert queued(batches.app, batches.queue) == 3 and queued(batches.app, other) == 0
+    assert batches.outbox.relay(1000).runs == 0
+
+
+def test_a_message_failing_partway_through_a_one_at_a_time_transport_is_not_sent_twice(services, monkeypatch):
+    """Seen by reading: on a transport that publishes each message at once (SQS, memory, AMQP with
+    publisher confirms) an error partway through a chunk reported nothing sent although the
+    earlier messages were, and the relay sent them again. Now exactly those count as sent."""
+    from kombu.transport import memory
+
+    app = memory_app("one_at_a_time")
+    queue = app.conf.task_default_queue
+    put, failures = memory.Channel._put, {"left": 1}
+
+    def drop_the_third(self, name, message, **kwargs):
+        if name == queue and self._size(queue) == 2 and failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionResetError("the broker dropped the connection")
+        return put(self, name, message, **kwargs)
+
+    monkeypatch.setattr(memory.Channel, "_put", drop_the_third)
+    with private_registry(app, "cbt_pe") as batches:
+        batches.queue = queue
+        batch_id, ids, outbox = written_unpublished(batches, 5)
+        report = batches.outbox.publish(outbox)
+        lapse(batches, outbox.publication)
+        batches.outbox.relay(1000)
+        assert report.runs == 5 and not report.broker_down
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            sent = [channel._get(queue)["headers"]["id"] for _ in range(channel._size(queue))]
+        assert failures["left"] == 0 and sorted(sent) == sorted(ids), "each message sent once"
+
+
+def test_a_connection_error_on_one_message_while_the_broker_answers_waits_then_fails(registry, monkeypatch):
+    """A connection error on one message while the broker answers fresh connections: that message
+    waits one lease (the others go out, nothing blocks the relay), is tried again, and after
+    PUBLISH_DEFERRALS such waits fails its run with the reason."""
+    import redis
+
+    batch_id, ids, outbox = written_unpublished(registry, 3)
+    bad = ids[1]
+    original = type(registry.outbox)._send_one
+
+    def flaky(m, session):
+        if m.id == bad:
+            raise redis.exceptions.ConnectionError("Connection reset by peer (on this message only)")
+        original(m, session)
+
+    monkeypatch.setattr(type(registry.outbox), "_send_one", staticmethod(flaky))
+    lapse(registry, outbox.publication)
+    for attempt in range(PUBLISH_DEFERRALS):
+        report = registry.outbox.relay(1000)
+        assert (report.runs, report.deferred, report.refused, report.broker_down) == (
+            2 if attempt == 0 else 0, 1, 0, False)
+        assert registry.outbox.relay(1000).runs == 0, "a deferred message waits its lease"
+        r = registry.store.tables.runs
+        with registry.engine.connect() as conn:
+            lease = conn.scalar(sa.select(r.c.publication_id).where(r.c.id == bad))
+        lapse(registry, lease)
+    report = registry.outbox.relay(1000)
+    assert (report.runs, report.refused) == (0, 1)
+    found = jobs(registry, batch_id)
+    assert found[bad].status == RunStatus.FAILED and "ConnectionError" in found[bad].error
+
+
+def test_a_bulk_path_that_breaks_falls_back_to_kombus_own_publish(broker_url, monkeypatch):
+    """The bulk path leans on kombu and py-amqp internals: if it fails where kombu's own publish
+    does not (a library upgrade changed them), the messages go out through kombu and the bulk path
+    is turned off for the process. Never "broker down", never a failed run."""
+    from celery_batches import wire
+
+    app = Celery(f"fallback_{uuid.uuid4().hex[:6]}", set_as_current=False, broker=broker_url)
+    with private_registry(app, "cbt_pe") as batches:
+        batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"
+        try:
+            def broken(self, *args, **kwargs):
+                raise AttributeError("'Producer' object has no attribute '_batch_local'")
+
+            monkeypatch.setattr(wire.Wire, "publish", broken)
+            batch_id, ids, outbox = written_unpublished(batches, 5)
+            report = batches.outbox.publish(outbox)
+            assert (report.runs, report.refused, report.broker_down) == (5, 0, False)
+            assert batches.outbox.sender.bulk is False
+            assert queued(app, batches.queue) == 5
+            assert all(j.status == RunStatus.PENDING for j in batches.get_batch_jobs(batch_id))
+        finally:
+            with app.connection_for_write() as conn:
+                conn.default_channel.queue_delete(batches.queue)
+
+
+def test_the_bulk_path_runs_only_on_the_versions_it_was_proven_on(registry, monkeypatch):
+    """A kombu the wire was not proven on publishes through kombu's own path; so does a registry
+    with ``bulk_publish=False``."""
+    from celery_batches import wire
+
+    with registry.app.producer_or_acquire() as producer:
+        assert wire.open_wire(producer) is not None  # the versions installed here are proven
+        real = wire.version
+        monkeypatch.setattr(wire, "version", lambda name: "5.9.0" if name == "kombu" else real(name))
+        assert wire.open_wire(producer) is None
+    monkeypatch.undo()
+    with private_registry(registry.app, "cbt_pe", bulk_publish=False) as plain:
+        with registry.app.producer_or_acquire() as producer, plain.outbox.sender.session(producer, 2) as session:
+            assert not session.buffered and not plain.outbox.sender.copies_allowed()
+
+
+def test_the_relay_never_republishes_a_continuation_a_delivery_claimed(registry):
+    """Seen by reading: a continuation published, then claimed by its first delivery, whose
+    DISPATCHED flag could not be written, was published again once its lease lapsed (the relay
+    ignored the claim)."""
+    with registry.batch("claimed-continuation") as b:
+        run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
+        b.on_complete(registry.app.signature("tests.proj.record", ("k",)).set(queue=registry.queue))
+    c = registry.store.tables.continuations
+    outbox = registry.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])  # due, not published yet
+    [cont] = outbox.continuations
+    assert registry.liveness.claim_continuation(cont.id, str(uuid.uuid4())) is True  # its delivery started
+    lapse(registry, outbox.publication)
+    report = registry.outbox.relay(1000)
+    assert report.continuations == 0
+    with registry.engine.connect() as conn:
+        status = conn.scalar(sa.select(c.c.status).where(c.c.id == cont.id))
+    assert status == int(ContinuationStatus.DISPATCHED)
+    assert registry.get_batch(b.id).status == BatchStatus.COMPLETED
