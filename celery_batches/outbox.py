@@ -86,6 +86,7 @@ class Report:
     deferred: int = 0
     broker_down: bool = False
     lease_lapsed: bool = False
+    unflagged: bool = False  # some sent runs could not be flagged: the lease must lapse, not be released
     errors: list[str] = field(default_factory=list)
     #: until when (``time.monotonic()``) the publisher surely holds its lease: its bookkeeping writes
     #: are tried again until then (nothing else publishes its rows meanwhile)
@@ -151,7 +152,7 @@ class Publisher:
         refused: list[RunEvent] = []
         deferred: list[Message] = []
         overlap = len(outbox.runs) > self.chunk and self.store.engine.dialect.name != "sqlite"  # one writer there
-        with _Flagger(lambda sent: self._flag_runs(sent, report.held_until), overlap) as flagger:
+        with _Flagger(lambda sent: self._flag_runs(sent, lease, report), overlap) as flagger:
             for start in range(0, len(outbox.runs), self.chunk):
                 if not self._hold(lease, report):
                     break
@@ -191,7 +192,7 @@ class Publisher:
             then = self.record(refused)  # counted FAILED; may finish batches and make continuations due
             if depth < 16:
                 self._publish(then, report, depth + 1)
-        if lease and not report.broker_down and not report.lease_lapsed:
+        if lease and not report.broker_down and not report.lease_lapsed and not report.unflagged:
             self._write("release a publish lease", self.store.release, lease, until=report.held_until)
 
     def _hold(self, lease: str | None, report: Report) -> bool:
@@ -307,11 +308,24 @@ class Publisher:
         except Exception:  # noqa: BLE001 - any failure to connect means no
             return False
 
-    def _flag_runs(self, sent: list[str], until: float) -> None:
-        """Flag sent runs; a run a worker holds right now is flagged on a second try (or needs none)."""
-        left = sent
+    def _flag_runs(self, sent: list[str], lease: str | None, report: Report) -> None:
+        """Flag sent runs; a run a worker holds right now is flagged on a second try (or needs none).
+
+        A flag that keeps failing is tried again for as long as the lease can be renewed (then
+        nothing else publishes these runs); once it cannot, the runs are left unflagged under a
+        lease left to lapse: the relay publishes them again (claims keep a ``@batches.task`` from
+        running twice; a plain task may)."""
+        left, renewals = sent, 0
         for attempt in range(3):
-            left = self._write("flag published runs", self.store.mark_published, left, until=until) or []
+            while (flagged := self._write("flag published runs", self.store.mark_published, left,
+                                          until=report.held_until)) is None:
+                renewals += 1
+                if lease is None or renewals > 10 or not self._write("renew a publish lease", self.store.renew,
+                                                                     lease, until=report.held_until):
+                    report.unflagged = True
+                    return
+                report.held_until = self._lease_from_now()
+            left = flagged
             if not left:
                 return
             time.sleep(0.05 * (attempt + 1))

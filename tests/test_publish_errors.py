@@ -8,6 +8,7 @@ real Redis and the real RabbitMQ, no worker attached (the queues are consumed by
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -219,3 +220,42 @@ def test_the_relay_never_republishes_a_continuation_a_delivery_claimed(registry)
         status = conn.scalar(sa.select(c.c.status).where(c.c.id == cont.id))
     assert status == int(ContinuationStatus.DISPATCHED)
     assert registry.get_batch(b.id).status == BatchStatus.COMPLETED
+
+
+def test_flags_are_written_however_long_the_registry_is_away_while_the_lease_holds(registry, monkeypatch):
+    """Chaos soak through PgBouncer: the registry was unreachable for ~3 s after a chunk went out; the
+    publisher gave up flagging it after ~1.5 s and released its lease, so the relay published every
+    run of the chunk again at once (plain tasks ran twice). Flags are now tried again while the
+    lease holds (it is renewed meanwhile), and a lease is never released over unflagged runs."""
+    import time
+
+    import sqlalchemy.exc
+
+    batch_id, ids, outbox = written_unpublished(registry, 3)
+    store, real = registry.outbox.store, type(registry.outbox.store).mark_published
+    away_until = time.monotonic() + 2.5
+
+    def flag(self, run_ids, **kwargs):
+        if time.monotonic() < away_until:
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, ConnectionRefusedError("the registry is away"))
+        return real(self, run_ids, **kwargs)
+
+    monkeypatch.setattr(type(store), "mark_published", flag)
+    report = registry.outbox.publish(outbox)
+    assert (report.runs, report.unflagged) == (3, False)
+    assert all(j.id in ids for j in registry.get_batch_jobs(batch_id))
+    r, p = registry.store.tables.runs, registry.store.tables.publications
+    with registry.engine.connect() as conn:
+        assert conn.execute(sa.select(r.c.published).where(r.c.batch_id == batch_id)).scalars().all() == [True] * 3
+        assert conn.scalar(sa.select(sa.func.count()).select_from(p)) == 0  # released once all were flagged
+
+    # the registry away for longer than anyone can hold the lease: the lease is left to lapse
+    monkeypatch.setattr(store, "lease", timedelta(seconds=2))  # (a lease of 2 s: the test waits for it)
+    batch_id, ids, outbox = written_unpublished(registry, 2)
+    away_until = time.monotonic() + 3600
+    renewals = iter([True])  # the renewal before the chunk; none after it
+    monkeypatch.setattr(type(store), "renew", lambda self, lease: next(renewals, False))
+    report = registry.outbox.publish(outbox)
+    assert (report.runs, report.unflagged) == (2, True)
+    with registry.engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(p).where(p.c.id == outbox.publication)) == 1

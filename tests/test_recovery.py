@@ -616,3 +616,39 @@ def test_a_copy_of_the_attempt_that_raised_the_retry_is_not_run_again(registry):
     registry.store.apply_events([RunEvent(run, RunStatus.RETRYING, 0)])
     assert not registry.liveness.claim(run, 0, "n/2/copy", utcnow()).claimed
     assert registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed
+
+
+def test_a_replacement_whose_message_the_broker_lost_fails_its_run(registry):
+    """Chaos soak: a Redis restart lost the message of a member's replacement; the lost-message search
+    published the member's own message again and its body ran twice. The replacement's message was
+    Celery's, not ours to publish: the run FAILS, saying so, and nothing runs twice."""
+    _, (run,) = _claimed(registry, "n/1/original", 1)
+    registry.liveness.hand_back(run, "n/1/original", replaced_by="message")
+    recovery = _recovery(registry, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
+    recovery.probe = _Empty()
+    assert recovery.run_once()["runs_replacement_lost"] == 0  # one look proves nothing
+    time.sleep(recovery._confirm() + 0.1)
+    done = recovery.run_once()
+    assert (done["runs_replacement_lost"], done["runs_republished"]) == (1, 0)
+    [job] = registry.get_batch_jobs(_batch_of(registry, run))
+    assert job.status == RunStatus.FAILED and "replacement" in job.error
+
+
+class _Empty:
+    """A probe that finds every queue empty."""
+
+    knows = True
+
+    def look(self, queues):
+        from celery_batches.broker import Snapshot
+
+        return Snapshot()
+
+    def restore(self, tags):
+        return 0
+
+
+def _batch_of(registry, run_id):
+    r = registry.store.tables.runs
+    with registry.engine.connect() as conn:
+        return str(conn.scalar(sa.select(r.c.batch_id).where(r.c.id == run_id)))

@@ -64,9 +64,10 @@ class Liveness:
         # duplicate never makes it run twice. ``force`` (a plain task, which runs whatever the
         # registry says): any unfinished run, so the registry names the process that runs it.
         # ``replaces``: the claim of the delivery this one replaces (``Task.replace()``), taken
-        # over with the replacement's own count of retries; a run handed to a replacement is
-        # claimed by nothing else (a duplicate of the replaced message is skipped). Built once: a
-        # claim runs before every member task.
+        # over with the replacement's own count of retries. A run handed to a replacement is claimed
+        # only by deliveries that present the claim it replaced (the replacement, and its retries,
+        # which keep its headers): a copy of the replaced message is skipped. Built once: a claim
+        # runs before every member task.
         claimable = sa.or_(
             sa.and_(sa.or_(r.c.status == int(RunStatus.PENDING),
                            sa.and_(r.c.status == int(RunStatus.RETRYING), r.c.retries < retries)),
@@ -74,7 +75,7 @@ class Liveness:
             sa.and_(r.c.status == int(RunStatus.RUNNING),
                     sa.or_(force, r.c.retries < retries, r.c.node == node, r.c.node == replaces)))
         self._claim = (sa.update(r).where(r.c.id == sa.bindparam("b_id"), claimable)
-                       .values(status=int(RunStatus.RUNNING), node=node, claimed_at=at, replaced=None,
+                       .values(status=int(RunStatus.RUNNING), node=node, claimed_at=at,
                                retries=sa.case((r.c.node == replaces, retries), (r.c.retries > retries, r.c.retries),
                                                else_=retries),
                                started_at=sa.func.coalesce(r.c.started_at, at))
@@ -92,7 +93,7 @@ class Liveness:
     # transaction only, so nothing stays on a connection PgBouncer hands on): a claim lost in a
     # server crash leaves the run PENDING, which recovery handles like a lost message.
     _PG_CLAIM = """
-        UPDATE {runs} AS r SET status = {running}, node = %(b_node)s, claimed_at = %(b_at)s, replaced = NULL,
+        UPDATE {runs} AS r SET status = {running}, node = %(b_node)s, claimed_at = %(b_at)s,
                retries = CASE WHEN r.node = %(b_replaces)s THEN %(b_retries)s
                               ELSE greatest(r.retries, %(b_retries)s) END,
                started_at = coalesce(r.started_at, %(b_at)s)
@@ -131,14 +132,14 @@ class Liveness:
         return Claim(False, RunStatus(found.status), BatchStatus(found.batch_status))
 
     def consumed(self, run_id: str) -> None:
-        """A delivery of this unfinished run was taken off the broker and not run (it is running
+        """A delivery of this RUNNING run was taken off the broker and not run (it is running
         elsewhere, as far as the registry knows): no message of it is left in the broker. Should
         the run come back to waiting (its holder was lost), the relay publishes it again, where
         otherwise it would wait for a message that no longer exists (RabbitMQ redelivers a dead
         consumer's acks_late message at once, before recovery knows the consumer is gone)."""
         r = self.tables.runs
         with self.engine.begin() as conn:
-            conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status < int(RunStatus.COMPLETED))
+            conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status == int(RunStatus.RUNNING))
                          .values(published=False))
 
     def hand_back(self, run_id: str, owner: str | None, *, replaced_by: str | None = None) -> int:
@@ -322,8 +323,7 @@ class Liveness:
         published open runs: a waiting stage's runs are unpublished, a finished batch has none open.)
         Read along the open-runs index in creation order, whatever the planner's statistics say."""
         r = self.tables.runs
-        q = (sa.select(r.c.id, r.c.status, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id,
-                       r.c.position, r.c.queue, r.c.created_at, r.c.retries)
+        q = (sa.select(*self._recovered(), r.c.created_at, r.c.replaced)
              .where(r.c.status < int(RunStatus.COMPLETED), r.c.status != int(RunStatus.RUNNING),
                     r.c.node.is_(None), sa.func.coalesce(r.c.replaced, "") != "canvas", r.c.created_at < older_than,
                     sa.or_(r.c.published, r.c.status == int(RunStatus.RETRYING)))

@@ -106,9 +106,10 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("result", sa.Text, nullable=True),  # its return value as JSON (a results=True batch's job)
         # when retry_failed put it back: an outcome a result backend dated earlier is an earlier attempt's
         sa.Column("reset_at", TIMESTAMP, nullable=True),
-        # its task replaced itself (Task.replace): only the replacement may claim it, not a duplicate of
-        # the replaced message. "message": the replacement's message has the run's id; "canvas": a canvas
-        # reaches it later (no message of the id is anywhere until then: the lost-message search waits)
+        # its task replaced itself (Task.replace): from then on its messages are the replacement's, which
+        # only the replacement (and its retries) claims, and which are Celery's, not ours to publish again.
+        # "message": the replacement's message has the run's id; "canvas": a canvas reaches it later (no
+        # message of the id is anywhere until then: the lost-message search waits)
         sa.Column("replaced", sa.String(16), nullable=True),
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # a batch's jobs in a rare status, in enqueue order (the dashboard's "failed only" of a huge

@@ -125,7 +125,7 @@ class Node:
             return "cancel"
         if claim.claimed:
             return "run"
-        if not claim.run_status.is_final:  # running elsewhere: this delivery's message is gone unrun
+        if claim.run_status == RunStatus.RUNNING:  # running elsewhere: this delivery's message is gone unrun
             self.write("note a delivery skipped", self.liveness.consumed, run_id)
         return "skip"
 

@@ -114,8 +114,8 @@ class Recovery:
         self._cursor: tuple[Any, str] | None = None
 
     def run_once(self) -> dict[str, int]:
-        done = {"runs_worker_lost": 0, "runs_released": 0, "messages_restored": 0, "runs_republished": 0,
-                "continuations_republished": 0, "runs_cancelled": 0}
+        done = {"runs_worker_lost": 0, "runs_replacement_lost": 0, "runs_released": 0, "messages_restored": 0,
+                "runs_republished": 0, "continuations_republished": 0, "runs_cancelled": 0}
         self._pass += 1
         nodes = self.liveness.nodes()
         now = time.monotonic()
@@ -189,15 +189,15 @@ class Recovery:
             return bool(conf.task_acks_late and conf.task_reject_on_worker_lost)
         return bool((task.acks_late and task.reject_on_worker_lost) or getattr(task, "retry_on_worker_lost", False))
 
-    def _fail(self, rows: Sequence[Any], error: str, done: dict[str, int]) -> None:
-        """End runs whose process died: with the outcome the result backend kept, if the app has one
-        and it kept one; FAILED with ``error`` otherwise."""
+    def _fail(self, rows: Sequence[Any], error: str, done: dict[str, int], key: str = "runs_worker_lost") -> None:
+        """End runs that nothing will run to their end: with the outcome the result backend kept, if the
+        app has one and it kept one; FAILED with ``error`` otherwise."""
         if rows:
             most = self.settings.result_max_bytes
             self.record([backend_outcome(self.app, str(row.id), most, keeps_results=bool(row.keeps_results),
                                          not_before=as_utc(row.reset_at))
                          or RunEvent(str(row.id), RunStatus.FAILED, 0, error) for row in rows])
-            done["runs_worker_lost"] += len(rows)
+            done[key] += len(rows)
 
     def _cancel_stranded(self, done: dict[str, int]) -> None:
         """A run that was running when its batch was cancelled, and came back to waiting: CANCELLED
@@ -243,6 +243,15 @@ class Recovery:
                 (orphaned if held else lost).append(row)
         if orphaned:  # unacknowledged, and no live node says it holds it: its consumer died
             done["messages_restored"] += self.probe.restore([snap.held[str(row.id)] for row in orphaned])
+        # a run handed to its replacement (Task.replace) lost the replacement's message: that message was
+        # Celery's, not ours to publish again, and publishing the replaced one would run its body twice
+        replacements = [row for row in lost if row.replaced]
+        if replacements:
+            log.warning("celery_batches: the replacements of %d run(s) are in no queue and held by no worker",
+                        len(replacements))
+            self._fail(replacements, "lost: the message of its replacement (Task.replace) is in no queue and "
+                                     "held by no worker", done, key="runs_replacement_lost")
+        lost = [row for row in lost if not row.replaced]
         if lost:  # back to the outbox: the relay publishes them (same task ids)
             log.warning("celery_batches: %d run(s) published long ago are in no queue and held by no worker; "
                         "publishing them again", len(lost))
