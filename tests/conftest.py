@@ -8,6 +8,7 @@ when ``CI=true``. Helpers that are not fixtures (and know nothing of the session
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -120,25 +121,23 @@ def broker_url(request: pytest.FixtureRequest, services: None) -> str:
 
 
 @pytest.fixture
-def producer_on(proj: Any) -> Callable[[str], Any]:
-    """``producer_on(broker_url)``: a Batches on the session's registry (its tables) whose app publishes
-    to that broker, for workers started on it (``start_worker(TEST_BROKER_URL=...)``); tasks are named."""
+def registry_on(services: None) -> Callable[[str], Any]:
+    """``registry_on(broker_url)``: a Batches on tables of its own (no relay in this process) whose app
+    publishes to that broker; ``.worker_env`` starts workers of ``tests.proj`` on that broker and
+    those tables (``start_worker(**registry.worker_env)``). A registry serves one broker: the session
+    registry's relays and lost-message searches would take a run of another broker for lost."""
     from celery import Celery
 
-    from celery_batches import Batches
+    stack = contextlib.ExitStack()
 
-    made: list[Any] = []
-
-    def make(url: str, **settings: Any) -> Any:
+    def make(url: str) -> Any:
         app = Celery(f"producer_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False)
-        batches = Batches(app, database_url=settings.pop("database_url", os.environ["TEST_DATABASE_URL"]),
-                          table_prefix=proj.batches.settings.table_prefix, relay_interval=0, **settings)
-        made.append(batches)
+        batches = stack.enter_context(private_registry(app, "cbt_br"))
+        batches.worker_env = {"TEST_BROKER_URL": url, "TEST_PREFIX": batches.settings.table_prefix}
         return batches
 
-    yield make
-    for batches in made:
-        batches.engine.dispose()
+    with stack:
+        yield make
 
 
 @pytest.fixture

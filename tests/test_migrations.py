@@ -135,3 +135,7 @@ def test_a_worker_refuses_to_start_on_a_schema_older_than_its_code(proj, fresh_d
     with pytest.raises(RuntimeError, match="worker exited at start") as refused:
         Worker(proj, f"cbt-old-{uuid.uuid4().hex[:6]}", TEST_DATABASE_URL=fresh_database_url, TEST_PREFIX="cbt_old_")
     assert "schema revision 0007" in str(refused.value) and "batches migrate" in str(refused.value)
+    # no schema at all yet (a migrate may be running meanwhile): it starts, and says what to run
+    with Worker(proj, f"cbt-new-{uuid.uuid4().hex[:6]}", TEST_DATABASE_URL=fresh_database_url,
+                TEST_PREFIX="cbt_none_") as started:
+        assert "has no schema yet" in started.log.read_text()

@@ -26,9 +26,10 @@ def starts(proj, key: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in proj.r.hgetall(key).items()}
 
 
-def settled(proj, batch_id: str):
-    done = proj.batches.wait(batch_id, timeout=RECOVERY)
-    jobs = proj.batches.get_batch_jobs(batch_id)
+def settled(proj, batch_id: str, batches=None):
+    batches = batches or proj.batches
+    done = batches.wait(batch_id, timeout=RECOVERY)
+    jobs = batches.get_batch_jobs(batch_id)
     assert all(j.status.is_final for j in jobs), [j.status for j in jobs]
     assert (done.completed_jobs, done.failed_jobs, done.cancelled_jobs) == (
         sum(j.status == RunStatus.COMPLETED for j in jobs), sum(j.status == RunStatus.FAILED for j in jobs),
@@ -452,37 +453,36 @@ def test_a_plain_tasks_claim_takes_the_run_over(registry):
 # -- the configurations people deploy: RabbitMQ, several nodes, Celery's requeue settings ----------------
 @pytest.mark.slow
 @pytest.mark.integration
-def test_acks_late_runs_of_a_worker_killed_and_restarted_at_once_finish(proj, broker_url, producer_on, start_worker):
+def test_acks_late_runs_of_a_worker_killed_and_restarted_at_once_finish(proj, broker_url, registry_on, start_worker):
     """Seen on RabbitMQ: 20 acks_late jobs, the worker SIGKILLed and a new one started at once.
     RabbitMQ redelivered the running ones at once; the claim found them RUNNING under the dead node
     and the deliveries were skipped and acknowledged; recovery later put them back to PENDING,
     still flagged published, and nothing republished them: 2 of 20 stuck for good. On Redis the
     messages come back from the unacked set. Either way every job now ends, as acks_late promises."""
-    w = start_worker(TEST_BROKER_URL=broker_url)
-    producer, key = producer_on(broker_url), tag("starts")
+    producer, key = registry_on(broker_url), tag("starts")
+    w = start_worker(**producer.worker_env)
     with producer.batch("acks-late-restarted") as b:
         for _ in range(20):
             b.enqueue(producer.app.signature("tests.proj.track_late", (key, 0.5), queue=w.queue))
     eventually(lambda: len(starts(proj, key)) >= 2, "two members to start", 30)
     w.kill()
-    with Worker(proj, w.queue, TEST_BROKER_URL=broker_url):  # a new node at once, on the same queue
-        done, jobs = settled(proj, b.id)
+    with Worker(proj, w.queue, **producer.worker_env):  # a new node at once, on the same queue
+        done, jobs = settled(proj, b.id, producer)
     assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 20)
     assert len(starts(proj, key)) == 20
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_node_lost_for_good_while_another_runs_on(proj, broker_url, producer_on, start_worker):
+def test_a_node_lost_for_good_while_another_runs_on(proj, broker_url, registry_on, start_worker):
     """Two worker nodes on one queue (``-n``); one is SIGKILLed for good while the other runs on.
     Seen on RabbitMQ: 2 of 200 runs left PENDING and published. Now, within the recovery bound,
     what the lost node was running ends FAILED "worker lost" where Celery acknowledged it (the
     default) and runs again on the other node where Celery redelivers it (acks_late); what it held
     runs on the other node; nothing runs twice that Celery would not run twice."""
-    queue = f"cbt-two-{uuid.uuid4().hex[:6]}"
-    lost = start_worker(queue=queue, name=f"{queue}-a", TEST_BROKER_URL=broker_url)
-    start_worker(queue=queue, name=f"{queue}-b", TEST_BROKER_URL=broker_url)
-    producer, key = producer_on(broker_url), tag("starts")
+    queue, producer, key = f"cbt-two-{uuid.uuid4().hex[:6]}", registry_on(broker_url), tag("starts")
+    lost = start_worker(queue=queue, name=f"{queue}-a", **producer.worker_env)
+    start_worker(queue=queue, name=f"{queue}-b", **producer.worker_env)
     with producer.batch("two-nodes") as b:
         default, late = [], []
         for _ in range(50):  # in turn, so the lost node is running some of each kind
@@ -490,7 +490,7 @@ def test_a_node_lost_for_good_while_another_runs_on(proj, broker_url, producer_o
             late.append(b.enqueue(producer.app.signature("tests.proj.track_late", (key, 0.2), queue=queue)))
     eventually(lambda: len(starts(proj, key)) >= 10, "members to start on both nodes", 30)
     lost.kill()
-    done, jobs = settled(proj, b.id)
+    done, jobs = settled(proj, b.id, producer)
     ran, status = starts(proj, key), {j.id: j for j in jobs}
     assert all(ran.get(i, 0) <= 1 for i in default), "a job Celery acknowledged ran twice"
     assert all(status[i].status == RunStatus.COMPLETED for i in late), "acks_late jobs all run to their end"

@@ -195,20 +195,18 @@ def test_publish_signal_receivers_get_every_message(app):
     assert [comparable(m)[0] for m in copies] == [comparable(m)[0] for m in reference]
 
 
-def test_workers_run_a_batch_published_in_bulk_on_each_broker(broker, proj, start_worker):
+def test_workers_run_a_batch_published_in_bulk_on_each_broker(broker, proj, registry_on, start_worker):
     """A real worker on each broker runs every job of a batch published through the session, once."""
-    app = Celery(f"bulk_{uuid.uuid4().hex[:6]}", broker=broker, set_as_current=False)
-    with private_registry(app, "cbt_bulk") as batches:
-        worker = start_worker(TEST_BROKER_URL=broker, TEST_PREFIX=batches.settings.table_prefix)
-        key = tag("bulk")
-        with batches.batch("bulk") as b:
-            for i in range(300):
-                b.enqueue(app.signature("tests.proj.noop", (f"{key}:{i % 3}",), queue=worker.queue))
-        eventually(lambda: batches.get_batch(b.id).status.is_final, "the batch to finish")
-        batch = batches.get_batch(b.id)
-        assert (batch.status.name, batch.completed_jobs) == ("COMPLETED", 300)
-        assert [int(proj.r.get(f"{key}:{i}") or 0) for i in range(3)] == [100, 100, 100]
-        worker.stop()
+    batches = registry_on(broker)
+    worker = start_worker(**batches.worker_env)
+    key = tag("bulk")
+    with batches.batch("bulk") as b:
+        for i in range(300):
+            b.enqueue(batches.app.signature("tests.proj.noop", (f"{key}:{i % 3}",), queue=worker.queue))
+    eventually(lambda: batches.get_batch(b.id).status.is_final, "the batch to finish")
+    batch = batches.get_batch(b.id)
+    assert (batch.status.name, batch.completed_jobs) == ("COMPLETED", 300)
+    assert [int(proj.r.get(f"{key}:{i}") or 0) for i in range(3)] == [100, 100, 100]
 
 
 def test_a_broker_lost_mid_publication_leaves_the_rest_to_the_relay(services):

@@ -38,15 +38,17 @@ def schema_revision(engine: sa.Engine, prefix: str) -> str | None:
         return conn.scalar(sa.select(version.c.version_num))
 
 
-def check_schema(engine: sa.Engine, prefix: str) -> None:
-    """Raise ``SchemaTooOld``, saying what to do, unless the schema is at least this code's head.
-    (Revisions are numbered in order; a newer schema, from a newer version, is left alone.)"""
+def check_schema(engine: sa.Engine, prefix: str) -> str | None:
+    """Raise ``SchemaTooOld``, saying what to do, if the schema is older than this code's head;
+    return the revision found (None: no schema yet, which a ``migrate`` running meanwhile may
+    create). Revisions are numbered in order; a newer schema, from a newer version, is left alone."""
     found, head = schema_revision(engine, prefix), head_revision()
-    if found is None or found < head:
+    if found is not None and found < head:
         raise SchemaTooOld(
             f"celery_batches: the registry (tables {prefix}*) is at schema revision {found or 'none'}, and this "
             f"version of celery_batches needs {head}. Upgrade it first: `celery -A <your app> batches migrate` "
             "(or Batches.migrate()), from one process; workers and producers of the new version start after it.")
+    return found
 
 
 def migrate(engine: sa.Engine, prefix: str, revision: str = "head") -> None:

@@ -69,9 +69,14 @@ class Node:
         """Raise ``SchemaTooOld`` if the registry's schema is older than this code (a worker refuses to
         start on it). A registry that cannot be reached now is not judged: the worker waits for it."""
         try:
-            check_schema(self.store.engine, self.settings.table_prefix)
+            found = check_schema(self.store.engine, self.settings.table_prefix)
         except sa.exc.DBAPIError:
             log.error("celery_batches: cannot read the registry's schema revision at start", exc_info=True)
+            return
+        if found is None:
+            log.warning("celery_batches: the registry has no schema yet (tables %s*): run `celery -A <your app> "
+                        "batches migrate`; until then this worker's registry writes are retried",
+                        self.settings.table_prefix)
 
     def record(self, event: RunEvent) -> None:
         """Hand a transition to this process's group commit (never waits for the database)."""
