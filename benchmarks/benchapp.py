@@ -22,7 +22,10 @@ if BROKER.startswith("amqp"):  # py-amqp drops a socket RabbitMQ's flow control 
     app.conf.broker_transport_options = {"socket_settings": {socket.TCP_USER_TIMEOUT: 30000}}
 batches = Batches(app, database_url=env("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
                   table_prefix=env("BENCH_PREFIX", "cbbench_"),
-                  flush_interval=float(env("BENCH_FLUSH_INTERVAL", "0")) or None)  # None: the default
+                  flush_interval=float(env("BENCH_FLUSH_INTERVAL", "0")) or None,  # None: the default
+                  # BENCH_PREPARED_STATEMENTS=1: what server-side prepared statements save (off by default:
+                  # PgBouncer's transaction pooling loses them; docs/deploying.md)
+                  prepared_statements=env("BENCH_PREPARED_STATEMENTS", "0") == "1")
 r = redis.Redis.from_url(REDIS)
 
 

@@ -7,6 +7,7 @@ a 10,000-job batch and measures the peak memory of creating a 100,000-job batch.
 
     python benchmarks/e2e.py [-n 10000] [--rounds 1]
     BENCH_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// python benchmarks/e2e.py   # on RabbitMQ
+    BENCH_PREPARED_STATEMENTS=1 python benchmarks/e2e.py   # with server-side prepared statements
 
 Needs Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, database ``test``); override with
 BENCH_REDIS_URL / BENCH_DATABASE_URL. The broker is Redis unless BENCH_BROKER_URL names another.

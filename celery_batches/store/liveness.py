@@ -149,9 +149,9 @@ class Liveness:
         "message" or "canvas", see the ``replaced`` column): only the replacement claims it, and its
         retries count from 0 again."""
         r = self.tables.runs
-        values: dict = {"status": int(RunStatus.PENDING), "node": None, "replaced": replaced_by}
+        values: dict = {"status": int(RunStatus.PENDING), "node": None}
         if replaced_by is not None:
-            values["retries"] = 0
+            values.update(replaced=replaced_by, retries=0)
         mine = sa.true() if owner is None else r.c.node == owner
         with self.engine.begin() as conn:
             return conn.execute(sa.update(r).where(r.c.id == run_id, r.c.status == int(RunStatus.RUNNING), mine)
