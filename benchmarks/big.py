@@ -66,9 +66,9 @@ try:
         plan = builder.seal()
         t1 = time.perf_counter()
         with scratch.engine.begin() as conn:
-            outbox = scratch.trees.insert_tree(conn, plan, utcnow())
+            publication = scratch.trees.insert_tree(conn, plan, utcnow())
         t2 = time.perf_counter()
-        report = scratch.outbox.publish(outbox)
+        report = scratch.publisher.publish(publication)
         t3 = time.perf_counter()
         assert report.runs == {n} and not report.broker_down, report
         out.update(build=t1 - t0, commit=t2 - t1, publish=t3 - t2, total=t3 - t0)

@@ -431,7 +431,7 @@ class Checker:
         from celery_batches import BatchStatus
 
         self.max_retries, self.redelivered = mod.MAX_RETRIES, mod.redelivered_by_celery
-        t, r, keys = mod.batches.store.tables, mod.counters, mod.KEYS
+        t, r, keys = mod.batches.transitions.tables, mod.counters, mod.KEYS
         with mod.batches.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn, conn.begin():
             self.batches = conn.execute(sa.select(t.batches)).all()
             self.runs = conn.execute(sa.select(t.runs.c.id, t.runs.c.batch_id, t.runs.c.task_name, t.runs.c.status,
@@ -725,7 +725,7 @@ class Soak:
 
         from celery_batches.models import ContinuationStatus
 
-        t, count = mod.batches.store.tables, sa.func.count()
+        t, count = mod.batches.transitions.tables, sa.func.count()
         with mod.batches.engine.connect() as conn:
             unfinished = conn.scalar(sa.select(count).where(t.batches.c.status < 2))
             open_runs = conn.scalar(sa.select(count).where(t.runs.c.status < 3))
@@ -754,7 +754,7 @@ class Soak:
 
         if not mod.ACKS_LATE:
             return
-        t = mod.batches.store.tables
+        t = mod.batches.transitions.tables
         with mod.batches.engine.connect() as conn:
             ids = [*conn.execute(sa.select(t.runs.c.id)).scalars(),
                    *conn.execute(sa.select(t.continuations.c.id)).scalars()]

@@ -128,7 +128,7 @@ def fill_statements(BATCHES: int) -> list[str]:  # noqa: N803  (reads as the con
 
 
 def tables(batches: Batches) -> dict[str, str]:
-    t = batches.store.tables
+    t = batches.transitions.tables
     return {"batches": t.batches.name, "runs": t.runs.name, "batch_jobs": t.batch_jobs.name,
             "continuations": t.continuations.name}
 

@@ -99,7 +99,7 @@ def transitions_per_second(n: int, writers: int, batches_n: int) -> tuple[float,
         for p in procs:
             p.join(60)
         b = registry(prefix)
-        r, t = b.store.tables.runs, b.store.tables.batches
+        r, t = b.transitions.tables.runs, b.transitions.tables.batches
         with b.engine.connect() as conn:
             completed_runs = conn.scalar(sa.select(sa.func.count()).select_from(r).where(r.c.status == 3))
             counted = conn.scalar(sa.select(sa.func.sum(t.c.completed_jobs)).where(t.c.id.in_(batch_ids)))

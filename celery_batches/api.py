@@ -14,18 +14,19 @@ from celery import Celery, current_task
 from celery.backends.base import DisabledBackend
 
 from . import retry
-from .aftercommit import caller_connection, on_commit
-from .broker import probe_for
+from .publishing.aftercommit import caller_connection, on_commit
+from .publishing.probe import probe_for
 from .builder import BatchBuilder, validate_properties
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
 from .models import Batch, BatchStatus, Continuation, JobResult, JobRun
-from .outbox import CONTINUATION_HEADER, HEADER, Publisher
+from .message import CONTINUATION_HEADER, HEADER
+from .publishing.publisher import Publisher
 from .settings import REVOKE_CHUNK, Settings
-from .store import Outbox, Transitions, build_tables, make_engine, migrate, reads, utcnow
+from .store import Publication, Transitions, build_tables, make_engine, migrate, reads, utcnow
 from .store.engine import make_claim_engine
 from .store.trees import Trees
 from .store.liveness import Liveness
-from .store.outbox import OutboxStore
+from .store.outbox import Outbox
 from .worker import signals
 from .worker.bootstep import make_bootstep
 from .worker.node import Node
@@ -73,16 +74,16 @@ class Batches:
                                   prepared_statements=prepared)
         tables = build_tables(self.settings.table_prefix)
         lease = timedelta(seconds=self.settings.publish_lease)
-        self.store = Transitions(self.engine, tables, self.settings.expires, lease)
-        self.trees = Trees(self.store)
-        self.outbox = Publisher(app, OutboxStore(self.engine, tables, lease), self.store.apply_events,
+        self.transitions = Transitions(self.engine, tables, self.settings.expires, lease)
+        self.trees = Trees(self.transitions)
+        self.publisher = Publisher(app, Outbox(self.engine, tables, lease), self.transitions.apply_events,
                                 chunk=self.settings.publish_chunk, bulk=self.settings.bulk_publish)
         self.liveness = Liveness(self.engine, tables,
                                  make_claim_engine(self.settings.database_url, self.settings.engine_options,
                                                    prepared_statements=prepared))
         self.probe = probe_for(app, self.settings.probe_scan_limit)
         #: the worker side's one seam to the registry (signal handlers, BatchTask, heartbeat, relay)
-        self.worker = Node(app, self.settings, self.store, self.liveness, self.probe, self.outbox)
+        self.worker = Node(app, self.settings, self.transitions, self.liveness, self.probe, self.publisher)
         _BY_APP[app] = self
         signals.connect(self.worker)
         app.steps["worker"].add(make_bootstep(self.worker))
@@ -137,7 +138,7 @@ class Batches:
             yield builder
         plan = builder.seal()
         self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow()), connection,
-                     visible=lambda: reads.get_batch(self.store, plan.id) is not None)
+                     visible=lambda: reads.get_batch(self.transitions, plan.id) is not None)
 
     def create_batch(self, name: str, configure: Callable[[BatchBuilder], Any], *,
                      created_by: str | None = None) -> str:
@@ -157,7 +158,7 @@ class Batches:
         """
         batch_id = _batch_id(batch_id)
         caller = None if connection is None else caller_connection(connection)
-        batch = reads.get_batch(self.store, batch_id, conn=caller)
+        batch = reads.get_batch(self.transitions, batch_id, conn=caller)
         if batch is None:
             raise BatchNotFoundError(batch_id)
         if batch.is_finished:
@@ -194,7 +195,7 @@ class Batches:
             configure(builder)
         plan = builder.seal()
         self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow(), antecedent=(antecedent, when)),
-                     connection, visible=lambda: reads.get_batch(self.store, plan.id) is not None)
+                     connection, visible=lambda: reads.get_batch(self.transitions, plan.id) is not None)
         return plan.id
 
     @staticmethod
@@ -217,13 +218,13 @@ class Batches:
         batch_id = _batch_id(batch_id)
         cancelled: list[str] = []
 
-        def cancel(conn: Any) -> Outbox:
-            run_ids, outbox = self.store.cancel(conn, batch_id, utcnow())
+        def cancel(conn: Any) -> Publication:
+            run_ids, publication = self.transitions.cancel(conn, batch_id, utcnow())
             cancelled[:] = run_ids
-            return outbox
+            return publication
 
         self._commit(cancel, connection, then=lambda: self._revoke(cancelled),
-                     visible=lambda: reads.batch_status(self.store, batch_id) == BatchStatus.CANCELLED)
+                     visible=lambda: reads.batch_status(self.transitions, batch_id) == BatchStatus.CANCELLED)
         return len(cancelled)
 
     def retry_failed(self, batch_id: str, *, connection: Any = None) -> int:
@@ -236,9 +237,9 @@ class Batches:
         batch_id = _batch_id(batch_id)
         retried: list[str] = []
 
-        def retry(conn: Any) -> Outbox:
-            retried[:], outbox = self.store.retry_failed(conn, batch_id, utcnow())
-            return outbox
+        def retry(conn: Any) -> Publication:
+            retried[:], publication = self.transitions.retry_failed(conn, batch_id, utcnow())
+            return publication
 
         # the result backend still holds each run's failed attempt under the same task id: forget it
         # before the new attempt is published, so nothing reads it as the new attempt's outcome
@@ -268,28 +269,28 @@ class Batches:
         """Delete finished top-level batches past ``expires_at``, with their whole tree; returns batches deleted."""
         return self.trees.purge_expired(utcnow())
 
-    def _commit(self, work: Callable[[Any], Outbox], connection: Any, *, visible: Callable[[], bool] | None = None,
+    def _commit(self, work: Callable[[Any], Publication], connection: Any, *, visible: Callable[[], bool] | None = None,
                 first: Callable[[], None] | None = None, then: Callable[[], None] | None = None) -> None:
         """The one way a write API writes. Without ``connection``: ``work(conn)`` in a transaction of
         our own, then publish what it made publishable (``first()`` before, ``then()`` after). With
         ``connection`` (the caller's Session or Connection): ``work`` joins the caller's transaction,
         and publishing waits for the caller's commit (``visible`` tells a commit from a rollback; by
         default the transaction's publish lease being there)."""
-        def publish(outbox: Outbox) -> None:
+        def publish(publication: Publication) -> None:
             if first is not None:
                 first()
-            self._publish(outbox)
+            self._publish(publication)
             if then is not None:
                 then()
 
         if connection is None:
             publish(self._write(work))
             return
-        outbox = work(caller_connection(connection))
+        publication = work(caller_connection(connection))
         if visible is None:
-            visible = (lambda: False) if outbox.publication is None else (
-                lambda: self.outbox.store.exists(outbox.publication))
-        on_commit(connection, lambda: publish(outbox), visible=visible, timeout=self.settings.publish_lease)
+            visible = (lambda: False) if publication.lease is None else (
+                lambda: self.publisher.outbox.exists(publication.lease))
+        on_commit(connection, lambda: publish(publication), visible=visible, timeout=self.settings.publish_lease)
 
     def _write(self, work: Callable[[Any], _T]) -> _T:
         """``work(conn)`` in a transaction of its own, repeated whole if it lost a deadlock (a cancel
@@ -300,8 +301,8 @@ class Batches:
         return retry.call(transaction, retry.DEADLOCK, "registry transaction", log)
 
     # -- publishing (after commit) -----------------------------------------------------------------
-    def _publish(self, outbox: Outbox) -> None:
-        self.outbox.publish(outbox)
+    def _publish(self, publication: Publication) -> None:
+        self.publisher.publish(publication)
 
     # -- reads -------------------------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> Batch | None:
@@ -310,11 +311,11 @@ class Batches:
             batch_id = _batch_id(batch_id)
         except InvalidBatchError:
             return None
-        return reads.get_batch(self.store, batch_id)
+        return reads.get_batch(self.transitions, batch_id)
 
     def get_batch_jobs(self, batch_id: str) -> list[JobRun]:
         """The batch's direct jobs in enqueue order."""
-        return reads.get_jobs(self.store, _batch_id(batch_id))
+        return reads.get_jobs(self.transitions, _batch_id(batch_id))
 
     def get_results(self, batch_id: str) -> list[JobResult]:
         """A ``results=True`` batch's units in order: ``JobResult(run_id, status, value, error)``, a
@@ -322,16 +323,16 @@ class Batches:
         nested batch's value its own list. ``BatchNotFoundError`` for an unknown id,
         ``InvalidBatchError`` for a batch made without ``results=True``."""
         batch_id = _batch_id(batch_id)
-        found = reads.results(self.store, batch_id)
+        found = reads.results(self.transitions, batch_id)
         if found is None:
-            batch = reads.get_batch(self.store, batch_id)
+            batch = reads.get_batch(self.transitions, batch_id)
             if batch is None:
                 raise BatchNotFoundError(batch_id)
             raise InvalidBatchError(f"batch {batch_id} keeps no results: create it with results=True")
         return found
 
     def get_continuations(self, batch_id: str) -> list[Continuation]:
-        return reads.get_continuations(self.store, _batch_id(batch_id))
+        return reads.get_continuations(self.transitions, _batch_id(batch_id))
 
     def list_batches(self, *, status: BatchStatus | int | None = None, parent_id: str | None = None,
                      name: str | None = None, tag: str | None = None, limit: int = reads.PAGE_SIZE,
@@ -347,7 +348,7 @@ class Batches:
         parent = None if parent_id is None else _batch_id(parent_id)
         if tag is not None and not isinstance(tag, str):
             raise InvalidBatchError(f"tag must be a string, got {tag!r}")
-        return reads.batch_list(self.store, status=wanted, parent_id=parent, name=name, tag=tag, limit=limit,
+        return reads.batch_list(self.transitions, status=wanted, parent_id=parent, name=name, tag=tag, limit=limit,
                                 offset=offset)
 
     def set_properties(self, batch_id: str, mapping: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from kombu import serialization
 
 from . import kombujson
 from .errors import BatchError, InvalidBatchError
+from .message import RESULTS_HEADER, Message
 from .models import ContinuationKind
 
 if TYPE_CHECKING:
@@ -29,29 +30,9 @@ __all__ = ["BatchBuilder", "TaskRef"]
 TaskRef = Task | str | Signature
 MAX_NAME = 255
 MAX_TAG = 64
-#: Message header of a job whose batch keeps results (``results=True``): the worker records its return value.
-RESULTS_HEADER = "celery_batches_results"
 MAX_DESCRIPTION = 10_000
 # options a batch sets itself; a Signature carrying them would be silently overridden
 _RESERVED_OPTIONS = frozenset({"task_id", "headers", "chord", "group_id", "group_index"})
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One Celery message to publish: a job (with its batch id) or a continuation (with the batch that fired it)."""
-
-    id: str
-    task_name: str
-    args: str  # kombu JSON
-    kwargs: str  # kombu JSON
-    options: str | None  # kombu JSON
-    batch_id: str | None = None
-    continuation_of: str | None = None  # a continuation: the batch whose finish fired it
-    retries: int = 0  # the attempt it starts (a run published again after its retry's message was lost)
-
-    @property
-    def queue(self) -> str | None:
-        return (kombujson.loads(self.options) or {}).get("queue") if self.options else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: s
           limit: int, offset: int, as_json: bool) -> None:
     """List batches, newest first (top-level unless --parent)."""
     service = _service(ctx)
-    rows = pages.batch_rows(service.store, status=BatchStatus[status.upper()] if status else None, name=name,
+    rows = pages.batch_rows(service.transitions, status=BatchStatus[status.upper()] if status else None, name=name,
                             parent_id=_batch_id(parent_id, "--parent") if parent_id else None, tag=tag,
                             limit=limit, offset=offset)
     if as_json:
@@ -103,7 +103,7 @@ def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: s
 def show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
     """Show a batch: counters, the nested tree, continuations."""
     service = _service(ctx)
-    detail = pages.batch_detail(service.store, _batch_id(batch_id, "BATCH_ID"), tree_limit=SHOW_TREE_LIMIT)
+    detail = pages.batch_detail(service.transitions, _batch_id(batch_id, "BATCH_ID"), tree_limit=SHOW_TREE_LIMIT)
     if detail is None:
         raise click.ClickException(f"no batch with id {batch_id}")
     if as_json:

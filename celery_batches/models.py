@@ -60,7 +60,7 @@ class ContinuationKind(str, enum.Enum):
 
 class ContinuationStatus(enum.IntEnum):
     WAITING = 0  # batch not finished yet
-    DUE = 1  # batch finished with a matching status; to be published (outbox)
+    DUE = 1  # batch finished with a matching status; to be published (the outbox)
     DISPATCHED = 2  # published to the broker
     SKIPPED = 3  # batch finished with a status this continuation does not fire on, or was cancelled
     FAILED = 4  # the broker refused its message for good (a bad option); ``error`` says why

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from .models import BatchStatus, JobResult
-from .store.pagerows import BatchDetail, BatchRef, BatchRow, ContinuationRow, Counts, JobRow, TreeNode
+from .store.pagerows import BatchDetail, BatchRef, BatchRow, ContinuationRow, Counts, JobRow, TreeEntry
 
 __all__ = [
     "PROGRESS_DIGITS",
@@ -26,7 +26,7 @@ __all__ = [
     "ref_json",
     "results_json",
     "stored_json",
-    "tree_node_json",
+    "tree_entry_json",
     "when",
 ]
 
@@ -86,7 +86,7 @@ def ref_json(r: BatchRef | None) -> dict[str, Any] | None:
     return data
 
 
-def tree_node_json(n: TreeNode) -> dict[str, Any]:
+def tree_entry_json(n: TreeEntry) -> dict[str, Any]:
     """One batch of a subtree: its own ``units``, its direct ``jobs`` and the ``subtree_jobs`` roll-up."""
     return {
         "id": n.id, "name": n.name, "parent_id": n.parent_id, "status": n.status.name, "depth": n.depth,
@@ -137,7 +137,7 @@ def detail_json(d: BatchDetail) -> dict[str, Any]:
         "successors": [ref_json(s) for s in d.successors],
         "jobs": counts_json(d.root.jobs),
         "subtree": dict(counts_json(d.root.subtree_jobs), batches=d.root.subtree_batches),
-        "tree": [tree_node_json(n) for n in d.tree],
+        "tree": [tree_entry_json(n) for n in d.tree],
         "tree_truncated": d.tree_truncated,
         "continuations": [continuation_json(c) for c in d.continuations],
     }

@@ -78,7 +78,7 @@ class Settings:
     """Messages a publisher sends between two lease renewals and published-flag writes."""
 
     bulk_publish: bool = True
-    """Send a chunk of messages in one write on Redis and RabbitMQ (``wire.py``), each a copy of the
+    """Send a chunk of messages in one write on Redis and RabbitMQ (``publishing/wire.py``), each a copy of the
     message ``send_task`` makes for the first of its shape, where the installed kombu, py-amqp and
     redis-py are versions it was proven on. False: every message through ``send_task`` and kombu's
     own publish, one by one (slower, nothing else changes)."""

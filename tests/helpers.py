@@ -22,7 +22,7 @@ from celery import Celery
 
 from benchmarks.services import free_port  # noqa: F401  (re-exported for the test modules)
 from celery_batches import Batches
-from celery_batches.builder import Message
+from celery_batches.message import Message
 from celery_batches.models import ContinuationStatus
 
 # -- deadlines ---------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def row_counts(batches: Batches, *, name: str | None = None,
                batch_ids: Iterable[str] | None = None) -> dict[str, int]:
     """Rows in each registry table: all of them, or only those of the batches called ``name``, or of
     the batches ``batch_ids``."""
-    t = batches.store.tables
+    t = batches.transitions.tables
     columns = {"batches": t.batches.c.id, "runs": t.runs.c.batch_id, "batch_jobs": t.batch_jobs.c.batch_id,
                "continuations": t.continuations.c.batch_id}
     ids: Any = None
@@ -176,11 +176,11 @@ def stored_message(proj: Any, run_id: str, batch_id: str) -> Message:
 
 
 def publish(app: Celery, messages: list) -> list[str]:
-    """Send stored messages as the outbox does (same task ids and headers), bypassing it and its flags:
+    """Send stored messages as the publication does (same task ids and headers), bypassing it and its flags:
     what a redelivery or a second publisher sends. Returns the ids sent."""
     from kombu.utils import json as kjson
 
-    from celery_batches.outbox import CONTINUATION_HEADER, HEADER
+    from celery_batches.message import CONTINUATION_HEADER, HEADER
 
     for m in messages:
         headers = {HEADER: m.batch_id} if m.batch_id else {CONTINUATION_HEADER: m.continuation_of}

@@ -14,7 +14,7 @@ from celery import Celery, chain, group
 from kombu import Queue
 
 from celery_batches import BatchBuilder, BatchError, Batches, BatchStatus, InvalidBatchError, RunStatus
-from celery_batches.outbox import HEADER
+from celery_batches.message import HEADER
 from tests.helpers import memory_app, row_counts
 
 DEFAULT_URL = "sqlite:///celery_batches.sqlite3"
@@ -233,8 +233,8 @@ def test_invalid_table_prefix_raises(app, tmp_path, prefix):
 
 def test_valid_table_prefix_names_the_tables(app, tmp_path):
     b = Batches(app, database_url=f"sqlite:///{tmp_path}/reg.sqlite3", table_prefix="shop_v2_")
-    assert b.store.tables.batches.name == "shop_v2_batches"
-    assert b.store.tables.runs.name.startswith("shop_v2_")
+    assert b.transitions.tables.batches.name == "shop_v2_batches"
+    assert b.transitions.tables.runs.name.startswith("shop_v2_")
     b.migrate()
     assert {"shop_v2_batches", "shop_v2_runs"} <= set(sa.inspect(b.engine).get_table_names())
     b.engine.dispose()

@@ -100,6 +100,6 @@ def test_every_write_refuses_a_connection_outside_a_transaction(registry):
                 assert "inside a transaction" in str(exc)
             else:
                 raise AssertionError("a write outside a transaction was accepted")
-    r = registry.store.tables.runs
+    r = registry.transitions.tables.runs
     with registry.engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(r)) == 1  # nothing half-made

@@ -68,7 +68,7 @@ def pending_batch(proj, queue: str, name: str, jobs: int = 3, **kwargs) -> str:
 
 
 def run_counts(proj, batch_ids: list[str]) -> dict[str, int]:
-    r = proj.batches.store.tables.runs
+    r = proj.batches.transitions.tables.runs
     with proj.batches.engine.connect() as conn:
         rows = conn.execute(sa.select(r.c.status, sa.func.count()).where(r.c.batch_id.in_(batch_ids))
                             .group_by(r.c.status)).all()
@@ -175,8 +175,8 @@ def test_batch_page_tree_roll_up_matches_the_runs(proj, worker, client):
     tree = {n["name"]: n for n in data["tree"]}
     assert [n["name"] for n in data["tree"]] == [f"{t}-root", f"{t}-a", f"{t}-a1", f"{t}-b"]  # depth-first
     assert [n["depth"] for n in data["tree"]] == [0, 1, 2, 1] and data["tree_truncated"] is False
-    for node in data["tree"]:  # every level's roll-up is the runs of its subtree
-        assert node["subtree_jobs"] == run_counts(proj, subtree_ids(proj, node["id"])), node["name"]
+    for entry in data["tree"]:  # every level's roll-up is the runs of its subtree
+        assert entry["subtree_jobs"] == run_counts(proj, subtree_ids(proj, entry["id"])), entry["name"]
     assert tree[f"{t}-a"]["units"] == {"total": 3, "completed": 2, "failed": 1, "cancelled": 0, "pending": 0}
     assert tree[f"{t}-a"]["subtree_batches"] == 2
 
@@ -304,7 +304,7 @@ def test_an_empty_batch_shows_the_progress_of_the_model(proj, client, nowhere):
     for batch_id, expected in ((done.id, 1.0), (waiting, 0.0)):
         batch = proj.batches.get_batch(batch_id)
         assert batch.total_jobs == 0 and batch.is_finished == (expected == 1.0) and batch.progress == expected
-        detail = pages.batch_detail(proj.batches.store, batch_id)
+        detail = pages.batch_detail(proj.batches.transitions, batch_id)
         assert detail.row.units.progress == detail.root.units.progress == expected
         assert client.get(f"/api/batches/{batch_id}").get_json()["batch"]["progress"] == expected
         assert [x["progress"] for x in client.get(f"/api/batches?q={batch.name}").get_json()["batches"]] == [expected]

@@ -523,13 +523,13 @@ def test_one_group_commit_applies_transitions_of_several_runs(env):
               RunEvent(r3, RunStatus.RETRYING, 0, "retry"), RunEvent(r3, RunStatus.RUNNING, 1),
               RunEvent(r1, RunStatus.COMPLETED), RunEvent(r1, RunStatus.COMPLETED),  # a duplicate signal
               RunEvent(r2, RunStatus.FAILED, 0, "ValueError: x")]
-    b.store.apply_events(events)
-    b.store.apply_events([RunEvent(r1, RunStatus.COMPLETED), RunEvent(r2, RunStatus.FAILED)])  # redelivered
+    b.transitions.apply_events(events)
+    b.transitions.apply_events([RunEvent(r1, RunStatus.COMPLETED), RunEvent(r2, RunStatus.FAILED)])  # redelivered
     batch = b.get_batch(bb.id)
     assert (batch.completed_jobs, batch.failed_jobs, batch.status) == (1, 1, BatchStatus.STARTED)
     runs = {j.id: j for j in b.get_batch_jobs(bb.id)}
     assert (runs[r3].status, runs[r3].retries) == (RunStatus.RUNNING, 1)
     assert runs[r2].error == "ValueError: x"
-    b.store.apply_events([RunEvent(r3, RunStatus.COMPLETED, 1)])
+    b.transitions.apply_events([RunEvent(r3, RunStatus.COMPLETED, 1)])
     final = b.get_batch(bb.id)
     assert final.status == BatchStatus.FAILED and (final.completed_jobs, final.failed_jobs) == (2, 1)

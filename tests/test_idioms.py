@@ -116,7 +116,7 @@ def test_a_continuation_no_worker_knows_is_failed_not_published_again(proj, work
         b.enqueue(proj.noop)
         b.on_complete("tests.proj.no_such_continuation")
     proj.batches.wait(b.id, timeout=WAIT)
-    c = proj.batches.store.tables.continuations
+    c = proj.batches.transitions.tables.continuations
 
     def failed():
         with proj.batches.engine.connect() as conn:

@@ -38,7 +38,7 @@ def registry(request, tmp_path):
 
 
 def rows(batches, table: str) -> int:
-    t = getattr(batches.store.tables, table)
+    t = getattr(batches.transitions.tables, table)
     with batches.engine.connect() as conn:
         return conn.scalar(sa.select(sa.func.count()).select_from(t))
 
@@ -124,7 +124,7 @@ def test_purging_a_tagged_tree_deletes_its_tags(registry):
     with registry.batch("old", tags=["t1"]) as b:
         with b.batch("kid", tags=["t2"]):
             pass
-    b_table = registry.store.tables.batches
+    b_table = registry.transitions.tables.batches
     with registry.engine.begin() as conn:
         conn.execute(sa.update(b_table).values(expires_at=utcnow() - timedelta(days=1)))
     assert rows(registry, "batch_tags") == 2

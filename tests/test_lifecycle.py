@@ -527,7 +527,7 @@ def test_continue_with_refuses_bad_input_and_writes_nothing(proj, worker):
 # -- 7. expiry --------------------------------------------------------------------------------------------
 def _age(proj, *batch_ids: str) -> None:
     """As if ``expires_at`` had passed for these batches (and only these)."""
-    b = proj.batches.store.tables.batches
+    b = proj.batches.transitions.tables.batches
     with proj.batches.engine.begin() as conn:
         conn.execute(sa.update(b).where(b.c.id.in_(batch_ids)).values(expires_at=utcnow() - timedelta(seconds=1)))
 

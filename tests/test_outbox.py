@@ -37,32 +37,32 @@ def written_unpublished(batches, n=3, *, now=None, **options):
     builder = BatchBuilder(batches.app, "unpublished")
     ids = [builder.enqueue(builder_sig(batches, i, **options)) for i in range(n)]
     with batches.engine.begin() as conn:
-        outbox = batches.trees.insert_tree(conn, builder.seal(), now or utcnow())
-    return builder.id, ids, outbox
+        publication = batches.trees.insert_tree(conn, builder.seal(), now or utcnow())
+    return builder.id, ids, publication
 
 
 def builder_sig(batches, i, **options):
     return batches.app.signature("tests.proj.noop", (f"x{i}",)).set(queue=batches.queue, **options)
 
 
-def lapse(batches, publication) -> None:
-    p = batches.store.tables.publications
+def lapse(batches, lease) -> None:
+    p = batches.transitions.tables.publications
     with batches.engine.begin() as conn:
-        conn.execute(sa.update(p).where(p.c.id == publication).values(expires_at=utcnow() - HOUR))
+        conn.execute(sa.update(p).where(p.c.id == lease).values(expires_at=utcnow() - HOUR))
 
 
 def taken_ids(batches):
-    lease, runs, continuations = batches.outbox.store.take_lapsed(1000)
+    lease, runs, continuations = batches.publisher.outbox.take_lapsed(1000)
     return lease, [m.id for m in runs], [m.id for m in continuations]
 
 
 def test_the_relay_takes_only_runs_whose_publish_lease_lapsed(registry):
     """A producer still publishing holds a lease: the relay leaves its runs alone, however old they
     are, and takes them over (once) only when the lease lapsed."""
-    batch_id, ids, outbox = written_unpublished(registry, now=utcnow() - HOUR)  # created an hour ago
-    assert outbox.publication and [m.id for m in outbox.runs] == ids
+    batch_id, ids, publication = written_unpublished(registry, now=utcnow() - HOUR)  # created an hour ago
+    assert publication.lease and [m.id for m in publication.runs] == ids
     assert taken_ids(registry) == (None, [], [])
-    lapse(registry, outbox.publication)
+    lapse(registry, publication.lease)
     lease, runs, _ = taken_ids(registry)
     assert lease and runs == ids
     assert taken_ids(registry) == (None, [], [])  # now under the relay's own lease
@@ -74,11 +74,11 @@ def test_a_stage_created_long_before_its_antecedent_finishes_is_not_republished(
     antecedent, [run], _ = written_unpublished(registry, 1)
     stage_id = registry.continue_batch_with(antecedent, "stage", lambda b: [
         b.enqueue(builder_sig(registry, i)) for i in range(4)])
-    r = registry.store.tables.runs
+    r = registry.transitions.tables.runs
     with registry.engine.begin() as conn:  # the stage was created an hour ago
         conn.execute(sa.update(r).where(r.c.batch_id == stage_id).values(created_at=utcnow() - HOUR))
-    started = registry.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])
-    assert len(started.runs) == 4 and started.publication
+    started = registry.transitions.apply_events([RunEvent(run, RunStatus.COMPLETED)])
+    assert len(started.runs) == 4 and started.lease
     assert registry.get_batch(stage_id).status == BatchStatus.STARTED
     lease, runs, _ = taken_ids(registry)
     assert not set(runs) & {m.id for m in started.runs}
@@ -87,12 +87,12 @@ def test_a_stage_created_long_before_its_antecedent_finishes_is_not_republished(
 def test_a_run_a_worker_started_before_it_was_flagged_is_seen_by_the_reconciler(registry):
     """Issue 8 #2: the flag only covered PENDING runs, and the reconciler only flagged ones."""
     _, [run], _ = written_unpublished(registry, 1)
-    registry.store.apply_events([RunEvent(run, RunStatus.RUNNING)])
-    assert [r[0] for r in reads.open_runs(registry.store, utcnow() + HOUR, 10)] == [run]
+    registry.transitions.apply_events([RunEvent(run, RunStatus.RUNNING)])
+    assert [r[0] for r in reads.open_runs(registry.transitions, utcnow() + HOUR, 10)] == [run]
 
 
 def flags(batches, ids) -> list[bool]:
-    r = batches.store.tables.runs
+    r = batches.transitions.tables.runs
     with batches.engine.connect() as conn:
         published = dict(conn.execute(sa.select(r.c.id, r.c.published).where(r.c.id.in_(ids))).all())
     return [published[i] for i in ids]
@@ -103,26 +103,26 @@ def test_flagging_skips_a_run_a_worker_is_writing_and_returns_it(registry, porta
     """A run whose row a worker holds locked is not waited for (that could deadlock with its group
     commit): it is returned, and flagged on the next try; a run a worker moved past PENDING needs no flag."""
     _, ids, _ = written_unpublished(registry, 4)
-    r = registry.store.tables.runs
+    r = registry.transitions.tables.runs
     with registry.engine.begin() as conn:
         conn.execute(sa.update(r).where(r.c.id == ids[1]).values(status=int(RunStatus.RUNNING)))
     with registry.engine.connect() as worker:
         worker.begin()
         worker.execute(sa.select(r.c.id).where(r.c.id == ids[0]).with_for_update())
-        assert registry.outbox.store.mark_published(ids, portable=portable) == [ids[0]]
+        assert registry.publisher.outbox.mark_published(ids, portable=portable) == [ids[0]]
         worker.rollback()
     assert flags(registry, ids) == [False, False, True, True]
-    assert registry.outbox.store.mark_published([ids[0]], portable=portable) == []
+    assert registry.publisher.outbox.mark_published([ids[0]], portable=portable) == []
     assert flags(registry, ids) == [True, False, True, True]
 
 
 def test_the_reconciler_walks_open_runs_with_a_cursor(registry):
     """Issue 8 #8: it always read the oldest runs, so runs that stay open hid every newer one."""
-    _, ids, outbox = written_unpublished(registry, 5)
-    registry.store.apply_events([RunEvent(i, RunStatus.RUNNING) for i in ids])
-    first = reads.open_runs(registry.store, utcnow() + HOUR, 2)
-    second = reads.open_runs(registry.store, utcnow() + HOUR, 2, after=(first[-1][2], first[-1][0]))
-    third = reads.open_runs(registry.store, utcnow() + HOUR, 2, after=(second[-1][2], second[-1][0]))
+    _, ids, publication = written_unpublished(registry, 5)
+    registry.transitions.apply_events([RunEvent(i, RunStatus.RUNNING) for i in ids])
+    first = reads.open_runs(registry.transitions, utcnow() + HOUR, 2)
+    second = reads.open_runs(registry.transitions, utcnow() + HOUR, 2, after=(first[-1][2], first[-1][0]))
+    third = reads.open_runs(registry.transitions, utcnow() + HOUR, 2, after=(second[-1][2], second[-1][0]))
     seen = [r[0] for r in first + second + third]
     assert sorted(seen) == sorted(ids) and len(set(seen)) == 5
 
@@ -131,19 +131,19 @@ def test_a_message_the_broker_refuses_fails_its_run_and_nothing_else(registry):
     """Issue 8 #4: a bad publish option stopped the publisher at that run, and the relay sorted it
     first in every pass: nothing behind it was ever published. Now the run FAILS with the reason,
     the rest go out, and the batch finishes."""
-    batch_id, ids, outbox = written_unpublished(registry, 3)
-    r = registry.store.tables.runs
+    batch_id, ids, publication = written_unpublished(registry, 3)
+    r = registry.transitions.tables.runs
     with registry.engine.begin() as conn:  # what an option that passed the builder could hold
         conn.execute(sa.update(r).where(r.c.id == ids[1]).values(
             options=f'{{"queue": "{registry.queue}", "countdown": "soon"}}'))
-    lapse(registry, outbox.publication)
-    report = registry.outbox.relay(1000)
+    lapse(registry, publication.lease)
+    report = registry.publisher.relay(1000)
     assert (report.runs, report.refused, report.broker_down) == (2, 1, False)
     jobs = {j.id: j for j in registry.get_batch_jobs(batch_id)}
     assert jobs[ids[1]].status == RunStatus.FAILED and "refused" in jobs[ids[1]].error
     assert "TypeError" in jobs[ids[1]].error
-    assert registry.outbox.relay(1000).runs == 0  # nothing left behind it
-    registry.store.apply_events([RunEvent(i, RunStatus.COMPLETED) for i in (ids[0], ids[2])])
+    assert registry.publisher.relay(1000).runs == 0  # nothing left behind it
+    registry.transitions.apply_events([RunEvent(i, RunStatus.COMPLETED) for i in (ids[0], ids[2])])
     done = registry.get_batch(batch_id)
     assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 2, 1)
 
@@ -153,7 +153,7 @@ def test_a_continuation_the_broker_refuses_is_failed_with_the_reason(registry):
         run = b.enqueue(builder_sig(registry, 0))
         b.on_complete(registry.app.signature("tests.proj.record", ("k",)).set(queue=registry.queue,
                                                                              countdown=1))
-    c = registry.store.tables.continuations
+    c = registry.transitions.tables.continuations
     with registry.engine.begin() as conn:
         conn.execute(sa.update(c).where(c.c.batch_id == b.id).values(options='{"countdown": "soon"}'))
     registry.worker.write_events([RunEvent(run, RunStatus.COMPLETED)])
@@ -170,13 +170,13 @@ def test_the_relay_is_elected_by_a_lease_row(registry, tmp_path, url):
         batches = Batches(memory_app("sqlite-lease"), database_url=f"sqlite:///{tmp_path}/reg.sqlite3",
                           relay_interval=0)
         batches.migrate()
-    store = batches.outbox.store
-    assert store.elect("relay", "a", timedelta(seconds=60))
-    assert store.elect("relay", "a", timedelta(seconds=60))  # renewed
-    assert not store.elect("relay", "b", timedelta(seconds=60))
-    store.resign("relay", "a")
-    assert store.elect("relay", "b", timedelta(seconds=-1))  # taken, and already lapsed (b died)
-    assert store.elect("relay", "a", timedelta(seconds=60))
+    outbox = batches.publisher.outbox
+    assert outbox.elect("relay", "a", timedelta(seconds=60))
+    assert outbox.elect("relay", "a", timedelta(seconds=60))  # renewed
+    assert not outbox.elect("relay", "b", timedelta(seconds=60))
+    outbox.resign("relay", "a")
+    assert outbox.elect("relay", "b", timedelta(seconds=-1))  # taken, and already lapsed (b died)
+    assert outbox.elect("relay", "a", timedelta(seconds=60))
 
 
 def test_a_finished_run_delivered_again_is_not_executed(proj, worker):
@@ -200,7 +200,7 @@ def test_a_batches_task_continuation_delivered_twice_runs_once(proj, worker):
     assert proj.batches.wait(b.id, timeout=WAIT).is_finished
     eventually(lambda: count(proj, key) == 1, "the continuation", WAIT)
     [cont] = proj.batches.get_continuations(b.id)
-    from celery_batches.builder import Message
+    from celery_batches.message import Message
 
     publish(proj.app, [Message(cont.id, cont.task_name, f'["{key}"]', "{}", None, continuation_of=b.id)])
     drain(proj)
@@ -231,7 +231,7 @@ def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data(services
         # what later migrations added reads as "not asked for" (section 5's options)
         assert (old.description, old.properties, old.tags, old.cancel_on_failure, old.max_concurrency,
                 old.results) == (None, {}, (), False, None, False)
-        lease, runs, _ = batches.outbox.store.take_lapsed(10)
+        lease, runs, _ = batches.publisher.outbox.take_lapsed(10)
         assert [m.id for m in runs] == [run_id] and runs[0].batch_id == batch_id
 
 
@@ -246,36 +246,36 @@ def test_a_lease_taken_early_in_a_long_transaction_counts_from_its_end(services)
 
     with private_registry(memory_app("lease"), "cbt_lease", publish_lease=0.5) as batches:
         with batches.engine.begin() as conn:
-            tx = Tx(batches.store, conn, utcnow())
-            publication = tx.publication()
+            tx = Tx(batches.transitions, conn, utcnow())
+            lease = tx.lease()
             time.sleep(0.7)  # the rest of a long write: longer than the lease
-            outbox = tx.outbox()
-        assert outbox.publication == publication
-        assert batches.outbox.store.renew(publication), "the lease had lapsed by the time the commit was through"
+            publication = tx.publication()
+        assert publication.lease == lease
+        assert batches.publisher.outbox.renew(lease), "the lease had lapsed by the time the commit was through"
 
 
-def test_a_publication_of_several_chunks_is_all_flagged_before_its_lease_is_released(services):
+def test_a_publication_of_several_chunks_is_all_flagged_before_its_lease_is_dropped(services):
     """The flags of one chunk are written while the next chunk is sent; the publication still ends
     (its lease released) only once every chunk it sent is flagged, and nothing else is flagged."""
     app = memory_app("chunks")
     with private_registry(app, "cbt_chunks", publish_chunk=100) as batches:
         batches.queue = app.conf.task_default_queue
-        batch_id, ids, outbox = written_unpublished(batches, 350)
-        r, p = batches.store.tables.runs, batches.store.tables.publications
-        release, at_release = batches.outbox.store.release, []
+        batch_id, ids, publication = written_unpublished(batches, 350)
+        r, p = batches.transitions.tables.runs, batches.transitions.tables.publications
+        release, at_drop = batches.publisher.outbox.drop, []
 
         def flagged() -> int:
             with batches.engine.connect() as conn:
                 return conn.scalar(sa.select(sa.func.count()).select_from(r).where(r.c.batch_id == batch_id,
                                                                                   r.c.published))
 
-        def release_and_count(lease):
-            at_release.append(flagged())
+        def drop_and_count(lease):
+            at_drop.append(flagged())
             return release(lease)
 
-        batches.outbox.store.release = release_and_count
-        report = batches.outbox.publish(outbox)
+        batches.publisher.outbox.drop = drop_and_count
+        report = batches.publisher.publish(publication)
         assert (report.runs, report.broker_down, report.lease_lapsed) == (350, False, False)
-        assert at_release == [350]
+        assert at_drop == [350]
         with batches.engine.connect() as conn:
             assert conn.scalar(sa.select(sa.func.count()).select_from(p)) == 0

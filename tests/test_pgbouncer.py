@@ -48,7 +48,7 @@ def test_batches_created_by_three_threads_at_once_through_pgbouncer(pgbouncer):
         try:
             with ThreadPoolExecutor(3) as pool:
                 ids = [i for batch_ids in pool.map(produce, range(3)) for i in batch_ids]
-            t = direct.store.tables
+            t = direct.transitions.tables
             with direct.engine.connect() as conn:
                 stored = conn.scalar(sa.select(sa.func.count()).select_from(t.batches))
                 runs = conn.execute(sa.select(t.runs.c.published)).scalars().all()
@@ -84,7 +84,7 @@ def test_a_worker_through_pgbouncer_claims_every_member(proj, pgbouncer, start_w
         through.engine.dispose()
     assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 20) and count(proj, seen) == 20
     fired_once(proj, key, w.queue)
-    t = proj.batches.store.tables
+    t = proj.batches.transitions.tables
     with proj.batches.engine.connect() as conn:
         nodes = conn.execute(sa.select(t.runs.c.node).where(t.runs.c.batch_id == b.id)).scalars().all()
     assert all(node and node.count("/") == 2 for node in nodes), nodes

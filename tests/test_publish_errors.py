@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.integration]
 
 def set_options(batches, run_id: str, options: str) -> None:
     """What a run stored before the deployment changed could hold (the builder checks new ones)."""
-    r = batches.store.tables.runs
+    r = batches.transitions.tables.runs
     with batches.engine.begin() as conn:
         conn.execute(sa.update(r).where(r.c.id == run_id).values(options=options))
 
@@ -67,16 +67,16 @@ def test_a_queue_celery_does_not_know_fails_that_run_and_the_relay_goes_on(regis
     the relay took it for a broker that is down, kept the lease and took the same rows every pass,
     so nothing behind them was ever published."""
     registry.app.conf.update(task_create_missing_queues=False, task_queues=[Queue(registry.queue)])
-    batch_id, ids, outbox = written_unpublished(registry, 4)
+    batch_id, ids, publication = written_unpublished(registry, 4)
     set_options(registry, ids[1], '{"queue": "a-queue-celery-does-not-know"}')
-    lapse(registry, outbox.publication)
-    report = registry.outbox.relay(1000)
+    lapse(registry, publication.lease)
+    report = registry.publisher.relay(1000)
     assert (report.runs, report.refused, report.broker_down) == (3, 1, False)
     found = jobs(registry, batch_id)
     assert found[ids[1]].status == RunStatus.FAILED and "QueueNotFound" in found[ids[1]].error
     assert [found[i].status for i in (ids[0], ids[2], ids[3])] == [RunStatus.PENDING] * 3
     assert queued(registry.app, registry.queue) == 3
-    assert registry.outbox.relay(1000).runs == 0, "nothing left behind it"
+    assert registry.publisher.relay(1000).runs == 0, "nothing left behind it"
 
 
 def test_a_queue_rabbitmq_declared_with_other_arguments_fails_that_run_only(amqp_registry):
@@ -88,15 +88,15 @@ def test_a_queue_rabbitmq_declared_with_other_arguments_fails_that_run_only(amqp
     with batches.app.connection_for_write() as conn:
         conn.default_channel.queue_declare(other, durable=True, auto_delete=False,
                                            arguments={"x-max-priority": 10})
-    batch_id, ids, outbox = written_unpublished(batches, 4)
+    batch_id, ids, publication = written_unpublished(batches, 4)
     set_options(batches, ids[2], f'{{"queue": "{other}"}}')
-    lapse(batches, outbox.publication)
-    report = batches.outbox.relay(1000)
+    lapse(batches, publication.lease)
+    report = batches.publisher.relay(1000)
     assert (report.runs, report.refused, report.broker_down) == (3, 1, False)
     found = jobs(batches, batch_id)
     assert found[ids[2]].status == RunStatus.FAILED and "PreconditionFailed" in found[ids[2]].error
     assert queued(batches.app, batches.queue) == 3 and queued(batches.app, other) == 0
-    assert batches.outbox.relay(1000).runs == 0
+    assert batches.publisher.relay(1000).runs == 0
 
 
 def test_a_message_failing_partway_through_a_one_at_a_time_transport_is_not_sent_twice(services, monkeypatch):
@@ -118,10 +118,10 @@ def test_a_message_failing_partway_through_a_one_at_a_time_transport_is_not_sent
     monkeypatch.setattr(memory.Channel, "_put", drop_the_third)
     with private_registry(app, "cbt_pe") as batches:
         batches.queue = queue
-        batch_id, ids, outbox = written_unpublished(batches, 5)
-        report = batches.outbox.publish(outbox)
-        lapse(batches, outbox.publication)
-        batches.outbox.relay(1000)
+        batch_id, ids, publication = written_unpublished(batches, 5)
+        report = batches.publisher.publish(publication)
+        lapse(batches, publication.lease)
+        batches.publisher.relay(1000)
         assert report.runs == 5 and not report.broker_down
         with app.connection_for_write() as conn:
             channel = conn.default_channel
@@ -135,27 +135,27 @@ def test_a_connection_error_on_one_message_while_the_broker_answers_waits_then_f
     PUBLISH_DEFERRALS such waits fails its run with the reason."""
     import redis
 
-    batch_id, ids, outbox = written_unpublished(registry, 3)
+    batch_id, ids, publication = written_unpublished(registry, 3)
     bad = ids[1]
-    original = type(registry.outbox)._send_one
+    original = type(registry.publisher)._send_one
 
     def flaky(m, session):
         if m.id == bad:
             raise redis.exceptions.ConnectionError("Connection reset by peer (on this message only)")
         original(m, session)
 
-    monkeypatch.setattr(type(registry.outbox), "_send_one", staticmethod(flaky))
-    lapse(registry, outbox.publication)
+    monkeypatch.setattr(type(registry.publisher), "_send_one", staticmethod(flaky))
+    lapse(registry, publication.lease)
     for attempt in range(PUBLISH_DEFERRALS):
-        report = registry.outbox.relay(1000)
+        report = registry.publisher.relay(1000)
         assert (report.runs, report.deferred, report.refused, report.broker_down) == (
             2 if attempt == 0 else 0, 1, 0, False)
-        assert registry.outbox.relay(1000).runs == 0, "a deferred message waits its lease"
-        r = registry.store.tables.runs
+        assert registry.publisher.relay(1000).runs == 0, "a deferred message waits its lease"
+        r = registry.transitions.tables.runs
         with registry.engine.connect() as conn:
             lease = conn.scalar(sa.select(r.c.publication_id).where(r.c.id == bad))
         lapse(registry, lease)
-    report = registry.outbox.relay(1000)
+    report = registry.publisher.relay(1000)
     assert (report.runs, report.refused) == (0, 1)
     found = jobs(registry, batch_id)
     assert found[bad].status == RunStatus.FAILED and "ConnectionError" in found[bad].error
@@ -165,7 +165,7 @@ def test_a_bulk_path_that_breaks_falls_back_to_kombus_own_publish(broker_url, mo
     """The bulk path leans on kombu and py-amqp internals: if it fails where kombu's own publish
     does not (a library upgrade changed them), the messages go out through kombu and the bulk path
     is turned off for the process. Never "broker down", never a failed run."""
-    from celery_batches import wire
+    from celery_batches.publishing import wire
 
     app = Celery(f"fallback_{uuid.uuid4().hex[:6]}", set_as_current=False, broker=broker_url)
     with private_registry(app, "cbt_pe") as batches:
@@ -175,10 +175,10 @@ def test_a_bulk_path_that_breaks_falls_back_to_kombus_own_publish(broker_url, mo
                 raise AttributeError("'Producer' object has no attribute '_batch_local'")
 
             monkeypatch.setattr(wire.Wire, "publish", broken)
-            batch_id, ids, outbox = written_unpublished(batches, 5)
-            report = batches.outbox.publish(outbox)
+            batch_id, ids, publication = written_unpublished(batches, 5)
+            report = batches.publisher.publish(publication)
             assert (report.runs, report.refused, report.broker_down) == (5, 0, False)
-            assert batches.outbox.sender.bulk is False
+            assert batches.publisher.sender.bulk is False
             assert queued(app, batches.queue) == 5
             assert all(j.status == RunStatus.PENDING for j in batches.get_batch_jobs(batch_id))
         finally:
@@ -189,7 +189,7 @@ def test_a_bulk_path_that_breaks_falls_back_to_kombus_own_publish(broker_url, mo
 def test_the_bulk_path_runs_only_on_the_versions_it_was_proven_on(registry, monkeypatch):
     """A kombu the wire was not proven on publishes through kombu's own path; so does a registry
     with ``bulk_publish=False``."""
-    from celery_batches import wire
+    from celery_batches.publishing import wire
 
     with registry.app.producer_or_acquire() as producer:
         assert wire.open_wire(producer) is not None  # the versions installed here are proven
@@ -198,8 +198,8 @@ def test_the_bulk_path_runs_only_on_the_versions_it_was_proven_on(registry, monk
         assert wire.open_wire(producer) is None
     monkeypatch.undo()
     with private_registry(registry.app, "cbt_pe", bulk_publish=False) as plain:
-        with registry.app.producer_or_acquire() as producer, plain.outbox.sender.session(producer, 2) as session:
-            assert not session.buffered and not plain.outbox.sender.copies_allowed()
+        with registry.app.producer_or_acquire() as producer, plain.publisher.sender.session(producer, 2) as session:
+            assert not session.buffered and not plain.publisher.sender.copies_allowed()
 
 
 def test_the_relay_never_republishes_a_continuation_a_delivery_claimed(registry):
@@ -209,12 +209,12 @@ def test_the_relay_never_republishes_a_continuation_a_delivery_claimed(registry)
     with registry.batch("claimed-continuation") as b:
         run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
         b.on_complete(registry.app.signature("tests.proj.record", ("k",)).set(queue=registry.queue))
-    c = registry.store.tables.continuations
-    outbox = registry.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])  # due, not published yet
-    [cont] = outbox.continuations
+    c = registry.transitions.tables.continuations
+    publication = registry.transitions.apply_events([RunEvent(run, RunStatus.COMPLETED)])  # due, not published yet
+    [cont] = publication.continuations
     assert registry.liveness.claim_continuation(cont.id, str(uuid.uuid4())) is True  # its delivery started
-    lapse(registry, outbox.publication)
-    report = registry.outbox.relay(1000)
+    lapse(registry, publication.lease)
+    report = registry.publisher.relay(1000)
     assert report.continuations == 0
     with registry.engine.connect() as conn:
         status = conn.scalar(sa.select(c.c.status).where(c.c.id == cont.id))
@@ -231,8 +231,8 @@ def test_flags_are_written_however_long_the_registry_is_away_while_the_lease_hol
 
     import sqlalchemy.exc
 
-    batch_id, ids, outbox = written_unpublished(registry, 3)
-    store, real = registry.outbox.store, type(registry.outbox.store).mark_published
+    batch_id, ids, publication = written_unpublished(registry, 3)
+    outbox, real = registry.publisher.outbox, type(registry.publisher.outbox).mark_published
     away_until = time.monotonic() + 2.5
 
     def flag(self, run_ids, **kwargs):
@@ -240,22 +240,22 @@ def test_flags_are_written_however_long_the_registry_is_away_while_the_lease_hol
             raise sqlalchemy.exc.OperationalError("UPDATE", {}, ConnectionRefusedError("the registry is away"))
         return real(self, run_ids, **kwargs)
 
-    monkeypatch.setattr(type(store), "mark_published", flag)
-    report = registry.outbox.publish(outbox)
+    monkeypatch.setattr(type(outbox), "mark_published", flag)
+    report = registry.publisher.publish(publication)
     assert (report.runs, report.unflagged) == (3, False)
     assert all(j.id in ids for j in registry.get_batch_jobs(batch_id))
-    r, p = registry.store.tables.runs, registry.store.tables.publications
+    r, p = registry.transitions.tables.runs, registry.transitions.tables.publications
     with registry.engine.connect() as conn:
         assert conn.execute(sa.select(r.c.published).where(r.c.batch_id == batch_id)).scalars().all() == [True] * 3
         assert conn.scalar(sa.select(sa.func.count()).select_from(p)) == 0  # released once all were flagged
 
     # the registry away for longer than anyone can hold the lease: the lease is left to lapse
-    monkeypatch.setattr(store, "lease", timedelta(seconds=2))  # (a lease of 2 s: the test waits for it)
-    batch_id, ids, outbox = written_unpublished(registry, 2)
+    monkeypatch.setattr(outbox, "lease_time", timedelta(seconds=2))  # (a lease of 2 s: the test waits for it)
+    batch_id, ids, publication = written_unpublished(registry, 2)
     away_until = time.monotonic() + 3600
     renewals = iter([True])  # the renewal before the chunk; none after it
-    monkeypatch.setattr(type(store), "renew", lambda self, lease: next(renewals, False))
-    report = registry.outbox.publish(outbox)
+    monkeypatch.setattr(type(outbox), "renew", lambda self, lease: next(renewals, False))
+    report = registry.publisher.publish(publication)
     assert (report.runs, report.unflagged) == (2, True)
     with registry.engine.connect() as conn:
-        assert conn.scalar(sa.select(sa.func.count()).select_from(p).where(p.c.id == outbox.publication)) == 1
+        assert conn.scalar(sa.select(sa.func.count()).select_from(p).where(p.c.id == publication.lease)) == 1

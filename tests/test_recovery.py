@@ -145,7 +145,7 @@ def test_runs_a_live_worker_held_when_the_broker_lost_them_run(proj, start_worke
     with proj.batches.batch("held-then-lost") as b:
         for _ in range(12):
             b.enqueue(proj.track.s(key, 1.5).set(queue=w.queue))
-    r = proj.batches.store.tables.runs
+    r = proj.batches.transitions.tables.runs
 
     def marked() -> int:  # runs the worker holds unstarted, as its heartbeat marked them
         with proj.batches.engine.connect() as conn:
@@ -182,8 +182,8 @@ def _recovery(registry, **settings):
     from celery_batches.worker.recovery import Recovery
 
     registry.settings = replace(registry.settings, **settings)
-    return Recovery(Node(registry.app, registry.settings, registry.store, registry.liveness, registry.probe,
-                         registry.outbox))
+    return Recovery(Node(registry.app, registry.settings, registry.transitions, registry.liveness, registry.probe,
+                         registry.publisher))
 
 
 def _claimed(registry, node: str, n: int = 2, task: str = "tests.proj.noop"):
@@ -238,7 +238,7 @@ def test_an_acks_late_run_of_a_gone_node_is_released_not_failed(registry):
     recovery = _recovery(registry, node_timeout=0.2, heartbeat_interval=0.05)
     recovery.run_once()
     time.sleep(0.3)
-    assert recovery.run_once()["runs_released"] == 1
+    assert recovery.run_once()["runs_handed_back"] == 1
     assert _status(registry, run) == RunStatus.PENDING
 
 
@@ -258,7 +258,7 @@ def test_a_heartbeat_marks_exactly_the_runs_the_node_holds(registry):
 
 
 def _node(registry, run_id):
-    r = registry.store.tables.runs
+    r = registry.transitions.tables.runs
     with registry.engine.connect() as conn:
         return conn.scalar(sa.select(r.c.node).where(r.c.id == run_id))
 
@@ -268,9 +268,9 @@ def test_a_run_handed_back_after_its_batch_was_cancelled_ends_cancelled(registry
     whose worker then died (acks_late: handed back to waiting), stayed PENDING for good: nothing
     publishes a run of a cancelled batch. Now recovery ends it CANCELLED and counts it."""
     batch_id, (running, waiting) = _claimed(registry, "dead/100")
-    registry.liveness.release([waiting], held_by="dead")  # back to waiting before the cancel: cancelled by it
+    registry.liveness.hand_back_runs([waiting], left_by="dead")  # back to waiting before the cancel: cancelled by it
     assert registry.cancel_batch(batch_id) == 1
-    assert registry.liveness.release([running], held_by="dead") == 1  # what recovery does for an acks_late run
+    assert registry.liveness.hand_back_runs([running], left_by="dead") == 1  # what recovery does for an acks_late run
     assert _status(registry, running) == RunStatus.PENDING
     assert _recovery(registry).run_once()["runs_cancelled"] == 1
     assert _status(registry, running) == RunStatus.CANCELLED
@@ -279,7 +279,7 @@ def test_a_run_handed_back_after_its_batch_was_cancelled_ends_cancelled(registry
 
 
 def _status(registry, run_id):
-    r = registry.store.tables.runs
+    r = registry.transitions.tables.runs
     with registry.engine.connect() as conn:
         return RunStatus(conn.scalar(sa.select(r.c.status).where(r.c.id == run_id)))
 
@@ -316,19 +316,19 @@ class _Broker:
     knows = True
 
     def __init__(self, run_id: str) -> None:
-        from celery_batches.broker import Snapshot
+        from celery_batches.publishing.probe import Snapshot
 
         self.run_id, self.tag, self.restored, self.Snapshot = run_id, "tag-0", [], Snapshot
 
     def look(self, queues):
-        return self.Snapshot(held={self.run_id: self.tag})
+        return self.Snapshot(unacked={self.run_id: self.tag})
 
     def restore(self, tags):
         self.restored += list(tags)
         return len(tags)
 
 
-def test_messages_of_successive_attempts_held_in_turn_are_not_one_orphan(registry):
+def test_messages_of_successive_attempts_unacknowledged_in_turn_are_not_one_orphan(registry):
     """Chaos soak, 2026-12-02: a plain task retrying with a short countdown had each attempt's message
     held unacknowledged for a moment before its worker's heartbeat marked it; the lost-message search
     counted those moments as one message held by nobody for longer than the confirm time, restored the
@@ -360,7 +360,7 @@ def test_a_heartbeat_marks_more_runs_than_a_statement_has_parameters(registry):
            for _ in range(70_000)]
     with registry.engine.begin() as conn:
         registry.trees.insert_tree(conn, builder.seal(), utcnow())
-    r = registry.store.tables.runs
+    r = registry.transitions.tables.runs
 
     def marked() -> int:
         with registry.engine.connect() as conn:
@@ -425,7 +425,7 @@ def test_a_run_celery_requeues_when_its_pool_process_dies_is_handed_back(registr
     time.sleep(1.1)  # claimed before the heartbeat below (by more than its one-second margin)
     registry.liveness.beat("node", [1, 200], [])
     done = _recovery(registry).run_once()
-    assert (done["runs_released"], done["runs_worker_lost"]) == (1, 1)
+    assert (done["runs_handed_back"], done["runs_worker_lost"]) == (1, 1)
     assert (_status(registry, again), _status(registry, lost)) == (RunStatus.PENDING, RunStatus.FAILED)
 
 
@@ -436,8 +436,8 @@ def test_a_delivery_skipped_while_its_run_ran_elsewhere_is_published_again_if_th
     notes that no message of the run is left, so a run handed back goes to the relay."""
     _, (run,) = _claimed(registry, "dead/1/x", 1)
     assert registry.worker.verdict(run, None, registry.liveness.claim(run, 0, "alive/2/y", utcnow())) == "skip"
-    assert registry.liveness.release([run], held_by="dead") == 1
-    lease, runs, _ = registry.outbox.store.take_lapsed(100)
+    assert registry.liveness.hand_back_runs([run], left_by="dead") == 1
+    lease, runs, _ = registry.publisher.outbox.take_lapsed(100)
     assert [m.id for m in runs] == [run]
 
 
@@ -573,7 +573,7 @@ def test_a_message_lost_behind_a_redis_sentinel_is_found_and_published_again(sen
     broker ("sentinel://") got none, and a message lost in a failover was never found."""
     from celery import Celery
 
-    from celery_batches.broker import RedisProbe
+    from celery_batches.publishing.probe import RedisProbe
     from tests.helpers import private_registry
 
     url, master = sentinel
@@ -591,7 +591,7 @@ def test_a_message_lost_behind_a_redis_sentinel_is_found_and_published_again(sen
         assert recovery.run_once()["runs_republished"] == 0  # one look proves nothing
         time.sleep(confirm + 0.1)
         assert recovery.run_once()["runs_republished"] == 3
-        assert registry.outbox.relay(100).runs == 3
+        assert registry.publisher.relay(100).runs == 3
         assert master.llen(registry.queue) == 3
         assert {j.status for j in registry.get_batch_jobs(b.id)} == {RunStatus.PENDING} and len(ids) == 3
 
@@ -613,7 +613,7 @@ def test_a_copy_of_the_attempt_that_raised_the_retry_is_not_run_again(registry):
     was lost with a closed connection); the first raised a retry, and the second, claiming once the
     run was RETRYING, ran attempt 0 again. Only the next attempt claims a RETRYING run."""
     _, (run,) = _claimed(registry, "n/1/first", 1)
-    registry.store.apply_events([RunEvent(run, RunStatus.RETRYING, 0)])
+    registry.transitions.apply_events([RunEvent(run, RunStatus.RETRYING, 0)])
     assert not registry.liveness.claim(run, 0, "n/2/copy", utcnow()).claimed
     assert registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed
 
@@ -640,7 +640,7 @@ class _Empty:
     knows = True
 
     def look(self, queues):
-        from celery_batches.broker import Snapshot
+        from celery_batches.publishing.probe import Snapshot
 
         return Snapshot()
 
@@ -649,6 +649,6 @@ class _Empty:
 
 
 def _batch_of(registry, run_id):
-    r = registry.store.tables.runs
+    r = registry.transitions.tables.runs
     with registry.engine.connect() as conn:
         return str(conn.scalar(sa.select(r.c.batch_id).where(r.c.id == run_id)))

@@ -37,7 +37,7 @@ def test_a_transition_of_a_task_whose_id_is_not_a_uuid_is_ignored_and_the_rest_a
     uuid[] and, with it, every transition in that process's group commit, forever."""
     with proj.batches.batch("custom-id-neighbour") as b:
         run = b.enqueue(proj.noop.s().set(queue=nowhere))
-    proj.batches.store.apply_events([RunEvent("my-custom-task-id", RunStatus.FAILED, error="TimeLimitExceeded"),
+    proj.batches.transitions.apply_events([RunEvent("my-custom-task-id", RunStatus.FAILED, error="TimeLimitExceeded"),
                                      RunEvent(run, RunStatus.COMPLETED)])
     done = proj.batches.get_batch(b.id)
     assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 1)
@@ -49,7 +49,7 @@ def test_an_error_text_with_a_lone_surrogate_is_stored_escaped(proj, nowhere):
     with proj.batches.batch("surrogate-error") as b:
         bad = b.enqueue(proj.noop.s().set(queue=nowhere))
         good = b.enqueue(proj.noop.s().set(queue=nowhere))
-    proj.batches.store.apply_events([RunEvent(bad, RunStatus.FAILED, error="FileNotFoundError: /data/\udcffile"),
+    proj.batches.transitions.apply_events([RunEvent(bad, RunStatus.FAILED, error="FileNotFoundError: /data/\udcffile"),
                                      RunEvent(good, RunStatus.COMPLETED)])
     done = proj.batches.get_batch(b.id)
     assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 1, 1)
@@ -117,7 +117,7 @@ def test_a_waiting_stage_whose_only_child_was_cancelled_finishes_when_it_starts(
     stage_id = proj.batches.continue_batch_with(a.id, "stage", configure)
     [child] = proj.batches.list_batches(parent_id=stage_id)
     assert proj.batches.cancel_batch(child.id) == 1
-    proj.batches.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])  # the antecedent finishes
+    proj.batches.transitions.apply_events([RunEvent(run, RunStatus.COMPLETED)])  # the antecedent finishes
     assert proj.batches.get_batch(a.id).status == BatchStatus.COMPLETED
     stage = proj.batches.get_batch(stage_id)
     assert (stage.status, stage.total_jobs, stage.cancelled_jobs) == (BatchStatus.FAILED, 1, 1)
@@ -131,7 +131,7 @@ def test_a_mixed_case_table_prefix_writes_to_its_own_tables(proj):
         prefix = batches.settings.table_prefix
         with batches.batch("mixed") as b:
             run = b.enqueue("tests.proj.noop")
-        batches.store.apply_events([RunEvent(run, RunStatus.COMPLETED)])
+        batches.transitions.apply_events([RunEvent(run, RunStatus.COMPLETED)])
         assert batches.get_batch(b.id).status == BatchStatus.COMPLETED
         with batches.engine.connect() as conn:
             assert conn.scalar(sa.text(f'SELECT count(*) FROM "{prefix}runs"')) == 1
@@ -154,7 +154,7 @@ def test_a_forked_child_gets_a_pool_of_its_own(proj):
 
 def test_batches_written_through_one_session_leave_no_listener_behind(proj, nowhere):
     """Each batch written through a Session used to add an ``after_transaction_end`` listener that
-    stayed on the Session (with the batch's outbox) for as long as the Session lived."""
+    stayed on the Session (with the batch's publication) for as long as the Session lived."""
     with Session(proj.batches.engine) as session:
         ids = []
         for _ in range(5):

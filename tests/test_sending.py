@@ -22,8 +22,8 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 from kombu.utils import json as kjson
 
-from celery_batches.outbox import HEADER
-from celery_batches.sending import Sender
+from celery_batches.message import HEADER
+from celery_batches.publishing.sending import Sender
 from tests.helpers import eventually, free_port, private_registry, start_redis, tag
 
 TIMES = ("eta", "expires")
@@ -101,7 +101,7 @@ def close_in_time(a: dict, b: dict) -> bool:
 
 def send_both_ways(app, options: dict, queue: str, n: int = 4) -> tuple[list[dict], list[dict], Sender]:
     """Send n messages with send_task, then the same through a session (two shapes, arguments of
-    kombu's JSON types, some quoted the way saferepr does not quote them), as the outbox does:
+    kombu's JSON types, some quoted the way saferepr does not quote them), as the publication does:
     the arguments decoded from their stored JSON, and that JSON."""
     ids = [str(uuid.uuid4()) for _ in range(n)]
     calls = [((i, f"a{i}" * i, "it's" if i % 2 else 'a\\b\n'),
@@ -221,7 +221,7 @@ def test_a_broker_lost_mid_publication_leaves_the_rest_to_the_relay(services):
     try:
         with private_registry(app, "cbt_midway", publish_chunk=4, publish_lease=1) as batches:
             queue = f"cbt-midway-{uuid.uuid4().hex[:6]}"
-            open_session = batches.outbox.sender.session
+            open_session = batches.publisher.sender.session
             flushes = []
 
             @contextlib.contextmanager
@@ -234,7 +234,7 @@ def test_a_broker_lost_mid_publication_leaves_the_rest_to_the_relay(services):
                         server.terminate()
                         server.wait(10)
 
-            batches.outbox.sender.session = session_then_stop_redis
+            batches.publisher.sender.session = session_then_stop_redis
             with batches.batch("midway") as b:
                 ids = [b.enqueue(app.signature("tests.proj.noop", (str(i),), queue=queue)) for i in range(10)]
             runs = {j.id: j for j in batches.get_batch_jobs(b.id)}
@@ -242,7 +242,7 @@ def test_a_broker_lost_mid_publication_leaves_the_rest_to_the_relay(services):
             assert sum(published(batches, i) for i in ids) == 4
 
             server = start_redis(port)
-            batches.outbox.sender.session = open_session
+            batches.publisher.sender.session = open_session
             eventually(lambda: lapsed_and_relayed(batches), "the relay to publish the rest", 30)
             stored = [m["headers"]["id"] for m in read_all(app, queue)]
             assert sorted(stored) == sorted(ids[4:]) and len(runs) == 10
@@ -252,14 +252,14 @@ def test_a_broker_lost_mid_publication_leaves_the_rest_to_the_relay(services):
 
 
 def published(batches, run_id: str) -> bool:
-    r = batches.store.tables.runs
+    r = batches.transitions.tables.runs
     with batches.engine.connect() as conn:
         return bool(conn.scalar(sa.select(r.c.published).where(r.c.id == run_id)))
 
 
 def lapsed_and_relayed(batches) -> bool:
-    batches.outbox.relay(100)
-    r = batches.store.tables.runs
+    batches.publisher.relay(100)
+    r = batches.transitions.tables.runs
     with batches.engine.connect() as conn:
         return not conn.scalar(sa.select(sa.func.count()).select_from(r).where(sa.not_(r.c.published)))
 
@@ -273,7 +273,7 @@ def test_the_fast_argsrepr_is_celerys_saferepr():
 
     from celery.utils.saferepr import saferepr
 
-    from celery_batches.sending import _plain_repr, _saferepr
+    from celery_batches.publishing.sending import _plain_repr, _saferepr
 
     rnd = random.Random(20261201)
     alphabet = ["a", "Z", "0", " ", "'", '"', "\\", "\n", "\t", "é", "☃", "\x00", "{", "]", ",", ":"]

@@ -46,14 +46,14 @@ def test_postgresql_and_portable_paths_agree(registry, scenario):
                 at += 1
                 events.append(RunEvent(run, status, retries, f"{status.name} error" if status == F else None,
                                        at=at, node=node))
-            registry.store.apply_events(events, portable=portable)
+            registry.transitions.apply_events(events, portable=portable)
         ends.append(_row(registry, run))
     assert ends[0] == ends[1], f"{scenario}: PostgreSQL path {ends[0]} != portable path {ends[1]}"
     assert ends[0]["status"] != int(P), "the scenario changed nothing; it tests nothing"
 
 
 def _row(registry, run_id: str) -> dict:
-    r = registry.store.tables.runs
+    r = registry.transitions.tables.runs
     with registry.engine.connect() as conn:
         row = conn.execute(sa.select(r.c.status, r.c.retries, r.c.node, r.c.started_at, r.c.finished_at,
                                      r.c.claimed_at, r.c.error).where(r.c.id == run_id)).one()
@@ -81,7 +81,7 @@ def test_postgresql_and_portable_claims_agree(registry, scenario):
         with registry.batch(f"claim: {scenario} (portable={portable})") as b:
             run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
         for status, attempt, owner in before:
-            registry.store.apply_events([RunEvent(run, status, attempt, at=at.timestamp(), node=owner)])
+            registry.transitions.apply_events([RunEvent(run, status, attempt, at=at.timestamp(), node=owner)])
         claim = registry.liveness.claim(run, retries, node, at, portable=portable)
         ends.append(((claim.claimed, claim.run_status, claim.batch_status), _row(registry, run)))
     assert ends[0] == ends[1], f"{scenario}: PostgreSQL claim {ends[0]} != portable claim {ends[1]}"
@@ -95,8 +95,8 @@ def test_a_result_is_kept_only_for_a_results_batch_on_both_paths(registry, keeps
     for portable in (False, True):
         with registry.batch(f"result kept={keeps} (portable={portable})", results=keeps) as b:
             run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
-        registry.store.apply_events([RunEvent(run, C, 0, result='{"n": 1}')], portable=portable)
-        r = registry.store.tables.runs
+        registry.transitions.apply_events([RunEvent(run, C, 0, result='{"n": 1}')], portable=portable)
+        r = registry.transitions.tables.runs
         with registry.engine.connect() as conn:
             kept.append(conn.scalar(sa.select(r.c.result).where(r.c.id == run)))
     assert kept == (['{"n": 1}'] * 2 if keeps else [None, None])

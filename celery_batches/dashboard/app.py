@@ -82,7 +82,7 @@ class Dashboard:
         self.access = security.Access(authorize=authorize, basic_auth=basic_auth, read_only=read_only,
                                       secret_key=secret_key, api_token=api_token)
         self.batches = batches
-        self.store = batches.store
+        self.transitions = batches.transitions
         self.page_size = page_size
         self.jobs_page_size = jobs_page_size
         self.refresh_interval = refresh_interval
@@ -185,7 +185,7 @@ class Dashboard:
     def on_batches(self, request: Request) -> Response:
         status, name, before, after, _ = self._list_args(request, BatchStatus)
         tag = self._tag(request)
-        page = pages.batch_page(self.store, status=status, name=name, tag=tag, limit=self.page_size, before=before,
+        page = pages.batch_page(self.transitions, status=status, name=name, tag=tag, limit=self.page_size, before=before,
                                 after=after)
         filters = {"status": status.name.lower() if status is not None else None, "q": name or None, "tag": tag}
         return self.render(request, "batches.html", page=page, status=status, q=name or "", tag=tag or "",
@@ -193,14 +193,14 @@ class Dashboard:
 
     def on_batch(self, request: Request, batch_id: Any) -> Response:
         batch_id = str(batch_id)
-        detail = pages.batch_detail(self.store, batch_id, tree_limit=self.tree_limit)
+        detail = pages.batch_detail(self.transitions, batch_id, tree_limit=self.tree_limit)
         if detail is None:
             raise NotFound("No batch with this id.")
         status = _parse_status(request.args.get("status"), RunStatus)
         start = _int_arg(request, "start")
         before = _int_arg(request, "before")
         size = self.jobs_page_size
-        jobs = pages.job_page(self.store, batch_id, status=status, start=start, before=before, limit=size,
+        jobs = pages.job_page(self.transitions, batch_id, status=status, start=start, before=before, limit=size,
                               text_chars=TEXT_CHARS + 1)
         direct = detail.root.jobs
         paging = None
@@ -214,7 +214,7 @@ class Dashboard:
             request.args.get("notice", ""), "")
         if notice:
             notice = notice.format(runs=_int_arg(request, "runs") or 0)
-        unfinished = any(not node.status.is_final for node in detail.tree) or any(
+        unfinished = any(not entry.status.is_final for entry in detail.tree) or any(
             s.status == BatchStatus.CREATED for s in detail.successors)
         nav = {  # position cursors of the neighbouring pages
             "previous": (jobs.jobs[0].position if jobs.jobs else start) if jobs.has_previous else None,
@@ -276,7 +276,7 @@ class Dashboard:
         status, name, before, after, parent = self._list_args(request, BatchStatus, parent=True)
         tag = self._tag(request)
         limit = self._limit(request, self.page_size)
-        page = pages.batch_page(self.store, status=status, name=name, parent_id=parent, tag=tag, limit=limit,
+        page = pages.batch_page(self.transitions, status=status, name=name, parent_id=parent, tag=tag, limit=limit,
                                 before=before, after=after)
         base = {"status": request.args.get("status"), "q": name or None, "tag": tag, "parent": parent,
                 "limit": limit}
@@ -291,7 +291,7 @@ class Dashboard:
                           "next": older, "previous": newer})
 
     def on_api_batch(self, request: Request, batch_id: Any) -> Response:
-        detail = pages.batch_detail(self.store, str(batch_id), tree_limit=self.tree_limit)
+        detail = pages.batch_detail(self.transitions, str(batch_id), tree_limit=self.tree_limit)
         if detail is None:
             raise NotFound("No batch with this id.")
         data = serialize.detail_json(detail)
@@ -304,9 +304,9 @@ class Dashboard:
         limit = self._limit(request, self.jobs_page_size)
         after = _int_arg(request, "after")
         before = _int_arg(request, "before")
-        if reads.batch_status(self.store, batch_id) is None:
+        if reads.batch_status(self.transitions, batch_id) is None:
             raise NotFound("No batch with this id.")
-        page = pages.job_page(self.store, batch_id, status=status, limit=limit, before=before,
+        page = pages.job_page(self.transitions, batch_id, status=status, limit=limit, before=before,
                               start=None if after is None else after + 1)
         base = {"batch_id": batch_id, "status": status.name.lower() if status is not None else None, "limit": limit}
         build = request.adapter.build

@@ -186,11 +186,11 @@ class Liveness:
                          .values(claimed_by=None))
 
     # -- a node's heartbeat -----------------------------------------------------------------------------
-    def beat(self, node: str, pids: Sequence[int], held: Sequence[str] | None) -> None:
-        """Refresh the node's row (and its live pool pids), and make the runs it marks as held exactly
-        ``held``: the runs whose messages it holds but has not started. A run it marked and no longer
+    def beat(self, node: str, pids: Sequence[int], reserved: Sequence[str] | None) -> None:
+        """Refresh the node's row (and its live pool pids), and make the runs it marks exactly
+        ``reserved``: the runs whose messages it has reserved but not started. A run it marked and no longer
         holds (dropped with a lost broker connection, say) loses the mark, so recovery looks for its
-        message again. ``held=None`` (the worker's state could not be read) leaves the marks alone."""
+        message again. ``reserved=None`` (the worker's state could not be read) leaves the marks alone."""
         n, r, now = self.tables.nodes, self.tables.runs, utcnow()
         pid_text = ",".join(str(p) for p in sorted(pids))
         with self.engine.begin() as conn:
@@ -198,11 +198,11 @@ class Liveness:
                                    .values(heartbeat_at=now, pids=pid_text)).rowcount
             if not updated:
                 conn.execute(sa.insert(n).values(name=node, started_at=now, heartbeat_at=now, pids=pid_text))
-            if held is None:
+            if reserved is None:
                 return
             # only our runs' ids (a task of the app may carry any id); the marks change by the difference,
             # a few thousand ids per statement (a node can hold more messages than a statement has parameters)
-            wanted = {str(i).lower() for i in held if is_run_id(i)}
+            wanted = {str(i).lower() for i in reserved if is_run_id(i)}
             marked = {str(i) for i in conn.execute(sa.select(r.c.id).where(r.c.node == node,
                                                                             r.c.status.in_(_WAITING))).scalars()}
             # a claim replaces the mark with "<node>/<pid>/<delivery>" and RUNNING: never unmarked here
@@ -262,11 +262,11 @@ class Liveness:
             rows = list(conn.execute(q))
         return [row for row in rows if int(row.node.split("/")[1]) not in live]
 
-    def release(self, run_ids: Sequence[str], *, held_by: str | None = None, unpublish: bool = False) -> int:
+    def hand_back_runs(self, run_ids: Sequence[str], *, left_by: str | None = None, unpublish: bool = False) -> int:
         """Open runs whose holder is gone and that Celery would deliver again: PENDING, no node.
         With ``unpublish`` (their message is lost) they wait in the outbox: the relay publishes them.
 
-        Only runs still as recovery saw them change: still named by the gone node ``held_by``, or
+        Only runs still as recovery saw them change: still named by the gone node ``left_by``, or
         (without it) still waiting with no node. A run a worker claimed meanwhile is left alone:
         releasing it would publish it again while it runs."""
         r = self.tables.runs
@@ -276,10 +276,10 @@ class Liveness:
         values: dict = {"status": int(RunStatus.PENDING), "node": None,
                         "retries": sa.case((r.c.status == int(RunStatus.RETRYING), r.c.retries + 1),
                                            else_=r.c.retries)}
-        if held_by is None:
+        if left_by is None:
             still = sa.and_(r.c.status.in_(_WAITING), r.c.node.is_(None))
         else:
-            still = sa.or_(r.c.node == held_by, r.c.node.startswith(f"{held_by}/", autoescape=True))
+            still = sa.or_(r.c.node == left_by, r.c.node.startswith(f"{left_by}/", autoescape=True))
         if unpublish:  # published again as the run's own message, which any delivery may claim
             values.update(published=False, publication_id=None, replaced=None)
         with self.engine.begin() as conn:
@@ -317,7 +317,7 @@ class Liveness:
                                                    c.c.claimed_by.is_(None))
                                 .values(status=int(ContinuationStatus.DUE), publication_id=None)).rowcount
 
-    def unheld(self, older_than: datetime, limit: int, after: tuple[datetime, str] | None) -> list[sa.Row]:
+    def unmarked(self, older_than: datetime, limit: int, after: tuple[datetime, str] | None) -> list[sa.Row]:
         """Published runs that no node holds or runs, created before ``older_than``: the candidates for
         a lost message, in ``(created_at, id)`` order after the cursor. (Only a STARTED batch has
         published open runs: a waiting stage's runs are unpublished, a finished batch has none open.)

@@ -14,45 +14,45 @@ from typing import Sequence
 
 import sqlalchemy as sa
 
-from ..builder import Message
+from ..message import Message
 from ..models import BatchStatus, ContinuationStatus, RunStatus
 from .rows import continuation_message, run_message, storable_text, utcnow
 from .tables import Tables
 
-__all__ = ["OutboxStore"]
+__all__ = ["Outbox"]
 
 
-class OutboxStore:
+class Outbox:
     def __init__(self, engine: sa.Engine, tables: Tables, lease: timedelta) -> None:
         self.engine = engine
         self.tables = tables
-        self.lease = lease
+        self.lease_time = lease
         runs = engine.dialect.identifier_preparer.format_table(tables.runs)
         self._pg_flag = self._PG_FLAG.format(runs=runs, pending=int(RunStatus.PENDING))
 
     # -- leases --------------------------------------------------------------------------------------
-    def renew(self, publication: str) -> bool:
+    def renew(self, lease: str) -> bool:
         """Extend a publish lease that has not lapsed; False if it has (the relay may own its rows now).
 
         A publisher calls this before every chunk, so it holds at least ``lease`` seconds per chunk.
         """
         p, now = self.tables.publications, utcnow()
         with self.engine.begin() as conn:
-            return conn.execute(sa.update(p).where(p.c.id == publication, p.c.expires_at > now)
-                                .values(expires_at=now + self.lease)).rowcount == 1
+            return conn.execute(sa.update(p).where(p.c.id == lease, p.c.expires_at > now)
+                                .values(expires_at=now + self.lease_time)).rowcount == 1
 
-    def exists(self, publication: str) -> bool:
+    def exists(self, lease: str) -> bool:
         """Is the lease there for everyone to see: the transaction that made it committed (and no
         publisher has released it yet)?"""
         p = self.tables.publications
         with self.engine.connect() as conn:
-            return conn.scalar(sa.select(p.c.id).where(p.c.id == publication)) is not None
+            return conn.scalar(sa.select(p.c.id).where(p.c.id == lease)) is not None
 
-    def release(self, publication: str) -> None:
+    def drop(self, lease: str) -> None:
         """The publisher is done: its lease goes, and whatever it left unpublished is the relay's now."""
         p = self.tables.publications
         with self.engine.begin() as conn:
-            conn.execute(sa.delete(p).where(p.c.id == publication))
+            conn.execute(sa.delete(p).where(p.c.id == lease))
 
     def elect(self, name: str, holder: str, ttl: timedelta) -> bool:
         """Take or keep the named lease for ``ttl``: True if ``holder`` has it now.
@@ -127,7 +127,7 @@ class OutboxStore:
         p, r, c, now = self.tables.publications, self.tables.runs, self.tables.continuations, utcnow()
         lease = str(uuid.uuid4())
         with self.engine.begin() as conn:
-            conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease))
+            conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease_time))
             if run_ids:
                 conn.execute(sa.update(r).where(r.c.id.in_(list(run_ids)), r.c.status == int(RunStatus.PENDING),
                                                 sa.not_(r.c.published)).values(publication_id=lease))
@@ -170,7 +170,7 @@ class OutboxStore:
             if not run_ids and not cont_ids:
                 return None, [], []
             lease = str(uuid.uuid4())
-            conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease))
+            conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease_time))
             runs = conn.execute(sa.update(r).where(r.c.id.in_(run_ids)).values(publication_id=lease).returning(
                 r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.created_at,
                 r.c.position, r.c.retries)).all() if run_ids else []

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from ..models import Batch, BatchStatus, ContinuationStatus, RunStatus, batch_progress
 
 __all__ = ["BatchDetail", "BatchPage", "BatchRef", "BatchRow", "ContinuationRow", "Counts", "JobPage", "JobRow",
-           "TreeNode"]
+           "TreeEntry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,7 @@ class BatchPage:
 
 
 @dataclass(frozen=True, slots=True)
-class TreeNode:
+class TreeEntry:
     """One batch of a subtree: its own units, its direct jobs and the jobs of its whole subtree."""
 
     id: str
@@ -103,12 +103,12 @@ class BatchDetail:
     ancestors: list[BatchRef]  # root first, parent last
     antecedent: BatchRef | None
     successors: list[BatchRef]
-    tree: list[TreeNode]  # depth-first, the batch itself first; at most ``tree_limit`` nodes
+    tree: list[TreeEntry]  # depth-first, the batch itself first; at most ``tree_limit`` batches
     tree_truncated: bool
     continuations: list[ContinuationRow] = field(default_factory=list)
 
     @property
-    def root(self) -> TreeNode:
+    def root(self) -> TreeEntry:
         return self.tree[0]
 
 

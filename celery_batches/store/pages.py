@@ -34,7 +34,7 @@ from .pagerows import (
     Counts,
     JobPage,
     JobRow,
-    TreeNode,
+    TreeEntry,
 )
 from .reads import PAGE_SIZE, Db, batch_list_rows, batch_filters
 from .rows import as_utc, batch_from_row
@@ -48,7 +48,7 @@ __all__ = [
     "Counts",
     "JobPage",
     "JobRow",
-    "TreeNode",
+    "TreeEntry",
     "batch_detail",
     "batch_page",
     "batch_rows",
@@ -184,8 +184,8 @@ def _ancestors(db: Db, conn: sa.Connection, parent_id: str | None) -> list[Batch
     return [BatchRef(r.id, r.name, BatchStatus(r.status)) for r in rows]
 
 
-def _tree(db: Db, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[TreeNode], bool]:
-    """The subtree under ``batch_id`` with per-node counters and subtree roll-ups.
+def _tree(db: Db, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[TreeEntry], bool]:
+    """The subtree under ``batch_id`` with per-entry counters and subtree roll-ups.
 
     One statement reads the subtree (a recursive walk of the ``parent_id`` index) with each batch's
     unit counters; the roll-ups are summed here, in one pass from the leaves up: a batch's direct
@@ -227,17 +227,17 @@ def _tree(db: Db, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[
     top = sorted(rows, key=lambda r: (r.depth, r.created_at, r.name, r.id))[:limit + 1]
     truncated = len(top) > limit
     top = top[:limit]
-    nodes = {r.id: _node(r, jobs[r.id], subtree[r.id]) for r in top}
+    entries = {r.id: _entry(r, jobs[r.id], subtree[r.id]) for r in top}
     children: dict[str | None, list[str]] = {}
     for r in top:  # already in sibling order (created_at, name, id)
         if r.id != batch_id:
             children.setdefault(r.parent_id, []).append(r.id)
-    out: list[TreeNode] = []
+    out: list[TreeEntry] = []
     stack = [batch_id]
     while stack:  # depth-first for display
-        node = nodes[stack.pop()]
-        out.append(node)
-        stack.extend(reversed(children.get(node.id, ())))
+        entry = entries[stack.pop()]
+        out.append(entry)
+        stack.extend(reversed(children.get(entry.id, ())))
     return out, truncated
 
 
@@ -254,12 +254,12 @@ class _TreeRow(NamedTuple):
     depth: int
 
 
-def _node(r: _TreeRow, jobs: list[int], subtree: list[int]) -> TreeNode:
+def _entry(r: _TreeRow, jobs: list[int], subtree: list[int]) -> TreeEntry:
     status = BatchStatus(r.status)
     final = status.is_final
-    return TreeNode(r.id, r.name, r.parent_id, status, r.depth,
-                    Counts(r.total_jobs, r.completed_jobs, r.failed_jobs, r.cancelled_jobs, final),
-                    Counts(*jobs, final), Counts(*subtree[:4], final), subtree[4])
+    return TreeEntry(r.id, r.name, r.parent_id, status, r.depth,
+                     Counts(r.total_jobs, r.completed_jobs, r.failed_jobs, r.cancelled_jobs, final),
+                     Counts(*jobs, final), Counts(*subtree[:4], final), subtree[4])
 
 
 def _continuations(db: Db, conn: sa.Connection, batch_id: str) -> list[ContinuationRow]:

@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import sqlalchemy as sa
-from kombu.utils import json as kjson
 
-from ..builder import Message
+from .. import kombujson
+
+from ..message import Message
 from ..models import Batch, BatchStatus, Continuation, ContinuationKind, ContinuationStatus, JobRun, RunStatus
 
-__all__ = ["Outbox", "RunEvent", "as_utc", "batch_from_row", "continuation_from_row", "continuation_message",
+__all__ = ["Publication", "RunEvent", "as_utc", "batch_from_row", "continuation_from_row", "continuation_message",
            "from_epoch", "is_run_id", "run_from_row", "run_message", "storable_text", "utcnow"]
 
 
@@ -62,18 +63,18 @@ def as_utc(value: datetime | None) -> datetime | None:
 
 
 @dataclass
-class Outbox:
+class Publication:
     """What a transaction made publishable, to publish after it commits: runs and continuations,
     under the transaction's publish lease (``publication``, a row of the publications table)."""
 
     runs: list[Message] = field(default_factory=list)
     continuations: list[Message] = field(default_factory=list)
-    publication: str | None = None
+    lease: str | None = None
 
-    def extend(self, other: "Outbox") -> None:
+    def extend(self, other: "Publication") -> None:
         self.runs += other.runs
         self.continuations += other.continuations
-        self.publication = self.publication or other.publication
+        self.lease = self.lease or other.lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,13 +122,13 @@ def batch_from_row(row: sa.Row) -> Batch:
 
 def run_from_row(row: sa.Row) -> JobRun:
     return JobRun(
-        id=row.id, batch_id=row.batch_id, task_name=row.task_name, args=kjson.loads(row.args),
-        kwargs=kjson.loads(row.kwargs), queue=row.queue, status=RunStatus(row.status), order=row.position,
+        id=row.id, batch_id=row.batch_id, task_name=row.task_name, args=kombujson.loads(row.args),
+        kwargs=kombujson.loads(row.kwargs), queue=row.queue, status=RunStatus(row.status), order=row.position,
         created_at=as_utc(row.created_at), started_at=as_utc(row.started_at),
         finished_at=as_utc(row.finished_at), error=row.error, retries=row.retries,
     )
 
 
 def continuation_from_row(row: sa.Row) -> Continuation:
-    return Continuation(row.id, row.batch_id, ContinuationKind(row.kind), row.task_name, kjson.loads(row.args),
-                        kjson.loads(row.kwargs), ContinuationStatus(row.status), as_utc(row.dispatched_at), row.error)
+    return Continuation(row.id, row.batch_id, ContinuationKind(row.kind), row.task_name, kombujson.loads(row.args),
+                        kombujson.loads(row.kwargs), ContinuationStatus(row.status), as_utc(row.dispatched_at), row.error)

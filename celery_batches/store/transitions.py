@@ -18,11 +18,11 @@ from typing import Iterable
 import sqlalchemy as sa
 
 from .. import kombujson
-from ..builder import Message
+from ..message import Message
 from ..errors import BatchClosedError, BatchNotFoundError
 from ..models import Batch, BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from .rows import (
-    Outbox,
+    Publication,
     RunEvent,
     batch_from_row,
     continuation_message,
@@ -58,30 +58,30 @@ class Tx:
     publishes what a live producer (or the group commit that released it) is still publishing.
     """
 
-    __slots__ = ("conn", "now", "_store", "_publication", "_leased_at")
+    __slots__ = ("conn", "now", "_transitions", "_lease", "_leased_at")
 
-    def __init__(self, store: "Transitions", conn: sa.Connection, now: datetime) -> None:
-        self.conn, self.now, self._store, self._publication = conn, now, store, None
+    def __init__(self, transitions: "Transitions", conn: sa.Connection, now: datetime) -> None:
+        self.conn, self.now, self._transitions, self._lease = conn, now, transitions, None
         self._leased_at = 0.0
 
-    def publication(self) -> str:
-        if self._publication is None:
-            self._publication = str(uuid.uuid4())
+    def lease(self) -> str:
+        if self._lease is None:
+            self._lease = str(uuid.uuid4())
             self._leased_at = time.monotonic()
-            self.conn.execute(sa.insert(self._store.tables.publications).values(
-                id=self._publication, expires_at=utcnow() + self._store.publish_lease))
-        return self._publication
+            self.conn.execute(sa.insert(self._transitions.tables.publications).values(
+                id=self._lease, expires_at=utcnow() + self._transitions.publish_lease))
+        return self._lease
 
-    def outbox(self, runs: list[Message] | None = None, continuations: list[Message] | None = None) -> Outbox:
+    def publication(self, runs: list[Message] | None = None, continuations: list[Message] | None = None) -> Publication:
         """What the transaction made publishable, as its last step. A lease taken long before (a
         million-job batch takes a minute to write) counts again from now: the publisher must find it
         held when the commit is through, or it leaves everything to the relay."""
-        lease = self._store.publish_lease
-        if self._publication is not None and time.monotonic() - self._leased_at > lease.total_seconds() / 4:
-            p = self._store.tables.publications
-            self.conn.execute(sa.update(p).where(p.c.id == self._publication).values(expires_at=utcnow() + lease))
+        lease = self._transitions.publish_lease
+        if self._lease is not None and time.monotonic() - self._leased_at > lease.total_seconds() / 4:
+            p = self._transitions.tables.publications
+            self.conn.execute(sa.update(p).where(p.c.id == self._lease).values(expires_at=utcnow() + lease))
             self._leased_at = time.monotonic()
-        return Outbox(runs or [], continuations or [], self._publication)
+        return Publication(runs or [], continuations or [], self._lease)
 
 
 class Transitions:
@@ -97,7 +97,7 @@ class Transitions:
         return self.engine.dialect.identifier_preparer.format_table(table)
 
     # -- transitions (the group commit) -----------------------------------------------------------
-    def apply_events(self, events: Iterable[RunEvent], *, portable: bool = False) -> Outbox:
+    def apply_events(self, events: Iterable[RunEvent], *, portable: bool = False) -> Publication:
         """Apply a group of run transitions in one transaction; returns the continuations now due.
 
         Per run the group keeps its latest progress event and its first final event; a progress
@@ -123,7 +123,7 @@ class Transitions:
             if started is not None:
                 final[run_id] = replace(event, retries=max(event.retries, started.retries), started=started.at)
         if not progress and not final and not lost:
-            return Outbox()
+            return Publication()
         with self.engine.begin() as conn:
             if lost:
                 self._fail_continuations(conn, list(lost.values()))
@@ -131,10 +131,10 @@ class Transitions:
             apply = self._apply_pg if conn.dialect.name == "postgresql" and not portable else self._apply_rows
             counted = apply(conn, list(progress.values()), list(final.values()))
             tx = Tx(self, conn, utcnow())
-            outbox = self._count(tx, [(batch_id, status) for batch_id, status, _ in counted])
+            publication = self._count(tx, [(batch_id, status) for batch_id, status, _ in counted])
             # each job that ended frees its place in its batch's window (if it has one) for the next
-            outbox.extend(self.release(tx, Counter(batch_id for batch_id, _, window in counted if window)))
-            return outbox
+            publication.extend(self.release(tx, Counter(batch_id for batch_id, _, window in counted if window)))
+            return publication
 
     # On PostgreSQL a whole group is two statements: the events travel as arrays and are joined
     # to the runs with unnest(). Conditions (all keyed by run id, final statuses are >= COMPLETED):
@@ -230,21 +230,21 @@ class Transitions:
                 counted.append((row[0], e.status, row[1]))
         return counted
 
-    def _count(self, tx: Tx, finished_units: list[tuple[str, RunStatus | BatchStatus]]) -> Outbox:
+    def _count(self, tx: Tx, finished_units: list[tuple[str, RunStatus | BatchStatus]]) -> Publication:
         """Count finished units (runs or child batches) in their batches, then finish what is complete."""
         if not finished_units:
-            return tx.outbox()
+            return tx.publication()
         deltas: dict[str, Counter] = defaultdict(Counter)
         for batch_id, status in finished_units:
             deltas[batch_id][_COUNTER[status.name]] += 1
         self._bump(tx.conn, deltas)
         failing = [batch_id for batch_id, d in deltas.items() if d["failed_jobs"]]
-        outbox = self.first_failures(tx, failing)
-        outbox.extend(self._fail_fast(tx, failing))
-        outbox.extend(self.finish(tx, list(deltas)))
-        return outbox
+        publication = self.first_failures(tx, failing)
+        publication.extend(self._fail_fast(tx, failing))
+        publication.extend(self.finish(tx, list(deltas)))
+        return publication
 
-    def _fail_fast(self, tx: Tx, batch_ids: list[str]) -> Outbox:
+    def _fail_fast(self, tx: Tx, batch_ids: list[str]) -> Publication:
         """``cancel_on_failure`` batches among these (each has a failed unit by now): every waiting
         run of their subtrees is CANCELLED and counted, in this transaction; running ones finish.
         The batch then finishes FAILED, like any batch with a unit not completed."""
@@ -252,7 +252,7 @@ class Transitions:
         fast = conn.execute(sa.select(b.c.id).where(b.c.id.in_(sorted(batch_ids)), b.c.cancel_on_failure.is_(True),
                                                      b.c.status == int(BatchStatus.STARTED))).scalars().all() \
             if batch_ids else []
-        outbox = tx.outbox()
+        publication = tx.publication()
         for batch_id in fast:
             tree = self._subtree(batch_id, successors=False)
             runs = conn.execute(
@@ -263,16 +263,16 @@ class Transitions:
                         error=f"cancelled: batch {batch_id} has a failed unit (cancel_on_failure)")
                 .returning(r.c.batch_id)
             ).all()
-            outbox.extend(self._count(tx, [(row.batch_id, RunStatus.CANCELLED) for row in runs]))
-        return outbox
+            publication.extend(self._count(tx, [(row.batch_id, RunStatus.CANCELLED) for row in runs]))
+        return publication
 
     # -- max_concurrency ---------------------------------------------------------------------------
-    def release(self, tx: Tx, places: dict[str, int]) -> Outbox:
+    def release(self, tx: Tx, places: dict[str, int]) -> Publication:
         """Publish up to ``places[batch]`` held runs of each batch, in enqueue order. Called under the
         batch's row lock (the transaction already updated its counters), so two transactions that
         end jobs of one batch release one after the other, never the same runs or more than freed."""
         r, conn = self.tables.runs, tx.conn
-        outbox = tx.outbox()
+        publication = tx.publication()
         for batch_id, n in sorted(places.items()):
             if n <= 0:
                 continue
@@ -282,12 +282,12 @@ class Transitions:
             if not ids:
                 continue
             runs = conn.execute(
-                sa.update(r).where(r.c.id.in_(ids)).values(held=None, publication_id=tx.publication())
+                sa.update(r).where(r.c.id.in_(ids)).values(held=None, publication_id=tx.lease())
                 .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
                            r.c.retries)
             ).all()
-            outbox.extend(tx.outbox(runs=[run_message(row) for row in sorted(runs, key=lambda row: row.position)]))
-        return outbox
+            publication.extend(tx.publication(runs=[run_message(row) for row in sorted(runs, key=lambda row: row.position)]))
+        return publication
 
     def in_flight(self, conn: sa.Connection, batch_id: str) -> int:
         """The batch's direct jobs published (or about to be) and not finished: its window's occupants."""
@@ -296,16 +296,16 @@ class Transitions:
                                                             r.c.status < int(RunStatus.COMPLETED),
                                                             r.c.held.isnot(True))) or 0
 
-    def first_failures(self, tx: Tx, batch_ids: list[str]) -> Outbox:
+    def first_failures(self, tx: Tx, batch_ids: list[str]) -> Publication:
         """``on_first_failure`` continuations of these batches (each has a failed unit by now) become
         due: only a WAITING row moves, so each fires once, in the transaction of the first failure."""
         c, conn = self.tables.continuations, tx.conn
         waiting = sa.and_(c.c.batch_id.in_(sorted(batch_ids)), c.c.kind == ContinuationKind.FIRST_FAILURE.value,
                           c.c.status == int(ContinuationStatus.WAITING))
         if not batch_ids or not conn.scalar(sa.select(sa.exists().where(waiting))):
-            return tx.outbox()  # the usual case: no lease taken for nothing
+            return tx.publication()  # the usual case: no lease taken for nothing
         due = sorted(self._make_due(tx, waiting), key=lambda row: (str(row.batch_id), row.position))
-        return tx.outbox(continuations=[continuation_message(row) for row in due])
+        return tx.publication(continuations=[continuation_message(row) for row in due])
 
     def _bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
         b = self.tables.batches
@@ -320,10 +320,10 @@ class Transitions:
              for bid, d in sorted(deltas.items())],
         )
 
-    def finish(self, tx: Tx, batch_ids: list[str]) -> Outbox:
+    def finish(self, tx: Tx, batch_ids: list[str]) -> Publication:
         """Finish the given batches that have every unit done: one conditional UPDATE decides."""
         if not batch_ids:
-            return tx.outbox()
+            return tx.publication()
         b, conn, now = self.tables.batches, tx.conn, tx.now
         done = b.c.completed_jobs + b.c.failed_jobs + b.c.cancelled_jobs
         finished = conn.execute(
@@ -338,14 +338,14 @@ class Transitions:
             .returning(b.c.id, b.c.parent_id, b.c.status)
         ).all()
         if not finished:
-            return tx.outbox()
+            return tx.publication()
         statuses = {row.id: BatchStatus(row.status) for row in finished}
-        outbox = self._fire_continuations(tx, statuses)
-        outbox.extend(self.settle_successors(tx, statuses))
-        outbox.extend(self._count(tx, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id]))
-        return outbox
+        publication = self._fire_continuations(tx, statuses)
+        publication.extend(self.settle_successors(tx, statuses))
+        publication.extend(self._count(tx, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id]))
+        return publication
 
-    def _fire_continuations(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
+    def _fire_continuations(self, tx: Tx, finished: dict[str, BatchStatus]) -> Publication:
         """Make the matching continuations of finished batches due (outbox rows); skip the others."""
         c, conn = self.tables.continuations, tx.conn
         by_status: dict[BatchStatus, list[str]] = defaultdict(list)
@@ -360,7 +360,7 @@ class Transitions:
             .values(status=int(ContinuationStatus.SKIPPED))
         )
         due = sorted(due, key=lambda row: (str(row.batch_id), row.kind, row.position))
-        return tx.outbox(continuations=[continuation_message(row) for row in due])
+        return tx.publication(continuations=[continuation_message(row) for row in due])
 
     def _make_due(self, tx: Tx, firing: sa.ColumnElement[bool]) -> list[sa.Row]:
         """The WAITING continuations ``firing`` selects become due, under the transaction's lease;
@@ -369,7 +369,7 @@ class Transitions:
         self._give_results(tx.conn, firing)
         return tx.conn.execute(
             sa.update(c).where(firing)
-            .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.publication())
+            .values(status=int(ContinuationStatus.DUE), due_at=tx.now, publication_id=tx.lease())
             .returning(c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.kind,
                        c.c.position)
         ).all()
@@ -388,23 +388,23 @@ class Transitions:
                      [{"b_id": row.id, "b_args": kombujson.dumps([values[row.batch_id], *kombujson.loads(row.args)])}
                       for row in rows])
 
-    def settle_successors(self, tx: Tx, finished: dict[str, BatchStatus]) -> Outbox:
+    def settle_successors(self, tx: Tx, finished: dict[str, BatchStatus]) -> Publication:
         """Continue-with: start the stages waiting on these batches whose ``when`` matches; cancel the rest."""
         b = self.tables.batches
         waiting = tx.conn.execute(
             sa.select(b.c.id, b.c.antecedent_id, b.c.continue_when)
             .where(b.c.antecedent_id.in_(list(finished)), b.c.status == int(BatchStatus.CREATED))
         ).all()
-        outbox = tx.outbox()
+        publication = tx.publication()
         for row in waiting:
             status = finished[row.antecedent_id]
             if status in _WHEN_MATCHES.get(row.continue_when, ()):
-                outbox.extend(self._start_stage(tx, row.id))
+                publication.extend(self._start_stage(tx, row.id))
             else:
-                outbox.extend(self._cancel_tree(tx, row.id)[1])
-        return outbox
+                publication.extend(self._cancel_tree(tx, row.id)[1])
+        return publication
 
-    def _start_stage(self, tx: Tx, batch_id: str) -> Outbox:
+    def _start_stage(self, tx: Tx, batch_id: str) -> Publication:
         """Start a continue-with stage: its runs become publishable under this transaction's lease."""
         b, r, conn = self.tables.batches, self.tables.runs, tx.conn
         tree = self._subtree(batch_id, successors=False)
@@ -416,14 +416,14 @@ class Transitions:
             sa.update(r)
             .where(r.c.batch_id.in_([row.id for row in started]), r.c.status == int(RunStatus.PENDING),
                    sa.not_(r.c.published), r.c.held.isnot(True))
-            .values(publication_id=tx.publication())
+            .values(publication_id=tx.lease())
             .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position)
         ).all() if started else []
         runs = sorted(runs, key=lambda row: (str(row.batch_id), row.position))
-        outbox = tx.outbox(runs=[run_message(row) for row in runs])
+        publication = tx.publication(runs=[run_message(row) for row in runs])
         # a stage whose units all finished while it waited (a cancelled child, an empty stage) finishes now
-        outbox.extend(self.finish(tx, [row.id for row in started]))
-        return outbox
+        publication.extend(self.finish(tx, [row.id for row in started]))
+        return publication
 
     def _subtree(self, batch_id: str, *, successors: bool) -> sa.CTE:
         """The batch, its descendants and (with ``successors``) the continue-with stages waiting on them."""
@@ -461,7 +461,7 @@ class Transitions:
         return rows
 
     # -- retry the failed -------------------------------------------------------------------------
-    def retry_failed(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:
+    def retry_failed(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Publication]:
         """Every FAILED run of the batch's subtree back to PENDING, to be published again (same run
         id); counters move back with them; FAILED batches that get an open unit again re-open
         (STARTED), up through the ancestors that counted them as failed; continuations that did not
@@ -481,10 +481,10 @@ class Transitions:
                                                           r.c.status == int(RunStatus.FAILED)))).scalar()
         tx = Tx(self, conn, now)
         if not failed:
-            return [], tx.outbox()
+            return [], tx.publication()
         runs = conn.execute(
             sa.update(r).where(r.c.batch_id.in_(open_batches), r.c.status == int(RunStatus.FAILED))
-            .values(status=int(RunStatus.PENDING), published=False, publication_id=tx.publication(), error=None,
+            .values(status=int(RunStatus.PENDING), published=False, publication_id=tx.lease(), error=None,
                     started_at=None, finished_at=None, node=None, claimed_at=None, retries=0,
                     result=None, reset_at=now, replaced=None)
             .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
@@ -493,7 +493,7 @@ class Transitions:
         windows = dict(conn.execute(sa.select(b.c.id, b.c.max_concurrency).where(
             b.c.id.in_({row.batch_id for row in runs}), b.c.max_concurrency.isnot(None))).all())
         if windows:  # behind their windows like new jobs: held, then as many released as there is room
-            conn.execute(sa.update(r).where(r.c.batch_id.in_(list(windows)), r.c.publication_id == tx.publication(),
+            conn.execute(sa.update(r).where(r.c.batch_id.in_(list(windows)), r.c.publication_id == tx.lease(),
                                             r.c.status == int(RunStatus.PENDING), sa.not_(r.c.published))
                          .values(held=True, publication_id=None))
         deltas: dict[str, Counter] = defaultdict(Counter)
@@ -519,19 +519,19 @@ class Transitions:
                          .values(status=int(ContinuationStatus.WAITING)))
         publish = sorted((row for row in runs if row.batch_id not in windows),
                          key=lambda row: (str(row.batch_id), row.position))
-        outbox = tx.outbox(runs=[run_message(row) for row in publish])
-        outbox.extend(self.release(tx, {i: window - self.in_flight(conn, i) for i, window in windows.items()}))
-        return [str(row.id) for row in runs], outbox
+        publication = tx.publication(runs=[run_message(row) for row in publish])
+        publication.extend(self.release(tx, {i: window - self.in_flight(conn, i) for i, window in windows.items()}))
+        return [str(row.id) for row in runs], publication
 
     # -- cancel -----------------------------------------------------------------------------------
-    def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Outbox]:
+    def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Publication]:
         """Cancel a batch's whole subtree; returns the cancelled run ids (to revoke) and what to publish."""
         batch = self.lock_batch(conn, batch_id)
         if batch.status.is_final:
-            return [], Outbox()
+            return [], Publication()
         return self._cancel_tree(Tx(self, conn, now), batch_id)
 
-    def _cancel_tree(self, tx: Tx, batch_id: str) -> tuple[list[str], Outbox]:
+    def _cancel_tree(self, tx: Tx, batch_id: str) -> tuple[list[str], Publication]:
         b, r, c, conn, now = self.tables.batches, self.tables.runs, self.tables.continuations, tx.conn, tx.now
         tree = self._subtree(batch_id, successors=True)
         cancelled = conn.execute(
@@ -542,7 +542,7 @@ class Transitions:
         ).all()
         ids = {row.id for row in cancelled}
         if not ids:
-            return [], tx.outbox()
+            return [], tx.publication()
         runs = conn.execute(
             sa.update(r)
             .where(r.c.batch_id.in_(list(ids)), r.c.status.in_([int(RunStatus.PENDING), int(RunStatus.RETRYING)]))

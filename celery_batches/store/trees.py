@@ -13,11 +13,12 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from ..builder import BatchPlan, Message
+from ..builder import BatchPlan
+from ..message import Message
 from ..errors import BatchClosedError
 from ..models import BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from ..settings import PURGE_CHUNK
-from .rows import Outbox, batch_from_row
+from .rows import Publication, batch_from_row
 from .transitions import Transitions, Tx
 
 __all__ = ["Trees"]
@@ -32,33 +33,33 @@ class Trees:
 
     # -- creation -------------------------------------------------------------------------------
     def insert_tree(self, conn: sa.Connection, root: BatchPlan, now: datetime, *,
-                    antecedent: tuple[str, str] | None = None) -> Outbox:
+                    antecedent: tuple[str, str] | None = None) -> Publication:
         """Write a new batch tree with set-based inserts; returns what to publish after commit.
 
         With ``antecedent=(batch_id, when)`` the tree is a continue-with stage: stored CREATED with
         its runs unpublished, settled at once if the antecedent has already finished.
         """
         tx = Tx(self.machine, conn, now)
-        nodes = list(root.walk())
+        parts = list(root.walk())
         status = BatchStatus.CREATED if antecedent else BatchStatus.STARTED
         if antecedent:
             antecedent_row = self.machine.lock_batch(conn, antecedent[0])
-        self._insert_nodes(conn, nodes, status, now, root_extra={
+        self._insert_batches(conn, parts, status, now, root_extra={
             "antecedent_id": antecedent[0], "continue_when": antecedent[1]} if antecedent else {})
-        self._insert_runs(tx, ((node.id, position, job, _held(node, position)) for node in nodes
-                               for position, job in enumerate(node.jobs)),
-                          new_batches=[node.id for node in nodes], publishable=not antecedent)
-        self._insert_continuations(conn, [(node.id, 0, node) for node in nodes])
+        self._insert_runs(tx, ((part.id, position, job, _held(part, position)) for part in parts
+                               for position, job in enumerate(part.jobs)),
+                          new_batches=[part.id for part in parts], publishable=not antecedent)
+        self._insert_continuations(conn, [(part.id, 0, part) for part in parts])
         if antecedent:
             if antecedent_row.status.is_final:
                 return self.machine.settle_successors(tx, {antecedent_row.id: antecedent_row.status})
-            return tx.outbox()
-        outbox = tx.outbox(runs=[job for node in nodes for position, job in enumerate(node.jobs)
-                                 if not _held(node, position)])
-        outbox.extend(self.machine.finish(tx, [node.id for node in nodes if node.total_units == 0]))
-        return outbox
+            return tx.publication()
+        publication = tx.publication(runs=[job for part in parts for position, job in enumerate(part.jobs)
+                                 if not _held(part, position)])
+        publication.extend(self.machine.finish(tx, [part.id for part in parts if part.total_units == 0]))
+        return publication
 
-    def add_to_batch(self, conn: sa.Connection, batch_id: str, plan: BatchPlan, now: datetime) -> Outbox:
+    def add_to_batch(self, conn: sa.Connection, batch_id: str, plan: BatchPlan, now: datetime) -> Publication:
         """Add jobs, nested batches and continuations to an unfinished batch, its row locked throughout.
 
         Inserting the runs and raising ``total_jobs`` happen under that lock in one transaction, so
@@ -76,45 +77,45 @@ class Trees:
                                 .where(r.c.batch_id == batch_id))
         first_cont = conn.scalar(sa.select(sa.func.coalesce(sa.func.max(c.c.position) + 1, 0))
                                  .where(c.c.batch_id == batch_id))
-        children = [node for child in plan.children for node in child.walk()]
+        children = [part for child in plan.children for part in child.walk()]
         # a nested batch's place among the batch's units counts the units it had before
-        self._insert_nodes(conn, children, batch.status, now, units_before=(batch_id, batch.total_jobs))
+        self._insert_batches(conn, children, batch.status, now, units_before=(batch_id, batch.total_jobs))
         free = len(plan.jobs) if batch.max_concurrency is None else \
             batch.max_concurrency - self.machine.in_flight(conn, batch_id)
         jobs = [(batch_id, first_job + i, job, i >= free) for i, job in enumerate(plan.jobs)]
-        jobs += [(node.id, i, job, _held(node, i)) for node in children for i, job in enumerate(node.jobs)]
+        jobs += [(part.id, i, job, _held(part, i)) for part in children for i, job in enumerate(part.jobs)]
         started = batch.status == BatchStatus.STARTED
-        self._insert_runs(tx, iter(jobs), new_batches=[node.id for node in children],
+        self._insert_runs(tx, iter(jobs), new_batches=[part.id for part in children],
                           appended=(batch_id, first_job), publishable=started)
-        self._insert_continuations(conn, [(batch_id, first_cont, plan)] + [(node.id, 0, node) for node in children])
+        self._insert_continuations(conn, [(batch_id, first_cont, plan)] + [(part.id, 0, part) for part in children])
         conn.execute(sa.update(b).where(b.c.id == batch_id).values(total_jobs=b.c.total_jobs + plan.total_units))
         if not started:
-            return tx.outbox()  # a continue-with stage still waiting: published when it starts
-        outbox = tx.outbox(runs=[job for _, _, job, held in jobs if not held])
+            return tx.publication()  # a continue-with stage still waiting: published when it starts
+        publication = tx.publication(runs=[job for _, _, job, held in jobs if not held])
         if batch.failed_jobs and any(s.kind == ContinuationKind.FIRST_FAILURE for s in plan.continuations):
-            outbox.extend(self.machine.first_failures(tx, [batch_id]))  # its first failure is behind it
-        outbox.extend(self.machine.finish(tx, [node.id for node in children if node.total_units == 0]))
-        return outbox
+            publication.extend(self.machine.first_failures(tx, [batch_id]))  # its first failure is behind it
+        publication.extend(self.machine.finish(tx, [part.id for part in children if part.total_units == 0]))
+        return publication
 
-    def _insert_nodes(self, conn: sa.Connection, nodes: list[BatchPlan], status: BatchStatus, now: datetime,
+    def _insert_batches(self, conn: sa.Connection, parts: list[BatchPlan], status: BatchStatus, now: datetime,
                       root_extra: dict | None = None, units_before: tuple[str, int] | None = None) -> None:
-        def unit_position(node: BatchPlan) -> int | None:
-            if node.unit_position is None or units_before is None or node.parent_id != units_before[0]:
-                return node.unit_position
-            return units_before[1] + node.unit_position
+        def unit_position(part: BatchPlan) -> int | None:
+            if part.unit_position is None or units_before is None or part.parent_id != units_before[0]:
+                return part.unit_position
+            return units_before[1] + part.unit_position
 
-        if nodes:
+        if parts:
             conn.execute(sa.insert(self.tables.batches), [{
-                "id": node.id, "name": node.name, "parent_id": node.parent_id, "status": int(status),
-                "total_jobs": node.total_units, "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
-                "created_by": node.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
-                "description": node.description, "properties": node.properties,
-                "tags": json.dumps(list(node.tags)) if node.tags else None,
-                "cancel_on_failure": node.cancel_on_failure or None, "max_concurrency": node.max_concurrency,
-                "results": node.results or None, "unit_position": unit_position(node),
+                "id": part.id, "name": part.name, "parent_id": part.parent_id, "status": int(status),
+                "total_jobs": part.total_units, "completed_jobs": 0, "failed_jobs": 0, "cancelled_jobs": 0,
+                "created_by": part.created_by, "created_at": now, "antecedent_id": None, "continue_when": None,
+                "description": part.description, "properties": part.properties,
+                "tags": json.dumps(list(part.tags)) if part.tags else None,
+                "cancel_on_failure": part.cancel_on_failure or None, "max_concurrency": part.max_concurrency,
+                "results": part.results or None, "unit_position": unit_position(part),
                 **(root_extra if i == 0 and root_extra else {}),
-            } for i, node in enumerate(nodes)])
-            tags = [{"tag": tag, "batch_id": node.id} for node in nodes for tag in node.tags]
+            } for i, part in enumerate(parts)])
+            tags = [{"tag": tag, "batch_id": part.id} for part in parts for tag in part.tags]
             if tags:
                 conn.execute(sa.insert(self.tables.batch_tags), tags)
 
@@ -123,7 +124,7 @@ class Trees:
             "id": cont.message.id, "batch_id": batch_id, "kind": cont.kind.value, "position": first + i,
             "task_name": cont.message.task_name, "args": cont.message.args, "kwargs": cont.message.kwargs,
             "options": cont.message.options, "status": int(ContinuationStatus.WAITING),
-        } for batch_id, first, node in owners for i, cont in enumerate(node.continuations)]
+        } for batch_id, first, part in owners for i, cont in enumerate(part.continuations)]
         if rows:
             conn.execute(sa.insert(self.tables.continuations), rows)
 
@@ -140,9 +141,9 @@ class Trees:
         ``publishable`` runs (not held) are published after the commit, under the transaction's lease.
         """
         r, j, conn, now = self.tables.runs, self.tables.batch_jobs, tx.conn, tx.now
-        publication = tx.publication() if publishable else None
+        lease = tx.lease() if publishable else None
         rows = ((job.id, batch_id, position, int(RunStatus.PENDING), job.task_name, job.args, job.kwargs,
-                 job.queue, job.options, now, 0, False, None if held else publication, held or None)
+                 job.queue, job.options, now, 0, False, None if held else lease, held or None)
                 for batch_id, position, job, held in jobs)
         if conn.dialect.name == "postgresql":
             cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
@@ -209,6 +210,6 @@ def _failing_fast(lineage: list[sa.Row]) -> bool:
     return False
 
 
-def _held(node: BatchPlan, position: int) -> bool:
+def _held(part: BatchPlan, position: int) -> bool:
     """Does a new batch's job wait behind its window (the first ``max_concurrency`` go at once)?"""
-    return node.max_concurrency is not None and position >= node.max_concurrency
+    return part.max_concurrency is not None and position >= part.max_concurrency

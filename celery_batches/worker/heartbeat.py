@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..store.liveness import Liveness
 
-__all__ = ["Heartbeat", "held_requests", "pool_pids"]
+__all__ = ["Heartbeat", "reserved_requests", "pool_pids"]
 
 log = logging.getLogger(__name__)
 
 
-def held_requests() -> list[str] | None:
+def reserved_requests() -> list[str] | None:
     """Task ids this worker has received and not started: Celery's reserved (not active) and scheduled
     requests (Celery empties both when its broker connection is lost: those messages are no longer
     this worker's). Read from its weak sets, not from ``state.requests``: that dict can keep a
-    request the worker dropped, which would mark a lost message as held. None if the sets kept
+    request the worker dropped, which would mark a lost message as reserved. None if the sets kept
     changing while we read them (the marks are then left as they are)."""
     from celery.worker import state
 
@@ -65,7 +65,7 @@ class Heartbeat:
 
     def beat(self) -> None:
         try:
-            self.liveness.beat(self.node, pool_pids(self.worker), held_requests())
+            self.liveness.beat(self.node, pool_pids(self.worker), reserved_requests())
         except Exception:
             log.exception("celery_batches: heartbeat of node %s failed; retrying in %.1fs", self.node, self.interval)
 

@@ -27,8 +27,8 @@ from .groupcommit import GroupCommit
 if TYPE_CHECKING:
     from celery import Celery
 
-    from ..broker import Probe
-    from ..outbox import Publisher
+    from ..publishing.probe import Probe
+    from ..publishing.publisher import Publisher
     from ..settings import Settings
     from ..store import Transitions
     from ..store.liveness import Liveness
@@ -52,11 +52,11 @@ class Node:
     """This worker process's incarnation (a restarted worker is a new node; pool processes inherit
     it), with the registry parts the worker uses."""
 
-    def __init__(self, app: "Celery", settings: "Settings", store: "Transitions", liveness: "Liveness",
+    def __init__(self, app: "Celery", settings: "Settings", transitions: "Transitions", liveness: "Liveness",
                  probe: "Probe", publisher: "Publisher") -> None:
         self.app = app
         self.settings = settings
-        self.store = store
+        self.transitions = transitions
         self.liveness = liveness
         self.probe = probe
         self.publisher = publisher
@@ -69,7 +69,7 @@ class Node:
         """Raise ``SchemaTooOld`` if the registry's schema is older than this code (a worker refuses to
         start on it). A registry that cannot be reached now is not judged: the worker waits for it."""
         try:
-            found = check_schema(self.store.engine, self.settings.table_prefix)
+            found = check_schema(self.transitions.engine, self.settings.table_prefix)
         except sa.exc.DBAPIError:
             log.error("celery_batches: cannot read the registry's schema revision at start", exc_info=True)
             return
@@ -84,7 +84,7 @@ class Node:
 
     def write_events(self, events: Sequence[RunEvent]) -> None:
         """Commit a group of run transitions, then publish what it made due."""
-        self.publisher.publish(self.store.apply_events(events))
+        self.publisher.publish(self.transitions.apply_events(events))
 
     def claim(self, run_id: str, retries: int, *, force: bool = False, replaces: str | None = None) -> Claim | None:
         """As a member starts: mark its run RUNNING on this process (see ``Liveness.claim``; ``force``

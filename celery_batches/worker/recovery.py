@@ -6,22 +6,22 @@ Runs in the relay pass (one node at a time). Four steps, each bounded per pass:
    seconds is gone (measured on this process's own clock, so clock skew and a registry outage
    that stopped every heartbeat at once do not count). Its RUNNING runs end as Celery would end
    them: FAILED "worker lost", unless the task is ``acks_late`` (Celery redelivers those): then,
-   like the runs it held but had not started, the run is released — its message put back at the
+   like the runs it had reserved but not started, the run is handed back — its message put back at the
    head of its queue if the broker still holds it for the dead consumer (Redis), else left to the
    lost-message search below (or to the broker: RabbitMQ returns a dead consumer's messages).
 2. **Dead pool processes** of a live node: runs they had claimed and not finished end FAILED
    "worker lost" (the process died: a hard time limit, an OOM kill), even where Celery's own
    report of it was lost, or where the outcome was buffered in the process when it died; a task
    Celery runs again when its process dies (``acks_late`` with ``reject_on_worker_lost``, or
-   ``retry_on_worker_lost``) is released instead, as Celery requeues it.
+   ``retry_on_worker_lost``) is handed back instead, as Celery requeues it.
 3. **Runs a cancel left running** that came back to waiting (handed back by step 1, or by the
    search below): nothing publishes a run of a cancelled batch, so they end CANCELLED, as
    ``BatchTask`` would end them if their message were delivered.
-4. **Lost messages** (Redis, RabbitMQ: see ``broker.py`` for what each probe can see): published
-   runs that no live node holds or runs, older than ``lost_after`` seconds, are looked for in the
+4. **Lost messages** (Redis, RabbitMQ: see ``publishing/probe.py`` for what each probe can see): published
+   runs that no live node has reserved or runs, older than ``lost_after`` seconds, are looked for in the
    broker. A message in no queue and no consumer's hands at two looks some seconds apart (a message
    in flight between two places is seen at one of them) is published again under a new lease (same
-   task id). One held unacknowledged that no live node has marked as its own for as long (its
+   task id). One unacknowledged that no live node has marked as its own for as long (its
    consumer died) is put back at the head of its queue (Redis; RabbitMQ does that itself).
 """
 
@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from celery import states
 from celery.backends.base import DisabledBackend
-from kombu.utils import json as kjson
 
-from ..broker import Probe, Snapshot
-from ..kombujson import keep
+from .. import kombujson
+
 from ..models import RunStatus
+from ..publishing.probe import Probe, Snapshot
 from ..store import RunEvent, utcnow
 from ..store.rows import as_utc
 
@@ -77,7 +77,7 @@ def backend_outcome(app: "Celery", run_id: str, result_max_bytes: int, *, keeps_
     if state == states.SUCCESS:
         if not keeps_results:
             return RunEvent(run_id, RunStatus.COMPLETED)
-        kept, error = keep(result, result_max_bytes)
+        kept, error = kombujson.keep(result, result_max_bytes)
         return RunEvent(run_id, RunStatus.COMPLETED, result=kept) if error is None \
             else RunEvent(run_id, RunStatus.FAILED, 0, error)
     if state == states.FAILURE:
@@ -107,14 +107,14 @@ class Recovery:
         self.record = node.write_events  # commit RunEvents and publish what they made due
         self.me = node.name
         self._seen: dict[str, tuple[object, float]] = {}  # node -> (last heartbeat value, when it changed)
-        # run id -> (what the lost-message search saw: "held <delivery tag>" or "absent <attempt>", since
-        # when, pass of the last look): one message held, or one attempt's message missing, throughout
+        # run id -> (what the lost-message search saw: "unacked <delivery tag>" or "absent <attempt>", since
+        # when, pass of the last look): one message unacknowledged, or one attempt's message missing, throughout
         self._absent: dict[str, tuple[str, float, int]] = {}
         self._pass = 0
         self._cursor: tuple[Any, str] | None = None
 
     def run_once(self) -> dict[str, int]:
-        done = {"runs_worker_lost": 0, "runs_replacement_lost": 0, "runs_released": 0, "messages_restored": 0,
+        done = {"runs_worker_lost": 0, "runs_replacement_lost": 0, "runs_handed_back": 0, "messages_restored": 0,
                 "runs_republished": 0, "continuations_republished": 0, "runs_cancelled": 0}
         self._pass += 1
         nodes = self.liveness.nodes()
@@ -143,11 +143,11 @@ class Recovery:
         rows = self.liveness.left_by(node, limit=self.settings.recovery_batch)
         running = [row for row in rows if row.status == int(RunStatus.RUNNING)]
         lost = [row for row in running if not self._redelivered_by_celery(row.task_name)]
-        held = [row for row in rows if row not in lost]
+        back = [row for row in rows if row not in lost]
         self._fail(lost, f"worker lost: node {node} stopped heartbeating while this run was running", done)
-        if held:
-            done["messages_restored"] += self._restore(held)
-            done["runs_released"] += self.liveness.release([str(row.id) for row in held], held_by=node)
+        if back:
+            done["messages_restored"] += self._restore(back)
+            done["runs_handed_back"] += self.liveness.hand_back_runs([str(row.id) for row in back], left_by=node)
         if len(rows) < self.settings.recovery_batch:
             log.warning("celery_batches: node %s is gone (no heartbeat for %ss); resolved %d open run(s)",
                         node, self.settings.node_timeout, len(rows))
@@ -163,7 +163,7 @@ class Recovery:
         if not self.probe.knows:
             return 0
         snap = self.probe.look(self._queues(rows))
-        tags = [snap.held[str(row.id)] for row in rows if str(row.id) in snap.held]
+        tags = [snap.unacked[str(row.id)] for row in rows if str(row.id) in snap.unacked]
         return self.probe.restore(tags) if tags else 0
 
     # -- 2. dead pool processes ---------------------------------------------------------------------
@@ -179,8 +179,8 @@ class Recovery:
                    f"worker lost: its pool process on node {node} died while running it "
                    "(an outcome it had not yet recorded was lost with it)", done)
         for holder in {row.node.rsplit("/", 1)[0] for row in again}:
-            done["runs_released"] += self.liveness.release(
-                [str(row.id) for row in again if row.node.startswith(f"{holder}/")], held_by=holder)
+            done["runs_handed_back"] += self.liveness.hand_back_runs(
+                [str(row.id) for row in again if row.node.startswith(f"{holder}/")], left_by=holder)
 
     def _requeued_on_process_death(self, task_name: str) -> bool:
         """Does Celery run this task again when its pool process dies under it?"""
@@ -211,7 +211,7 @@ class Recovery:
     # -- 3. lost messages ---------------------------------------------------------------------------
     def _search_lost(self, done: dict[str, int]) -> None:
         limit = self.settings.recovery_batch
-        window = self.liveness.unheld(utcnow() - timedelta(seconds=self.settings.lost_after), limit, self._cursor)
+        window = self.liveness.unmarked(utcnow() - timedelta(seconds=self.settings.lost_after), limit, self._cursor)
         if not window:
             self._cursor = None
             return
@@ -232,30 +232,30 @@ class Recovery:
         lost, orphaned = [], []
         for row in rows:
             run_id = str(row.id)
-            if run_id in snap.queued and run_id not in snap.held:
+            if run_id in snap.queued and run_id not in snap.unacked:
                 self._absent.pop(run_id, None)
                 continue
-            # a retrying run's attempts each have a message of their own, held or missing in turn for a
+            # a retrying run's attempts each have a message of their own, unacknowledged or missing in turn for a
             # moment (before a heartbeat marks it, while the next is sent): each is watched on its own
-            held = snap.held.get(run_id)
-            state = f"held {held}" if held else f"absent {row.retries}"
+            tag = snap.unacked.get(run_id)
+            state = f"unacked {tag}" if tag else f"absent {row.retries}"
             if self._missing(run_id, state, now, confirm):
-                (orphaned if held else lost).append(row)
-        if orphaned:  # unacknowledged, and no live node says it holds it: its consumer died
-            done["messages_restored"] += self.probe.restore([snap.held[str(row.id)] for row in orphaned])
+                (orphaned if tag else lost).append(row)
+        if orphaned:  # unacknowledged, and no live node says it reserved it: its consumer died
+            done["messages_restored"] += self.probe.restore([snap.unacked[str(row.id)] for row in orphaned])
         # a run handed to its replacement (Task.replace) lost the replacement's message: that message was
         # Celery's, not ours to publish again, and publishing the replaced one would run its body twice
         replacements = [row for row in lost if row.replaced]
         if replacements:
-            log.warning("celery_batches: the replacements of %d run(s) are in no queue and held by no worker",
+            log.warning("celery_batches: the replacements of %d run(s) are in no queue and unacknowledged at no worker",
                         len(replacements))
             self._fail(replacements, "lost: the message of its replacement (Task.replace) is in no queue and "
-                                     "held by no worker", done, key="runs_replacement_lost")
+                                     "unacknowledged at no worker", done, key="runs_replacement_lost")
         lost = [row for row in lost if not row.replaced]
         if lost:  # back to the outbox: the relay publishes them (same task ids)
-            log.warning("celery_batches: %d run(s) published long ago are in no queue and held by no worker; "
+            log.warning("celery_batches: %d run(s) published long ago are in no queue and unacknowledged at no worker; "
                         "publishing them again", len(lost))
-            done["runs_republished"] += self.liveness.release([str(row.id) for row in lost], unpublish=True)
+            done["runs_republished"] += self.liveness.hand_back_runs([str(row.id) for row in lost], unpublish=True)
 
     def _search_lost_continuations(self, done: dict[str, int]) -> None:
         """Continuations published long ago that never started, whose message is missing at two looks,
@@ -282,7 +282,7 @@ class Recovery:
 
     def _missing(self, key: str, state: str, now: float, confirm: float) -> bool:
         """Has ``key`` been seen in ``state`` at looks in consecutive passes spanning at least
-        ``confirm`` seconds? A pass that did not look at it (a node marked it held, it ran) starts over."""
+        ``confirm`` seconds? A pass that did not look at it (a node marked it reserved, it ran) starts over."""
         seen = self._absent.get(key)
         if seen is None or seen[0] != state or seen[2] < self._pass - 1:
             self._absent[key] = (state, now, self._pass)
@@ -304,7 +304,7 @@ class Recovery:
     def _queue_of(self, row: Any) -> str | None:
         """The queue a run's message went to, as Celery routes it; None if we cannot tell (a custom
         exchange or routing key: the message is wherever the broker's bindings put it)."""
-        options = kjson.loads(row.options) if row.options else {}
+        options = kombujson.loads(row.options) if row.options else {}
         if options.get("exchange") or options.get("routing_key"):
             return None
         if options.get("queue"):

@@ -1,8 +1,8 @@
-"""The relay (outbox publisher of last resort) and the reconciler, run periodically by the worker bootstep.
+"""The relay (the outbox's publisher of last resort) and the reconciler, run periodically by the worker bootstep.
 
 * Relay: runs and continuations whose publish lease lapsed while still unpublished (the producer
   died between commit and publish, the broker was down, a flag could not be written) are
-  published under a lease of the relay's own (:mod:`celery_batches.outbox`). The task id is the
+  published under a lease of the relay's own (:mod:`celery_batches.publishing.publisher`). The task id is the
   run id, so a republish can never make a second distinct job.
 * Recovery (:mod:`.recovery`): runs a gone node or a dead pool process left open, and published
   runs whose message the broker lost, are resolved.
@@ -74,7 +74,7 @@ class Relay:
 
     def run_once(self) -> dict[str, int]:
         """One pass, if this node holds (or takes) the relay lease. Returns what it did."""
-        leases = self.node.publisher.store
+        leases = self.node.publisher.outbox
         if not leases.elect("relay", self.holder, timedelta(seconds=RELAY_PASS_TTL)):
             return {}
         ttl = timedelta(seconds=RELAY_PASS_TTL)
@@ -95,7 +95,7 @@ class Relay:
 
     def _reconcile(self, now: datetime) -> int:
         node = self.node
-        stale = reads.open_runs(node.store, now - timedelta(seconds=self.settings.reconcile_grace), RELAY_STEP,
+        stale = reads.open_runs(node.transitions, now - timedelta(seconds=self.settings.reconcile_grace), RELAY_STEP,
                                after=self._cursor)
         self._cursor = (stale[-1].created_at, str(stale[-1].id)) if len(stale) == RELAY_STEP else None  # wrap around
         if not stale:

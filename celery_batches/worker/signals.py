@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 from celery import signals, states
 
 from .. import kombujson
-from ..builder import RESULTS_HEADER
 from ..models import RunStatus
-from ..outbox import CONTINUATION_HEADER, HEADER, REPLACES_HEADER
-from ..sending import RECEIVER_PREFIX
+from ..message import CONTINUATION_HEADER, HEADER, REPLACES_HEADER, RESULTS_HEADER
+from ..publishing.sending import RECEIVER_PREFIX
 from ..settings import ERROR_CHARS
 from ..store import RunEvent
 from .recovery import backend_outcome

@@ -8,7 +8,7 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from ..models import RunStatus
-from ..outbox import CONTINUATION_HEADER, HEADER
+from ..message import CONTINUATION_HEADER, HEADER
 from ..store import RunEvent
 from ..store.liveness import UNCLAIMED
 

@@ -1,4 +1,4 @@
-"""What the broker still holds: is a run's message queued, held by a consumer, or gone?
+"""What the broker still holds: is a run's message queued, unacknowledged at a consumer, or gone?
 
 Recovery asks this before it republishes a run whose message may be lost, and to hand back the
 messages a dead worker had taken but not acknowledged. kombu's Redis transport keeps a consumer's
@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from kombu.utils import json as kjson
+from .. import kombujson
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -28,15 +28,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Snapshot:
-    """One look at the broker: task ids queued, task ids held unacknowledged (with their delivery tags),
+    """One look at the broker: task ids queued, task ids unacknowledged (with their delivery tags),
     and the queues whose messages could not all be read (an id missing from one of those proves nothing)."""
 
     queued: set[str] = field(default_factory=set)
-    held: dict[str, str] = field(default_factory=dict)
+    unacked: dict[str, str] = field(default_factory=dict)
     unknown: set[str] = field(default_factory=set)
 
     def has(self, task_id: str) -> bool:
-        return task_id in self.queued or task_id in self.held
+        return task_id in self.queued or task_id in self.unacked
 
 
 class Probe:
@@ -76,16 +76,16 @@ class RedisProbe(Probe):
                             snap.queued.add(task_id)
             for tag, raw in client.hgetall(channel.unacked_key).items():
                 try:
-                    payload = kjson.loads(raw)[0]
+                    payload = kombujson.loads(raw)[0]
                 except Exception:
                     continue
                 task_id = _task_id(payload)
                 if task_id:
-                    snap.held[task_id] = tag.decode() if isinstance(tag, bytes) else str(tag)
+                    snap.unacked[task_id] = tag.decode() if isinstance(tag, bytes) else str(tag)
         return snap
 
     def restore(self, delivery_tags: Iterable[str]) -> int:
-        """Put held messages back at the head of their queue, as kombu does after the visibility timeout."""
+        """Put unacknowledged messages back at the head of their queue, as kombu does after the visibility timeout."""
         restored = 0
         with self.app.connection_for_write() as conn:
             channel: Any = conn.default_channel
@@ -122,7 +122,7 @@ class AmqpProbe(Probe):
 
 def _task_id(raw: Any) -> str | None:
     try:
-        payload = kjson.loads(raw) if isinstance(raw, (bytes, str)) else raw
+        payload = kombujson.loads(raw) if isinstance(raw, (bytes, str)) else raw
         return str(payload["headers"]["id"])
     except Exception:
         return None

@@ -1,4 +1,4 @@
-"""The outbox: the only code that publishes runs and continuations, after the transaction that made them due.
+"""The publisher: the only code that publishes runs and continuations, after the transaction that made them due.
 
 A transaction that makes runs or continuations publishable (a new batch, an add, a started stage,
 a finished batch's continuations) gives them a *publish lease*. After the commit the publisher
@@ -32,26 +32,20 @@ from collections import Counter
 
 from kombu.exceptions import OperationalError
 
-from . import kombujson, retry
-from .builder import Message
-from .models import RunStatus
+from .. import kombujson, retry
+from ..message import CONTINUATION_HEADER, HEADER, Message
+from ..models import RunStatus
+from ..settings import PUBLISH_DEFERRALS
+from ..store import Publication, RunEvent
 from .sending import Sender, Session
-from .settings import PUBLISH_DEFERRALS
-from .store import Outbox, RunEvent
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .store.outbox import OutboxStore
+    from ..store.outbox import Outbox
 
-__all__ = ["REPLACES_HEADER", "CONTINUATION_HEADER", "HEADER", "Publisher", "Report"]
+__all__ = ["Publisher", "Report"]
 
-#: Message header carrying a member's batch id. Namespaced: user headers override Celery's own.
-HEADER = "celery_batches_batch_id"
-#: Message header of a continuation: the batch whose finish fired it.
-CONTINUATION_HEADER = "celery_batches_continuation_of"
-#: Message header of a replacement (``Task.replace()``): the claim of the delivery it takes over.
-REPLACES_HEADER = "celery_batches_replaces"
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +84,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     #: until when (``time.monotonic()``) the publisher surely holds its lease: its bookkeeping writes
     #: are tried again until then (nothing else publishes its rows meanwhile)
-    held_until: float = field(default_factory=time.monotonic)
+    leased_until: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -105,26 +99,26 @@ class _Sent:
 
 
 class Publisher:
-    """Publishes outboxes: a producer's right after its commit, or the relay's lapsed ones.
+    """Publishes publications: a producer's right after its commit, or the relay's lapsed ones.
 
     ``record`` commits run transitions (the run FAILED when the broker refuses its message) and
     returns what they made due, which is published in turn.
     """
 
-    def __init__(self, app: "Celery", store: "OutboxStore", record: Callable[[Sequence[RunEvent]], Outbox], *,
+    def __init__(self, app: "Celery", outbox: "Outbox", record: Callable[[Sequence[RunEvent]], Publication], *,
                  chunk: int = 1000, bulk: bool = True) -> None:
         self.app = app
-        self.store = store
+        self.outbox = outbox
         self.record = record
         self.chunk = chunk
         self.sender = Sender(app, bulk=bulk)
         self._deferrals: Counter[str] = Counter()  # message id -> times this publisher deferred it
 
-    def publish(self, outbox: Outbox) -> Report:
-        report = Report(held_until=self._lease_from_now())  # the lease was taken (or renewed) just before
-        self._publish(outbox, report, depth=0)
+    def publish(self, publication: Publication) -> Report:
+        report = Report(leased_until=self._lease_from_now())  # the lease was taken (or renewed) just before
+        self._publish(publication, report, depth=0)
         if report.broker_down or report.lease_lapsed:
-            log.error("celery_batches: published %d run(s) and %d continuation(s) of this outbox; the relay "
+            log.error("celery_batches: published %d run(s) and %d continuation(s) of this publication; the relay "
                       "will publish the rest (%s)", report.runs, report.continuations,
                       "the broker is unreachable" if report.broker_down else "the publish lease lapsed")
         return report
@@ -133,10 +127,10 @@ class Publisher:
         """Publish what waits under a lapsed lease, ``limit`` rows at a time, until none is left."""
         total = Report()
         while True:
-            lease, runs, continuations = self.store.take_lapsed(limit)
+            lease, runs, continuations = self.outbox.take_lapsed(limit)
             if lease is None:
                 return total
-            report = self.publish(Outbox(runs, continuations, lease))
+            report = self.publish(Publication(runs, continuations, lease))
             total.runs += report.runs
             total.continuations += report.continuations
             total.refused += report.refused
@@ -145,18 +139,18 @@ class Publisher:
                 total.broker_down, total.lease_lapsed = report.broker_down, report.lease_lapsed
                 return total
 
-    def _publish(self, outbox: Outbox, report: Report, depth: int) -> None:
-        if not outbox.runs and not outbox.continuations:
+    def _publish(self, publication: Publication, report: Report, depth: int) -> None:
+        if not publication.runs and not publication.continuations:
             return
-        lease = outbox.publication
+        lease = publication.lease
         refused: list[RunEvent] = []
         deferred: list[Message] = []
-        overlap = len(outbox.runs) > self.chunk and self.store.engine.dialect.name != "sqlite"  # one writer there
+        overlap = len(publication.runs) > self.chunk and self.outbox.engine.dialect.name != "sqlite"  # one writer there
         with _Flagger(lambda sent: self._flag_runs(sent, lease, report), overlap) as flagger:
-            for start in range(0, len(outbox.runs), self.chunk):
-                if not self._hold(lease, report):
+            for start in range(0, len(publication.runs), self.chunk):
+                if not self._renew(lease, report):
                     break
-                done = self._send(outbox.runs[start:start + self.chunk])
+                done = self._send(publication.runs[start:start + self.chunk])
                 if done.sent:
                     flagger.flag(done.sent)
                 report.runs += len(done.sent)
@@ -167,16 +161,16 @@ class Publisher:
                     report.broker_down = True
                     report.errors.append(done.down)
                     break
-        if outbox.continuations and not report.broker_down and self._hold(lease, report):
-            done = self._send(outbox.continuations)
+        if publication.continuations and not report.broker_down and self._renew(lease, report):
+            done = self._send(publication.continuations)
             if done.sent:
-                self._write("flag dispatched continuations", self.store.mark_dispatched, done.sent,
-                            until=report.held_until)
+                self._write("flag dispatched continuations", self.outbox.mark_dispatched, done.sent,
+                            until=report.leased_until)
             report.continuations += len(done.sent)
             for m, why in done.refused:
-                self._write("fail a refused continuation", self.store.refuse_continuation, m.id,
+                self._write("fail a refused continuation", self.outbox.refuse_continuation, m.id,
                             f"celery_batches: the broker refused this continuation's message: {why}",
-                            until=report.held_until)
+                            until=report.leased_until)
             report.refused += len(done.refused)
             deferred += done.deferred
             if done.down:
@@ -184,31 +178,31 @@ class Publisher:
                 report.errors.append(done.down)
         if deferred:
             report.deferred += len(deferred)
-            self._write("defer messages the broker did not take", self.store.defer,
+            self._write("defer messages the broker did not take", self.outbox.defer,
                         [m.id for m in deferred if m.batch_id], [m.id for m in deferred if not m.batch_id],
-                        until=report.held_until)
+                        until=report.leased_until)
         if refused:
             report.refused += len(refused)
             then = self.record(refused)  # counted FAILED; may finish batches and make continuations due
             if depth < 16:
                 self._publish(then, report, depth + 1)
         if lease and not report.broker_down and not report.lease_lapsed and not report.unflagged:
-            self._write("release a publish lease", self.store.release, lease, until=report.held_until)
+            self._write("drop a publish lease", self.outbox.drop, lease, until=report.leased_until)
 
-    def _hold(self, lease: str | None, report: Report) -> bool:
+    def _renew(self, lease: str | None, report: Report) -> bool:
         """Renew the lease before a chunk; False (stop) if it lapsed: the relay may own the rest now."""
         if lease is None or report.lease_lapsed:
             return not report.lease_lapsed
-        held = self._write("renew a publish lease", self.store.renew, lease, until=report.held_until)
-        if not held:
+        renewed = self._write("renew a publish lease", self.outbox.renew, lease, until=report.leased_until)
+        if not renewed:
             report.lease_lapsed = True
         else:
-            report.held_until = self._lease_from_now()
-        return bool(held)
+            report.leased_until = self._lease_from_now()
+        return bool(renewed)
 
     def _lease_from_now(self) -> float:
         """Until when a lease renewed now surely holds (a margin for the clocks of other hosts)."""
-        return time.monotonic() + 0.8 * self.store.lease.total_seconds()
+        return time.monotonic() + 0.8 * self.outbox.lease_time.total_seconds()
 
     def _send(self, messages: Sequence[Message]) -> _Sent:
         """Send messages: all at once, then one by one what that could not send (see the module)."""
@@ -317,14 +311,14 @@ class Publisher:
         running twice; a plain task may)."""
         left, renewals = sent, 0
         for attempt in range(3):
-            while (flagged := self._write("flag published runs", self.store.mark_published, left,
-                                          until=report.held_until)) is None:
+            while (flagged := self._write("flag published runs", self.outbox.mark_published, left,
+                                          until=report.leased_until)) is None:
                 renewals += 1
-                if lease is None or renewals > 10 or not self._write("renew a publish lease", self.store.renew,
-                                                                     lease, until=report.held_until):
+                if lease is None or renewals > 10 or not self._write("renew a publish lease", self.outbox.renew,
+                                                                     lease, until=report.leased_until):
                     report.unflagged = True
                     return
-                report.held_until = self._lease_from_now()
+                report.leased_until = self._lease_from_now()
             left = flagged
             if not left:
                 return

@@ -58,7 +58,7 @@ def on_commit(connection: Any, publish: Callable[[], None], visible: Callable[[]
     if isinstance(connection, Session):
         # One listener per Session, registered once: it fires after the DBAPI commit or rollback (or
         # close) of each transaction and settles what the outermost one held. A listener per batch
-        # would stay on a long-lived Session, and keep its batch's outbox, for as long as it lives.
+        # would stay on a long-lived Session, and keep its batch's publication, for as long as it lives.
         pending = connection.info.setdefault(_PENDING, [])
         pending.append(settle)
         if not connection.info.get(_LISTENING):

@@ -33,7 +33,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from kombu import Producer
 
-from . import kombujson
+from .. import kombujson
 
 __all__ = ["PROVEN", "Wire", "body_json", "open_wire", "proven"]
 
