@@ -68,7 +68,7 @@ def writer(prefix: str, run_ids: list[str], start: multiprocessing.Event, done: 
     from celery_batches.store import RunEvent
 
     b = registry(prefix)
-    node = b.worker
+    node = b.node
     start.wait()
     for run_id in run_ids:
         node.record(RunEvent(run_id, RunStatus.COMPLETED, 0))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 import weakref
 from contextlib import contextmanager
 from datetime import timedelta
@@ -18,18 +17,22 @@ from .publishing.aftercommit import caller_connection, on_commit
 from .publishing.probe import probe_for
 from .builder import BatchBuilder, validate_properties
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
-from .models import Batch, BatchStatus, Continuation, JobResult, JobRun
+from .models import WHEN_MATCHES, Batch, BatchStatus, Continuation, JobResult, JobRun, canonical_id
 from .message import CONTINUATION_HEADER, HEADER
 from .publishing.publisher import Publisher
-from .settings import REVOKE_CHUNK, Settings
+from .settings import PAGE_SIZE, REVOKE_CHUNK, Settings
 from .store import Publication, Transitions, build_tables, make_engine, migrate, reads, utcnow
 from .store.engine import make_claim_engine
+from .store.commands import Commands
 from .store.trees import Trees
 from .store.liveness import Liveness
 from .store.outbox import Outbox
 from .worker import signals
 from .worker.bootstep import make_bootstep
 from .worker.node import Node
+from .worker.reconcile import Reconciler
+from .worker.recovery import Recovery
+from .worker.relay import Relay
 from .worker.task import BatchTask
 
 __all__ = ["Batches", "current_batch_id"]
@@ -51,10 +54,10 @@ def current_batch_id() -> str | None:
 
 def _batch_id(value: object) -> str:
     """Batch ids are UUIDs; anything else is a caller's mistake, not an unknown batch."""
-    try:
-        return str(uuid.UUID(str(value)))
-    except ValueError:
-        raise InvalidBatchError(f"{value!r} is not a batch id (a UUID)") from None
+    found = canonical_id(value)
+    if found is None:
+        raise InvalidBatchError(f"{value!r} is not a batch id (a UUID)")
+    return found
 
 
 class Batches:
@@ -76,17 +79,23 @@ class Batches:
         lease = timedelta(seconds=self.settings.publish_lease)
         self.transitions = Transitions(self.engine, tables, self.settings.expires, lease)
         self.trees = Trees(self.transitions)
-        self.publisher = Publisher(app, Outbox(self.engine, tables, lease), self.transitions.apply_events,
-                                chunk=self.settings.publish_chunk, bulk=self.settings.bulk_publish)
+        self.commands = Commands(self.transitions)
+        self.outbox = Outbox(self.engine, tables, lease)
+        self.publisher = Publisher(app, self.outbox, self.transitions.apply_events,
+                                   chunk=self.settings.publish_chunk, bulk=self.settings.bulk_publish)
         self.liveness = Liveness(self.engine, tables,
                                  make_claim_engine(self.settings.database_url, self.settings.engine_options,
                                                    prepared_statements=prepared))
         self.probe = probe_for(app, self.settings.probe_scan_limit)
-        #: the worker side's one seam to the registry (signal handlers, BatchTask, heartbeat, relay)
-        self.worker = Node(app, self.settings, self.transitions, self.liveness, self.probe, self.publisher)
+        #: the worker side's one seam to the registry (signal handlers, BatchTask)
+        self.node = Node(app, self.settings, self.transitions, self.liveness, self.publisher)
+        #: the periodic pass of the worker's main process: relay, recovery, reconciler
+        self.relay = Relay(self.settings, self.publisher, self.outbox,
+                           Recovery(self.settings, app, self.liveness, self.probe, self.node.write_events, self.node.name),
+                           Reconciler(self.settings, app, self.transitions, self.node.write_events), self.node.name)
         _BY_APP[app] = self
-        signals.connect(self.worker)
-        app.steps["worker"].add(make_bootstep(self.worker))
+        signals.connect(self.node)
+        app.steps["worker"].add(make_bootstep(self.node, self.relay, self.liveness))
         app.task(name="celery_batches.purge_expired", shared=False, ignore_result=True)(self.purge_expired)
 
     @staticmethod
@@ -107,7 +116,7 @@ class Batches:
     def task(self, *args: Any, **options: Any) -> Any:
         """``app.task`` with :class:`BatchTask` as base: ``@batches.task`` or ``@batches.task(name=...)``."""
         options.setdefault("base", BatchTask)
-        options.setdefault("_node", self.worker)
+        options.setdefault("_node", self.node)
         return self.app.task(*args, **options)
 
     # -- creation ----------------------------------------------------------------------------------
@@ -187,8 +196,8 @@ class Batches:
         way, or is cancelled, the new batch is CANCELLED. Returns the new batch id.
         ``connection``, ``max_concurrency``, ``results``: as for :meth:`batch`.
         """
-        if when not in ("success", "failure", "complete"):
-            raise InvalidBatchError(f"when must be 'success', 'failure' or 'complete', not {when!r}")
+        if when not in WHEN_MATCHES:
+            raise InvalidBatchError(f"when must be one of {', '.join(map(repr, WHEN_MATCHES))}, not {when!r}")
         antecedent = _batch_id(batch_id)
         builder = BatchBuilder(self.app, name, max_concurrency=max_concurrency, results=results)
         with self._building(builder):
@@ -219,7 +228,7 @@ class Batches:
         cancelled: list[str] = []
 
         def cancel(conn: Any) -> Publication:
-            run_ids, publication = self.transitions.cancel(conn, batch_id, utcnow())
+            run_ids, publication = self.commands.cancel(conn, batch_id, utcnow())
             cancelled[:] = run_ids
             return publication
 
@@ -238,7 +247,7 @@ class Batches:
         retried: list[str] = []
 
         def retry(conn: Any) -> Publication:
-            retried[:], publication = self.transitions.retry_failed(conn, batch_id, utcnow())
+            retried[:], publication = self.commands.retry_failed(conn, batch_id, utcnow())
             return publication
 
         # the result backend still holds each run's failed attempt under the same task id: forget it
@@ -335,7 +344,7 @@ class Batches:
         return reads.get_continuations(self.transitions, _batch_id(batch_id))
 
     def list_batches(self, *, status: BatchStatus | int | None = None, parent_id: str | None = None,
-                     name: str | None = None, tag: str | None = None, limit: int = reads.PAGE_SIZE,
+                     name: str | None = None, tag: str | None = None, limit: int = PAGE_SIZE,
                      offset: int = 0) -> list[Batch]:
         """Newest first; top-level batches unless ``parent_id`` is given; ``name`` matches a substring,
         ignoring case; ``tag`` is one of the batch's tags."""

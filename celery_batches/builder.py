@@ -21,6 +21,7 @@ from . import kombujson
 from .errors import BatchError, InvalidBatchError
 from .message import RESULTS_HEADER, Message
 from .models import ContinuationKind
+from .settings import MAX_DESCRIPTION, MAX_NAME, MAX_TAG
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["BatchBuilder", "TaskRef"]
 
 TaskRef = Task | str | Signature
-MAX_NAME = 255
-MAX_TAG = 64
-MAX_DESCRIPTION = 10_000
 # options a batch sets itself; a Signature carrying them would be silently overridden
 _RESERVED_OPTIONS = frozenset({"task_id", "headers", "chord", "group_id", "group_index"})
 

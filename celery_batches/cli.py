@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import uuid
 from typing import Any
 
 import click
@@ -19,13 +18,12 @@ from . import serialize
 from .api import Batches
 from .dashboard.launcher import dashboard_options, serve_dashboard
 from .errors import BatchClosedError
-from .models import Batch, BatchStatus
+from .models import Batch, BatchStatus, canonical_id
+from .settings import PAGE_SIZE, SHOW_TREE_LIMIT
 from .store import pages
 
 __all__ = ["batches"]
 
-SHOW_TREE_LIMIT = 10_000  # most batches of a subtree `show` prints (the rest is counted, not listed)
-WAIT_INTERVAL = 0.5  # default seconds between two reads of `wait`
 JSON_INDENT = 2  # --json output is indented for people; scripts parse it the same
 
 
@@ -41,10 +39,10 @@ def _service(ctx: click.Context) -> Batches:
 
 def _batch_id(value: str, hint: str) -> str:
     """A batch id given on the command line, normalised; a malformed one is a usage error."""
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a batch id (a UUID)", param_hint=hint) from None
+    found = canonical_id(value)
+    if found is None:
+        raise click.BadParameter(f"{value!r} is not a batch id (a UUID)", param_hint=hint)
+    return found
 
 
 def _echo_json(data: Any) -> None:
@@ -75,7 +73,7 @@ def migrate(ctx: click.Context) -> None:
 @click.option("--name", help="substring of the batch name")
 @click.option("--parent", "parent_id", help="list the children of this batch")
 @click.option("--tag", help="only batches with this tag")
-@click.option("--limit", default=pages.PAGE_SIZE, show_default=True, type=click.IntRange(0))
+@click.option("--limit", default=PAGE_SIZE, show_default=True, type=click.IntRange(0))
 @click.option("--offset", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
 @click.pass_context
@@ -148,9 +146,9 @@ def _get(service: Batches, batch_id: str) -> Batch:
 @batches.command()
 @click.argument("batch_id")
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds (exit 2)")
-@click.option("--interval", type=float, default=WAIT_INTERVAL, show_default=True)
+@click.option("--interval", type=float, default=None, help="seconds between two reads (default: the batches_wait_interval setting)")
 @click.pass_context
-def wait(ctx: click.Context, batch_id: str, timeout: float | None, interval: float) -> None:
+def wait(ctx: click.Context, batch_id: str, timeout: float | None, interval: float | None) -> None:
     """Show a live progress bar until the batch finishes; exit 0 if COMPLETED, 1 otherwise."""
     service = _service(ctx)
     batch = _get(service, batch_id)
@@ -167,7 +165,7 @@ def wait(ctx: click.Context, batch_id: str, timeout: float | None, interval: flo
             shown = done
             if batch.is_finished or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(interval)
+            time.sleep(service.settings.wait_interval if interval is None else interval)
     click.echo(f"{batch.name}: {batch.status.name} (completed {batch.completed_jobs}, failed {batch.failed_jobs}, "
                f"cancelled {batch.cancelled_jobs} of {batch.total_jobs})")
     if not batch.is_finished:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-__all__ = ["Batch", "BatchStatus", "JobRun", "RunStatus", "Continuation", "ContinuationStatus", "batch_progress"]
+__all__ = ["Batch", "BatchStatus", "JobRun", "RunStatus", "Continuation", "ContinuationStatus", "WHEN_MATCHES",
+           "batch_progress", "canonical_id"]
 
 
 def batch_progress(total: int, pending: int, finished: bool) -> float:
@@ -33,6 +35,23 @@ class BatchStatus(enum.IntEnum):
     @property
     def is_final(self) -> bool:
         return self >= BatchStatus.COMPLETED
+
+
+#: ``continue_batch_with(..., when=...)``: the antecedent's final statuses that start the stage
+#: (any other cancels it)
+WHEN_MATCHES: dict[str, tuple[BatchStatus, ...]] = {
+    "success": (BatchStatus.COMPLETED,),
+    "failure": (BatchStatus.FAILED,),
+    "complete": (BatchStatus.COMPLETED, BatchStatus.FAILED),
+}
+
+
+def canonical_id(value: object) -> str | None:
+    """A batch, run or continuation id (a UUID) in its one stored spelling; None if it is none."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        return None
 
 
 class RunStatus(enum.IntEnum):

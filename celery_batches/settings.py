@@ -18,7 +18,8 @@ from typing import Any, Mapping
 from .errors import InvalidBatchError
 
 __all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "ERROR_CHARS", "PUBLISH_DEFERRALS", "PURGE_CHUNK",
-           "RELAY_PASS_TTL", "RELAY_STEP", "REVOKE_CHUNK"]
+           "RELAY_PASS_TTL", "RELAY_STEP", "REVOKE_CHUNK",
+           "LEASE_PRUNE_AGE", "PUBLISH_NESTING", "PAGE_SIZE", "JOBS_PAGE_SIZE", "TREE_LIMIT", "SUCCESSORS_LIMIT", "MAX_ANCESTORS", "IDS_PER_STATEMENT", "MAX_NAME", "MAX_TAG", "MAX_DESCRIPTION", "SHOW_TREE_LIMIT", "MAX_LIMIT", "TEXT_CHARS", "SEARCH_CHARS", "INT_ARG_DIGITS", "MIN_API_TOKEN_CHARS"]
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_batches.sqlite3"
 DATABASE_URL_ENV = "CELERY_BATCHES_DATABASE_URL"
@@ -40,6 +41,41 @@ PURGE_CHUNK = 100
 #: times a publisher puts off a message that fails with a connection error while the broker answers
 #: (it waits one publish lease each time); at the next such failure it counts as refused
 PUBLISH_DEFERRALS = 2
+#: seconds a lapsed publish lease is kept before the relay deletes it
+LEASE_PRUNE_AGE = 3600.0
+#: how deep a publication publishes, in turn, what its refused messages made due (their batches'
+#: continuations); anything deeper is left to the relay
+PUBLISH_NESTING = 16
+#: batches per list page unless the caller says otherwise
+PAGE_SIZE = 50
+#: jobs per page of a batch unless the caller says otherwise
+JOBS_PAGE_SIZE = 100
+#: most batches of a subtree read for a batch page (roll-ups always count all of them)
+TREE_LIMIT = 200
+#: most continue-with stages listed for one batch
+SUCCESSORS_LIMIT = 100
+#: how far up the parent chain a breadcrumb walks (guards against a cycle)
+MAX_ANCESTORS = 1000
+#: ids bound in one statement at most (PostgreSQL takes 65,535 parameters, SQLite 32,766)
+IDS_PER_STATEMENT = 5000
+#: longest batch name accepted (characters)
+MAX_NAME = 255
+#: longest tag accepted (characters)
+MAX_TAG = 64
+#: longest batch description accepted (characters)
+MAX_DESCRIPTION = 10_000
+#: most batches of a subtree `show` prints (the rest is counted, not listed)
+SHOW_TREE_LIMIT = 10_000
+#: most batches or jobs one API page may ask for (``limit``)
+MAX_LIMIT = 500
+#: args, kwargs and errors in the HTML jobs table
+TEXT_CHARS = 300
+#: a name search is cut to this length (the longest batch name)
+SEARCH_CHARS = 255
+#: a numeric parameter (position, limit) longer than this is a 400, not a huge query
+INT_ARG_DIGITS = 10
+#: shortest api_token accepted
+MIN_API_TOKEN_CHARS = 16
 
 
 @dataclass(frozen=True)

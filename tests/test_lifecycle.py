@@ -341,7 +341,7 @@ def test_the_delivery_check_survives_a_registry_connection_killed_under_it(proj,
     claims = proj.batches.liveness.claim_engine  # the check is the run's claim, on the claim connections
     sa.event.listen(claims, "checkout", kill_once)
     try:
-        assert proj.batches.worker.verdict(run.id, None) == "cancel"
+        assert proj.batches.node.verdict(run.id, None) == "cancel"
     finally:
         sa.event.remove(claims, "checkout", kill_once)
         other.dispose()
@@ -363,7 +363,7 @@ def test_a_claim_waits_for_an_unreachable_registry_instead_of_running_unrecorded
                 run = b.enqueue(app.signature("tests.proj.noop"))
             bouncer.stop()  # the registry is unreachable for this worker
             verdicts: list[str] = []
-            starting = threading.Thread(target=lambda: verdicts.append(through.worker.verdict(run, None)))
+            starting = threading.Thread(target=lambda: verdicts.append(through.node.verdict(run, None)))
             starting.start()
             starting.join(1.5)
             assert starting.is_alive() and not verdicts, "the member started with no claim written"
@@ -382,7 +382,7 @@ def test_a_running_member_whose_next_attempt_is_skipped_is_counted_cancelled(pro
         running = b.enqueue(proj.noop.s(ran).set(queue=nowhere))
         b.enqueue(proj.noop.s(ran).set(queue=nowhere))
     # the first attempt is running on a worker: what its task_prerun signal records
-    proj.batches.worker.write_events([RunEvent(running, RunStatus.RUNNING)])
+    proj.batches.node.write_events([RunEvent(running, RunStatus.RUNNING)])
     assert proj.batches.cancel_batch(b.id) == 1  # the pending one; the running one goes on
     # the attempt ends in self.retry() (or its node dies, acks_late): the same message comes again
     publish(proj.app, [stored_message(proj, running, b.id)])

@@ -156,7 +156,7 @@ def test_a_continuation_the_broker_refuses_is_failed_with_the_reason(registry):
     c = registry.transitions.tables.continuations
     with registry.engine.begin() as conn:
         conn.execute(sa.update(c).where(c.c.batch_id == b.id).values(options='{"countdown": "soon"}'))
-    registry.worker.write_events([RunEvent(run, RunStatus.COMPLETED)])
+    registry.node.write_events([RunEvent(run, RunStatus.COMPLETED)])
     [cont] = registry.get_continuations(b.id)
     assert cont.status == ContinuationStatus.FAILED and "refused" in cont.error
 
@@ -242,11 +242,9 @@ def test_a_lease_taken_early_in_a_long_transaction_counts_from_its_end(services)
     the end of a transaction that ran longer than a quarter of it."""
     import time
 
-    from celery_batches.store.transitions import Tx
-
     with private_registry(memory_app("lease"), "cbt_lease", publish_lease=0.5) as batches:
         with batches.engine.begin() as conn:
-            tx = Tx(batches.transitions, conn, utcnow())
+            tx = batches.transitions.tx(conn, utcnow())
             lease = tx.lease()
             time.sleep(0.7)  # the rest of a long write: longer than the lease
             publication = tx.publication()

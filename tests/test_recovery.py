@@ -178,12 +178,11 @@ def _forget_queue(proj, queue: str) -> int:
 def _recovery(registry, **settings):
     from dataclasses import replace
 
-    from celery_batches.worker.node import Node
     from celery_batches.worker.recovery import Recovery
 
     registry.settings = replace(registry.settings, **settings)
-    return Recovery(Node(registry.app, registry.settings, registry.transitions, registry.liveness, registry.probe,
-                         registry.publisher))
+    return Recovery(registry.settings, registry.app, registry.liveness, registry.probe, registry.node.write_events,
+                    registry.node.name)
 
 
 def _claimed(registry, node: str, n: int = 2, task: str = "tests.proj.noop"):
@@ -377,8 +376,6 @@ def test_a_heartbeat_marks_more_runs_than_a_statement_has_parameters(registry):
 def test_one_unreadable_outcome_in_the_result_backend_stops_nothing_else(registry, monkeypatch):
     """Seen by reading: one result-backend error aborted the whole reconciler (and recovery) pass.
     Now that run is left for the next pass and the others are resolved."""
-    from celery_batches.worker.relay import Relay
-
     registry.app.conf.result_backend = os.environ["TEST_BACKEND_URL"]
     _, (broken, fine) = _claimed(registry, "n/1/x")
     registry.app.backend.store_result(fine, "done", "SUCCESS")
@@ -390,15 +387,13 @@ def test_one_unreadable_outcome_in_the_result_backend_stops_nothing_else(registr
         return real(task_id, *args, **kwargs)
 
     monkeypatch.setattr(registry.app.backend, "get_task_meta", get_task_meta)
-    assert Relay(registry.worker)._reconcile(utcnow() + timedelta(hours=1)) == 1
+    assert registry.relay.reconciler.run_once(utcnow() + timedelta(hours=1)) == 1
     assert (_status(registry, broken), _status(registry, fine)) == (RunStatus.RUNNING, RunStatus.COMPLETED)
 
 
 def test_a_value_recovered_from_the_result_backend_is_kept_as_the_worker_would_keep_it(registry):
     """Seen by reading: a results=True run completed from the backend with a value over
     result_max_bytes was COMPLETED with no value, where the worker would have failed it."""
-    from celery_batches.worker.relay import Relay
-
     registry.app.conf.result_backend = os.environ["TEST_BACKEND_URL"]
     with registry.batch("recovered-values", results=True) as b:
         small, big = (b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue)) for _ in "ab")
@@ -406,7 +401,7 @@ def test_a_value_recovered_from_the_result_backend_is_kept_as_the_worker_would_k
         assert registry.liveness.claim(run_id, 0, "n/1/x", utcnow()).claimed
     registry.app.backend.store_result(small, [1, 2], "SUCCESS")
     registry.app.backend.store_result(big, "x" * (registry.settings.result_max_bytes + 1), "SUCCESS")
-    assert Relay(registry.worker)._reconcile(utcnow() + timedelta(hours=1)) == 2
+    assert registry.relay.reconciler.run_once(utcnow() + timedelta(hours=1)) == 2
     results = {r.run_id: r for r in registry.get_results(b.id)}
     assert (results[small].status, results[small].value) == (RunStatus.COMPLETED, [1, 2])
     assert results[big].status == RunStatus.FAILED and "result_max_bytes" in results[big].error
@@ -435,7 +430,7 @@ def test_a_delivery_skipped_while_its_run_ran_elsewhere_is_published_again_if_th
     back to PENDING, still flagged published, and nothing republished it. A skipped delivery now
     notes that no message of the run is left, so a run handed back goes to the relay."""
     _, (run,) = _claimed(registry, "dead/1/x", 1)
-    assert registry.worker.verdict(run, None, registry.liveness.claim(run, 0, "alive/2/y", utcnow())) == "skip"
+    assert registry.node.verdict(run, None, registry.liveness.claim(run, 0, "alive/2/y", utcnow())) == "skip"
     assert registry.liveness.hand_back_runs([run], left_by="dead") == 1
     lease, runs, _ = registry.publisher.outbox.take_lapsed(100)
     assert [m.id for m in runs] == [run]

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import math
-import uuid
 from importlib import resources
 from typing import Any, Callable, Iterable
 
@@ -21,9 +20,10 @@ from werkzeug.wrappers import Request, Response
 
 from .. import serialize
 from ..api import Batches
-from ..builder import MAX_TAG
 from ..errors import BatchClosedError, BatchNotFoundError
-from ..models import BatchStatus, RunStatus
+from ..models import BatchStatus, RunStatus, canonical_id
+from ..settings import (INT_ARG_DIGITS, JOBS_PAGE_SIZE, MAX_LIMIT, MAX_TAG, PAGE_SIZE, SEARCH_CHARS, TEXT_CHARS,
+                        TREE_LIMIT)
 from ..store import pages, reads
 from ..store.pagerows import BatchRow
 from . import security
@@ -35,12 +35,8 @@ __all__ = ["Dashboard", "create_app"]
 log = logging.getLogger("celery_batches.dashboard")
 
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
-MAX_LIMIT = 500  # most batches or jobs one API page may ask for (``limit``)
 INTERNAL_ERROR = "Internal error. It has been logged on the server."
-TEXT_CHARS = 300  # args, kwargs and errors in the HTML jobs table
 REFRESH_INTERVAL = 2.0  # default seconds between two live refreshes of a page showing unfinished batches
-SEARCH_CHARS = 255  # a name search is cut to this length (the longest batch name)
-INT_ARG_DIGITS = 10  # a numeric parameter (position, limit) longer than this is a 400, not a huge query
 STATIC_MAX_AGE = 300  # seconds browsers cache a static file fetched without its digest
 STATIC_IMMUTABLE_MAX_AGE = 31536000  # ... and with it (?v=<digest>): a year, the content never changes
 
@@ -74,8 +70,8 @@ class Dashboard:
     def __init__(self, batches: Batches, *, authorize: Callable[[Request], bool] | None = None,
                  basic_auth: tuple[str, str] | None = None, read_only: bool = False,
                  secret_key: str | bytes | None = None, api_token: str | None = None,
-                 page_size: int = pages.PAGE_SIZE, jobs_page_size: int = pages.JOBS_PAGE_SIZE,
-                 refresh_interval: float = REFRESH_INTERVAL, tree_limit: int = pages.TREE_LIMIT,
+                 page_size: int = PAGE_SIZE, jobs_page_size: int = JOBS_PAGE_SIZE,
+                 refresh_interval: float = REFRESH_INTERVAL, tree_limit: int = TREE_LIMIT,
                  title: str = "Celery batches") -> None:
         if min(page_size, jobs_page_size, tree_limit) < 1 or page_size > MAX_LIMIT or jobs_page_size > MAX_LIMIT:
             raise ValueError(f"page_size and jobs_page_size must be 1–{MAX_LIMIT}, tree_limit at least 1")
@@ -410,7 +406,7 @@ def _uuid_arg(request: Request, name: str) -> str | None:
     value = request.args.get(name)
     if not value:
         return None
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise BadRequest(f"{name} must be a batch id") from None
+    found = canonical_id(value)
+    if found is None:
+        raise BadRequest(f"{name} must be a batch id")
+    return found

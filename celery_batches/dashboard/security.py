@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from werkzeug.exceptions import Forbidden
 from werkzeug.wrappers import Request, Response
 
+from ..settings import MIN_API_TOKEN_CHARS
+
 __all__ = ["CSRF_COOKIE", "CSRF_FIELD", "CSRF_HEADER", "TOKEN_HEADER", "Access", "basic_auth_ok", "check_action",
            "csrf_token", "finish", "is_local"]
 
@@ -24,7 +26,6 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 TOKEN_HEADER = "X-Batches-Token"
 NONCE_BYTES = 32  # randomness of a browser's CSRF nonce (43 URL-safe base64 characters)
-MIN_API_TOKEN_CHARS = 16  # shortest api_token accepted
 SECRET_BYTES = 32  # length of the random CSRF key of a process started without secret_key
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}

@@ -35,7 +35,7 @@ from kombu.exceptions import OperationalError
 from .. import kombujson, retry
 from ..message import CONTINUATION_HEADER, HEADER, Message
 from ..models import RunStatus
-from ..settings import PUBLISH_DEFERRALS
+from ..settings import PUBLISH_DEFERRALS, PUBLISH_NESTING
 from ..store import Publication, RunEvent
 from .sending import Sender, Session
 
@@ -184,7 +184,7 @@ class Publisher:
         if refused:
             report.refused += len(refused)
             then = self.record(refused)  # counted FAILED; may finish batches and make continuations due
-            if depth < 16:
+            if depth < PUBLISH_NESTING:
                 self._publish(then, report, depth + 1)
         if lease and not report.broker_down and not report.lease_lapsed and not report.unflagged:
             self._write("drop a publish lease", self.outbox.drop, lease, until=report.leased_until)

@@ -16,6 +16,8 @@ import sqlalchemy as sa
 
 from ..models import BatchStatus, ContinuationStatus, RunStatus
 from .rows import as_utc, is_run_id, utcnow
+from ..settings import IDS_PER_STATEMENT
+from .queries import sql_name
 from .tables import Tables
 
 __all__ = ["UNCLAIMED", "Claim", "Liveness"]
@@ -23,16 +25,14 @@ __all__ = ["UNCLAIMED", "Claim", "Liveness"]
 #: what a worker's request carries when its task_prerun handler made no claim for it
 UNCLAIMED = object()
 
-#: ids bound in one statement at most (PostgreSQL takes 65,535 parameters, SQLite 32,766)
-_IDS_PER_STATEMENT = 5000
 
 _OPEN = (int(RunStatus.PENDING), int(RunStatus.RUNNING), int(RunStatus.RETRYING))
 _WAITING = (int(RunStatus.PENDING), int(RunStatus.RETRYING))
 
 
 def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
-    for start in range(0, len(ids), _IDS_PER_STATEMENT):
-        yield ids[start:start + _IDS_PER_STATEMENT]
+    for start in range(0, len(ids), IDS_PER_STATEMENT):
+        yield ids[start:start + IDS_PER_STATEMENT]
 
 
 class Claim:
@@ -82,7 +82,7 @@ class Liveness:
                        .returning(batch_status))
         self._claim_found = sa.select(r.c.status, batch_status).where(r.c.id == sa.bindparam("b_id"))
         self._pg_claim = self._PG_CLAIM.format(
-            runs=self._sql_name(r), batches=self._sql_name(b), running=int(RunStatus.RUNNING),
+            runs=sql_name(self.claim_engine.dialect, r), batches=sql_name(self.claim_engine.dialect, b), running=int(RunStatus.RUNNING),
             pending=int(RunStatus.PENDING), retrying=int(RunStatus.RETRYING)
         ) if self.claim_engine.dialect.name == "postgresql" else None
 
@@ -105,8 +105,6 @@ class Liveness:
                                              OR r.node = %(b_replaces)s)))
         RETURNING (SELECT b.status FROM {batches} AS b WHERE b.id = r.batch_id) AS batch_status"""
 
-    def _sql_name(self, table: sa.Table) -> str:
-        return self.claim_engine.dialect.identifier_preparer.format_table(table)
 
     # -- a pool process starting a run ----------------------------------------------------------------
     def claim(self, run_id: str, retries: int, node: str, at: datetime, *, force: bool = False,

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from ..message import Message
 from ..models import BatchStatus, ContinuationStatus, RunStatus
 from .rows import continuation_message, run_message, storable_text, utcnow
+from .queries import run_message_columns, sql_name
 from .tables import Tables
 
 __all__ = ["Outbox"]
@@ -27,7 +28,7 @@ class Outbox:
         self.engine = engine
         self.tables = tables
         self.lease_time = lease
-        runs = engine.dialect.identifier_preparer.format_table(tables.runs)
+        runs = sql_name(engine.dialect, tables.runs)
         self._pg_flag = self._PG_FLAG.format(runs=runs, pending=int(RunStatus.PENDING))
 
     # -- leases --------------------------------------------------------------------------------------
@@ -172,8 +173,7 @@ class Outbox:
             lease = str(uuid.uuid4())
             conn.execute(sa.insert(p).values(id=lease, expires_at=now + self.lease_time))
             runs = conn.execute(sa.update(r).where(r.c.id.in_(run_ids)).values(publication_id=lease).returning(
-                r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.created_at,
-                r.c.position, r.c.retries)).all() if run_ids else []
+                *run_message_columns(r), r.c.created_at)).all() if run_ids else []
             conts = conn.execute(sa.update(c).where(c.c.id.in_(cont_ids)).values(publication_id=lease).returning(
                 c.c.id, c.c.task_name, c.c.args, c.c.kwargs, c.c.options, c.c.batch_id, c.c.due_at)
             ).all() if cont_ids else []

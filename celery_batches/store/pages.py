@@ -36,7 +36,9 @@ from .pagerows import (
     JobRow,
     TreeEntry,
 )
-from .reads import PAGE_SIZE, Db, batch_list_rows, batch_filters
+from ..settings import JOBS_PAGE_SIZE, MAX_ANCESTORS, PAGE_SIZE, SUCCESSORS_LIMIT, TREE_LIMIT
+from . import queries
+from .reads import Db, batch_list_rows, batch_filters
 from .rows import as_utc, batch_from_row
 
 __all__ = [
@@ -55,10 +57,6 @@ __all__ = [
     "job_page",
 ]
 
-JOBS_PAGE_SIZE = 100  # jobs per page of a batch unless the caller says otherwise
-TREE_LIMIT = 200  # most nodes of a subtree read for a batch page (roll-ups always count all of them)
-SUCCESSORS_LIMIT = 100  # most continue-with stages listed for one batch
-MAX_ANCESTORS = 1000  # how far up the parent chain a breadcrumb walks (guards against a cycle)
 
 
 # -- batch lists -----------------------------------------------------------------------------------
@@ -176,10 +174,7 @@ def _ancestors(db: Db, conn: sa.Connection, parent_id: str | None) -> list[Batch
     if parent_id is None:
         return []
     b = db.tables.batches
-    up = (sa.select(b.c.id, b.c.name, b.c.status, b.c.parent_id, sa.literal(1).label("depth"))
-          .where(b.c.id == parent_id).cte("up", recursive=True))
-    up = up.union_all(sa.select(b.c.id, b.c.name, b.c.status, b.c.parent_id, up.c.depth + 1)
-                      .join(up, b.c.id == up.c.parent_id).where(up.c.depth < MAX_ANCESTORS))
+    up = queries.ancestry(b, parent_id, b.c.parent_id, b.c.name, b.c.status, first_depth=1, max_depth=MAX_ANCESTORS)
     rows = conn.execute(sa.select(up.c.id, up.c.name, up.c.status).order_by(up.c.depth.desc())).all()
     return [BatchRef(r.id, r.name, BatchStatus(r.status)) for r in rows]
 
@@ -195,9 +190,7 @@ def _tree(db: Db, conn: sa.Connection, batch_id: str, limit: int) -> tuple[list[
     join, this took twice as long as the walk itself.)
     """
     b = db.tables.batches
-    tree = (sa.select(b.c.id, sa.literal(0).label("depth")).where(b.c.id == batch_id)
-            .cte("tree", recursive=True))
-    tree = tree.union_all(sa.select(b.c.id, tree.c.depth + 1).join(tree, b.c.parent_id == tree.c.id))
+    tree = queries.subtree(b, b.c.id == batch_id, depth=True)
     rows = [_TreeRow(*r) for r in conn.execute(
         sa.select(b.c.id, b.c.name, b.c.parent_id, b.c.status, b.c.total_jobs, b.c.completed_jobs,
                   b.c.failed_jobs, b.c.cancelled_jobs, b.c.created_at, tree.c.depth).join(tree, tree.c.id == b.c.id))]

@@ -13,14 +13,14 @@ from typing import Protocol
 import sqlalchemy as sa
 
 from ..models import Batch, BatchStatus, Continuation, JobResult, JobRun, RunStatus
+from ..settings import PAGE_SIZE
 from .results import unit_results
 from .rows import batch_from_row, continuation_from_row, run_from_row
 from .tables import Tables
 
-__all__ = ["Db", "PAGE_SIZE", "batch_filters", "batch_list", "batch_status", "get_batch", "get_continuations",
+__all__ = ["Db", "batch_filters", "batch_list", "batch_status", "get_batch", "get_continuations",
            "get_jobs", "batch_list_rows", "open_runs", "results"]
 
-PAGE_SIZE = 50  # batches per list page unless the caller says otherwise
 
 
 class Db(Protocol):

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from .. import kombujson
 from ..models import BatchStatus, JobResult, RunStatus
+from .queries import subtree
 from .tables import Tables
 
 __all__ = ["result_values", "unit_results"]
@@ -23,8 +24,7 @@ def unit_results(conn: sa.Connection, tables: Tables, batch_id: str) -> list[Job
     were added, ``unit_position``). A job's value is its return value once COMPLETED, else None;
     a nested batch's value is its own list, whatever its status."""
     b, r = tables.batches, tables.runs
-    tree = sa.select(b.c.id).where(b.c.id == batch_id).cte("tree", recursive=True)
-    tree = tree.union_all(sa.select(b.c.id).join(tree, b.c.parent_id == tree.c.id))
+    tree = subtree(b, b.c.id == batch_id)
     children: dict[str, list[sa.Row]] = defaultdict(list)
     statuses: dict[str, int] = {}
     for row in conn.execute(sa.select(b.c.id, b.c.parent_id, b.c.unit_position, b.c.status)

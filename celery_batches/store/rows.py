@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -14,9 +13,11 @@ import sqlalchemy as sa
 from .. import kombujson
 
 from ..message import Message
-from ..models import Batch, BatchStatus, Continuation, ContinuationKind, ContinuationStatus, JobRun, RunStatus
+from ..models import (Batch, BatchStatus, Continuation, ContinuationKind, ContinuationStatus, JobRun, RunStatus,
+                      canonical_id)
+from ..settings import ERROR_CHARS
 
-__all__ = ["Publication", "RunEvent", "as_utc", "batch_from_row", "continuation_from_row", "continuation_message",
+__all__ = ["Publication", "RunEvent", "as_utc", "error_text", "batch_from_row", "continuation_from_row", "continuation_message",
            "from_epoch", "is_run_id", "run_from_row", "run_message", "storable_text", "utcnow"]
 
 
@@ -47,12 +48,17 @@ def storable_text(text: str | None) -> str | None:
     return text
 
 
+def error_text(exc: object, prefix: str = "") -> str | None:
+    """An exception as a run or continuation keeps it: ``<prefix><Type>: <message>``, at most
+    ``ERROR_CHARS`` characters (None for no exception)."""
+    if exc is None:
+        return None
+    return f"{prefix}{type(exc).__name__}: {exc}"[:ERROR_CHARS]
+
+
 def is_run_id(value: object) -> bool:
     """Run ids are UUIDs (the Celery task id a batch gave its member); anything else is not ours."""
-    try:
-        return str(uuid.UUID(str(value))) == str(value).lower()
-    except ValueError:
-        return False
+    return canonical_id(value) == str(value).lower()
 
 
 def as_utc(value: datetime | None) -> datetime | None:

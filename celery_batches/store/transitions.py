@@ -1,5 +1,6 @@
 """The registry's state machine: run transitions, counters, finishing batches, continuations,
-continue-with stages, and cancel (writing whole trees is :mod:`.trees`).
+continue-with stages, and cancelling a subtree (writing whole trees is :mod:`.trees`; what a user
+asks of a batch, :mod:`.commands`; windows, :mod:`.windows`).
 
 Transitions are conditional statements keyed by run or batch id, executed in the transaction
 that changes the counters, so a duplicate signal, a redelivery or a second ``task_failure`` of
@@ -8,8 +9,6 @@ the same run changes nothing, and exactly one transaction finishes a batch.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -18,13 +17,10 @@ from typing import Iterable
 import sqlalchemy as sa
 
 from .. import kombujson
-from ..message import Message
-from ..errors import BatchClosedError, BatchNotFoundError
-from ..models import Batch, BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
+from ..models import WHEN_MATCHES, BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from .rows import (
     Publication,
     RunEvent,
-    batch_from_row,
     continuation_message,
     from_epoch,
     is_run_id,
@@ -32,56 +28,20 @@ from .rows import (
     storable_text,
     utcnow,
 )
+from .queries import run_message_columns, sql_name, subtree
 from .results import result_values, unit_results
 from .tables import Tables
+from .tx import Tx
+from .windows import release
 
-__all__ = ["Transitions", "Tx"]
+__all__ = ["Transitions"]
 
-_WHEN_MATCHES = {
-    "success": (BatchStatus.COMPLETED,),
-    "failure": (BatchStatus.FAILED,),
-    "complete": (BatchStatus.COMPLETED, BatchStatus.FAILED),
-}
 _FIRES_ON = {
     BatchStatus.COMPLETED: (ContinuationKind.SUCCESS.value, ContinuationKind.COMPLETE.value),
     BatchStatus.FAILED: (ContinuationKind.FAILURE.value, ContinuationKind.COMPLETE.value),
 }
 # keyed by name: RunStatus and BatchStatus are IntEnums whose values overlap
 _COUNTER = {"COMPLETED": "completed_jobs", "FAILED": "failed_jobs", "CANCELLED": "cancelled_jobs"}
-
-
-class Tx:
-    """One registry transaction: its connection, its clock, and (made on first use) its publish lease.
-
-    Everything a transaction makes publishable carries the lease's id; the publisher renews it
-    while it publishes, and the relay takes only what carries a lapsed lease. So the relay never
-    publishes what a live producer (or the group commit that released it) is still publishing.
-    """
-
-    __slots__ = ("conn", "now", "_transitions", "_lease", "_leased_at")
-
-    def __init__(self, transitions: "Transitions", conn: sa.Connection, now: datetime) -> None:
-        self.conn, self.now, self._transitions, self._lease = conn, now, transitions, None
-        self._leased_at = 0.0
-
-    def lease(self) -> str:
-        if self._lease is None:
-            self._lease = str(uuid.uuid4())
-            self._leased_at = time.monotonic()
-            self.conn.execute(sa.insert(self._transitions.tables.publications).values(
-                id=self._lease, expires_at=utcnow() + self._transitions.publish_lease))
-        return self._lease
-
-    def publication(self, runs: list[Message] | None = None, continuations: list[Message] | None = None) -> Publication:
-        """What the transaction made publishable, as its last step. A lease taken long before (a
-        million-job batch takes a minute to write) counts again from now: the publisher must find it
-        held when the commit is through, or it leaves everything to the relay."""
-        lease = self._transitions.publish_lease
-        if self._lease is not None and time.monotonic() - self._leased_at > lease.total_seconds() / 4:
-            p = self._transitions.tables.publications
-            self.conn.execute(sa.update(p).where(p.c.id == self._lease).values(expires_at=utcnow() + lease))
-            self._leased_at = time.monotonic()
-        return Publication(runs or [], continuations or [], self._lease)
 
 
 class Transitions:
@@ -92,9 +52,9 @@ class Transitions:
         self.expires = expires
         self.publish_lease = publish_lease
 
-    def sql_name(self, table: sa.Table) -> str:
-        """A table's name for hand-written SQL, quoted where the dialect needs it (a mixed-case prefix)."""
-        return self.engine.dialect.identifier_preparer.format_table(table)
+    def tx(self, conn: sa.Connection, now: datetime) -> Tx:
+        """A transaction of the state machine on ``conn`` (its publish lease taken on first use)."""
+        return Tx(conn, now, self.tables.publications, self.publish_lease)
 
     # -- transitions (the group commit) -----------------------------------------------------------
     def apply_events(self, events: Iterable[RunEvent], *, portable: bool = False) -> Publication:
@@ -130,10 +90,10 @@ class Transitions:
             # ``portable``: the row-at-a-time path on PostgreSQL too (the tests hold the two paths equal)
             apply = self._apply_pg if conn.dialect.name == "postgresql" and not portable else self._apply_rows
             counted = apply(conn, list(progress.values()), list(final.values()))
-            tx = Tx(self, conn, utcnow())
-            publication = self._count(tx, [(batch_id, status) for batch_id, status, _ in counted])
+            tx = self.tx(conn, utcnow())
+            publication = self.count(tx, [(batch_id, status) for batch_id, status, _ in counted])
             # each job that ended frees its place in its batch's window (if it has one) for the next
-            publication.extend(self.release(tx, Counter(batch_id for batch_id, _, window in counted if window)))
+            publication.extend(release(tx, self.tables.runs, Counter(batch_id for batch_id, _, window in counted if window)))
             return publication
 
     # On PostgreSQL a whole group is two statements: the events travel as arrays and are joined
@@ -173,7 +133,7 @@ class Transitions:
 
     def _apply_pg(self, conn: sa.Connection, progress: list[RunEvent],
                   final: list[RunEvent]) -> list[tuple[str, RunStatus, int | None]]:
-        names = {"runs": self.sql_name(self.tables.runs), "batches": self.sql_name(self.tables.batches),
+        names = {"runs": sql_name(conn.dialect, self.tables.runs), "batches": sql_name(conn.dialect, self.tables.batches),
                  "completed": int(RunStatus.COMPLETED),
                  "running": int(RunStatus.RUNNING), "retrying": int(RunStatus.RETRYING)}
         if progress:
@@ -230,14 +190,14 @@ class Transitions:
                 counted.append((row[0], e.status, row[1]))
         return counted
 
-    def _count(self, tx: Tx, finished_units: list[tuple[str, RunStatus | BatchStatus]]) -> Publication:
+    def count(self, tx: Tx, finished_units: list[tuple[str, RunStatus | BatchStatus]]) -> Publication:
         """Count finished units (runs or child batches) in their batches, then finish what is complete."""
         if not finished_units:
             return tx.publication()
         deltas: dict[str, Counter] = defaultdict(Counter)
         for batch_id, status in finished_units:
             deltas[batch_id][_COUNTER[status.name]] += 1
-        self._bump(tx.conn, deltas)
+        self.bump(tx.conn, deltas)
         failing = [batch_id for batch_id, d in deltas.items() if d["failed_jobs"]]
         publication = self.first_failures(tx, failing)
         publication.extend(self._fail_fast(tx, failing))
@@ -254,7 +214,7 @@ class Transitions:
             if batch_ids else []
         publication = tx.publication()
         for batch_id in fast:
-            tree = self._subtree(batch_id, successors=False)
+            tree = subtree(self.tables.batches, self.tables.batches.c.id == batch_id)
             runs = conn.execute(
                 sa.update(r)
                 .where(r.c.batch_id.in_(sa.select(tree.c.id)),
@@ -263,38 +223,8 @@ class Transitions:
                         error=f"cancelled: batch {batch_id} has a failed unit (cancel_on_failure)")
                 .returning(r.c.batch_id)
             ).all()
-            publication.extend(self._count(tx, [(row.batch_id, RunStatus.CANCELLED) for row in runs]))
+            publication.extend(self.count(tx, [(row.batch_id, RunStatus.CANCELLED) for row in runs]))
         return publication
-
-    # -- max_concurrency ---------------------------------------------------------------------------
-    def release(self, tx: Tx, places: dict[str, int]) -> Publication:
-        """Publish up to ``places[batch]`` held runs of each batch, in enqueue order. Called under the
-        batch's row lock (the transaction already updated its counters), so two transactions that
-        end jobs of one batch release one after the other, never the same runs or more than freed."""
-        r, conn = self.tables.runs, tx.conn
-        publication = tx.publication()
-        for batch_id, n in sorted(places.items()):
-            if n <= 0:
-                continue
-            ids = conn.execute(sa.select(r.c.id).where(r.c.batch_id == batch_id, r.c.held,
-                                                       r.c.status == int(RunStatus.PENDING))
-                               .order_by(r.c.position).limit(n)).scalars().all()
-            if not ids:
-                continue
-            runs = conn.execute(
-                sa.update(r).where(r.c.id.in_(ids)).values(held=None, publication_id=tx.lease())
-                .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
-                           r.c.retries)
-            ).all()
-            publication.extend(tx.publication(runs=[run_message(row) for row in sorted(runs, key=lambda row: row.position)]))
-        return publication
-
-    def in_flight(self, conn: sa.Connection, batch_id: str) -> int:
-        """The batch's direct jobs published (or about to be) and not finished: its window's occupants."""
-        r = self.tables.runs
-        return conn.scalar(sa.select(sa.func.count()).where(r.c.batch_id == batch_id,
-                                                            r.c.status < int(RunStatus.COMPLETED),
-                                                            r.c.held.isnot(True))) or 0
 
     def first_failures(self, tx: Tx, batch_ids: list[str]) -> Publication:
         """``on_first_failure`` continuations of these batches (each has a failed unit by now) become
@@ -307,7 +237,7 @@ class Transitions:
         due = sorted(self._make_due(tx, waiting), key=lambda row: (str(row.batch_id), row.position))
         return tx.publication(continuations=[continuation_message(row) for row in due])
 
-    def _bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
+    def bump(self, conn: sa.Connection, deltas: dict[str, Counter]) -> None:
         b = self.tables.batches
         # rows in one order, so two transactions touching the same batches wait instead of deadlocking
         conn.execute(
@@ -342,7 +272,7 @@ class Transitions:
         statuses = {row.id: BatchStatus(row.status) for row in finished}
         publication = self._fire_continuations(tx, statuses)
         publication.extend(self.settle_successors(tx, statuses))
-        publication.extend(self._count(tx, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id]))
+        publication.extend(self.count(tx, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id]))
         return publication
 
     def _fire_continuations(self, tx: Tx, finished: dict[str, BatchStatus]) -> Publication:
@@ -398,16 +328,16 @@ class Transitions:
         publication = tx.publication()
         for row in waiting:
             status = finished[row.antecedent_id]
-            if status in _WHEN_MATCHES.get(row.continue_when, ()):
+            if status in WHEN_MATCHES.get(row.continue_when, ()):
                 publication.extend(self._start_stage(tx, row.id))
             else:
-                publication.extend(self._cancel_tree(tx, row.id)[1])
+                publication.extend(self.cancel_tree(tx, row.id)[1])
         return publication
 
     def _start_stage(self, tx: Tx, batch_id: str) -> Publication:
         """Start a continue-with stage: its runs become publishable under this transaction's lease."""
         b, r, conn = self.tables.batches, self.tables.runs, tx.conn
-        tree = self._subtree(batch_id, successors=False)
+        tree = subtree(self.tables.batches, self.tables.batches.c.id == batch_id)
         started = conn.execute(
             sa.update(b).where(b.c.id.in_(sa.select(tree.c.id)), b.c.status == int(BatchStatus.CREATED))
             .values(status=int(BatchStatus.STARTED)).returning(b.c.id, b.c.total_jobs)
@@ -417,7 +347,7 @@ class Transitions:
             .where(r.c.batch_id.in_([row.id for row in started]), r.c.status == int(RunStatus.PENDING),
                    sa.not_(r.c.published), r.c.held.isnot(True))
             .values(publication_id=tx.lease())
-            .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position)
+            .returning(*run_message_columns(r))
         ).all() if started else []
         runs = sorted(runs, key=lambda row: (str(row.batch_id), row.position))
         publication = tx.publication(runs=[run_message(row) for row in runs])
@@ -425,115 +355,10 @@ class Transitions:
         publication.extend(self.finish(tx, [row.id for row in started]))
         return publication
 
-    def _subtree(self, batch_id: str, *, successors: bool) -> sa.CTE:
-        """The batch, its descendants and (with ``successors``) the continue-with stages waiting on them."""
-        b = self.tables.batches
-        tree = sa.select(b.c.id).where(b.c.id == batch_id).cte("tree", recursive=True)
-        link = b.c.parent_id == tree.c.id
-        if successors:
-            link = sa.or_(link, sa.and_(b.c.antecedent_id == tree.c.id, b.c.status == int(BatchStatus.CREATED)))
-        return tree.union_all(sa.select(b.c.id).join(tree, link))
-
-    def lock_batch(self, conn: sa.Connection, batch_id: str) -> Batch:
-        """Lock the batch and its whole lineage, top first; return the batch as it is under the locks.
-
-        The lineage is the chain of parents up to the root and on through the antecedent of a
-        continue-with stage. Every transaction that changes a tree's shape or cancels part of it
-        (add, cancel, a new stage) takes these locks, so two of them that share any batch of a
-        lineage run one after the other: a cancel sees every add under any descendant that
-        committed before it, and an add that waited for a cancel finds its batch CANCELLED.
-        Locking top first everywhere keeps two such transactions from deadlocking.
-        """
-        return batch_from_row(self.lock_lineage(conn, batch_id)[-1])
-
-    def lock_lineage(self, conn: sa.Connection, batch_id: str) -> list[sa.Row]:
-        """:meth:`lock_batch`, returning the lineage's rows, top first (the batch last)."""
-        b = self.tables.batches
-        up = (sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id).label("above"),
-                        sa.literal(0).label("depth"))
-              .where(b.c.id == batch_id).cte("lineage", recursive=True))
-        up = up.union_all(sa.select(b.c.id, sa.func.coalesce(b.c.parent_id, b.c.antecedent_id), up.c.depth + 1)
-                          .join(up, b.c.id == up.c.above))
-        rows = conn.execute(sa.select(b).join(up, up.c.id == b.c.id).order_by(up.c.depth.desc())
-                            .with_for_update(of=b)).all()
-        if not rows:
-            raise BatchNotFoundError(batch_id)
-        return rows
-
-    # -- retry the failed -------------------------------------------------------------------------
-    def retry_failed(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Publication]:
-        """Every FAILED run of the batch's subtree back to PENDING, to be published again (same run
-        id); counters move back with them; FAILED batches that get an open unit again re-open
-        (STARTED), up through the ancestors that counted them as failed; continuations that did not
-        fire (SKIPPED) of a re-opened batch wait again; what fired stays fired. One transaction,
-        under the lineage's locks (as cancel)."""
-        lineage = self.lock_lineage(conn, batch_id)
-        if any(row.status == int(BatchStatus.CANCELLED) for row in lineage):
-            raise BatchClosedError(batch_id, BatchStatus.CANCELLED)
-        b, r, c = self.tables.batches, self.tables.runs, self.tables.continuations
-        tree = self._subtree(batch_id, successors=False)
-        rows = {row.id: row for row in lineage}
-        rows.update({row.id: row for row in conn.execute(
-            sa.select(b.c.id, b.c.parent_id, b.c.status).where(b.c.id.in_(sa.select(tree.c.id))))})
-        open_batches = [i for i, row in rows.items() if row.status in (int(BatchStatus.STARTED), int(BatchStatus.FAILED))
-                        and i not in {x.id for x in lineage[:-1]}]  # the subtree's, not the ancestors' own runs
-        failed = conn.execute(sa.select(sa.exists().where(r.c.batch_id.in_(open_batches),
-                                                          r.c.status == int(RunStatus.FAILED)))).scalar()
-        tx = Tx(self, conn, now)
-        if not failed:
-            return [], tx.publication()
-        runs = conn.execute(
-            sa.update(r).where(r.c.batch_id.in_(open_batches), r.c.status == int(RunStatus.FAILED))
-            .values(status=int(RunStatus.PENDING), published=False, publication_id=tx.lease(), error=None,
-                    started_at=None, finished_at=None, node=None, claimed_at=None, retries=0,
-                    result=None, reset_at=now, replaced=None)
-            .returning(r.c.id, r.c.task_name, r.c.args, r.c.kwargs, r.c.options, r.c.batch_id, r.c.position,
-                       r.c.retries)
-        ).all()
-        windows = dict(conn.execute(sa.select(b.c.id, b.c.max_concurrency).where(
-            b.c.id.in_({row.batch_id for row in runs}), b.c.max_concurrency.isnot(None))).all())
-        if windows:  # behind their windows like new jobs: held, then as many released as there is room
-            conn.execute(sa.update(r).where(r.c.batch_id.in_(list(windows)), r.c.publication_id == tx.lease(),
-                                            r.c.status == int(RunStatus.PENDING), sa.not_(r.c.published))
-                         .values(held=True, publication_id=None))
-        deltas: dict[str, Counter] = defaultdict(Counter)
-        reopen: list[str] = []
-        for row in runs:
-            deltas[row.batch_id]["failed_jobs"] -= 1
-        pending = [i for i in deltas if rows[i].status == int(BatchStatus.FAILED)]
-        while pending:  # a FAILED batch with an open unit again: re-open it, and un-count it in its parent
-            i = pending.pop()
-            if i in reopen:
-                continue
-            reopen.append(i)
-            parent = rows[i].parent_id
-            if parent is not None:
-                deltas[parent]["failed_jobs"] -= 1
-                if rows[parent].status == int(BatchStatus.FAILED):
-                    pending.append(parent)
-        self._bump(conn, deltas)
-        if reopen:
-            conn.execute(sa.update(b).where(b.c.id.in_(reopen))
-                         .values(status=int(BatchStatus.STARTED), completed_at=None, expires_at=None))
-            conn.execute(sa.update(c).where(c.c.batch_id.in_(reopen), c.c.status == int(ContinuationStatus.SKIPPED))
-                         .values(status=int(ContinuationStatus.WAITING)))
-        publish = sorted((row for row in runs if row.batch_id not in windows),
-                         key=lambda row: (str(row.batch_id), row.position))
-        publication = tx.publication(runs=[run_message(row) for row in publish])
-        publication.extend(self.release(tx, {i: window - self.in_flight(conn, i) for i, window in windows.items()}))
-        return [str(row.id) for row in runs], publication
-
-    # -- cancel -----------------------------------------------------------------------------------
-    def cancel(self, conn: sa.Connection, batch_id: str, now: datetime) -> tuple[list[str], Publication]:
-        """Cancel a batch's whole subtree; returns the cancelled run ids (to revoke) and what to publish."""
-        batch = self.lock_batch(conn, batch_id)
-        if batch.status.is_final:
-            return [], Publication()
-        return self._cancel_tree(Tx(self, conn, now), batch_id)
-
-    def _cancel_tree(self, tx: Tx, batch_id: str) -> tuple[list[str], Publication]:
+    # -- cancel ------------------------------------------------------------------------------------
+    def cancel_tree(self, tx: Tx, batch_id: str) -> tuple[list[str], Publication]:
         b, r, c, conn, now = self.tables.batches, self.tables.runs, self.tables.continuations, tx.conn, tx.now
-        tree = self._subtree(batch_id, successors=True)
+        tree = subtree(self.tables.batches, self.tables.batches.c.id == batch_id, successors=True)
         cancelled = conn.execute(
             sa.update(b)
             .where(b.c.id.in_(sa.select(tree.c.id)), b.c.status <= int(BatchStatus.STARTED))
@@ -561,5 +386,5 @@ class Transitions:
             elif row.parent_id is not None:
                 outside.append((row.parent_id, BatchStatus.CANCELLED))
         if deltas:
-            self._bump(conn, deltas)
-        return [row.id for row in runs], self._count(tx, outside)
+            self.bump(conn, deltas)
+        return [row.id for row in runs], self.count(tx, outside)

@@ -19,7 +19,11 @@ from ..errors import BatchClosedError
 from ..models import BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from ..settings import PURGE_CHUNK
 from .rows import Publication, batch_from_row
-from .transitions import Transitions, Tx
+from .locks import lock_batch, lock_lineage
+from .queries import sql_name, subtree
+from .transitions import Transitions
+from .tx import Tx
+from .windows import in_flight
 
 __all__ = ["Trees"]
 
@@ -39,11 +43,11 @@ class Trees:
         With ``antecedent=(batch_id, when)`` the tree is a continue-with stage: stored CREATED with
         its runs unpublished, settled at once if the antecedent has already finished.
         """
-        tx = Tx(self.machine, conn, now)
+        tx = self.machine.tx(conn, now)
         parts = list(root.walk())
         status = BatchStatus.CREATED if antecedent else BatchStatus.STARTED
         if antecedent:
-            antecedent_row = self.machine.lock_batch(conn, antecedent[0])
+            antecedent_row = lock_batch(conn, self.tables.batches, antecedent[0])
         self._insert_batches(conn, parts, status, now, root_extra={
             "antecedent_id": antecedent[0], "continue_when": antecedent[1]} if antecedent else {})
         self._insert_runs(tx, ((part.id, position, job, _held(part, position)) for part in parts
@@ -66,8 +70,8 @@ class Trees:
         the batch cannot finish in between: a worker's group commit waits for it.
         """
         r, c, b = self.tables.runs, self.tables.continuations, self.tables.batches
-        tx = Tx(self.machine, conn, now)
-        lineage = self.machine.lock_lineage(conn, batch_id)
+        tx = self.machine.tx(conn, now)
+        lineage = lock_lineage(conn, self.tables.batches, batch_id)
         batch = batch_from_row(lineage[-1])
         if batch.status.is_final:
             raise BatchClosedError(batch_id, batch.status)
@@ -81,7 +85,7 @@ class Trees:
         # a nested batch's place among the batch's units counts the units it had before
         self._insert_batches(conn, children, batch.status, now, units_before=(batch_id, batch.total_jobs))
         free = len(plan.jobs) if batch.max_concurrency is None else \
-            batch.max_concurrency - self.machine.in_flight(conn, batch_id)
+            batch.max_concurrency - in_flight(conn, self.tables.runs, batch_id)
         jobs = [(batch_id, first_job + i, job, i >= free) for i, job in enumerate(plan.jobs)]
         jobs += [(part.id, i, job, _held(part, i)) for part in children for i, job in enumerate(part.jobs)]
         started = batch.status == BatchStatus.STARTED
@@ -147,7 +151,7 @@ class Trees:
                 for batch_id, position, job, held in jobs)
         if conn.dialect.name == "postgresql":
             cursor = conn.connection.driver_connection.cursor()  # same transaction as `conn`
-            with cursor.copy(f"COPY {self.machine.sql_name(r)} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
+            with cursor.copy(f"COPY {sql_name(conn.dialect, r)} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
         else:
@@ -187,8 +191,7 @@ class Trees:
                 ).scalars().all()
                 if not roots:
                     return deleted
-                tree = sa.select(b.c.id).where(b.c.id.in_(roots)).cte("tree", recursive=True)
-                tree = tree.union_all(sa.select(b.c.id).join(tree, b.c.parent_id == tree.c.id))
+                tree = subtree(b, b.c.id.in_(roots))
                 ids = conn.execute(sa.select(tree.c.id)).scalars().all()
                 conn.execute(sa.update(b).where(b.c.antecedent_id.in_(ids)).values(antecedent_id=None))
                 conn.execute(sa.delete(c).where(c.c.batch_id.in_(ids)))

@@ -7,24 +7,25 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 
 from .heartbeat import Heartbeat
-from .relay import Relay
 
 if TYPE_CHECKING:
+    from ..store.liveness import Liveness
     from .node import Node
+    from .relay import Relay
 
 __all__ = ["make_bootstep"]
 
 
-def make_bootstep(node: "Node") -> type[bootsteps.StartStopStep]:
-    """A bootstep class bound to one ``Node`` (bootsteps are registered as classes)."""
+def make_bootstep(node: "Node", relay: "Relay", liveness: "Liveness") -> type[bootsteps.StartStopStep]:
+    """A bootstep class bound to one ``Node`` and its relay (bootsteps are registered as classes)."""
 
     class BatchesWorkerStep(bootsteps.StartStopStep):
         """Starts the heartbeat and the relay threads; neither runs on the worker's event loop."""
 
         def __init__(self, parent: Any, **kwargs: Any) -> None:
             super().__init__(parent, **kwargs)
-            self.relay = Relay(node)
-            self.heartbeat = Heartbeat(node.liveness, node.name, node.settings.heartbeat_interval, parent)
+            self.relay = relay
+            self.heartbeat = Heartbeat(liveness, node.name, node.settings.heartbeat_interval, parent)
 
         def start(self, parent: Any) -> None:
             # A worker on a schema older than its code would fail every write it makes: refuse to start.
@@ -36,7 +37,7 @@ def make_bootstep(node: "Node") -> type[bootsteps.StartStopStep]:
 
         def stop(self, parent: Any) -> None:
             self.relay.stop()
-            node.group_commit.close()
+            node.close()
 
         # a cold shutdown (a second Ctrl-C, SIGQUIT) calls terminate, not stop: commit what is buffered all the same
         terminate = stop

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from .. import retry
 from ..models import BatchStatus, RunStatus
 from ..store import RunEvent, refused_for_good, utcnow
+from ..store.rows import error_text
 from ..store.liveness import UNCLAIMED, Claim
 from ..store.migrate import check_schema
 from .groupcommit import GroupCommit
@@ -27,7 +28,6 @@ from .groupcommit import GroupCommit
 if TYPE_CHECKING:
     from celery import Celery
 
-    from ..publishing.probe import Probe
     from ..publishing.publisher import Publisher
     from ..settings import Settings
     from ..store import Transitions
@@ -44,8 +44,8 @@ def _refusal(event: RunEvent, exc: BaseException) -> RunEvent | None:
     if event.status == RunStatus.FAILED and event.error and event.error.startswith("celery_batches:"):
         return None  # already a refusal
     return replace(event, status=RunStatus.FAILED, result=None, node=None,
-                   error=f"celery_batches: the registry refused this run's {event.status.name} transition: "
-                         f"{type(exc).__name__}: {str(exc)[:1000]}")
+                   error=error_text(exc, f"celery_batches: the registry refused this run's {event.status.name} "
+                                         "transition: "))
 
 
 class Node:
@@ -53,13 +53,12 @@ class Node:
     it), with the registry parts the worker uses."""
 
     def __init__(self, app: "Celery", settings: "Settings", transitions: "Transitions", liveness: "Liveness",
-                 probe: "Probe", publisher: "Publisher") -> None:
+                 publisher: "Publisher") -> None:
         self.app = app
         self.settings = settings
-        self.transitions = transitions
-        self.liveness = liveness
-        self.probe = probe
-        self.publisher = publisher
+        self._transitions = transitions
+        self._liveness = liveness
+        self._publisher = publisher
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.group_commit: GroupCommit[RunEvent] = GroupCommit(
             self.write_events, interval=settings.flush_interval, max_events=settings.flush_max,
@@ -69,7 +68,7 @@ class Node:
         """Raise ``SchemaTooOld`` if the registry's schema is older than this code (a worker refuses to
         start on it). A registry that cannot be reached now is not judged: the worker waits for it."""
         try:
-            found = check_schema(self.transitions.engine, self.settings.table_prefix)
+            found = check_schema(self._transitions.engine, self.settings.table_prefix)
         except sa.exc.DBAPIError:
             log.error("celery_batches: cannot read the registry's schema revision at start", exc_info=True)
             return
@@ -84,7 +83,7 @@ class Node:
 
     def write_events(self, events: Sequence[RunEvent]) -> None:
         """Commit a group of run transitions, then publish what it made due."""
-        self.publisher.publish(self.transitions.apply_events(events))
+        self._publisher.publish(self._transitions.apply_events(events))
 
     def claim(self, run_id: str, retries: int, *, force: bool = False, replaces: str | None = None) -> Claim | None:
         """As a member starts: mark its run RUNNING on this process (see ``Liveness.claim``; ``force``
@@ -96,7 +95,7 @@ class Node:
         # <node>/<pid>/<delivery>: a repeat of this claim (its commit went unanswered) finds the run its own
         owner = f"{self.name}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         try:
-            return retry.call(lambda: self.liveness.claim(run_id, retries, owner, utcnow(), force=force,
+            return retry.call(lambda: self._liveness.claim(run_id, retries, owner, utcnow(), force=force,
                                                           replaces=replaces), retry.CLAIM, "claim", log)
         except sa.exc.DBAPIError:
             log.error("celery_batches: the registry refused the claim of run %s; running it", run_id, exc_info=True)
@@ -107,7 +106,7 @@ class Node:
         its replacement), False if an earlier one claimed it, None if it is no continuation of ours
         (or the registry refuses the claim). An unreachable registry is waited for, as for a run."""
         try:
-            return retry.call(lambda: self.liveness.claim_continuation(continuation_id, token, retries), retry.CLAIM,
+            return retry.call(lambda: self._liveness.claim_continuation(continuation_id, token, retries), retry.CLAIM,
                               "continuation claim", log)
         except sa.exc.DBAPIError:
             log.error("celery_batches: the registry refused the claim of continuation %s; running it",
@@ -131,10 +130,23 @@ class Node:
         if claim.claimed:
             return "run"
         if claim.run_status == RunStatus.RUNNING:  # running elsewhere: this delivery's message is gone unrun
-            self.write("note a delivery skipped", self.liveness.consumed, run_id)
+            self._write("note a delivery skipped", self._liveness.consumed, run_id)
         return "skip"
 
-    def write(self, what: str, write: Any, *args: Any, **kwargs: Any) -> Any:
+    def hand_back(self, run_id: str, owner: str | None, *, replaced_by: str | None = None) -> None:
+        """A run this delivery claimed goes back to PENDING for the next delivery (its message is
+        requeued) or for its replacement (``replaced_by``: ``Task.replace()``)."""
+        self._write("hand back a run", self._liveness.hand_back, run_id, owner, replaced_by=replaced_by)
+
+    def hand_back_continuation(self, continuation_id: str, token: str | None) -> None:
+        """A continuation this delivery claimed is claimable again (its message is requeued)."""
+        self._write("hand back a continuation", self._liveness.hand_back_continuation, continuation_id, token)
+
+    def close(self) -> None:
+        """Commit what this process's group commit holds (the process or the worker is stopping)."""
+        self.group_commit.close()
+
+    def _write(self, what: str, write: Any, *args: Any, **kwargs: Any) -> Any:
         """A registry write a pool process makes before it goes on (a claim handed back, a skipped
         delivery noted): repeated if its connection died; logged, not raised, if it still fails
         (recovery resolves what it would have said)."""

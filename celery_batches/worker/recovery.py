@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from celery import states
 from celery.backends.base import DisabledBackend
@@ -45,7 +45,8 @@ from ..store.rows import as_utc
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .node import Node
+    from ..settings import Settings
+    from ..store.liveness import Liveness
 
 __all__ = ["Recovery", "backend_outcome"]
 
@@ -99,13 +100,11 @@ def _dated_since(date_done: Any, since: datetime) -> bool:
 
 
 class Recovery:
-    def __init__(self, node: "Node") -> None:
-        self.app = node.app
-        self.settings = node.settings
-        self.liveness = node.liveness
-        self.probe: Probe = node.probe
-        self.record = node.write_events  # commit RunEvents and publish what they made due
-        self.me = node.name
+    def __init__(self, settings: "Settings", app: "Celery", liveness: "Liveness", probe: Probe,
+                 record: Callable[[Sequence[RunEvent]], None], me: str) -> None:
+        self.app, self.settings, self.liveness, self.probe = app, settings, liveness, probe
+        self.record = record  # commit RunEvents and publish what they made due
+        self.me = me  # this node's name
         self._seen: dict[str, tuple[object, float]] = {}  # node -> (last heartbeat value, when it changed)
         # run id -> (what the lost-message search saw: "unacked <delivery tag>" or "absent <attempt>", since
         # when, pass of the last look): one message unacknowledged, or one attempt's message missing, throughout
