@@ -12,7 +12,8 @@ largest N measured, and marked so.
     BENCH_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// python benchmarks/big.py   # on RabbitMQ
 
 Needs PostgreSQL (database ``test``), Redis, and the broker named by BENCH_BROKER_URL (Redis by
-default). Uses a scratch table prefix of its own, dropped afterwards.
+default). Each probe uses a scratch table prefix (``cbbig_<random>_``) and a queue (``bench-big-<random>``)
+of its own, dropped afterwards; BENCH_SCRATCH_PREFIX=<stem> names both ``<stem><random>``.
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ print(json.dumps(out))
 
 
 def probe(way: str, n: int) -> dict:
-    queue = f"bench-big-{uuid.uuid4().hex[:8]}"
-    code = PROBE.format(root=str(ROOT), queue=queue, prefix=f"cbbig_{uuid.uuid4().hex[:6]}_", way=way, n=n)
+    scratch = os.environ.get("BENCH_SCRATCH_PREFIX")  # what every name the probe makes starts with
+    run = uuid.uuid4().hex[:8]
+    queue, prefix = (f"{scratch}{run}", f"{scratch}{run}_") if scratch else (f"bench-big-{run}", f"cbbig_{run[:6]}_")
+    code = PROBE.format(root=str(ROOT), queue=queue, prefix=prefix, way=way, n=n)
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -93,6 +96,7 @@ def probe(way: str, n: int) -> dict:
 
 
 def delete_queue(queue: str) -> None:
+    """Delete ``queue`` with its messages, and the exchange of the same name Celery declared for it."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.benchapp import app
 
@@ -104,10 +108,14 @@ def delete_queue(queue: str) -> None:
             # (the probe's exchange is named after its queue, as Celery names a default queue's)
             channel.client.delete(queue, channel.keyprefix_queue % queue, channel.keyprefix_binding_permanent % queue)
             return
-        try:
-            channel.queue_delete(queue)
-        except Exception:  # noqa: BLE001  (never declared)
-            pass
+        # RabbitMQ keeps a durable exchange after its queue is gone; a channel an error closed is not
+        # used again, hence one channel each
+        for delete in (lambda ch: ch.queue_delete(queue), lambda ch: ch.exchange_delete(queue)):
+            try:
+                with conn.channel() as ch:
+                    delete(ch)
+            except Exception:  # noqa: BLE001  (never declared)
+                pass
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ WSGI application with Werkzeug's test client: the server time of a request, with
 
     python benchmarks/dashboard.py [--batches 100000] [--repeat 9] [--refill] [--drop]
 
-The registry (table prefix ``cbdash_<N/1000>k_``) holds, for ``--batches N``:
+The registry (table prefix ``cbdash_<N/1000>k_``, or BENCH_DASHBOARD_PREFIX) holds, for ``--batches N``
+(at least 1,002):
 
 * ``big-import``: one batch of N jobs, 60% done (1% of them failed), the rest pending;
 * N - 1 more batches of 9 jobs each: 80% top-level, 20% nested under them (some two levels
@@ -133,6 +134,11 @@ def tables(batches: Batches) -> dict[str, str]:
             "continuations": t.continuations.name}
 
 
+def registry_tables(batches: Batches) -> list[str]:
+    """Every table of the registry (its schema as of the latest migration), version table aside."""
+    return [t.name for t in batches.transitions.tables.metadata.sorted_tables]
+
+
 def fill(batches: Batches, n: int, refill: bool) -> None:
     names = tables(batches)
     with batches.engine.connect() as conn:
@@ -143,8 +149,10 @@ def fill(batches: Batches, n: int, refill: bool) -> None:
         return
     t0 = time.perf_counter()
     with batches.engine.begin() as conn:
-        conn.execute(sa.text(f"TRUNCATE {names['continuations']}, {names['batch_jobs']}, {names['runs']}, "
-                             f"{names['batches']}"))
+        # every table of the registry at once: PostgreSQL refuses to truncate a table another one
+        # references unless that one is truncated with it (batch_tags, migration 0004, references
+        # batches), and a refill starts from an empty registry (no publications, leases or nodes)
+        conn.execute(sa.text(f"TRUNCATE {', '.join(registry_tables(batches))}"))
         for statement in fill_statements(n):
             conn.execute(sa.text(statement.format(**names)))
     with batches.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -194,6 +202,11 @@ def main() -> None:
     parser.add_argument("--refill", action="store_true", help="rebuild the registry even if it is there")
     parser.add_argument("--drop", action="store_true", help="drop the benchmark tables at the end")
     args = parser.parse_args()
+    if args.batches < TREE + 2:
+        parser.error(f"--batches must be at least {TREE + 2:,}: the big batch, the tree's root and its "
+                     f"{TREE:,} batches")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     n = args.batches
     prefix = env("BENCH_DASHBOARD_PREFIX", f"cbdash_{n // 1000}k_")

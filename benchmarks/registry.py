@@ -12,7 +12,8 @@ statements on one row (``UPDATE … SET n = n + 1``, then ``SELECT n``), for ``-
     python benchmarks/registry.py [-n 100000] [--writers 8] [--seconds 10]
 
 Needs PostgreSQL (127.0.0.1:5432, database ``test``; BENCH_DATABASE_URL) and ``pgbench``.
-Uses scratch tables of its own, dropped afterwards.
+Uses scratch tables of its own (``cbreg_<random>_``, ``cbreg_hot_<random>``; BENCH_SCRATCH_PREFIX
+replaces ``cbreg_``), dropped afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue as queue_module
 import re
 import subprocess
 import sys
@@ -32,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+#: what the name of every table the run makes (and drops) starts with
+SCRATCH = os.environ.get("BENCH_SCRATCH_PREFIX", "cbreg_")
 
 
 def registry(prefix: str):
@@ -62,13 +66,17 @@ def write_batches(prefix: str, n: int, batches_n: int) -> tuple[list[str], list[
     return batch_ids, run_ids
 
 
-def writer(prefix: str, run_ids: list[str], start: multiprocessing.Event, done: multiprocessing.Queue) -> None:
+def writer(prefix: str, run_ids: list[str], ready: multiprocessing.Queue, start: multiprocessing.Event,
+           done: multiprocessing.Queue) -> None:
     """One pool process's share: record a COMPLETED transition per run through its own group commit."""
     from celery_batches.models import RunStatus
     from celery_batches.store import RunEvent
 
     b = registry(prefix)
     node = b.node
+    with b.engine.connect() as conn:  # connected before the clock starts (the pool keeps the connection)
+        conn.exec_driver_sql("SELECT 1")
+    ready.put(os.getpid())
     start.wait()
     for run_id in run_ids:
         node.record(RunEvent(run_id, RunStatus.COMPLETED, 0))
@@ -77,24 +85,41 @@ def writer(prefix: str, run_ids: list[str], start: multiprocessing.Event, done: 
     b.engine.dispose()
 
 
+def gather(queue: multiprocessing.Queue, procs: list, what: str, timeout: float) -> list:
+    """One item from ``queue`` per process; raises as soon as a process exits with an error (it will
+    never put its item) or when ``timeout`` seconds have passed."""
+    items, deadline = [], time.monotonic() + timeout
+    while len(items) < len(procs):
+        try:
+            items.append(queue.get(timeout=0.5))
+        except queue_module.Empty:
+            if failed := [p.exitcode for p in procs if p.exitcode not in (None, 0)]:
+                raise RuntimeError(f"a writer process failed (exit codes {failed}) before {what}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not {what} within {timeout:g} s") from None
+    return items
+
+
 def transitions_per_second(n: int, writers: int, batches_n: int) -> tuple[float, int, int]:
     """Commit n transitions from ``writers`` processes; returns (per second, lost, doubled)."""
     import sqlalchemy as sa
 
     from celery_batches.store import drop_schema
 
-    prefix = f"cbreg_{uuid.uuid4().hex[:6]}_"
-    batch_ids, run_ids = write_batches(prefix, n, batches_n)
+    prefix = f"{SCRATCH}{uuid.uuid4().hex[:6]}_"
     ctx = multiprocessing.get_context("spawn")
-    start, done = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=writer, args=(prefix, run_ids[i::writers], start, done)) for i in range(writers)]
+    ready, start, done = ctx.Queue(), ctx.Event(), ctx.Queue()
+    procs: list[multiprocessing.Process] = []
     try:
+        batch_ids, run_ids = write_batches(prefix, n, batches_n)
+        procs = [ctx.Process(target=writer, args=(prefix, run_ids[i::writers], ready, start, done))
+                 for i in range(writers)]
         for p in procs:
             p.start()
-        time.sleep(2)  # every writer imported and connected
+        gather(ready, procs, "every writer imported and connected", 300)
         t0 = time.perf_counter()
         start.set()
-        ends = [done.get(timeout=600) for _ in procs]
+        ends = gather(done, procs, "every writer's last transition committed", 600)
         seconds = max(ends) - t0
         for p in procs:
             p.join(60)
@@ -107,6 +132,10 @@ def transitions_per_second(n: int, writers: int, batches_n: int) -> tuple[float,
         doubled = max(counted - n, 0)
         return n / seconds, lost, doubled
     finally:
+        for p in procs:  # a writer still waiting for the start (the run failed): nothing else ends it
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
         drop_schema(registry(prefix).engine, prefix)
 
 
@@ -115,24 +144,27 @@ def pgbench_ceiling(clients: int, seconds: int) -> float:
     import sqlalchemy as sa
 
     url = sa.engine.make_url(DATABASE_URL)
-    table = f"cbreg_hot_{uuid.uuid4().hex[:6]}"
+    table = f"{SCRATCH}hot_{uuid.uuid4().hex[:6]}"
     admin = sa.create_engine(DATABASE_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE TABLE {table} (id int PRIMARY KEY, n bigint NOT NULL)")
-        conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1, 0)")
-    try:
-        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-            script.write(f"UPDATE {table} SET n = n + 1 WHERE id = 1;\nSELECT n FROM {table} WHERE id = 1;\n")
-        out = subprocess.run(["pgbench", "-n", "-c", str(clients), "-j", str(clients), "-T", str(seconds),
-                              "-f", script.name, "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432),
-                              "-U", url.username or "postgres", url.database or "test"],
-                             capture_output=True, text=True, check=True)
-        return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
-    finally:
-        os.unlink(script.name)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP TABLE {table}")
-        admin.dispose()
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
+        script.write(f"UPDATE {table} SET n = n + 1 WHERE id = 1;\nSELECT n FROM {table} WHERE id = 1;\n")
+        script.flush()
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"CREATE TABLE {table} (id int PRIMARY KEY, n bigint NOT NULL)")
+                conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1, 0)")
+            out = subprocess.run(["pgbench", "-n", "-c", str(clients), "-j", str(clients), "-T", str(seconds),
+                                  "-f", script.name, "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432),
+                                  "-U", url.username or "postgres", url.database or "test"],
+                                 capture_output=True, text=True, check=False,
+                                 env=dict(os.environ, **({"PGPASSWORD": url.password} if url.password else {})))
+            if out.returncode != 0:
+                raise RuntimeError(f"pgbench exited with {out.returncode}:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+            return float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+            admin.dispose()
 
 
 def main() -> None:
@@ -141,6 +173,9 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=10, help="how long pgbench runs")
     args = parser.parse_args()
+    if args.n < 100 or args.writers < 1 or args.seconds < 1:
+        parser.error("-n must be at least 100 (the second round spreads it over 100 batches), "
+                     "--writers and --seconds at least 1")
 
     ceiling = pgbench_ceiling(args.writers, args.seconds)
     print(f"pgbench, one hot row, two statements a transaction, {args.writers} clients: {ceiling:,.0f} tps")
