@@ -1,4 +1,11 @@
-"""celery_batches: atomic batches for Celery, tracked in a PostgreSQL (or SQLite) registry."""
+"""celery_batches: atomic batches for Celery, tracked in a PostgreSQL (or SQLite) registry.
+
+The layers, top down (docs/architecture.md is the map): ``cli`` and ``dashboard`` read and act
+through ``api`` (``Batches``, which builds every part); ``builder`` collects a batch without I/O;
+``worker`` runs inside ``celery worker``; ``publishing`` talks to the broker; ``store`` holds all
+the SQL. Below them, plain values every layer shares: ``models``, ``message``, ``settings``,
+``errors``, ``retry``, ``kombujson``, ``serialize``.
+"""
 
 from .api import Batches, current_batch_id
 from .builder import BatchBuilder
