@@ -4,7 +4,7 @@ The layers, top down (docs/architecture.md is the map): ``cli`` and ``dashboard`
 through ``api`` (``Batches``, which builds every part); ``builder`` collects a batch without I/O;
 ``worker`` runs inside ``celery worker``; ``publishing`` talks to the broker; ``store`` holds all
 the SQL. Below them, plain values every layer shares: ``models``, ``message``, ``settings``,
-``errors``, ``retry``, ``kombujson``, ``serialize``.
+``errors``, ``retry``, ``kombujson`` (and ``serialize``, the JSON the CLI and the dashboard share).
 """
 
 from .api import Batches, current_batch_id
