@@ -15,7 +15,12 @@ from kombu.utils import json as kjson
 __all__ = ["dumps", "keep", "loads"]
 
 dumps = kjson.JSONEncoder().encode
-loads = json.JSONDecoder(object_hook=kjson.object_hook).decode
+_decode = json.JSONDecoder(object_hook=kjson.object_hook).decode
+
+
+def loads(text: str | bytes) -> Any:
+    """kombu's JSON back to values; bytes (what Redis hands back) are UTF-8 text, as kombu reads them."""
+    return _decode(text.decode("utf-8") if isinstance(text, (bytes, bytearray)) else text)
 
 
 def keep(value: Any, max_bytes: int) -> tuple[str | None, str | None]:

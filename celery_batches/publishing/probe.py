@@ -70,11 +70,11 @@ class RedisProbe(Probe):
                     length = client.llen(key)
                     if length > self.scan_limit:
                         snap.unknown.add(queue)
-                    for raw in client.lrange(key, 0, self.scan_limit - 1):
+                    for raw in client.lrange(_own_key(client, "LRANGE", key), 0, self.scan_limit - 1):
                         task_id = _task_id(raw)
                         if task_id:
                             snap.queued.add(task_id)
-            for tag, raw in client.hgetall(channel.unacked_key).items():
+            for tag, raw in client.hgetall(_own_key(client, "HGETALL", channel.unacked_key)).items():
                 try:
                     payload = kombujson.loads(raw)[0]
                 except Exception:
@@ -126,6 +126,16 @@ def _task_id(raw: Any) -> str | None:
         return str(payload["headers"]["id"])
     except Exception:
         return None
+
+
+def _own_key(client: Any, command: str, key: str) -> str:
+    """``key`` as ``command`` must name it. With the transport option ``global_keyprefix`` kombu's
+    client prefixes the keys of the commands kombu itself sends (``LLEN``, ``HGET``...) but not of
+    the others (``LRANGE``, ``HGETALL``): for those the prefix is added here."""
+    prefix = getattr(client, "global_keyprefix", "") or ""
+    if not prefix or command in getattr(client, "PREFIXED_SIMPLE_COMMANDS", ()):
+        return key
+    return prefix + key
 
 
 def probe_for(app: "Celery", scan_limit: int) -> Probe:
