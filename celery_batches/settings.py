@@ -124,7 +124,7 @@ class Settings:
 
     node_timeout: float = 60.0
     """Seconds without a heartbeat after which a node is gone: its open runs are resolved
-    (FAILED "worker lost" where Celery would not run them again, released where it would)."""
+    (FAILED "worker lost" where Celery would not run them again, handed back where it would)."""
 
     lost_after: float = 60.0
     """Age, in seconds, after which a published run that no worker holds is looked for in the broker

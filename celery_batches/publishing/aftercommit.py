@@ -38,7 +38,7 @@ _LISTENING = "celery_batches.after_commit.listening"
 
 
 def _settle_pending(session: Session, transaction: SessionTransaction) -> None:
-    """End of a Session transaction: when the outermost one ends, settle (and forget) what it held."""
+    """End of a Session transaction: when the outermost one ends, settle (and forget) what it carried."""
     if transaction.parent is None:
         pending, session.info[_PENDING] = session.info.get(_PENDING, []), []
         for settle in pending:
@@ -57,7 +57,7 @@ def on_commit(connection: Any, publish: Callable[[], None], visible: Callable[[]
 
     if isinstance(connection, Session):
         # One listener per Session, registered once: it fires after the DBAPI commit or rollback (or
-        # close) of each transaction and settles what the outermost one held. A listener per batch
+        # close) of each transaction and settles what the outermost one carried. A listener per batch
         # would stay on a long-lived Session, and keep its batch's publication, for as long as it lives.
         pending = connection.info.setdefault(_PENDING, [])
         pending.append(settle)

@@ -80,7 +80,7 @@ class Report:
     deferred: int = 0
     broker_down: bool = False
     lease_lapsed: bool = False
-    unflagged: bool = False  # some sent runs could not be flagged: the lease must lapse, not be released
+    unflagged: bool = False  # some sent runs could not be flagged: the lease must lapse, not be dropped
     errors: list[str] = field(default_factory=list)
     #: until when (``time.monotonic()``) the publisher surely holds its lease: its bookkeeping writes
     #: are tried again until then (nothing else publishes its rows meanwhile)
@@ -340,7 +340,7 @@ class _Flagger:
     """Flags each chunk's sent runs; for a publication of several chunks, in a thread of its own
     while the next chunk is sent (the flag is PostgreSQL's work, the sending ours: on two cores
     the flags of a 10,000-run batch then cost no time of their own). At most one chunk's flag is
-    in flight; leaving waits for it, so nothing after a publication (a lease released, its
+    in flight; leaving waits for it, so nothing after a publication (a lease dropped, its
     continuations sent) runs before its runs are flagged."""
 
     def __init__(self, flag: Callable[[list[str]], None], overlap: bool) -> None:

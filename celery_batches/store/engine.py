@@ -65,8 +65,8 @@ def _fork_safe(engine: sa.Engine) -> None:
     """Never use a pooled connection, or a pool lock, in a process other than the one that made it.
 
     A prefork worker child inherits the parent's pool: sharing one socket between two processes
-    corrupts both sessions, and a lock a parent's thread (the relay, the group commit) held at the
-    instant of the fork stays held forever in the child. So every forked child starts with a new,
+    corrupts both sessions, and a lock a parent's thread (the relay, the group commit) had taken at the
+    instant of the fork stays taken forever in the child. So every forked child starts with a new,
     empty pool (SQLAlchemy's ``dispose(close=False)``: the parent's connections are left alone).
     """
     if isinstance(engine.pool, StaticPool):

@@ -266,7 +266,7 @@ class Liveness:
 
         Only runs still as recovery saw them change: still named by the gone node ``left_by``, or
         (without it) still waiting with no node. A run a worker claimed meanwhile is left alone:
-        releasing it would publish it again while it runs."""
+        handing it back would publish it again while it runs."""
         r = self.tables.runs
         if not run_ids:
             return 0

@@ -44,7 +44,7 @@ class Outbox:
 
     def exists(self, lease: str) -> bool:
         """Is the lease there for everyone to see: the transaction that made it committed (and no
-        publisher has released it yet)?"""
+        publisher has dropped it yet)?"""
         p = self.tables.publications
         with self.engine.connect() as conn:
             return conn.scalar(sa.select(p.c.id).where(p.c.id == lease)) is not None

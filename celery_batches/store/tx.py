@@ -40,7 +40,7 @@ class Tx:
     def publication(self, runs: list[Message] | None = None, continuations: list[Message] | None = None) -> Publication:
         """What the transaction made publishable, as its last step. A lease taken long before (a
         million-job batch takes a minute to write) counts again from now: the publisher must find it
-        held when the commit is through, or it leaves everything to the relay."""
+        still valid when the commit is through, or it leaves everything to the relay."""
         lease = self._lease_time
         if self._lease is not None and time.monotonic() - self._leased_at > lease.total_seconds() / 4:
             p = self._publications

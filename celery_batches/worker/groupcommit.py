@@ -46,7 +46,7 @@ class GroupCommit(Generic[E]):
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        """A forked child starts empty, with a lock of its own: the parent's lock may have been held
+        """A forked child starts empty, with a lock of its own: the parent's lock may have been taken
         by its writer thread at the instant of the fork, and that thread does not exist here."""
         self._cond = threading.Condition()
         self._pid = 0
