@@ -6,13 +6,12 @@ queue no worker consumes.
 
 from __future__ import annotations
 
-import pytest
 
 from celery_batches import BatchStatus
 from celery_batches.models import ContinuationStatus
-from tests.helpers import WAIT, continuations_become, count, drain, eventually, tag
+from tests.helpers import WAIT, continuations_become, count, drain, eventually, needs, tag
 
-pytestmark = pytest.mark.integration
+pytestmark = needs("postgres", "redis", "worker")
 
 
 def test_fires_once_when_a_hundred_members_fail_together(proj, worker):

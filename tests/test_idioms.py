@@ -11,9 +11,9 @@ import sqlalchemy as sa
 
 from celery_batches import BatchStatus, RunStatus
 from celery_batches.models import ContinuationStatus
-from tests.helpers import WAIT, count, eventually, fired_once, tag
+from tests.helpers import WAIT, count, eventually, fired_once, needs, tag
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [*needs("postgres", "redis", "worker"), pytest.mark.timeout(180)]
 #: well before the reconciler would look at an open run (the test app's reconcile grace is 30 s):
 #: what these tests wait for is the normal path, not the fallback
 PROMPT = 20.0

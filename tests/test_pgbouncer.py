@@ -17,10 +17,9 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_batches import Batches, BatchStatus
-from tests.conftest import ROOT
-from tests.helpers import WAIT, count, fired_once, private_registry, tag
+from tests.helpers import ROOT, WAIT, count, fired_once, needs, private_registry, tag
 
-pytestmark = [pytest.mark.integration]
+pytestmark = needs("postgres", "redis")
 
 
 def test_batches_created_by_three_threads_at_once_through_pgbouncer(pgbouncer):
@@ -63,6 +62,7 @@ def test_batches_created_by_three_threads_at_once_through_pgbouncer(pgbouncer):
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_a_worker_through_pgbouncer_claims_every_member(proj, pgbouncer, start_worker):
     """Seen: every claim connection was refused (`unsupported startup parameter: options`, the claim
     engine's `-c synchronous_commit=off`), so every member ran unclaimed. Through the bouncer
@@ -94,6 +94,7 @@ def test_a_worker_through_pgbouncer_claims_every_member(proj, pgbouncer, start_w
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@needs("worker")
 def test_the_seed_flows_through_pgbouncer(pgbouncer):
     """The end-to-end flows of tests/test_integration.py (the seed's: create, nest, continuations,
     failures, retries, duplicates, concurrent batches, the relay) with the producer and every worker

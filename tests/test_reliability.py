@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session
 from celery_batches import BatchStatus, RunStatus
 from celery_batches.builder import BatchBuilder
 from celery_batches.store import RunEvent, make_engine, utcnow
-from tests.helpers import WAIT, count, eventually, memory_app, private_registry, tag, works_in_a_child_forked_while_held
+from tests.helpers import (WAIT, count, eventually, memory_app, needs, private_registry, tag,
+                           works_in_a_child_forked_while_held)
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [*needs("postgres", "redis"), pytest.mark.timeout(120)]
 
 
 def _waiting_for_a_lock(proj) -> bool:
@@ -57,6 +58,7 @@ def test_an_error_text_with_a_lone_surrogate_is_stored_escaped(proj, nowhere):
     assert failed.error == "FileNotFoundError: /data/\\udcffile"
 
 
+@needs("worker")
 def test_a_failing_members_lone_surrogate_and_a_custom_id_task_stall_nothing_on_a_real_worker(proj, worker):
     """End to end: a member raising with a lone surrogate in its message, and a non-member task with
     a custom id killed by its hard time limit in the main process, next to batches that must finish."""
