@@ -1,9 +1,16 @@
-"""Fixtures for the integration tests: real PostgreSQL, real Redis, real ``celery worker`` processes.
+"""Fixtures: the session's configuration and services, registries of a test's own, real ``celery worker``
+processes.
 
-Every session gets its own table prefix, queue and Redis database keys, set in the environment
-before ``tests.proj`` is imported, so the workers the fixtures start (which import the same
-module) see the same configuration. A missing service skips these tests locally and fails them
-when ``CI=true``. Helpers that are not fixtures (and know nothing of the session) are in ``helpers.py``.
+Every session gets its own table prefix, queue and Redis keys, set in the environment before
+``tests.proj`` is imported, so the workers the fixtures start (which import the same module) see the
+same configuration. Where the services are comes from ``TEST_DATABASE_URL``, ``TEST_BROKER_URL``,
+``TEST_BACKEND_URL``, ``TEST_REDIS_URL`` and ``TEST_AMQP_URL``.
+
+What a test needs beyond this process is in its marks (``needs(...)`` of ``helpers.py``; setup.cfg
+lists them): the services they name are probed before it runs, and one that does not answer skips
+the test locally and fails it under ``CI=true``. A test using a fixture that reaches a service or
+starts a worker (``FIXTURE_NEEDS``) is marked so whatever its module says, so ``-m "not integration"``
+never runs one. Helpers that are not fixtures are in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 def registry_on(services: None) -> Callable[[str], Any]:
     """``registry_on(broker_url)``: a Batches on tables of its own (no relay in this process) whose app
     publishes to that broker; ``.worker_env`` starts workers of ``tests.proj`` on that broker and
-    those tables (``start_worker(**registry.worker_env)``). A registry serves one broker: the session
+    those tables (``start_worker(**batches.worker_env)``). A registry serves one broker: the session
     registry's relays and lost-message searches would take a run of another broker for lost."""
     from celery import Celery
 

@@ -1,8 +1,9 @@
 """Helpers the test modules share; the fixtures are in ``conftest.py``.
 
-Nothing here reads the session's configuration at import time, so ``conftest.py`` builds on this
-module (never the other way round). Every wait is a deadline, never a sleep: a check that
-passes returns at once, whatever the deadline.
+Test modules import from here (and ``tests.proj``), never from one another or from ``conftest.py``.
+Nothing here reads the session's configuration at import time (``conftest.py`` sets it in the
+environment, and builds on this module, never the other way round). Every wait is a deadline,
+never a sleep: a check that passes returns at once, whatever the deadline.
 """
 
 from __future__ import annotations

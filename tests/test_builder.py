@@ -1,4 +1,4 @@
-"""Batch building and validation (design.md §1-2): no worker, no broker server, SQLite in tmp_path.
+"""Batch building and validation: no worker, no broker server, SQLite in tmp_path.
 
 Every invalid input must raise ``InvalidBatchError`` (also a ``ValueError``) naming the offending
 job or thing, before anything is written to the registry or published to the broker.

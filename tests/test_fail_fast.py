@@ -1,7 +1,7 @@
-"""``cancel_on_failure`` (design.md section 5): the first failed unit cancels every unfinished run of
-the batch's subtree in the transaction that counts it; the batch finishes FAILED and fires
-``on_failure`` and ``on_complete`` once. On the session's real worker; jobs meant to stay pending go
-to a queue no worker consumes.
+"""``cancel_on_failure``: the first failed unit cancels every unfinished run of the batch's subtree in
+the transaction that counts it; the batch finishes FAILED and fires ``on_failure`` and
+``on_complete`` once. On the session's real worker; jobs meant to stay pending go to a queue no
+worker consumes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
-"""``on_first_failure`` (design.md section 5): once, at the first failed unit, without waiting for
-the rest; up the tree when a nested batch fails; never when nothing fails or the batch is cancelled.
-On the session's real worker (prefork, Redis, PostgreSQL); jobs meant to stay pending go to a
-queue no worker consumes.
+"""``on_first_failure``: once, at the first failed unit, without waiting for the rest; up the tree when
+a nested batch fails; never when nothing fails or the batch is cancelled. On the session's real
+worker (prefork, Redis, PostgreSQL); jobs meant to stay pending go to a queue no worker consumes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""A batch's description, properties and tags (design.md section 5): written with the batch, merged
-later by ``set_properties``, filtered on by ``list_batches(tag=...)``, shown by the CLI and the
-dashboard; bad input refused with nothing written. Registry-level tests run on the real PostgreSQL
-(a private table prefix) and on SQLite; the CLI and dashboard ones on the session's registry.
+"""A batch's description, properties and tags: written with the batch, merged later by
+``set_properties``, filtered on by ``list_batches(tag=...)``, shown by the CLI and the dashboard; bad
+input refused with nothing written. Registry-level tests run on the real PostgreSQL (a private table
+prefix) and on SQLite; the CLI and dashboard ones on the session's registry.
 """
 
 from __future__ import annotations

@@ -357,10 +357,8 @@ def test_the_delivery_check_survives_a_registry_connection_killed_under_it(proj,
 
 
 def test_a_claim_waits_for_an_unreachable_registry_instead_of_running_unrecorded(pgbouncer, caplog):
-    """Seen in the chaos soak through PgBouncer: a member whose claim could not be written ran
-    unrecorded; its worker died before its outcome was written, its message (whose published flag
-    had not been written either) was published again, and it ran twice. A claim now waits for the
-    registry: the member starts only once the registry knows it runs."""
+    """A member's claim waits for an unreachable registry (its PgBouncer stopped): the member starts,
+    its claim written, only once the registry answers again."""
     bouncer = pgbouncer(pool_size=2)
     app = memory_app("waits")
     with private_registry(app, "cbt_wait") as direct:

@@ -1,7 +1,7 @@
-"""``max_concurrency`` (design.md section 5): at most N of a batch's direct jobs published and
-unfinished at once, the next released by the transaction that records a job's end; with add,
-cancel, retry_failed and continue-with. On real prefork workers (8 pool processes, so that more
-than the window could run at once), Redis and PostgreSQL; each job counts how many run with it.
+"""``max_concurrency``: at most N of a batch's direct jobs published and unfinished at once, the next
+released by the transaction that records a job's end; with add, cancel, retry_failed and
+continue-with. On real prefork workers (8 pool processes, so that more than the window could run at
+once), Redis and PostgreSQL; each job counts how many run with it.
 """
 
 from __future__ import annotations

@@ -82,9 +82,9 @@ def test_migrations_match_the_tables(engine: sa.Engine, prefix: str) -> None:
 @needs("postgres")
 def test_name_search_gets_a_trigram_index_where_pg_trgm_can_be_had_and_works_without_one(
         fresh_database_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    """Issue 10: where the migrating role may create ``pg_trgm`` the batches' names get a trigram
-    index; where it may not (no CREATE on the database), the upgrade still completes, and name
-    search reads the batches instead."""
+    """Where the migrating role may create ``pg_trgm`` the batches' names get a trigram index; where
+    it may not (no CREATE on the database), the upgrade still completes, and name search reads the
+    batches instead."""
     from celery import Celery
 
     from celery_batches import Batches

@@ -185,7 +185,7 @@ def test_a_finished_run_delivered_again_is_not_executed(proj, worker):
 
 @needs("postgres", "redis", "worker")
 def test_a_batches_task_continuation_delivered_twice_runs_once(proj, worker):
-    """Issue 8 #9: a republished continuation (its producer died between publish and flag) runs once."""
+    """A ``@batches.task`` continuation delivered twice (its producer died between publish and flag) runs once."""
     key = tag("cont")
     with proj.batches.batch("continuation-twice") as b:
         b.enqueue(proj.noop)
@@ -222,7 +222,7 @@ def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data():
             assert conn.scalar(sa.text(f"SELECT version_num FROM {prefix}alembic_version")) == head_revision()
         old = batches.get_batch(batch_id)
         assert old.status == BatchStatus.STARTED
-        # what later migrations added reads as "not asked for" (section 5's options)
+        # what later migrations added (labels, cancel_on_failure, max_concurrency, results) reads as "not asked for"
         assert (old.description, old.properties, old.tags, old.cancel_on_failure, old.max_concurrency,
                 old.results) == (None, {}, (), False, None, False)
         lease, runs, _ = batches.publisher.outbox.take_lapsed(10)
@@ -251,7 +251,7 @@ def test_a_lease_taken_early_in_a_long_transaction_counts_from_its_end():
 @needs("postgres")
 def test_a_publication_of_several_chunks_is_all_flagged_before_its_lease_is_dropped():
     """The flags of one chunk are written while the next chunk is sent; the publication still ends
-    (its lease released) only once every chunk it sent is flagged, and nothing else is flagged."""
+    (its lease dropped) only once every chunk it sent is flagged."""
     app = memory_app("chunks")
     with private_registry(app, "cbt_chunks", publish_chunk=100) as batches:
         batches.queue = app.conf.task_default_queue

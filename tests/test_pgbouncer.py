@@ -23,10 +23,9 @@ pytestmark = needs("postgres", "redis")
 
 
 def test_batches_created_by_three_threads_at_once_through_pgbouncer(pgbouncer):
-    """Seen: of 30 batches created by 3 producer threads at once, some raised `prepared statement
-    "_pg3_0" does not exist` (psycopg prepares a statement it ran five times; the next transaction
-    reaches another server connection). Every batch is written, published and flagged, and every
-    publish lease is released, through a bouncer with one server connection for all of them."""
+    """Three producer threads create 30 batches at once through a bouncer with one server connection
+    for all of them (no server-side prepared statement may outlive its transaction): every batch is
+    written, published and flagged, and every publish lease is dropped."""
     bouncer = pgbouncer(pool_size=1)
     app = Celery(f"bouncer_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_BROKER_URL"], set_as_current=False)
     with private_registry(app, "cbt_pgb") as direct:
@@ -64,8 +63,7 @@ def test_batches_created_by_three_threads_at_once_through_pgbouncer(pgbouncer):
 @pytest.mark.slow
 @needs("worker")
 def test_a_worker_through_pgbouncer_claims_every_member(proj, pgbouncer, start_worker):
-    """Seen: every claim connection was refused (`unsupported startup parameter: options`, the claim
-    engine's `-c synchronous_commit=off`), so every member ran unclaimed. Through the bouncer
+    """A worker through the bouncer (which refuses startup options such as ``-c synchronous_commit``):
     every member is claimed by the process that runs it (``<node>/<pid>/<delivery>``), the group
     commits, heartbeats and the relay work, and the continuation fires once."""
     bouncer = pgbouncer(pool_size=2)

@@ -78,9 +78,8 @@ def test_a_queue_celery_does_not_know_fails_that_run_and_the_relay_goes_on(pg_re
 
 @needs("rabbitmq")
 def test_a_queue_rabbitmq_declared_with_other_arguments_fails_that_run_only(amqp_registry):
-    """Seen: a queue declared with other arguments (x-max-priority) answers 406 PRECONDITION_FAILED
-    at every declare; the relay stopped at that run on every pass. Now that run fails with the
-    reason and the others are published."""
+    """A run whose queue RabbitMQ declared with other arguments (``x-max-priority``: 406
+    PRECONDITION_FAILED at every declare) FAILS with the reason; the others are published."""
     batches = amqp_registry
     other = f"{batches.queue}-prio"
     with batches.app.connection_for_write() as conn:

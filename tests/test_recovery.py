@@ -42,10 +42,9 @@ def settled(proj, batch_id: str, batches=None):
 @pytest.mark.slow
 @needs("worker")
 def test_a_whole_worker_killed_with_celery_defaults_leaves_nothing_open(proj, start_worker):
-    """Issue 8 #5: with defaults the messages the killed worker had prefetched sat in Redis's unacked
-    hash for an hour and the runs it was executing stayed open forever. Now the runs it was running
-    are FAILED "worker lost" (Celery acknowledged them: it would not run them again), the ones it
-    held are handed back to the queue, and the batch finishes; nothing runs twice."""
+    """A worker SIGKILLed under Celery's defaults: the runs it was running end FAILED "worker lost"
+    (Celery acknowledged them: it would not run them again), the ones it had prefetched are handed
+    back to the queue and run on a new node, and the batch finishes; nothing runs twice."""
     w = start_worker()
     key = tag("starts")
     with proj.batches.batch("worker-killed") as b:
@@ -65,8 +64,8 @@ def test_a_whole_worker_killed_with_celery_defaults_leaves_nothing_open(proj, st
 @pytest.mark.slow
 @needs("worker")
 def test_pool_processes_killed_like_an_oom_killer(proj, start_worker):
-    """Issue 8 #5: pool processes SIGKILLed one a second left runs open for good (their outcome and
-    their RUNNING were buffered in the dead process). Now each such run ends FAILED "worker lost"."""
+    """Pool processes SIGKILLed one a second (with outcomes buffered in them): each run they held ends
+    FAILED (Celery's WorkerLostError, or recovery's "worker lost"), the batch finishes, nothing runs twice."""
     w = start_worker()
     key = tag("starts")
     with proj.batches.batch("oom-killed") as b:
@@ -145,9 +144,8 @@ def test_an_acks_late_run_of_a_killed_worker_runs_again_as_celery_would(proj, st
 @needs("worker")
 def test_runs_a_live_worker_held_when_the_broker_lost_them_run(proj, start_worker):
     """A broker restart loses the queue and the messages a live worker had prefetched; the worker
-    reconnects and drops what it held. Its heartbeat had marked those runs as held, and the marks
-    stayed: the lost-message search never looked at them and the batch stayed STARTED. Now each
-    beat marks exactly what the node holds, so they are found and published again, and run once."""
+    reconnects and holds them no more. Its next heartbeat drops their marks (each beat marks exactly
+    what the node holds), so the lost-message search finds them and publishes them again: each runs once."""
     w = start_worker()
     key = tag("starts")
     with proj.batches.batch("held-then-lost") as b:
@@ -458,11 +456,9 @@ def test_a_plain_tasks_claim_takes_the_run_over(pg_registry):
 @pytest.mark.slow
 @needs("worker")
 def test_acks_late_runs_of_a_worker_killed_and_restarted_at_once_finish(proj, broker_url, registry_on, start_worker):
-    """Seen on RabbitMQ: 20 acks_late jobs, the worker SIGKILLed and a new one started at once.
-    RabbitMQ redelivered the running ones at once; the claim found them RUNNING under the dead node
-    and the deliveries were skipped and acknowledged; recovery later put them back to PENDING,
-    still flagged published, and nothing republished them: 2 of 20 stuck for good. On Redis the
-    messages come back from the unacked set. Either way every job now ends, as acks_late promises."""
+    """20 acks_late jobs, their worker SIGKILLed and a new one started at once: RabbitMQ redelivers
+    the running ones at once, while their runs are still RUNNING under the dead node; Redis returns
+    them from its unacked set. On either broker every job ends, as acks_late promises."""
     producer, key = registry_on(broker_url), tag("starts")
     w = start_worker(**producer.worker_env)
     with producer.batch("acks-late-restarted") as b:
@@ -480,10 +476,9 @@ def test_acks_late_runs_of_a_worker_killed_and_restarted_at_once_finish(proj, br
 @needs("worker")
 def test_a_node_lost_for_good_while_another_runs_on(proj, broker_url, registry_on, start_worker):
     """Two worker nodes on one queue (``-n``); one is SIGKILLed for good while the other runs on.
-    Seen on RabbitMQ: 2 of 200 runs left PENDING and published. Now, within the recovery bound,
-    what the lost node was running ends FAILED "worker lost" where Celery acknowledged it (the
-    default) and runs again on the other node where Celery redelivers it (acks_late); what it held
-    runs on the other node; nothing runs twice that Celery would not run twice."""
+    Within the recovery bound, what the lost node was running ends FAILED "worker lost" where Celery
+    acknowledged it (the default) and runs again on the other node where Celery redelivers it
+    (acks_late); what it held runs on the other node; nothing runs twice that Celery would not run twice."""
     queue, producer, key = f"cbt-two-{uuid.uuid4().hex[:6]}", registry_on(broker_url), tag("starts")
     lost = start_worker(queue=queue, name=f"{queue}-a", **producer.worker_env)
     start_worker(queue=queue, name=f"{queue}-b", **producer.worker_env)
@@ -506,9 +501,9 @@ def test_a_node_lost_for_good_while_another_runs_on(proj, broker_url, registry_o
 @pytest.mark.slow
 @needs("worker")
 def test_a_task_celery_requeues_when_its_pool_process_dies_runs_again(proj, start_worker):
-    """task_reject_on_worker_lost (with acks_late): Celery requeues the message of a task whose pool
-    process died. Seen: the redelivery found the run claimed by the dead process and was skipped,
-    then recovery failed the run "worker lost". Now it runs again and completes, as Celery promises."""
+    """``task_reject_on_worker_lost`` (with acks_late): Celery requeues the message of a task whose pool
+    process died; the redelivery runs it again, the dead process's claim notwithstanding, and the run
+    completes, as Celery promises."""
     w = start_worker()
     key = tag("starts")
     with proj.batches.batch("requeued-if-lost") as b:
@@ -524,9 +519,9 @@ def test_a_task_celery_requeues_when_its_pool_process_dies_runs_again(proj, star
 @pytest.mark.slow
 @needs("worker")
 def test_retry_failed_next_to_a_result_backend_ends_with_the_new_attempt(proj, start_worker):
-    """Seen: a job fixed between attempts and retried with retry_failed, its second attempt slow:
-    the reconciler read the first attempt's FAILURE from the result backend (same task id) and the
-    batch ended FAILED with the old error while the second attempt still ran."""
+    """A job retried with retry_failed (the same task id), its second attempt slow: the reconciler
+    never reads the first attempt's FAILURE in the result backend as the second's outcome, and the
+    batch ends with the second attempt."""
     w = start_worker(TEST_RECONCILE_GRACE="1")  # its reconciler looks at any run open for a second
     flag = tag("flag")
     with proj.batches.batch("retry-with-a-backend") as b:
@@ -571,8 +566,8 @@ def sentinel(tmp_path):
 
 
 def test_a_message_lost_behind_a_redis_sentinel_is_found_and_published_again(sentinel):
-    """Seen by reading: the lost-message probe was chosen by the broker URL's scheme, so a Sentinel
-    broker ("sentinel://") got none, and a message lost in a failover was never found."""
+    """A Sentinel broker (``sentinel://``) gets the Redis lost-message probe: a message lost in a
+    failover is found missing at two looks and published again."""
     from celery import Celery
 
     from celery_batches.publishing.probe import RedisProbe

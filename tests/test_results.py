@@ -1,7 +1,7 @@
-"""``results=True`` (design.md section 5): each job's return value kept in the registry by the
-transaction that records its end, and every continuation given the list, in unit order, as its
-first argument (a chord body's call), with no result backend read. On the session's real worker
-(prefork, Redis, PostgreSQL); the SQLite path in ``test_embedded.py``.
+"""``results=True``: each job's return value kept in the registry by the transaction that records its
+end, and every continuation given the list, in unit order, as its first argument (a chord body's
+call), with no result backend read. On the session's real worker (prefork, Redis, PostgreSQL); the
+SQLite path in ``test_embedded.py``.
 """
 
 from __future__ import annotations

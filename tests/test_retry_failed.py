@@ -1,6 +1,6 @@
-"""``retry_failed`` (design.md section 5): the failed runs of a subtree published again, counters
-moved back with them, finished batches re-opened, continuations at most once each. On the session's
-real worker (prefork, Redis, PostgreSQL); through the API, the CLI and the dashboard.
+"""``retry_failed``: the failed runs of a subtree published again, counters moved back with them,
+finished batches re-opened, continuations at most once each. On the session's real worker (prefork,
+Redis, PostgreSQL); through the API, the CLI and the dashboard.
 """
 
 from __future__ import annotations

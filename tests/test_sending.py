@@ -31,6 +31,8 @@ TIMES = ("eta", "expires")
 
 @pytest.fixture
 def broker(broker_url):
+    """The session's Redis, then RabbitMQ: a test on it is marked ``redis``, then ``rabbitmq`` (the
+    params of ``broker_url``)."""
     return broker_url
 
 
