@@ -719,6 +719,21 @@ def test_a_batch_in_a_closed_session_never_runs_even_if_the_session_is_reused(pr
 
 @needs("worker")
 def test_a_batch_in_a_session_savepoint_is_published_only_when_the_outer_transaction_commits(proj, worker):
+    """Releasing the savepoint publishes nothing and shows nothing; the outer commit publishes the batch."""
+    ran, key = tag("ran"), tag("complete")
+    with Session(proj.batches.engine) as session:
+        with session.begin_nested():
+            batch_id = _create(proj, session, ran, key)
+        # the savepoint is released, the outer transaction still open: once the worker drained its queue,
+        # anything published so far would have run
+        never_fired(proj, ran, key)
+        assert proj.batches.get_batch(batch_id) is None
+        session.commit()
+    _ran_once(proj, batch_id, ran, key)
+
+
+@needs("worker")
+def test_a_batch_in_a_released_savepoint_of_a_rolled_back_session_never_runs(proj, worker):
     ran, key = tag("ran"), tag("complete")
     with Session(proj.batches.engine) as session:
         with session.begin_nested():
