@@ -684,6 +684,19 @@ def test_a_batch_in_a_rolled_back_savepoint_of_a_committed_connection(proj, work
     _never_existed(proj, batch_id, ran, key)
 
 
+def test_the_callers_connection_must_be_in_a_transaction_and_of_a_known_type(proj):
+    name = f"wrong-handle-{uuid.uuid4().hex}"
+    with proj.batches.engine.connect() as conn:
+        with pytest.raises(TypeError):
+            with proj.batches.batch(name, connection=conn) as b:
+                b.enqueue(proj.add, 1, 1)
+    for wrong in (object(), proj.batches.engine, "postgresql://"):
+        with pytest.raises(TypeError):
+            with proj.batches.batch(name, connection=wrong) as b:
+                b.enqueue(proj.add, 1, 1)
+    assert proj.batches.list_batches(name=name) == []
+
+
 @needs("worker")
 def test_a_batch_in_the_callers_committed_session(proj, worker):
     ran, key = tag("ran"), tag("complete")
@@ -717,39 +730,29 @@ def test_a_batch_in_a_closed_session_never_runs_even_if_the_session_is_reused(pr
     _never_existed(proj, batch_id, ran, key)
 
 
-@needs("worker")
-def test_a_batch_in_a_session_savepoint_is_published_only_when_the_outer_transaction_commits(proj, worker):
-    """Releasing the savepoint publishes nothing and shows nothing; the outer commit publishes the batch."""
+def _in_a_released_savepoint(proj, *, commit: bool) -> None:
+    """A batch written in a savepoint of a Session's transaction, the savepoint released: neither
+    published nor visible while the outer transaction is open; then the outer transaction commits
+    (the batch runs, each job and its continuation once) or rolls back (it never exists, nothing runs)."""
     ran, key = tag("ran"), tag("complete")
     with Session(proj.batches.engine) as session:
         with session.begin_nested():
             batch_id = _create(proj, session, ran, key)
-        # the savepoint is released, the outer transaction still open: once the worker drained its queue,
-        # anything published so far would have run
-        never_fired(proj, ran, key)
+        never_fired(proj, ran, key)  # the worker drained its queue: anything published so far would have run
         assert proj.batches.get_batch(batch_id) is None
-        session.commit()
-    _ran_once(proj, batch_id, ran, key)
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    (_ran_once if commit else _never_existed)(proj, batch_id, ran, key)
+
+
+@needs("worker")
+def test_a_batch_in_a_session_savepoint_is_published_only_when_the_outer_transaction_commits(proj, worker):
+    """Releasing the savepoint publishes nothing and shows nothing; the outer commit publishes the batch."""
+    _in_a_released_savepoint(proj, commit=True)
 
 
 @needs("worker")
 def test_a_batch_in_a_released_savepoint_of_a_rolled_back_session_never_runs(proj, worker):
-    ran, key = tag("ran"), tag("complete")
-    with Session(proj.batches.engine) as session:
-        with session.begin_nested():
-            batch_id = _create(proj, session, ran, key)
-        session.rollback()
-    _never_existed(proj, batch_id, ran, key)
-
-
-def test_the_callers_connection_must_be_in_a_transaction_and_of_a_known_type(proj):
-    name = f"wrong-handle-{uuid.uuid4().hex}"
-    with proj.batches.engine.connect() as conn:
-        with pytest.raises(TypeError):
-            with proj.batches.batch(name, connection=conn) as b:
-                b.enqueue(proj.add, 1, 1)
-    for wrong in (object(), proj.batches.engine, "postgresql://"):
-        with pytest.raises(TypeError):
-            with proj.batches.batch(name, connection=wrong) as b:
-                b.enqueue(proj.add, 1, 1)
-    assert proj.batches.list_batches(name=name) == []
+    _in_a_released_savepoint(proj, commit=False)
