@@ -1,60 +1,74 @@
-"""Fixtures for the integration tests: real PostgreSQL, real Redis, real ``celery worker`` processes.
+"""Fixtures: the session's configuration and services, registries of a test's own, real ``celery worker``
+processes.
 
-Every session gets its own table prefix, queue and Redis database keys, set in the environment
-before ``tests.proj`` is imported, so the workers the fixtures start (which import the same
-module) see the same configuration. A missing service skips these tests locally and fails them
-when ``CI=true``. Helpers that are not fixtures (and know nothing of the session) are in ``helpers.py``.
+Every session gets its own table prefix, queue and Redis keys, set in the environment before
+``tests.proj`` is imported, so the workers the fixtures start (which import the same module) see the
+same configuration. Where the services are comes from ``TEST_DATABASE_URL``, ``TEST_BROKER_URL``,
+``TEST_BACKEND_URL``, ``TEST_REDIS_URL`` and ``TEST_AMQP_URL``.
+
+What a test needs beyond this process is in its marks (``needs(...)`` of ``helpers.py``; setup.cfg
+lists them): the services they name are probed before it runs, and one that does not answer skips
+the test locally and fails it under ``CI=true``. A test using a fixture that reaches a service or
+starts a worker (``FIXTURE_NEEDS``) is marked so whatever its module says, so ``-m "not integration"``
+never runs one. Helpers that are not fixtures are in ``helpers.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import uuid
-from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 import pytest
 
 pytest.register_assert_rewrite("tests.helpers")  # its asserts report values, as a test module's do
 
-from tests.helpers import WAIT, eventually, private_registry, worker_argv  # noqa: E402
+from tests.helpers import NEEDS, SERVICES, Worker, needs, private_registry, require, unavailable  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 SESSION = uuid.uuid4().hex[:8]
 os.environ.setdefault("TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 os.environ.setdefault("TEST_BROKER_URL", "redis://127.0.0.1:6379/9")
 os.environ.setdefault("TEST_BACKEND_URL", "redis://127.0.0.1:6379/9")
 os.environ.setdefault("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+os.environ.setdefault("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+os.environ["TEST_SESSION"] = SESSION
 os.environ["TEST_PREFIX"] = f"cbt_{SESSION}_"
 os.environ["TEST_QUEUE"] = f"cbt-{SESSION}"
-#: under CI a missing service or tool fails the tests that need it; anywhere else it skips them
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+#: what each fixture needs beyond this process (with the fixtures built on it)
+FIXTURE_NEEDS = {
+    "services": ("postgres", "redis"),
+    "fresh_database_url": ("postgres",),
+    "pgbouncer": ("postgres",),
+    "worker": ("worker",),
+    "start_worker": ("worker",),
+}
 
 
-def unavailable(reason: str) -> NoReturn:
-    """Something a test needs is missing: fail under CI (where everything must run), skip elsewhere."""
-    if IN_CI:
-        pytest.fail(f"{reason}: in CI a missing dependency fails the test")
-    pytest.skip(reason)
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Before ``-m`` selects: mark each test with what the fixtures it uses need, and ``integration``
+    wherever it needs anything."""
+    for item in items:
+        have = {mark.name for mark in item.iter_markers()}
+        wanted = {need for name in getattr(item, "fixturenames", ()) for need in FIXTURE_NEEDS.get(name, ())}
+        wanted |= have & set(NEEDS)
+        for name in sorted(wanted - have) + (["integration"] if wanted and "integration" not in have else []):
+            item.add_marker(name)
 
 
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
+@pytest.fixture(autouse=True)
+def needed_services(request: pytest.FixtureRequest) -> None:
+    """Before each test: the services its marks name answer (else skip, or fail under CI)."""
+    require(*(name for name in SERVICES if request.node.get_closest_marker(name)))
 
 
 @pytest.fixture(scope="session")
 def services() -> None:
-    missing = [name for name, port in (("PostgreSQL", 5432), ("Redis", 6379)) if not _answers("127.0.0.1", port)]
-    if missing:
-        unavailable(f"{' and '.join(missing)} not answering on 127.0.0.1")
+    """PostgreSQL and Redis answer: what the session's registry and workers need (for the fixtures of
+    a wider scope than a test's, which run before its marks are probed)."""
+    require("postgres", "redis")
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +84,7 @@ def proj(services: None) -> Any:
 
 
 @pytest.fixture
-def fresh_database_url(services: None) -> Any:
+def fresh_database_url() -> Any:
     """A PostgreSQL database of its own (dropped afterwards), for scripts that use the default table prefix.
 
     Whatever other registries share the ``test`` database (another session, another version's schema)
@@ -90,7 +104,7 @@ def fresh_database_url(services: None) -> Any:
 
 
 @pytest.fixture
-def pgbouncer(services: None) -> Callable[..., Any]:
+def pgbouncer() -> Callable[..., Any]:
     """Start private PgBouncers (transaction pooling) in front of the test PostgreSQL: ``start(pool_size)``
     returns one; its ``url(os.environ["TEST_DATABASE_URL"])`` reaches the same database through it."""
     from benchmarks.services import PgBouncer
@@ -109,22 +123,17 @@ def pgbouncer(services: None) -> Callable[..., Any]:
         bouncer.cleanup()
 
 
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-@pytest.fixture(params=["redis", "amqp"])
-def broker_url(request: pytest.FixtureRequest, services: None) -> str:
-    """Each broker Celery users run: the session's Redis, then the local RabbitMQ."""
-    if request.param == "amqp" and not _answers("127.0.0.1", 5672):
-        unavailable("RabbitMQ not answering on 127.0.0.1:5672")
-    return os.environ["TEST_BROKER_URL"] if request.param == "redis" else AMQP_URL
+@pytest.fixture(params=[pytest.param("redis", marks=needs("redis")), pytest.param("amqp", marks=needs("rabbitmq"))])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each broker Celery users run: the session's Redis, then RabbitMQ."""
+    return os.environ["TEST_BROKER_URL"] if request.param == "redis" else os.environ["TEST_AMQP_URL"]
 
 
 @pytest.fixture
 def registry_on(services: None) -> Callable[[str], Any]:
     """``registry_on(broker_url)``: a Batches on tables of its own (no relay in this process) whose app
     publishes to that broker; ``.worker_env`` starts workers of ``tests.proj`` on that broker and
-    those tables (``start_worker(**registry.worker_env)``). A registry serves one broker: the session
+    those tables (``start_worker(**batches.worker_env)``). A registry serves one broker: the session
     registry's relays and lost-message searches would take a run of another broker for lost."""
     from celery import Celery
 
@@ -141,8 +150,9 @@ def registry_on(services: None) -> Callable[[str], Any]:
 
 
 @pytest.fixture
-def registry(services: None) -> Any:
-    """A Batches on a private prefix of the real PostgreSQL, publishing to the real Redis, no worker."""
+def pg_registry(services: None) -> Any:
+    """A Batches on tables of its own in the test PostgreSQL, publishing to the test Redis on a queue no
+    worker consumes (``.queue``), with no relay: nothing but the test publishes, relays or recovers there."""
     from celery import Celery
 
     app = Celery(f"private_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_BROKER_URL"], set_as_current=False)
@@ -150,99 +160,6 @@ def registry(services: None) -> Any:
         batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"  # consumed by no worker
         yield batches
         app.connection_for_write().default_channel.client.delete(batches.queue)
-
-
-def relay_log() -> str:
-    """Every worker log of this session: the relay's report is in the log of whichever node ran the pass."""
-    return "".join(path.read_text(errors="replace")
-                   for path in Path("/tmp").glob(f"celery_batches-worker-{SESSION}-*.log"))
-
-
-def relay_reported(fragment: str, timeout: float = WAIT) -> None:
-    """Wait for ``fragment`` of the relay's report in a worker log. The report is logged after the pass
-    commits, so a batch the pass finished may be done before it is written."""
-    eventually(lambda: fragment in relay_log(), "the relay's report in a worker log", timeout)
-
-
-class Worker:
-    """A real ``celery -A tests.proj worker -P prefork -c 2`` process; as a context manager, stopped at exit."""
-
-    def __init__(self, proj: Any, queue: str, concurrency: int = 2, name: str | None = None, **env: str) -> None:
-        self.proj = proj
-        self.queue = queue
-        name = name or queue
-        self.log = Path(f"/tmp/celery_batches-worker-{SESSION}-{name}.log")
-        environ = dict(os.environ, TEST_QUEUE=queue, PYTHONPATH=str(ROOT), **env)
-        self.proc = subprocess.Popen([*worker_argv("tests.proj", queue, concurrency), "-n", f"{name}@%h"],
-                                     cwd=ROOT, env=environ, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-        tag = f"ready:{uuid.uuid4()}"
-        if "TEST_BROKER_URL" in env:  # a worker on another broker: say hello through that broker
-            from celery import Celery
-
-            Celery("hello", broker=env["TEST_BROKER_URL"], set_as_current=False).send_task(
-                "tests.proj.noop", (tag,), queue=queue)
-        else:
-            proj.noop.apply_async((tag,), queue=queue)
-        eventually(lambda: proj.r.exists(tag) or self.proc.poll() is not None, "the worker to start", 60)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited at start:\n{self.log.read_text()[-3000:]}")
-
-    def __enter__(self) -> "Worker":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def children(self) -> list[int]:
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        return [int(pid) for pid in path.read_text().split()]
-
-    def kill_children(self) -> list[int]:
-        pids = self.children()
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        return pids
-
-    def drop_broker_connections(self) -> int:
-        """Close the worker main process's connections to Redis from the server's side (what a broker
-        restart does to it); the worker reconnects. Returns how many were closed."""
-        import redis
-
-        sockets = set()
-        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
-        for fd in fd_dir.iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                sockets.add(target[len("socket:["):-1])
-        addresses = []
-        for line in Path(f"/proc/{self.proc.pid}/net/tcp").read_text().splitlines()[1:]:
-            fields = line.split()
-            local, remote, inode = fields[1], fields[2], fields[9]
-            if inode in sockets and remote.endswith(f":{6379:04X}"):
-                host, port = local.split(":")
-                ip = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))
-                addresses.append(f"{ip}:{int(port, 16)}")
-        client = redis.Redis.from_url(os.environ["TEST_REDIS_URL"])
-        return sum(bool(client.client_kill(address)) for address in addresses)
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker, pool processes first (what an OOM kill or a lost node does)."""
-        for pid in self.children():
-            os.kill(pid, signal.SIGKILL)
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture

@@ -1,29 +1,99 @@
 """Helpers the test modules share; the fixtures are in ``conftest.py``.
 
-Nothing here reads the session's configuration at import time, so ``conftest.py`` builds on this
-module (never the other way round). Every wait is a deadline, never a sleep: a check that
-passes returns at once, whatever the deadline.
+Test modules import from here (and ``tests.proj``), never from one another or from ``conftest.py``.
+Nothing here reads the session's configuration at import time (``conftest.py`` sets it in the
+environment, and builds on this module, never the other way round). Every wait is a deadline,
+never a sleep: a check that passes returns at once, whatever the deadline.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
+import pytest
 import sqlalchemy as sa
 from celery import Celery
+from werkzeug.test import Client
 
 from benchmarks.services import free_port  # noqa: F401  (re-exported for the test modules)
 from celery_batches import Batches
 from celery_batches.message import Message
 from celery_batches.models import ContinuationStatus
+
+#: the repository: the working directory (and ``PYTHONPATH``) of every process the tests start
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- what a test needs beyond this process (the marks setup.cfg registers) ---------------------------
+#: the services a test may need, each with the environment variables that say where it is
+SERVICES = {"postgres": ("TEST_DATABASE_URL",),
+            "redis": ("TEST_REDIS_URL", "TEST_BROKER_URL", "TEST_BACKEND_URL"),
+            "rabbitmq": ("TEST_AMQP_URL",)}
+#: everything a test may need: a service, real ``celery worker`` processes, a headless Chromium
+NEEDS = (*SERVICES, "worker", "browser")
+DEFAULT_PORTS = {"postgresql": 5432, "redis": 6379, "rediss": 6379, "amqp": 5672, "pyamqp": 5672, "amqps": 5671}
+
+
+class needs(list):
+    """``needs("postgres", "redis")``: the marks of a test that needs those (some of ``NEEDS``), and
+    ``integration``, their umbrella. A decorator, a module's ``pytestmark``, or a ``pytest.param``'s
+    ``marks``. A service it names is probed before the test runs (``conftest.needed_services``)."""
+
+    def __init__(self, *what: str) -> None:
+        if not what or set(what) - set(NEEDS):
+            raise ValueError(f"needs{what}: name some of {', '.join(NEEDS)}")
+        super().__init__([pytest.mark.integration, *(getattr(pytest.mark, name) for name in what)])
+
+    def __call__(self, test: Callable) -> Callable:
+        for mark in self:
+            test = mark(test)
+        return test
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Something a test needs is missing: fail under CI (``CI=true``, where everything must run), skip elsewhere."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason}: in CI a missing dependency fails the test")
+    pytest.skip(reason)
+
+
+def address(url: str) -> tuple[str, int]:
+    """The host and port a service URL reaches (its scheme's default port if it names none)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORTS[parts.scheme.split("+")[0]]
+
+
+@functools.cache
+def answers(host: str, port: int) -> bool:
+    """Something accepts TCP connections there (asked once a session)."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def require(*services: str) -> None:
+    """Skip (under CI: fail) the test unless each of ``services`` answers where the environment says it is."""
+    silent = sorted({f"{name} at {host}:{port}" for name in services for variable in SERVICES[name]
+                     for host, port in [address(os.environ[variable])] if not answers(host, port)})
+    if silent:
+        unavailable(f"not answering: {', '.join(silent)}")
+
 
 # -- deadlines ---------------------------------------------------------------------------------------
 #: a real ``celery worker -P prefork -c 2`` taking messages from Redis and writing to PostgreSQL
@@ -189,12 +259,181 @@ def publish(app: Celery, messages: list) -> list[str]:
     return [m.id for m in messages]
 
 
+# -- batches written and not published (a producer that has not published yet, or died) --------------
+def nowhere_signature(batches: Batches, *args: Any, **options: Any) -> Any:
+    """A ``tests.proj.noop`` signature to ``batches.queue`` (a queue no worker consumes)."""
+    return batches.app.signature("tests.proj.noop", args).set(queue=batches.queue, **options)
+
+
+def written_unpublished(batches: Batches, n: int = 3, *, now: datetime | None = None, **options: Any) -> tuple:
+    """A batch of ``n`` jobs committed and not published: ``(batch id, run ids, its publication)``."""
+    from celery_batches.builder import BatchBuilder
+    from celery_batches.store import utcnow
+
+    builder = BatchBuilder(batches.app, "unpublished")
+    ids = [builder.enqueue(nowhere_signature(batches, f"x{i}", **options)) for i in range(n)]
+    with batches.engine.begin() as conn:
+        publication = batches.trees.insert_tree(conn, builder.seal(), now or utcnow())
+    return builder.id, ids, publication
+
+
+def lapse(batches: Batches, lease: Any) -> None:
+    """Make a publish lease lapse (as if its holder died an hour ago): its runs are the relay's."""
+    from celery_batches.store import utcnow
+
+    p = batches.transitions.tables.publications
+    with batches.engine.begin() as conn:
+        conn.execute(sa.update(p).where(p.c.id == lease).values(expires_at=utcnow() - timedelta(hours=1)))
+
+
+# -- the command line and the dashboard --------------------------------------------------------------
+def celery(*args: str, app: str | None = "tests.proj", timeout: float = 60) -> subprocess.CompletedProcess:
+    """``celery -A <app> batches <args>``, run as a command in a subprocess (its output captured)."""
+    cmd = [sys.executable, "-m", "celery"] + (["-A", app] if app else []) + ["batches", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+#: the WSGI environment of a request from this machine
+LOCAL = {"REMOTE_ADDR": "127.0.0.1"}
+
+
+class Local(Client):
+    """A test client whose requests come from 127.0.0.1 (Werkzeug's sets no REMOTE_ADDR at all)."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["environ_base"] = {**LOCAL, **(kwargs.get("environ_base") or {})}
+        return super().open(*args, **kwargs)
+
+
+def text(response: Any) -> str:
+    return response.get_data(as_text=True)
+
+
+def csrf_from(html: str) -> str:
+    """The CSRF token of a page's form."""
+    return re.search(r'name="csrf_token" value="([0-9a-f]{64})"', html).group(1)
+
+
+def unique_name(label: str) -> str:
+    """A batch name no other test uses, short enough to show whole on a page."""
+    return f"{label}-{uuid.uuid4().hex[:10]}"
+
+
+def pending_batch(proj: Any, queue: str, name: str, jobs: int = 3, **kwargs: Any) -> str:
+    """A batch of the session's registry whose jobs go to ``queue`` (one no worker consumes): they stay PENDING."""
+    with proj.batches.batch(name, **kwargs) as b:
+        for i in range(jobs):
+            b.enqueue(proj.noop.s(f"never-{i}").set(queue=queue))
+    return b.id
+
+
 # -- processes -----------------------------------------------------------------------------------------
 def worker_argv(app: str, queue: str, concurrency: int = 2) -> list[str]:
     """``celery worker`` as the tests run it: prefork with two pool processes, on one queue, INFO log,
     without gossip, mingle or heartbeat (nothing in the tests uses them, and they slow the start)."""
     return [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "prefork", "-c", str(concurrency), "-Q", queue,
             "-l", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+def session() -> str:
+    """This test session's id (``conftest.py`` sets it): in its table prefix, queue and worker log names."""
+    return os.environ["TEST_SESSION"]
+
+
+class Worker:
+    """A real ``celery -A tests.proj worker -P prefork -c 2`` process; as a context manager, stopped at exit.
+
+    ``env`` overrides the session's configuration for this worker (another broker, registry or prefix)."""
+
+    def __init__(self, proj: Any, queue: str, concurrency: int = 2, name: str | None = None, **env: str) -> None:
+        self.proj = proj
+        self.queue = queue
+        name = name or queue
+        self.log = Path(f"/tmp/celery_batches-worker-{session()}-{name}.log")
+        self.environ = dict(os.environ, TEST_QUEUE=queue, PYTHONPATH=str(ROOT), **env)
+        self.proc = subprocess.Popen([*worker_argv("tests.proj", queue, concurrency), "-n", f"{name}@%h"],
+                                     cwd=ROOT, env=self.environ, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        tag = f"ready:{uuid.uuid4()}"
+        if "TEST_BROKER_URL" in env:  # a worker on another broker: say hello through that broker
+            Celery("hello", broker=env["TEST_BROKER_URL"], set_as_current=False).send_task(
+                "tests.proj.noop", (tag,), queue=queue)
+        else:
+            proj.noop.apply_async((tag,), queue=queue)
+        eventually(lambda: proj.r.exists(tag) or self.proc.poll() is not None, "the worker to start", 60)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited at start:\n{self.log.read_text()[-3000:]}")
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
+    def kill_children(self) -> list[int]:
+        pids = self.children()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def drop_broker_connections(self) -> int:
+        """Close the worker main process's connections to its Redis broker from the server's side (what a
+        broker restart does to it); the worker reconnects. Returns how many were closed."""
+        import redis
+
+        broker = self.environ["TEST_BROKER_URL"]
+        _, broker_port = address(broker)
+        sockets = set()
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        for fd in fd_dir.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:["):-1])
+        peers = []
+        for line in Path(f"/proc/{self.proc.pid}/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if inode in sockets and remote.endswith(f":{broker_port:04X}"):
+                host, port = local.split(":")
+                ip = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                peers.append(f"{ip}:{int(port, 16)}")
+        client = redis.Redis.from_url(broker)
+        return sum(bool(client.client_kill(peer)) for peer in peers)
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, pool processes first (what an OOM kill or a lost node does)."""
+        for pid in self.children():
+            os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def relay_log() -> str:
+    """Every worker log of this session: the relay's report is in the log of whichever node ran the pass."""
+    return "".join(path.read_text(errors="replace")
+                   for path in Path("/tmp").glob(f"celery_batches-worker-{session()}-*.log"))
+
+
+def relay_reported(fragment: str, timeout: float = WAIT) -> None:
+    """Wait for ``fragment`` of the relay's report in a worker log. The report is logged after the pass
+    commits, so a batch the pass finished may be done before it is written."""
+    eventually(lambda: fragment in relay_log(), "the relay's report in a worker log", timeout)
 
 
 def start_redis(port: int) -> subprocess.Popen:

@@ -24,9 +24,11 @@ import uuid
 
 import pytest
 
-from tests.conftest import ROOT, SESSION, unavailable
+from tests.helpers import ROOT, needs, unavailable
 
-pytestmark = [pytest.mark.integration]
+#: e2e.py starts real workers; every script writes to PostgreSQL and Redis
+pytestmark = needs("postgres", "redis", "worker")
+SESSION = os.environ["TEST_SESSION"]
 
 #: the deadline of one run of a script at its tiny size (they take 2-15 s on a loaded 2-core machine)
 DEADLINE = 120

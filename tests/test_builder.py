@@ -1,4 +1,4 @@
-"""Batch building and validation (design.md §1-2): no worker, no broker server, SQLite in tmp_path.
+"""Batch building and validation: no worker, no broker server, SQLite in tmp_path.
 
 Every invalid input must raise ``InvalidBatchError`` (also a ``ValueError``) naming the offending
 job or thing, before anything is written to the registry or published to the broker.
@@ -37,8 +37,9 @@ def batches(app, tmp_path):
 
 
 @pytest.fixture
-def registry(batches):
-    """``batches`` with its schema created (for the tests that check what is, or is not, written)."""
+def sqlite_registry(batches):
+    """``batches`` (SQLite in tmp_path, the memory broker) with its schema created: for the tests that
+    check what is, or is not, written."""
     batches.migrate()
     return batches
 
@@ -75,113 +76,113 @@ def not_a_task(order_id):  # a plain function, not a Celery task
 @pytest.mark.parametrize("name", ["", "   ", "\t\n", None, 123, b"bytes", "x" * 256, "nul\x00", "path-\udcff"],
                          ids=["empty", "spaces", "whitespace", "none", "int", "bytes", "256-chars", "nul",
                               "lone-surrogate"])
-def test_invalid_batch_name_raises_and_writes_nothing(registry, tasks, name):
+def test_invalid_batch_name_raises_and_writes_nothing(sqlite_registry, tasks, name):
     with pytest.raises(InvalidBatchError, match="batch name") as info:
-        with registry.batch(name) as b:
+        with sqlite_registry.batch(name) as b:
             b.enqueue(tasks.validate, 1)
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value, BatchError)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_batch_name_of_255_characters_is_accepted(registry, tasks):
+def test_batch_name_of_255_characters_is_accepted(sqlite_registry, tasks):
     name = "n" * 255
-    with registry.batch(name) as b:
+    with sqlite_registry.batch(name) as b:
         b.enqueue(tasks.validate, 1)
-    stored = registry.get_batch(b.id)
+    stored = sqlite_registry.get_batch(b.id)
     assert stored is not None and stored.name == name
 
 
-def test_invalid_nested_batch_name_writes_nothing(registry, tasks):
+def test_invalid_nested_batch_name_writes_nothing(sqlite_registry, tasks):
     with pytest.raises(InvalidBatchError, match="batch name"):
-        with registry.batch("outer") as b:
+        with sqlite_registry.batch("outer") as b:
             b.enqueue(tasks.validate, 1)
             with b.batch("") as child:
                 child.enqueue(tasks.validate, 2)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_created_by_over_255_characters_raises(registry, tasks):
+def test_created_by_over_255_characters_raises(sqlite_registry, tasks):
     with pytest.raises(InvalidBatchError, match="created_by"):
-        with registry.batch("orders", created_by="c" * 256) as b:
+        with sqlite_registry.batch("orders", created_by="c" * 256) as b:
             b.enqueue(tasks.validate, 1)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_created_by_of_255_characters_is_stored(registry, tasks):
-    with registry.batch("orders", created_by="c" * 255) as b:
+def test_created_by_of_255_characters_is_stored(sqlite_registry, tasks):
+    with sqlite_registry.batch("orders", created_by="c" * 255) as b:
         b.enqueue(tasks.validate, 1)
-    assert registry.get_batch(b.id).created_by == "c" * 255
+    assert sqlite_registry.get_batch(b.id).created_by == "c" * 255
 
 
 # -- task references ------------------------------------------------------------------------------
 @pytest.mark.parametrize("task", [42, not_a_task, None, "", "t" * 256],
                          ids=["int", "function", "none", "empty-name", "name-256-chars"])
-def test_bad_task_reference_raises_naming_the_job(registry, tasks, task):
+def test_bad_task_reference_raises_naming_the_job(sqlite_registry, tasks, task):
     with pytest.raises(InvalidBatchError, match=r"job #3 of batch 'orders'") as info:
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             b.enqueue("shop.plain", 2)
             b.enqueue(task, 3)
     assert isinstance(info.value, ValueError)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
 @pytest.mark.parametrize("kind", ["group", "chain"])
-def test_group_or_chain_signature_is_not_a_job(registry, tasks, kind):
+def test_group_or_chain_signature_is_not_a_job(sqlite_registry, tasks, kind):
     canvas = {"group": group, "chain": chain}[kind](tasks.validate.s(1), tasks.validate.s(2))
     with pytest.raises(InvalidBatchError, match=r"job #1 of batch 'orders'"):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(canvas)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_signature_with_reserved_option_is_rejected(registry, tasks):
+def test_signature_with_reserved_option_is_rejected(sqlite_registry, tasks):
     with pytest.raises(InvalidBatchError, match=r"job #2 of batch 'orders'.*task_id"):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             b.enqueue(tasks.validate.s(2).set(task_id=str(uuid.uuid4())))
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
 @pytest.mark.parametrize("option", [{"countdown": "5"}, {"expires": "soon"}, {"eta": "tomorrow"},
                                     {"priority": 300}, {"time_limit": "1m"}, {"routing_key": 5}])
-def test_a_publish_option_celery_would_refuse_is_rejected_before_anything_is_written(registry, tasks, option):
-    """Issue 8 #4: such an option passed the builder, was committed, and failed only at publish."""
+def test_a_publish_option_celery_would_refuse_is_rejected_before_anything_is_written(sqlite_registry, tasks, option):
+    """An option Celery would refuse at publish is refused while the batch is built, naming the job."""
     [(name, value)] = option.items()
     with pytest.raises(InvalidBatchError, match=rf"job #2 of batch 'orders'.*option {name}="):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             b.enqueue(tasks.validate.s(2).set(**option))
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_good_publish_options_pass(registry, tasks):
+def test_good_publish_options_pass(sqlite_registry, tasks):
     from datetime import datetime, timezone
 
-    with registry.batch("orders") as b:
+    with sqlite_registry.batch("orders") as b:
         b.enqueue(tasks.validate.s(1).set(countdown=5, expires=60, priority=3, time_limit=10.5,
                                           eta=datetime.now(timezone.utc), routing_key="orders"))
-    assert len(registry.get_batch_jobs(b.id)) == 1
+    assert len(sqlite_registry.get_batch_jobs(b.id)) == 1
 
 
-def test_bad_job_in_nested_batch_names_the_nested_batch(registry, tasks):
+def test_bad_job_in_nested_batch_names_the_nested_batch(sqlite_registry, tasks):
     with pytest.raises(InvalidBatchError, match=r"job #2 of batch 'payment'"):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             with b.batch("payment") as payment:
                 payment.enqueue(tasks.validate, 2)
                 payment.enqueue(not_a_task, 3)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
 @pytest.mark.parametrize("kind", ["on_success", "on_failure", "on_complete"])
-def test_bad_continuation_is_rejected(registry, tasks, kind):
+def test_bad_continuation_is_rejected(sqlite_registry, tasks, kind):
     with pytest.raises(InvalidBatchError, match=rf"{kind} continuation of batch 'orders'"):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             getattr(b, kind)(not_a_task)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
 # -- serialisation --------------------------------------------------------------------------------
@@ -196,30 +197,30 @@ def test_bad_continuation_is_rejected(registry, tasks, kind):
     ],
     ids=["object-arg", "set-kwarg", "nested-object", "signature-arg", "set-merged-into-signature"],
 )
-def test_unserialisable_arguments_raise_naming_the_job(registry, tasks, call):
+def test_unserialisable_arguments_raise_naming_the_job(sqlite_registry, tasks, call):
     with pytest.raises(InvalidBatchError, match=r"job #2 of batch 'orders'") as info:
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             call(b, tasks)
     assert isinstance(info.value, ValueError)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_unserialisable_continuation_arguments_raise(registry, tasks):
+def test_unserialisable_continuation_arguments_raise(sqlite_registry, tasks):
     with pytest.raises(InvalidBatchError, match="on_success continuation of batch 'orders'"):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             b.on_success(tasks.plain, object())
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_exception_inside_block_writes_nothing(registry, tasks):
+def test_exception_inside_block_writes_nothing(sqlite_registry, tasks):
     with pytest.raises(RuntimeError, match="boom"):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             b.on_success(tasks.plain)
             raise RuntimeError("boom")
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -271,8 +272,8 @@ def test_database_url_default(app, monkeypatch):
 
 
 # -- ids, signatures, closed builders -------------------------------------------------------------
-def test_enqueue_returns_the_run_id_and_builder_id_is_known_in_the_block(registry, tasks):
-    with registry.batch("orders", created_by="checkout") as b:
+def test_enqueue_returns_the_run_id_and_builder_id_is_known_in_the_block(sqlite_registry, tasks):
+    with sqlite_registry.batch("orders", created_by="checkout") as b:
         assert isinstance(b, BatchBuilder)
         batch_id = b.id
         assert isinstance(batch_id, str) and str(uuid.UUID(batch_id)) == batch_id
@@ -284,19 +285,19 @@ def test_enqueue_returns_the_run_id_and_builder_id_is_known_in_the_block(registr
         assert isinstance(run_id, str) and str(uuid.UUID(run_id)) == run_id
     assert len(set(run_ids)) == 3
 
-    batch = registry.get_batch(batch_id)
+    batch = sqlite_registry.get_batch(batch_id)
     assert batch.status == BatchStatus.STARTED and batch.total_jobs == 3 and batch.created_by == "checkout"
-    jobs = registry.get_batch_jobs(batch_id)
+    jobs = sqlite_registry.get_batch_jobs(batch_id)
     assert [j.id for j in jobs] == run_ids  # enqueue order
     assert [j.task_name for j in jobs] == ["shop.validate", "shop.plain", "shop.validate"]
     assert [j.args for j in jobs] == [[1], [], [3]]
     assert jobs[1].kwargs == {"order_id": 2}
     assert all(j.status == RunStatus.PENDING and j.batch_id == batch_id for j in jobs)
-    assert [c.args for c in registry.get_continuations(batch_id)] == [[batch_id]]
+    assert [c.args for c in sqlite_registry.get_continuations(batch_id)] == [[batch_id]]
 
     # the Celery task id is the run id; the batch id travels in our namespaced header
-    with registry.app.connection_for_read() as conn:
-        q = conn.SimpleQueue(registry.app.conf.task_default_queue, no_ack=True)
+    with sqlite_registry.app.connection_for_read() as conn:
+        q = conn.SimpleQueue(sqlite_registry.app.conf.task_default_queue, no_ack=True)
         messages = [q.get(timeout=5) for _ in run_ids]
         q.close()
     assert [m.headers["id"] for m in messages] == run_ids
@@ -304,13 +305,13 @@ def test_enqueue_returns_the_run_id_and_builder_id_is_known_in_the_block(registr
 
 
 @pytest.mark.parametrize("immutable", [False, True], ids=["signature", "immutable-signature"])
-def test_signature_options_are_stored_and_args_merge_like_clone(registry, tasks, immutable):
+def test_signature_options_are_stored_and_args_merge_like_clone(sqlite_registry, tasks, immutable):
     queue = f"inventory_{uuid.uuid4().hex[:8]}"
     make = tasks.plain.si if immutable else tasks.plain.s
     sig = make(2, order_id=123, gift=False).set(queue=queue, priority=3)
-    with registry.batch("orders") as b:
+    with sqlite_registry.batch("orders") as b:
         run_id = b.enqueue(sig, 1, gift=True, note="x")
-    (job,) = registry.get_batch_jobs(b.id)
+    (job,) = sqlite_registry.get_batch_jobs(b.id)
     expected = sig.clone((1,), {"gift": True, "note": "x"})
     assert job.id == run_id
     assert job.task_name == "shop.plain"
@@ -321,29 +322,29 @@ def test_signature_options_are_stored_and_args_merge_like_clone(registry, tasks,
     else:
         assert job.args == [2] and job.kwargs == {"order_id": 123, "gift": False}
     assert job.queue == queue
-    assert queue_size(registry.app, queue) == 1  # published to the signature's queue
-    assert queue_size(registry.app, registry.app.conf.task_default_queue) == 0
+    assert queue_size(sqlite_registry.app, queue) == 1  # published to the signature's queue
+    assert queue_size(sqlite_registry.app, sqlite_registry.app.conf.task_default_queue) == 0
 
 
-def test_kombu_queue_option_is_stored_by_name(registry, tasks):
+def test_kombu_queue_option_is_stored_by_name(sqlite_registry, tasks):
     name = f"inventory_{uuid.uuid4().hex[:8]}"
-    with registry.batch("orders") as b:
+    with sqlite_registry.batch("orders") as b:
         b.enqueue(tasks.validate.s(1).set(queue=Queue(name)))
-    assert registry.get_batch_jobs(b.id)[0].queue == name
+    assert sqlite_registry.get_batch_jobs(b.id)[0].queue == name
 
 
 @pytest.mark.parametrize("queue", ["", "q" * 256, "q\x00", "q\udcff", 42],
                          ids=["empty", "256-chars", "nul", "lone-surrogate", "int"])
-def test_a_queue_the_registry_cannot_store_is_refused(registry, tasks, queue):
+def test_a_queue_the_registry_cannot_store_is_refused(sqlite_registry, tasks, queue):
     with pytest.raises(InvalidBatchError, match=r"job #2 of batch 'orders': queue"):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             b.enqueue(tasks.validate.s(2).set(queue=queue))
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_builder_is_closed_after_the_block(registry, tasks):
-    with registry.batch("orders") as b:
+def test_builder_is_closed_after_the_block(sqlite_registry, tasks):
+    with sqlite_registry.batch("orders") as b:
         b.enqueue(tasks.validate, 1)
     with pytest.raises(BatchError):
         b.enqueue(tasks.validate, 2)
@@ -352,28 +353,28 @@ def test_builder_is_closed_after_the_block(registry, tasks):
     with pytest.raises(BatchError):
         with b.batch("late"):
             pass
-    assert registry.get_batch(b.id).total_jobs == 1
-    assert len(registry.get_batch_jobs(b.id)) == 1
-    assert row_counts(registry)["batches"] == 1
+    assert sqlite_registry.get_batch(b.id).total_jobs == 1
+    assert len(sqlite_registry.get_batch_jobs(b.id)) == 1
+    assert row_counts(sqlite_registry)["batches"] == 1
 
 
-def test_builder_is_closed_after_a_block_that_raised(registry, tasks):
+def test_builder_is_closed_after_a_block_that_raised(sqlite_registry, tasks):
     with pytest.raises(RuntimeError):
-        with registry.batch("orders") as b:
+        with sqlite_registry.batch("orders") as b:
             b.enqueue(tasks.validate, 1)
             raise RuntimeError("boom")
     with pytest.raises(BatchError):
         b.enqueue(tasks.validate, 2)
-    assert_nothing_written(registry)
+    assert_nothing_written(sqlite_registry)
 
 
-def test_nested_builder_is_closed_after_its_block(registry, tasks):
-    with registry.batch("orders") as b:
+def test_nested_builder_is_closed_after_its_block(sqlite_registry, tasks):
+    with sqlite_registry.batch("orders") as b:
         with b.batch("payment") as payment:
             payment.enqueue(tasks.validate, 1)
         with pytest.raises(BatchError):
             payment.enqueue(tasks.validate, 2)
-    child = registry.list_batches(parent_id=b.id)
+    child = sqlite_registry.list_batches(parent_id=b.id)
     assert [c.id for c in child] == [payment.id] and child[0].total_jobs == 1
 
 

@@ -8,21 +8,12 @@ import subprocess
 import sys
 import uuid
 
-import pytest
 
 from celery_batches import BatchStatus
-from tests.conftest import ROOT
-
-pytestmark = pytest.mark.integration
+from tests.helpers import ROOT, celery, eventually, needs
 
 
-def celery(*args: str, app: str | None = "tests.proj", timeout: float = 60) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "celery"] + (["-A", app] if app else []) + ["batches", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_refuses_without_an_app(proj):
+def test_refuses_without_an_app():
     out = celery("list", app=None)
     assert out.returncode == 2 and "no celery_batches.Batches found" in out.stderr
 
@@ -40,6 +31,7 @@ def test_the_batches_of_an_app_are_found_from_the_app_alone(tmp_path):
     assert not hasattr(app, "celery_batches")
 
 
+@needs("postgres", "redis", "worker")
 def test_migrate_list_and_show(proj, worker):
     name = f"cli-{uuid.uuid4().hex[:8]}"
     with proj.batches.batch(name) as b:
@@ -65,6 +57,7 @@ def test_migrate_list_and_show(proj, worker):
     assert "inner [COMPLETED]" in text and "on_success: tests.proj.record [DISPATCHED]" in text
 
 
+@needs("postgres", "redis")
 def test_json_is_the_shape_of_the_dashboard_api(proj, nowhere):
     """`list --json` prints the batches of GET /api/batches, `show --json` GET /api/batches/<id>,
     both without the dashboard's url links; and `show` counts an empty batch like Batch.progress."""
@@ -106,6 +99,7 @@ def test_json_is_the_shape_of_the_dashboard_api(proj, nowhere):
     proj.batches.cancel_batch(b.id)
 
 
+@needs("postgres", "redis")
 def test_both_dashboard_launchers_take_the_documented_options(proj):
     module = subprocess.run([sys.executable, "-m", "celery_batches.dashboard", "--help"], cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
@@ -125,6 +119,7 @@ def test_both_dashboard_launchers_take_the_documented_options(proj):
     assert refused.returncode == 1 and "--basic-auth must be USER:PASSWORD" in refused.stderr
 
 
+@needs("postgres", "redis", "worker")
 def test_wait_exit_status(proj, worker):
     with proj.batches.batch("cli-ok") as ok:
         ok.enqueue(proj.add, 1, 1)
@@ -142,6 +137,7 @@ def test_wait_exit_status(proj, worker):
     proj.batches.cancel_batch(stuck.id)
 
 
+@needs("postgres", "redis")
 def test_cancel_and_purge(proj):
     with proj.batches.batch("cli-cancel") as b:  # nobody consumes the queue: every run stays pending
         for _ in range(3):
@@ -153,11 +149,10 @@ def test_cancel_and_purge(proj):
     assert purged.returncode == 0 and purged.stdout.startswith("deleted ")
 
 
+@needs("postgres", "redis")
 def test_dashboard_command_serves_the_dashboard(proj, tmp_path):
     import socket
     import urllib.request
-
-    from tests.helpers import eventually
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

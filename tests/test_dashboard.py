@@ -29,42 +29,14 @@ from celery_batches import Batches, BatchStatus, RunStatus
 from celery_batches.dashboard import create_app
 from celery_batches.dashboard.launcher import find_batches
 from celery_batches.models import ContinuationStatus
-from tests.conftest import ROOT
-from tests.helpers import WAIT, eventually
+from tests.helpers import LOCAL, ROOT, WAIT, Local, csrf_from, eventually, needs, pending_batch, text, unique_name
 
 pytestmark = pytest.mark.timeout(120)
-LOCAL = {"REMOTE_ADDR": "127.0.0.1"}
-def unique_name(label: str) -> str:
-    """A batch name no other test uses, short enough to show whole on a page."""
-    return f"{label}-{uuid.uuid4().hex[:10]}"
-
-
-class Local(Client):
-    """A test client whose requests come from 127.0.0.1 (Werkzeug's sets no REMOTE_ADDR at all)."""
-
-    def open(self, *args, **kwargs):
-        kwargs["environ_base"] = {**LOCAL, **(kwargs.get("environ_base") or {})}
-        return super().open(*args, **kwargs)
-
-
-def text(response) -> str:
-    return response.get_data(as_text=True)
-
-
-def csrf_from(html: str) -> str:
-    return re.search(r'name="csrf_token" value="([0-9a-f]{64})"', html).group(1)
 
 
 @pytest.fixture
 def client(proj):
     return Local(create_app(proj.batches))
-
-
-def pending_batch(proj, queue: str, name: str, jobs: int = 3, **kwargs) -> str:
-    with proj.batches.batch(name, **kwargs) as b:
-        for i in range(jobs):
-            b.enqueue(proj.noop.s(f"never-{i}").set(queue=queue))
-    return b.id
 
 
 def run_counts(proj, batch_ids: list[str]) -> dict[str, int]:
@@ -88,6 +60,7 @@ def subtree_ids(proj, batch_id: str) -> list[str]:
 
 # -- pages and API on PostgreSQL -------------------------------------------------------------------
 
+@needs("postgres", "redis")
 def test_batches_page_lists_newest_first_with_progress_and_children(proj, client, nowhere):
     t = unique_name("listing")
     first = pending_batch(proj, nowhere, f"{t}-first", jobs=2)
@@ -117,6 +90,7 @@ def test_batches_page_lists_newest_first_with_progress_and_children(proj, client
     assert [(c["name"], c["parent_id"]) for c in children] == [(f"{t}-child", b.id)]
 
 
+@needs("postgres", "redis")
 def test_batches_page_filters_by_status_and_name_and_paginates_both_ways(proj, nowhere):
     t = unique_name("paging")
     ids = [pending_batch(proj, nowhere, f"{t}-{i}", jobs=1) for i in range(5)]  # ids[4] is the newest
@@ -152,6 +126,7 @@ def test_batches_page_filters_by_status_and_name_and_paginates_both_ways(proj, n
     assert [b["id"] for b in client.get(f"/api/batches?q={t}&status=4").get_json()["batches"]] == [ids[1]]
 
 
+@needs("postgres", "redis", "worker")
 def test_batch_page_tree_roll_up_matches_the_runs(proj, worker, client):
     t = unique_name("tree")
     with proj.batches.batch(f"{t}-root") as b:
@@ -193,6 +168,7 @@ def test_batch_page_tree_roll_up_matches_the_runs(proj, worker, client):
     assert f'<dt>parent</dt><dd><a href="/batches/{tree[f"{t}-a"]["id"]}">{t}-a</a>' in child
 
 
+@needs("postgres", "redis")
 def test_a_cancelled_subtree_rolls_up_like_its_runs(proj, client, nowhere):
     t = unique_name("cancelled-tree")
     with proj.batches.batch(f"{t}-root") as b:
@@ -207,6 +183,7 @@ def test_a_cancelled_subtree_rolls_up_like_its_runs(proj, client, nowhere):
     assert data["batch"]["cancelled_jobs"] == 1 and data["jobs"]["pending"] == 1
 
 
+@needs("postgres", "redis")
 def test_jobs_are_paginated_on_position_and_filterable(proj, client, nowhere):
     t = unique_name("jobs")
     with proj.batches.batch(t) as b:
@@ -244,6 +221,7 @@ def test_jobs_are_paginated_on_position_and_filterable(proj, client, nowhere):
     assert "No failed jobs" in text(client.get(f"/batches/{b.id}?status=failed"))
 
 
+@needs("postgres", "redis", "worker")
 def test_failed_filter_on_a_batch_run_by_the_worker(proj, worker, client):
     t = unique_name("failed")
     with proj.batches.batch(t) as b:
@@ -262,6 +240,7 @@ def test_failed_filter_on_a_batch_run_by_the_worker(proj, worker, client):
     assert everything.count("data-run-id=") == 12 and re.search(r'<td class="num">\d+ ms</td>', everything)
 
 
+@needs("postgres", "redis")
 def test_continuations_and_continue_with_links(proj, client, nowhere):
     t = unique_name("stages")
     with proj.batches.batch(f"{t}-first") as b:
@@ -292,6 +271,7 @@ def test_continuations_and_continue_with_links(proj, client, nowhere):
     assert html.count("c-skipped") == 0 and text(client.get(f"/batches/{b.id}")).count('class="badge c-skipped"') == 2
 
 
+@needs("postgres", "redis")
 def test_an_empty_batch_shows_the_progress_of_the_model(proj, client, nowhere):
     """Batch.progress is the one definition: an empty batch is 100% once finished, 0% while it waits."""
     from celery_batches.store import pages
@@ -315,6 +295,7 @@ def test_an_empty_batch_shows_the_progress_of_the_model(proj, client, nowhere):
 
 # -- actions and CSRF ------------------------------------------------------------------------------
 
+@needs("postgres", "redis")
 def test_cancel_button_needs_the_csrf_token_of_its_cookie(proj, client, nowhere):
     batch_id = pending_batch(proj, nowhere, unique_name("cancel-form"), jobs=4)
     page = client.get(f"/batches/{batch_id}")
@@ -349,6 +330,7 @@ def test_cancel_button_needs_the_csrf_token_of_its_cookie(proj, client, nowhere)
     assert again.headers["Location"] == f"/batches/{batch_id}?notice=finished"
 
 
+@needs("postgres", "redis")
 def test_cancel_api_with_csrf_header_or_api_token(proj, nowhere):
     client = Local(create_app(proj.batches))
     batch_id = pending_batch(proj, nowhere, unique_name("cancel-api"), jobs=3)
@@ -372,6 +354,7 @@ def test_cancel_api_with_csrf_header_or_api_token(proj, nowhere):
         create_app(proj.batches, api_token="short")
 
 
+@needs("postgres", "redis")
 def test_read_only_hides_and_refuses_actions(proj, nowhere):
     client = Local(create_app(proj.batches, read_only=True))
     batch_id = pending_batch(proj, nowhere, unique_name("read-only"), jobs=1)
@@ -386,6 +369,7 @@ def test_read_only_hides_and_refuses_actions(proj, nowhere):
 
 # -- access rules ----------------------------------------------------------------------------------
 
+@needs("postgres", "redis")
 def test_only_local_requests_by_default(proj):
     app = create_app(proj.batches)
     anyone = Client(app)
@@ -403,6 +387,7 @@ def test_only_local_requests_by_default(proj):
     assert anyone.get("/", environ_base=LOCAL, headers={"Host": "attacker.example"}).status_code == 403
 
 
+@needs("postgres", "redis")
 def test_authorize_callable_and_basic_auth(proj):
     def authorize(request):
         return request.headers.get("X-User") == "ops"
@@ -426,6 +411,7 @@ def test_authorize_callable_and_basic_auth(proj):
         create_app(proj.batches, basic_auth=("admin", ""))
 
 
+@needs("postgres", "redis")
 def test_basic_auth_compares_the_password_even_when_the_user_name_is_wrong(proj, monkeypatch):
     """Comparing the password only after the user name matched answers faster for a wrong name:
     the timing tells an attacker which user name is right."""
@@ -446,6 +432,7 @@ def test_basic_auth_compares_the_password_even_when_the_user_name_is_wrong(proj,
         assert compared == [b"admin", b"s3cret"], auth
 
 
+@needs("postgres", "redis")
 def test_user_supplied_text_is_escaped(proj, client, nowhere):
     evil = "<script>alert(1)</script>"
     with proj.batches.batch(evil, created_by='"><img src=x onerror=alert(2)>') as b:
@@ -464,6 +451,7 @@ def test_user_supplied_text_is_escaped(proj, client, nowhere):
     assert client.get(f"/api/batches/{b.id}").get_json()["batch"]["name"] == evil  # JSON is data, not markup
 
 
+@needs("postgres", "redis")
 def test_unknown_or_malformed_ids_and_parameters(proj, client):
     missing = uuid.uuid4()
     for url in (f"/batches/{missing}", "/batches/not-a-uuid", "/batches/123", f"/batches/{missing}/x", "/nope",
@@ -501,6 +489,7 @@ def test_an_internal_error_is_logged_not_shown(tmp_path, caplog):
     batches.engine.dispose()
 
 
+@needs("postgres", "redis")
 def test_a_failing_view_answers_a_generic_500(proj, client, monkeypatch, caplog):
     from celery_batches.store import pages
 
@@ -520,6 +509,7 @@ def test_a_failing_view_answers_a_generic_500(proj, client, monkeypatch, caplog)
 
 # -- deployment ------------------------------------------------------------------------------------
 
+@needs("postgres", "redis")
 def test_mounted_under_a_path_prefix(proj, nowhere):
     dashboard = create_app(proj.batches)
     site = DispatcherMiddleware(lambda environ, start: [], {"/ops/batches": dashboard})
@@ -539,6 +529,7 @@ def test_mounted_under_a_path_prefix(proj, nowhere):
     assert data["batches"][0]["url"] == f"/ops/batches/batches/{batch_id}"
 
 
+@needs("postgres", "redis")
 def test_static_assets(client):
     css = client.get("/static/dashboard.css")
     assert css.status_code == 200 and css.mimetype == "text/css" and "max-age=300" in css.headers["Cache-Control"]
@@ -589,6 +580,7 @@ def test_sqlite_registry(tmp_path):
     batches.engine.dispose()
 
 
+@needs("postgres", "redis")
 def test_entry_point_finds_the_batches_of_an_app(proj):
     assert find_batches("tests.proj", None) is proj.batches
     assert find_batches("tests.proj:app", None) is proj.batches
@@ -600,6 +592,7 @@ def test_entry_point_finds_the_batches_of_an_app(proj):
         find_batches(None, None)
 
 
+@needs("postgres", "redis")
 def test_python_m_serves_the_dashboard(proj):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

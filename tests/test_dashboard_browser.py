@@ -18,10 +18,9 @@ from werkzeug.serving import make_server
 from celery_batches import BatchStatus
 from celery_batches.dashboard import create_app
 from celery_batches.models import ContinuationStatus
-from tests.conftest import ROOT, unavailable
-from tests.helpers import eventually
+from tests.helpers import ROOT, eventually, needs, unavailable
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [*needs("postgres", "redis", "worker", "browser"), pytest.mark.timeout(180)]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = ROOT / "docs" / "_static"
 

@@ -34,7 +34,7 @@ from celery_batches import (
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent
 from tests.helpers import (EMBEDDED_WAIT, TABLES, WAIT, continuation_states, continuations_become, count, counters,
-    drain, eventually, fired_once, memory_app, never_fired, row_counts, tag, with_continuations)
+    drain, eventually, fired_once, memory_app, needs, never_fired, row_counts, tag, with_continuations)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,7 +188,7 @@ class Backend:
     never_fired: Callable[..., None]  # once drained: none of these ran
 
 
-@pytest.fixture(params=["embedded", pytest.param("redis+postgresql", marks=[pytest.mark.integration,
+@pytest.fixture(params=["embedded", pytest.param("redis+postgresql", marks=[*needs("postgres", "redis", "worker"),
                                                                              pytest.mark.timeout(180)])])
 def backend(request) -> Backend:
     """SQLite, the memory transport and an in-process solo worker; or the session's PostgreSQL

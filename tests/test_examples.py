@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers import eventually, worker_argv
+from tests.helpers import ROOT, eventually, needs, worker_argv
 
 # what the script prints, and what its continuation prints (in the worker's output)
 EXPECTED = {
@@ -46,10 +46,12 @@ def test_example_embedded(name, tmp_path):
         assert "on_failure" not in out.stdout
 
 
-@pytest.mark.integration
+@needs("postgres", "redis", "worker")
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_example_on_redis_and_postgresql(name, fresh_database_url, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CELERY_BROKER_URL="redis://127.0.0.1:6379/10",
+    # the test Redis, in a database of its own
+    broker = urllib.parse.urlsplit(os.environ["TEST_REDIS_URL"])._replace(path="/10").geturl()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CELERY_BROKER_URL=broker,
                CELERY_BATCHES_DATABASE_URL=fresh_database_url)
     log = tmp_path / "worker.log"
     worker = subprocess.Popen(worker_argv(f"examples.{name}", f"examples-{name}"), cwd=ROOT,

@@ -1,7 +1,7 @@
-"""``cancel_on_failure`` (design.md section 5): the first failed unit cancels every unfinished run of
-the batch's subtree in the transaction that counts it; the batch finishes FAILED and fires
-``on_failure`` and ``on_complete`` once. On the session's real worker; jobs meant to stay pending go
-to a queue no worker consumes.
+"""``cancel_on_failure``: the first failed unit cancels every unfinished run of the batch's subtree in
+the transaction that counts it; the batch finishes FAILED and fires ``on_failure`` and
+``on_complete`` once. On the session's real worker; jobs meant to stay pending go to a queue no
+worker consumes.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 
 from celery_batches import BatchClosedError, BatchStatus, InvalidBatchError, RunStatus
 from celery_batches.dashboard import create_app
-from tests.helpers import WAIT, count, counters, drain, eventually, tag, with_continuations
-from tests.test_dashboard import Local
+from tests.helpers import WAIT, Local, count, counters, drain, eventually, needs, tag, with_continuations
 
-pytestmark = pytest.mark.integration
+pytestmark = needs("postgres", "redis")
 
 
+@needs("worker")
 def test_the_first_failure_cancels_the_rest_of_the_subtree(proj, worker, nowhere):
     with proj.batches.batch("fail-fast", cancel_on_failure=True) as b:
         for i in range(30):
@@ -42,6 +42,7 @@ def test_the_first_failure_cancels_the_rest_of_the_subtree(proj, worker, nowhere
     assert "<dt>fails fast</dt>" in page
 
 
+@needs("worker")
 def test_a_failure_racing_the_last_success_finishes_failed_once(proj, worker):
     created = []
     for _ in range(10):
@@ -58,6 +59,7 @@ def test_a_failure_racing_the_last_success_finishes_failed_once(proj, worker):
         assert [count(proj, keys[k]) for k in ("success", "failure", "complete")] == [0, 1, 1], batch_id
 
 
+@needs("worker")
 def test_nothing_is_added_under_a_batch_failing_fast(proj, worker, nowhere):
     """While its running jobs finish, a failing batch's subtree takes no new jobs (they would escape the cancel)."""
     with proj.batches.batch("failing", cancel_on_failure=True) as b:

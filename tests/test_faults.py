@@ -19,20 +19,23 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_batches import BatchClosedError, BatchStatus, RunStatus
-from tests.conftest import ROOT, Worker, relay_reported
 from tests.helpers import (
     FAULT_WAIT,
+    ROOT,
+    Worker,
     count,
     drain,
     eventually,
     fired_once,
     free_port,
+    needs,
     private_registry,
+    relay_reported,
     start_redis,
     tag,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [*needs("postgres", "redis", "worker"), pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def test_worker_killed_mid_batch_with_acks_late(proj, start_worker):
@@ -98,9 +101,9 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
     # a registry of its own: the session's worker publishes to the session's broker, not this one
     private = Celery("private-registry", broker=url, set_as_current=False)
     try:
-        with private_registry(private, "cbt_redis") as registry:
+        with private_registry(private, "cbt_redis") as batches:
             env = dict(TEST_BROKER_URL=url, TEST_BACKEND_URL=url, TEST_RELAY_INTERVAL="0.5", TEST_PUBLISH_LEASE="2",
-                       TEST_PREFIX=registry.settings.table_prefix)
+                       TEST_PREFIX=batches.settings.table_prefix)
             with Worker(proj, f"cbt-redis-{uuid.uuid4().hex[:6]}", **env) as w:
                 server.terminate()
                 server.wait(10)
@@ -111,10 +114,10 @@ def test_redis_down_while_a_batch_is_created(proj, tmp_path):
                 assert out.returncode == 0, out.stderr[-3000:]
                 batch_id = out.stdout.strip().splitlines()[-1]
                 assert "the relay will publish the rest" in out.stderr
-                batch = registry.get_batch(batch_id)
+                batch = batches.get_batch(batch_id)
                 assert batch.status == BatchStatus.STARTED and count(proj, ran) == 0
                 server = start_redis(port)
-                done = registry.wait(batch_id, timeout=FAULT_WAIT)
+                done = batches.wait(batch_id, timeout=FAULT_WAIT)
                 assert (done.status, done.completed_jobs) == (BatchStatus.COMPLETED, 10)
                 # drained through the private broker: sentinels behind everything else
                 fired_once(proj, key, w.queue, FAULT_WAIT, app=private)

@@ -1,18 +1,16 @@
-"""``on_first_failure`` (design.md section 5): once, at the first failed unit, without waiting for
-the rest; up the tree when a nested batch fails; never when nothing fails or the batch is cancelled.
-On the session's real worker (prefork, Redis, PostgreSQL); jobs meant to stay pending go to a
-queue no worker consumes.
+"""``on_first_failure``: once, at the first failed unit, without waiting for the rest; up the tree when
+a nested batch fails; never when nothing fails or the batch is cancelled. On the session's real
+worker (prefork, Redis, PostgreSQL); jobs meant to stay pending go to a queue no worker consumes.
 """
 
 from __future__ import annotations
 
-import pytest
 
 from celery_batches import BatchStatus
 from celery_batches.models import ContinuationStatus
-from tests.helpers import WAIT, continuations_become, count, drain, eventually, tag
+from tests.helpers import WAIT, continuations_become, count, drain, eventually, needs, tag
 
-pytestmark = pytest.mark.integration
+pytestmark = needs("postgres", "redis", "worker")
 
 
 def test_fires_once_when_a_hundred_members_fail_together(proj, worker):

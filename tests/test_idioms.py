@@ -1,7 +1,7 @@
 """Celery's own idioms inside a batch, on the session's real worker with Celery's defaults:
 ``Task.replace()``, ``Ignore``, ``Reject``, a continuation that retries, a task no worker knows, a
-message a worker refuses. Each left its run open (or its continuation unrun) before; each must now
-end its run at once, the way Celery ends the task, and the batch must finish.
+message a worker refuses. Each ends its run (or runs its continuation) at once, the way Celery ends
+the task, without waiting for the reconciler, and the batch finishes.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import sqlalchemy as sa
 
 from celery_batches import BatchStatus, RunStatus
 from celery_batches.models import ContinuationStatus
-from tests.helpers import WAIT, count, eventually, fired_once, tag
+from tests.helpers import WAIT, count, eventually, fired_once, needs, tag
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [*needs("postgres", "redis", "worker"), pytest.mark.timeout(180)]
 #: well before the reconciler would look at an open run (the test app's reconcile grace is 30 s):
 #: what these tests wait for is the normal path, not the fallback
 PROMPT = 20.0
@@ -26,8 +26,7 @@ def finished(proj, batch_id, timeout):
 
 @pytest.mark.parametrize("how", ["direct", "chain", "plain"])
 def test_a_member_that_replaces_itself_is_followed_to_its_replacements_end(proj, worker, how):
-    """Seen: three replacing members finished only through the reconciler (63 s, with a result
-    backend); without one, never. The replacement runs under the member's id (the last link of a
+    """The replacement of a member that replaces itself runs under the member's id (the last link of a
     chain does), is recorded as the run, and the batch finishes at once; nothing runs twice."""
     key, cont = tag("replaced"), tag("cont")
     with proj.batches.batch(f"replace-{how}") as b:
@@ -53,9 +52,9 @@ def test_a_replacing_member_of_a_results_batch_gives_the_replacements_value(proj
 
 
 def test_ignore_ends_the_run_cancelled_or_as_the_task_recorded_it(proj, worker):
-    """Seen: a member raising Ignore stayed RUNNING forever under Celery's defaults. With no state
-    of its own it ends CANCELLED (it did not do its work); one that recorded SUCCESS or FAILURE
-    itself (update_state, then Ignore: Celery's custom-state idiom) ends that way."""
+    """A member raising Ignore with no state of its own ends CANCELLED (it did not do its work); one
+    that recorded SUCCESS or FAILURE itself (update_state, then Ignore: Celery's custom-state idiom)
+    ends that way."""
     key = tag("ignored")
     with proj.batches.batch("ignore") as b:
         bare = b.enqueue(proj.ignores, key)
@@ -70,8 +69,8 @@ def test_ignore_ends_the_run_cancelled_or_as_the_task_recorded_it(proj, worker):
 
 def test_reject_without_requeue_fails_the_run_and_with_requeue_runs_it_again(proj, worker):
     """Reject(requeue=False): Celery will not run it again, so the run FAILS at once. Reject(requeue=True):
-    the message goes back to the broker and its next delivery runs it (before, the next delivery
-    found the run claimed by the first and was skipped)."""
+    the message goes back to the broker and its next delivery runs it, the first delivery's claim
+    notwithstanding."""
     dropped, again = tag("dropped"), tag("again")
     with proj.batches.batch("reject") as b:
         lost = b.enqueue(proj.rejects, dropped)
@@ -83,8 +82,8 @@ def test_reject_without_requeue_fails_the_run_and_with_requeue_runs_it_again(pro
 
 
 def test_a_batches_task_continuation_that_retries_runs_to_its_end(proj, worker):
-    """Seen: a @batches.task continuation that raised self.retry() once never ran again: the retry's
-    delivery found the continuation claimed by the first and was skipped."""
+    """A @batches.task continuation that raises self.retry() runs again (the first delivery's claim
+    does not skip the retry's) and ends DISPATCHED."""
     key = tag("retrying")
     with proj.batches.batch("continuation-retries") as b:
         b.enqueue(proj.noop)
@@ -96,10 +95,8 @@ def test_a_batches_task_continuation_that_retries_runs_to_its_end(proj, worker):
 
 
 def test_a_member_no_worker_knows_or_whose_message_is_refused_fails_at_once(proj, worker):
-    """Seen: a member whose task no worker has, or whose message the worker refuses (content it does
-    not accept), finished only through recovery after a minute with a result backend; with Celery's
-    defaults the lost-message search could publish it again forever. Celery discards such a
-    message: the run fails at once, saying why."""
+    """Celery discards the message of a member whose task no worker has, or that the worker refuses
+    (content it does not accept): its run FAILS at once, saying why."""
     with proj.batches.batch("unknown-and-refused") as b:
         unknown = b.enqueue("tests.proj.no_such_task", 1)
         refused = b.enqueue(proj.noop.s().set(serializer="pickle"))

@@ -16,7 +16,6 @@ import sqlalchemy as sa
 
 from celery_batches import BatchStatus, InvalidBatchError, RunStatus
 from celery_batches.models import ContinuationStatus
-from tests.conftest import relay_reported
 from tests.helpers import (
     WAIT,
     continuations_become,
@@ -24,15 +23,18 @@ from tests.helpers import (
     drain,
     eventually,
     fired_once,
+    needs,
     publish,
+    relay_reported,
     stored_message,
     tag,
     with_continuations,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [*needs("postgres", "redis"), pytest.mark.timeout(180)]
 
 
+@needs("worker")
 def test_seed_order_example(proj, worker):
     seen = tag("seen")
     with proj.batches.batch("process-order-123", created_by="checkout") as b:
@@ -63,6 +65,7 @@ def test_seed_order_example(proj, worker):
     assert count(proj, seen) == 5
 
 
+@needs("worker")
 def test_a_nul_in_a_members_error_is_stored_escaped_and_stalls_nothing(proj, worker):
     """PostgreSQL text cannot hold NUL: stored as is, the error would fail its group commit on every
     retry and stall every later transition of that pool process."""
@@ -79,6 +82,7 @@ def test_a_nul_in_a_members_error_is_stored_escaped_and_stalls_nothing(proj, wor
     fired_once(proj, keys["failure"])
 
 
+@needs("worker")
 def test_hard_time_limit_counts_once(proj, worker):
     """Celery 5.7 sends task_failure twice (main process) for a hard time limit: counted once."""
     ran = tag("overrun")
@@ -94,6 +98,7 @@ def test_hard_time_limit_counts_once(proj, worker):
     assert proj.batches.get_batch(b.id).failed_jobs == 1
 
 
+@needs("worker")
 def test_message_delivered_twice_counts_once(proj, worker):
     ran = tag("ran")
     with proj.batches.batch("duplicate") as b:
@@ -112,6 +117,7 @@ def test_message_delivered_twice_counts_once(proj, worker):
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_last_two_members_finishing_together_fire_one_continuation(proj, worker):
     """Two members released by a barrier finish at the same instant on the two pool processes."""
     created = []
@@ -132,6 +138,7 @@ def test_last_two_members_finishing_together_fire_one_continuation(proj, worker)
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_fifty_concurrent_batches_have_exact_counters(proj, worker):
     def create(i: int) -> tuple[str, dict[str, str]]:
         with proj.batches.batch(f"concurrent-{i}") as b:
@@ -165,6 +172,7 @@ def test_fifty_concurrent_batches_have_exact_counters(proj, worker):
         assert count(proj, keys["failure" if expected == "success" else "success"]) == 0, batch_id
 
 
+@needs("worker")
 def test_current_batch_id_inside_a_member(proj, worker):
     key = tag("whoami")
     with proj.batches.batch("who") as b:
@@ -175,6 +183,7 @@ def test_current_batch_id_inside_a_member(proj, worker):
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_group_commit_lost_with_a_killed_pool_process_is_recovered(proj, start_worker):
     """Completions held in a pool process's group-commit buffer die with it (SIGKILL); the
     reconciler recovers them from the result backend, each counted once, with its return value
@@ -200,6 +209,7 @@ def test_group_commit_lost_with_a_killed_pool_process_is_recovered(proj, start_w
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_relay_publishes_runs_a_dead_producer_left_unpublished(proj, start_worker):
     """Commit without publishing (what a producer killed between the two leaves behind):
     the relay publishes each run once after the publish lease lapsed."""

@@ -30,10 +30,10 @@ from celery_batches import (
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent, utcnow
 from tests.helpers import (TABLES, WAIT, continuation_states, continuations_become, count, counters, drain,
-                           eventually, fired_once, memory_app, never_fired, private_registry, publish, row_counts,
-                           stored_message, tag, with_continuations)
+                           eventually, fired_once, memory_app, needs, never_fired, private_registry, publish,
+                           row_counts, stored_message, tag, with_continuations)
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [*needs("postgres", "redis"), pytest.mark.timeout(180)]
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -46,6 +46,7 @@ def statuses(proj, batch_id: str) -> list[RunStatus]:
 
 
 # -- 1. add to a running batch ----------------------------------------------------------------------------
+@needs("worker")
 def test_add_jobs_a_nested_batch_and_a_continuation_to_a_running_batch(proj, worker):
     ran, slow = tag("ran"), tag("slow")
     with proj.batches.batch("grows") as b:
@@ -93,6 +94,7 @@ def test_add_jobs_a_nested_batch_and_a_continuation_to_a_running_batch(proj, wor
                          + [("failure", ContinuationStatus.SKIPPED)] + [("success", ContinuationStatus.DISPATCHED)] * 2)
 
 
+@needs("worker")
 def test_adding_to_a_nested_batch_grows_only_that_batch(proj, worker):
     slow = tag("slow")
     with proj.batches.batch("outer") as b:
@@ -111,6 +113,7 @@ def test_adding_to_a_nested_batch_grows_only_that_batch(proj, worker):
 
 
 # -- 2. refused additions ---------------------------------------------------------------------------------
+@needs("worker")
 def test_adding_to_finished_cancelled_unknown_or_malformed_batches_is_refused(proj, worker, nowhere):
     ran = tag("ran")
     with proj.batches.batch("finished") as done:
@@ -171,6 +174,7 @@ def test_adding_to_finished_cancelled_unknown_or_malformed_batches_is_refused(pr
 
 
 # -- 3. a member adding to its own batch ------------------------------------------------------------------
+@needs("worker")
 def test_a_member_adding_to_its_own_batch_until_a_limit(proj, worker):
     limit = 10
     key, done_key, success_key = tag("crawl"), tag("complete"), tag("success")
@@ -196,6 +200,7 @@ def test_a_member_adding_to_its_own_batch_until_a_limit(proj, worker):
 
 
 # -- 4. cancel --------------------------------------------------------------------------------------------
+@needs("worker")
 def test_cancel_a_batch_with_running_and_pending_members(proj, worker):
     started, pending = tag("started"), tag("pending")
     with proj.batches.batch("to-cancel") as b:
@@ -245,6 +250,7 @@ def test_cancel_a_batch_with_running_and_pending_members(proj, worker):
         proj.batches.cancel_batch("not-a-batch")
 
 
+@needs("worker")
 def test_cancelling_a_nested_batch_counts_one_cancelled_unit_in_the_parent(proj, worker, nowhere):
     ran = tag("ran")
     # the child is the parent's last unit: the parent finishes FAILED at once
@@ -283,6 +289,7 @@ def test_cancelling_a_nested_batch_counts_one_cancelled_unit_in_the_parent(proj,
 
 
 # -- 5. a cancelled run that still reaches a worker -------------------------------------------------------
+@needs("worker")
 def test_a_cancelled_run_that_reaches_a_worker_is_not_executed(proj, worker, nowhere):
     """Revoke broadcast received: the worker's revoked set discards the message."""
     ran = tag("ran")
@@ -297,6 +304,7 @@ def test_a_cancelled_run_that_reaches_a_worker_is_not_executed(proj, worker, now
     assert statuses(proj, b.id) == [RunStatus.CANCELLED] * 3
 
 
+@needs("worker")
 def test_a_cancelled_run_that_missed_the_revoke_is_skipped_by_batch_task(proj, worker, nowhere, monkeypatch):
     """Revoke broadcast missed (muted here): BatchTask.before_start reads the registry and skips it."""
     ran = tag("ran")
@@ -349,10 +357,8 @@ def test_the_delivery_check_survives_a_registry_connection_killed_under_it(proj,
 
 
 def test_a_claim_waits_for_an_unreachable_registry_instead_of_running_unrecorded(pgbouncer, caplog):
-    """Seen in the chaos soak through PgBouncer: a member whose claim could not be written ran
-    unrecorded; its worker died before its outcome was written, its message (whose published flag
-    had not been written either) was published again, and it ran twice. A claim now waits for the
-    registry: the member starts only once the registry knows it runs."""
+    """A member's claim waits for an unreachable registry (its PgBouncer stopped): the member starts,
+    its claim written, only once the registry answers again."""
     bouncer = pgbouncer(pool_size=2)
     app = memory_app("waits")
     with private_registry(app, "cbt_wait") as direct:
@@ -376,6 +382,7 @@ def test_a_claim_waits_for_an_unreachable_registry_instead_of_running_unrecorded
     assert "claim failed" in caplog.text
 
 
+@needs("worker")
 def test_a_running_member_whose_next_attempt_is_skipped_is_counted_cancelled(proj, worker, nowhere):
     ran = tag("ran")
     with proj.batches.batch("attempt-after-cancel") as b:
@@ -395,6 +402,7 @@ def test_a_running_member_whose_next_attempt_is_skipped_is_counted_cancelled(pro
 
 
 # -- 6. continue-with -------------------------------------------------------------------------------------
+@needs("worker")
 def test_a_chain_of_three_stages_starts_in_order(proj, worker):
     a_ran, b_ran, c_ran, added = tag("a"), tag("b"), tag("c"), tag("added")
     with proj.batches.batch("stage-a") as a:
@@ -437,6 +445,7 @@ def test_a_chain_of_three_stages_starts_in_order(proj, worker):
     assert (count(proj, a_ran), count(proj, b_ran), count(proj, added), count(proj, c_ran)) == (1, 3, 1, 2)
 
 
+@needs("worker")
 def test_stages_start_or_are_cancelled_by_the_antecedents_outcome(proj, worker, nowhere):
     never, ok_ran = tag("never"), tag("ok")
     with proj.batches.batch("will-complete") as ok:
@@ -486,6 +495,7 @@ def test_stages_start_or_are_cancelled_by_the_antecedents_outcome(proj, worker, 
     assert count(proj, ok_ran) == 3
 
 
+@needs("worker")
 def test_cancelling_the_antecedent_cancels_the_waiting_stages(proj, worker):
     slow, never = tag("slow"), tag("never")
     with proj.batches.batch("first") as a:
@@ -508,6 +518,7 @@ def test_cancelling_the_antecedent_cancels_the_waiting_stages(proj, worker):
     assert count(proj, slow) == 2
 
 
+@needs("worker")
 def test_continue_with_refuses_bad_input_and_writes_nothing(proj, worker):
     with proj.batches.batch("antecedent") as a:
         a.enqueue(proj.add, 1, 1)
@@ -532,6 +543,7 @@ def _age(proj, *batch_ids: str) -> None:
         conn.execute(sa.update(b).where(b.c.id.in_(batch_ids)).values(expires_at=utcnow() - timedelta(seconds=1)))
 
 
+@needs("worker")
 def test_purge_expired_deletes_expired_finished_trees_only(proj, worker, nowhere):
     with proj.batches.batch("old") as old:
         old.enqueue(proj.add, 1, 1)
@@ -578,6 +590,7 @@ def test_purge_expired_deletes_expired_finished_trees_only(proj, worker, nowhere
     assert proj.batches.cancel_batch(unfinished.id) == 1
 
 
+@needs("worker")
 def test_purge_honours_a_short_expiry(proj, worker):
     """A registry with ``expires=0.5`` on the same tables: what it finishes expires 0.5 s later.
 
@@ -635,6 +648,7 @@ def _never_existed(proj, batch_id: str, ran: str, key: str) -> None:
     never_fired(proj, ran, key)
 
 
+@needs("worker")
 def test_a_batch_in_the_callers_committed_connection(proj, worker):
     ran, key = tag("ran"), tag("complete")
     with proj.batches.engine.begin() as conn:
@@ -643,6 +657,7 @@ def test_a_batch_in_the_callers_committed_connection(proj, worker):
     _ran_once(proj, batch_id, ran, key)
 
 
+@needs("worker")
 def test_a_batch_in_the_callers_rolled_back_connection(proj, worker):
     ran, key = tag("ran"), tag("complete")
     batch_id = None
@@ -653,6 +668,7 @@ def test_a_batch_in_the_callers_rolled_back_connection(proj, worker):
     _never_existed(proj, batch_id, ran, key)
 
 
+@needs("worker")
 def test_a_batch_in_a_rolled_back_savepoint_of_a_committed_connection(proj, worker, monkeypatch):
     # after the outer commit the publisher waits up to publish_lease for the batch to become visible:
     # shortened here so that wait ends (without publishing) inside this test
@@ -668,45 +684,6 @@ def test_a_batch_in_a_rolled_back_savepoint_of_a_committed_connection(proj, work
     _never_existed(proj, batch_id, ran, key)
 
 
-def test_a_batch_in_the_callers_committed_session(proj, worker):
-    ran, key = tag("ran"), tag("complete")
-    with Session(proj.batches.engine) as session:
-        batch_id = _create(proj, session, ran, key)
-        assert proj.batches.get_batch(batch_id) is None
-        session.commit()
-    _ran_once(proj, batch_id, ran, key)
-
-
-def test_a_batch_in_the_callers_rolled_back_session(proj, worker):
-    ran, key = tag("ran"), tag("complete")
-    with Session(proj.batches.engine) as session:
-        batch_id = _create(proj, session, ran, key)
-        session.rollback()
-        session.execute(sa.text("SELECT 1"))  # the session goes on and commits other work
-        session.commit()
-    _never_existed(proj, batch_id, ran, key)
-
-
-def test_a_batch_in_a_closed_session_never_runs_even_if_the_session_is_reused(proj, worker):
-    ran, key = tag("ran"), tag("complete")
-    session = Session(proj.batches.engine)
-    batch_id = _create(proj, session, ran, key)
-    session.close()  # discards the uncommitted batch
-    session.execute(sa.text("SELECT 1"))  # a Session may be used again after close()
-    session.commit()
-    session.close()
-    _never_existed(proj, batch_id, ran, key)
-
-
-def test_a_batch_in_a_session_savepoint_is_published_only_when_the_outer_transaction_commits(proj, worker):
-    ran, key = tag("ran"), tag("complete")
-    with Session(proj.batches.engine) as session:
-        with session.begin_nested():
-            batch_id = _create(proj, session, ran, key)
-        session.rollback()
-    _never_existed(proj, batch_id, ran, key)
-
-
 def test_the_callers_connection_must_be_in_a_transaction_and_of_a_known_type(proj):
     name = f"wrong-handle-{uuid.uuid4().hex}"
     with proj.batches.engine.connect() as conn:
@@ -718,3 +695,64 @@ def test_the_callers_connection_must_be_in_a_transaction_and_of_a_known_type(pro
             with proj.batches.batch(name, connection=wrong) as b:
                 b.enqueue(proj.add, 1, 1)
     assert proj.batches.list_batches(name=name) == []
+
+
+@needs("worker")
+def test_a_batch_in_the_callers_committed_session(proj, worker):
+    ran, key = tag("ran"), tag("complete")
+    with Session(proj.batches.engine) as session:
+        batch_id = _create(proj, session, ran, key)
+        assert proj.batches.get_batch(batch_id) is None
+        session.commit()
+    _ran_once(proj, batch_id, ran, key)
+
+
+@needs("worker")
+def test_a_batch_in_the_callers_rolled_back_session(proj, worker):
+    ran, key = tag("ran"), tag("complete")
+    with Session(proj.batches.engine) as session:
+        batch_id = _create(proj, session, ran, key)
+        session.rollback()
+        session.execute(sa.text("SELECT 1"))  # the session goes on and commits other work
+        session.commit()
+    _never_existed(proj, batch_id, ran, key)
+
+
+@needs("worker")
+def test_a_batch_in_a_closed_session_never_runs_even_if_the_session_is_reused(proj, worker):
+    ran, key = tag("ran"), tag("complete")
+    session = Session(proj.batches.engine)
+    batch_id = _create(proj, session, ran, key)
+    session.close()  # discards the uncommitted batch
+    session.execute(sa.text("SELECT 1"))  # a Session may be used again after close()
+    session.commit()
+    session.close()
+    _never_existed(proj, batch_id, ran, key)
+
+
+def _in_a_released_savepoint(proj, *, commit: bool) -> None:
+    """A batch written in a savepoint of a Session's transaction, the savepoint released: neither
+    published nor visible while the outer transaction is open; then the outer transaction commits
+    (the batch runs, each job and its continuation once) or rolls back (it never exists, nothing runs)."""
+    ran, key = tag("ran"), tag("complete")
+    with Session(proj.batches.engine) as session:
+        with session.begin_nested():
+            batch_id = _create(proj, session, ran, key)
+        never_fired(proj, ran, key)  # the worker drained its queue: anything published so far would have run
+        assert proj.batches.get_batch(batch_id) is None
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    (_ran_once if commit else _never_existed)(proj, batch_id, ran, key)
+
+
+@needs("worker")
+def test_a_batch_in_a_session_savepoint_is_published_only_when_the_outer_transaction_commits(proj, worker):
+    """Releasing the savepoint publishes nothing and shows nothing; the outer commit publishes the batch."""
+    _in_a_released_savepoint(proj, commit=True)
+
+
+@needs("worker")
+def test_a_batch_in_a_released_savepoint_of_a_rolled_back_session_never_runs(proj, worker):
+    _in_a_released_savepoint(proj, commit=False)

@@ -1,27 +1,26 @@
-"""``max_concurrency`` (design.md section 5): at most N of a batch's direct jobs published and
-unfinished at once, the next released by the transaction that records a job's end; with add,
-cancel, retry_failed and continue-with. On real prefork workers (8 pool processes, so that more
-than the window could run at once), Redis and PostgreSQL; each job counts how many run with it.
+"""``max_concurrency``: at most N of a batch's direct jobs published and unfinished at once, the next
+released by the transaction that records a job's end; with add, cancel, retry_failed and
+continue-with. On real prefork workers (8 pool processes, so that more than the window could run at
+once), Redis and PostgreSQL; each job counts how many run with it.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import pytest
 
 from celery_batches import BatchStatus, InvalidBatchError, RunStatus
-from tests.helpers import WAIT, counters, eventually, tag
+from tests.helpers import WAIT, Worker, counters, eventually, needs, tag
 
-pytestmark = pytest.mark.integration
+pytestmark = needs("postgres", "redis")
 
 
 @pytest.fixture(scope="module")
 def wide(request, proj):
     """A worker of 8 pool processes on a queue of its own."""
-    import uuid
-
-    from tests.conftest import SESSION, Worker
-
-    w = Worker(proj, f"cbt-{SESSION}-wide-{uuid.uuid4().hex[:6]}", 8)
+    w = Worker(proj, f"{os.environ['TEST_QUEUE']}-wide-{uuid.uuid4().hex[:6]}", 8)
     yield w
     w.stop()
 
@@ -30,6 +29,7 @@ def most_at_once(proj, key: str) -> int:
     return int(proj.r.get(f"{key}:max") or 0)
 
 
+@needs("worker")
 def test_never_more_than_the_window_at_once_and_all_finish(proj, wide):
     free, windowed = tag("free"), tag("windowed")
     with proj.batches.batch("no-window") as control:
@@ -47,6 +47,7 @@ def test_never_more_than_the_window_at_once_and_all_finish(proj, wide):
     assert max(started[:5]) <= min(started[10:])  # released in enqueue order: the first five went first
 
 
+@needs("worker")
 def test_added_jobs_wait_their_turn_and_nested_batches_have_their_own_window(proj, wide):
     key, inner = tag("add"), tag("inner")
     with proj.batches.batch("window-add", max_concurrency=1) as b:
@@ -61,6 +62,7 @@ def test_added_jobs_wait_their_turn_and_nested_batches_have_their_own_window(pro
     assert most_at_once(proj, key) == 1 and 1 <= most_at_once(proj, inner) <= 2
 
 
+@needs("worker")
 def test_cancel_cancels_the_held_jobs_too(proj, wide):
     key = tag("cancel")
     with proj.batches.batch("window-cancel", max_concurrency=2) as b:
@@ -76,6 +78,7 @@ def test_cancel_cancels_the_held_jobs_too(proj, wide):
     assert statuses.count(RunStatus.CANCELLED) == cancelled and most_at_once(proj, key) <= 2
 
 
+@needs("worker")
 def test_retry_failed_keeps_the_window(proj, wide):
     key, flag = tag("retry"), tag("flag")
     with proj.batches.batch("window-retry", max_concurrency=2) as b:
@@ -89,6 +92,7 @@ def test_retry_failed_keeps_the_window(proj, wide):
     assert most_at_once(proj, key) == 2 or most_at_once(proj, key) == 1
 
 
+@needs("worker")
 def test_a_continue_with_stage_starts_within_its_window(proj, wide):
     key = tag("stage")
     with proj.batches.batch("antecedent") as b:

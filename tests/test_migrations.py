@@ -13,9 +13,10 @@ from alembic.migration import MigrationContext
 
 from celery_batches.store.migrate import migrate
 from celery_batches.store.tables import OPTIONAL_INDEXES, Tables, build_tables
+from tests.helpers import Worker, needs
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=[pytest.param("postgresql", marks=needs("postgres")), "sqlite"])
 def engine(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[sa.Engine]:
     """An empty database of its own on each backend, so no other registry can hide or fake a difference."""
     if request.param == "postgresql":
@@ -78,11 +79,12 @@ def test_migrations_match_the_tables(engine: sa.Engine, prefix: str) -> None:
     assert not drift, f"{len(drift)} difference(s) between the migrations and tables.py:\n" + "\n".join(drift)
 
 
+@needs("postgres")
 def test_name_search_gets_a_trigram_index_where_pg_trgm_can_be_had_and_works_without_one(
         fresh_database_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    """Issue 10: where the migrating role may create ``pg_trgm`` the batches' names get a trigram
-    index; where it may not (no CREATE on the database), the upgrade still completes, and name
-    search reads the batches instead."""
+    """Where the migrating role may create ``pg_trgm`` the batches' names get a trigram index; where
+    it may not (no CREATE on the database), the upgrade still completes, and name search reads the
+    batches instead."""
     from celery import Celery
 
     from celery_batches import Batches
@@ -121,12 +123,10 @@ def test_name_search_gets_a_trigram_index_where_pg_trgm_can_be_had_and_works_wit
         admin.dispose()
 
 
-@pytest.mark.integration
+@needs("postgres", "redis", "worker")
 def test_a_worker_refuses_to_start_on_a_schema_older_than_its_code(proj, fresh_database_url):
     """An upgrade deployed before its migration ran: the worker stops at start with what to do,
     rather than fail every write it makes."""
-    from tests.conftest import Worker
-
     engine = sa.create_engine(fresh_database_url)
     try:
         migrate(engine, "cbt_old_", revision="0007")

@@ -20,35 +20,18 @@ from tests.helpers import (
     count,
     drain,
     eventually,
+    lapse,
     memory_app,
+    needs,
+    nowhere_signature,
     private_registry,
     publish,
     stored_message,
     tag,
+    written_unpublished,
 )
 
 HOUR = timedelta(hours=1)
-
-
-def written_unpublished(batches, n=3, *, now=None, **options):
-    """A batch committed by a producer that has not published yet (or died before it could)."""
-    from celery_batches.builder import BatchBuilder
-
-    builder = BatchBuilder(batches.app, "unpublished")
-    ids = [builder.enqueue(builder_sig(batches, i, **options)) for i in range(n)]
-    with batches.engine.begin() as conn:
-        publication = batches.trees.insert_tree(conn, builder.seal(), now or utcnow())
-    return builder.id, ids, publication
-
-
-def builder_sig(batches, i, **options):
-    return batches.app.signature("tests.proj.noop", (f"x{i}",)).set(queue=batches.queue, **options)
-
-
-def lapse(batches, lease) -> None:
-    p = batches.transitions.tables.publications
-    with batches.engine.begin() as conn:
-        conn.execute(sa.update(p).where(p.c.id == lease).values(expires_at=utcnow() - HOUR))
 
 
 def taken_ids(batches):
@@ -56,39 +39,42 @@ def taken_ids(batches):
     return lease, [m.id for m in runs], [m.id for m in continuations]
 
 
-def test_the_relay_takes_only_runs_whose_publish_lease_lapsed(registry):
+@needs("postgres", "redis")
+def test_the_relay_takes_only_runs_whose_publish_lease_lapsed(pg_registry):
     """A producer still publishing holds a lease: the relay leaves its runs alone, however old they
     are, and takes them over (once) only when the lease lapsed."""
-    batch_id, ids, publication = written_unpublished(registry, now=utcnow() - HOUR)  # created an hour ago
+    batch_id, ids, publication = written_unpublished(pg_registry, now=utcnow() - HOUR)  # created an hour ago
     assert publication.lease and [m.id for m in publication.runs] == ids
-    assert taken_ids(registry) == (None, [], [])
-    lapse(registry, publication.lease)
-    lease, runs, _ = taken_ids(registry)
+    assert taken_ids(pg_registry) == (None, [], [])
+    lapse(pg_registry, publication.lease)
+    lease, runs, _ = taken_ids(pg_registry)
     assert lease and runs == ids
-    assert taken_ids(registry) == (None, [], [])  # now under the relay's own lease
+    assert taken_ids(pg_registry) == (None, [], [])  # now under the relay's own lease
 
 
-def test_a_stage_created_long_before_its_antecedent_finishes_is_not_republished(registry):
-    """Issue 8 #1: the stage's runs become publishable when the antecedent finishes, under the lease
-    of the group commit that started it; their age is irrelevant."""
-    antecedent, [run], _ = written_unpublished(registry, 1)
-    stage_id = registry.continue_batch_with(antecedent, "stage", lambda b: [
-        b.enqueue(builder_sig(registry, i)) for i in range(4)])
-    r = registry.transitions.tables.runs
-    with registry.engine.begin() as conn:  # the stage was created an hour ago
+@needs("postgres", "redis")
+def test_a_stage_created_long_before_its_antecedent_finishes_is_not_republished(pg_registry):
+    """A stage's runs become publishable when its antecedent finishes, under the lease of the group
+    commit that starts the stage: the relay does not take them, however old they are."""
+    antecedent, [run], _ = written_unpublished(pg_registry, 1)
+    stage_id = pg_registry.continue_batch_with(antecedent, "stage", lambda b: [
+        b.enqueue(nowhere_signature(pg_registry, f"x{i}")) for i in range(4)])
+    r = pg_registry.transitions.tables.runs
+    with pg_registry.engine.begin() as conn:  # the stage was created an hour ago
         conn.execute(sa.update(r).where(r.c.batch_id == stage_id).values(created_at=utcnow() - HOUR))
-    started = registry.transitions.apply_events([RunEvent(run, RunStatus.COMPLETED)])
+    started = pg_registry.transitions.apply_events([RunEvent(run, RunStatus.COMPLETED)])
     assert len(started.runs) == 4 and started.lease
-    assert registry.get_batch(stage_id).status == BatchStatus.STARTED
-    lease, runs, _ = taken_ids(registry)
+    assert pg_registry.get_batch(stage_id).status == BatchStatus.STARTED
+    lease, runs, _ = taken_ids(pg_registry)
     assert not set(runs) & {m.id for m in started.runs}
 
 
-def test_a_run_a_worker_started_before_it_was_flagged_is_seen_by_the_reconciler(registry):
-    """Issue 8 #2: the flag only covered PENDING runs, and the reconciler only flagged ones."""
-    _, [run], _ = written_unpublished(registry, 1)
-    registry.transitions.apply_events([RunEvent(run, RunStatus.RUNNING)])
-    assert [r[0] for r in reads.open_runs(registry.transitions, utcnow() + HOUR, 10)] == [run]
+@needs("postgres", "redis")
+def test_a_run_a_worker_started_before_it_was_flagged_is_seen_by_the_reconciler(pg_registry):
+    """A run RUNNING before its published flag was written is among the open runs the reconciler reads."""
+    _, [run], _ = written_unpublished(pg_registry, 1)
+    pg_registry.transitions.apply_events([RunEvent(run, RunStatus.RUNNING)])
+    assert [r[0] for r in reads.open_runs(pg_registry.transitions, utcnow() + HOUR, 10)] == [run]
 
 
 def flags(batches, ids) -> list[bool]:
@@ -99,77 +85,82 @@ def flags(batches, ids) -> list[bool]:
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["postgresql", "portable"])
-def test_flagging_skips_a_run_a_worker_is_writing_and_returns_it(registry, portable):
+@needs("postgres", "redis")
+def test_flagging_skips_a_run_a_worker_is_writing_and_returns_it(pg_registry, portable):
     """A run whose row a worker holds locked is not waited for (that could deadlock with its group
     commit): it is returned, and flagged on the next try; a run a worker moved past PENDING needs no flag."""
-    _, ids, _ = written_unpublished(registry, 4)
-    r = registry.transitions.tables.runs
-    with registry.engine.begin() as conn:
+    _, ids, _ = written_unpublished(pg_registry, 4)
+    r = pg_registry.transitions.tables.runs
+    with pg_registry.engine.begin() as conn:
         conn.execute(sa.update(r).where(r.c.id == ids[1]).values(status=int(RunStatus.RUNNING)))
-    with registry.engine.connect() as worker:
+    with pg_registry.engine.connect() as worker:
         worker.begin()
         worker.execute(sa.select(r.c.id).where(r.c.id == ids[0]).with_for_update())
-        assert registry.publisher.outbox.mark_published(ids, portable=portable) == [ids[0]]
+        assert pg_registry.publisher.outbox.mark_published(ids, portable=portable) == [ids[0]]
         worker.rollback()
-    assert flags(registry, ids) == [False, False, True, True]
-    assert registry.publisher.outbox.mark_published([ids[0]], portable=portable) == []
-    assert flags(registry, ids) == [True, False, True, True]
+    assert flags(pg_registry, ids) == [False, False, True, True]
+    assert pg_registry.publisher.outbox.mark_published([ids[0]], portable=portable) == []
+    assert flags(pg_registry, ids) == [True, False, True, True]
 
 
-def test_the_reconciler_walks_open_runs_with_a_cursor(registry):
-    """Issue 8 #8: it always read the oldest runs, so runs that stay open hid every newer one."""
-    _, ids, publication = written_unpublished(registry, 5)
-    registry.transitions.apply_events([RunEvent(i, RunStatus.RUNNING) for i in ids])
-    first = reads.open_runs(registry.transitions, utcnow() + HOUR, 2)
-    second = reads.open_runs(registry.transitions, utcnow() + HOUR, 2, after=(first[-1][2], first[-1][0]))
-    third = reads.open_runs(registry.transitions, utcnow() + HOUR, 2, after=(second[-1][2], second[-1][0]))
+@needs("postgres", "redis")
+def test_the_reconciler_walks_open_runs_with_a_cursor(pg_registry):
+    """Pages of open runs read after a cursor cover each open run once: the oldest do not hide the rest."""
+    _, ids, publication = written_unpublished(pg_registry, 5)
+    pg_registry.transitions.apply_events([RunEvent(i, RunStatus.RUNNING) for i in ids])
+    first = reads.open_runs(pg_registry.transitions, utcnow() + HOUR, 2)
+    second = reads.open_runs(pg_registry.transitions, utcnow() + HOUR, 2, after=(first[-1][2], first[-1][0]))
+    third = reads.open_runs(pg_registry.transitions, utcnow() + HOUR, 2, after=(second[-1][2], second[-1][0]))
     seen = [r[0] for r in first + second + third]
     assert sorted(seen) == sorted(ids) and len(set(seen)) == 5
 
 
-def test_a_message_the_broker_refuses_fails_its_run_and_nothing_else(registry):
-    """Issue 8 #4: a bad publish option stopped the publisher at that run, and the relay sorted it
-    first in every pass: nothing behind it was ever published. Now the run FAILS with the reason,
-    the rest go out, and the batch finishes."""
-    batch_id, ids, publication = written_unpublished(registry, 3)
-    r = registry.transitions.tables.runs
-    with registry.engine.begin() as conn:  # what an option that passed the builder could hold
+@needs("postgres", "redis")
+def test_a_message_the_broker_refuses_fails_its_run_and_nothing_else(pg_registry):
+    """A stored run whose message Celery refuses (a bad publish option) FAILS with the reason; the
+    relay publishes the others, leaves nothing behind it, and the batch finishes."""
+    batch_id, ids, publication = written_unpublished(pg_registry, 3)
+    r = pg_registry.transitions.tables.runs
+    with pg_registry.engine.begin() as conn:  # what an option that passed the builder could hold
         conn.execute(sa.update(r).where(r.c.id == ids[1]).values(
-            options=f'{{"queue": "{registry.queue}", "countdown": "soon"}}'))
-    lapse(registry, publication.lease)
-    report = registry.publisher.relay(1000)
+            options=f'{{"queue": "{pg_registry.queue}", "countdown": "soon"}}'))
+    lapse(pg_registry, publication.lease)
+    report = pg_registry.publisher.relay(1000)
     assert (report.runs, report.refused, report.broker_down) == (2, 1, False)
-    jobs = {j.id: j for j in registry.get_batch_jobs(batch_id)}
+    jobs = {j.id: j for j in pg_registry.get_batch_jobs(batch_id)}
     assert jobs[ids[1]].status == RunStatus.FAILED and "refused" in jobs[ids[1]].error
     assert "TypeError" in jobs[ids[1]].error
-    assert registry.publisher.relay(1000).runs == 0  # nothing left behind it
-    registry.transitions.apply_events([RunEvent(i, RunStatus.COMPLETED) for i in (ids[0], ids[2])])
-    done = registry.get_batch(batch_id)
+    assert pg_registry.publisher.relay(1000).runs == 0  # nothing left behind it
+    pg_registry.transitions.apply_events([RunEvent(i, RunStatus.COMPLETED) for i in (ids[0], ids[2])])
+    done = pg_registry.get_batch(batch_id)
     assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.FAILED, 2, 1)
 
 
-def test_a_continuation_the_broker_refuses_is_failed_with_the_reason(registry):
-    with registry.batch("bad-continuation") as b:
-        run = b.enqueue(builder_sig(registry, 0))
-        b.on_complete(registry.app.signature("tests.proj.record", ("k",)).set(queue=registry.queue,
+@needs("postgres", "redis")
+def test_a_continuation_the_broker_refuses_is_failed_with_the_reason(pg_registry):
+    with pg_registry.batch("bad-continuation") as b:
+        run = b.enqueue(nowhere_signature(pg_registry, "x0"))
+        b.on_complete(pg_registry.app.signature("tests.proj.record", ("k",)).set(queue=pg_registry.queue,
                                                                              countdown=1))
-    c = registry.transitions.tables.continuations
-    with registry.engine.begin() as conn:
+    c = pg_registry.transitions.tables.continuations
+    with pg_registry.engine.begin() as conn:
         conn.execute(sa.update(c).where(c.c.batch_id == b.id).values(options='{"countdown": "soon"}'))
-    registry.node.write_events([RunEvent(run, RunStatus.COMPLETED)])
-    [cont] = registry.get_continuations(b.id)
+    pg_registry.node.write_events([RunEvent(run, RunStatus.COMPLETED)])
+    [cont] = pg_registry.get_continuations(b.id)
     assert cont.status == ContinuationStatus.FAILED and "refused" in cont.error
 
 
-@pytest.mark.parametrize("url", ["postgresql", "sqlite"])
-def test_the_relay_is_elected_by_a_lease_row(registry, tmp_path, url):
-    """Issue 8 #10: a session advisory lock strands under transaction pooling and does nothing on
-    SQLite; a lease row works on both, and a holder that dies loses it when it lapses."""
-    batches = registry
+@pytest.mark.parametrize("url", [pytest.param("postgresql", marks=needs("postgres", "redis")), "sqlite"])
+def test_the_relay_is_elected_by_a_lease_row(request, tmp_path, url):
+    """The relay is elected by a lease row (no session state, which transaction pooling would strand),
+    on PostgreSQL and SQLite alike: renewed by its holder, refused to another, taken over once its
+    holder resigned or it lapsed."""
     if url == "sqlite":
         batches = Batches(memory_app("sqlite-lease"), database_url=f"sqlite:///{tmp_path}/reg.sqlite3",
                           relay_interval=0)
         batches.migrate()
+    else:
+        batches = request.getfixturevalue("pg_registry")
     outbox = batches.publisher.outbox
     assert outbox.elect("relay", "a", timedelta(seconds=60))
     assert outbox.elect("relay", "a", timedelta(seconds=60))  # renewed
@@ -179,6 +170,7 @@ def test_the_relay_is_elected_by_a_lease_row(registry, tmp_path, url):
     assert outbox.elect("relay", "a", timedelta(seconds=60))
 
 
+@needs("postgres", "redis", "worker")
 def test_a_finished_run_delivered_again_is_not_executed(proj, worker):
     """A @batches.task member whose run is already final is not run again."""
     ran = tag("ran")
@@ -191,8 +183,9 @@ def test_a_finished_run_delivered_again_is_not_executed(proj, worker):
     assert proj.app.AsyncResult(run).state == "SUCCESS"  # the skip left the stored result alone
 
 
+@needs("postgres", "redis", "worker")
 def test_a_batches_task_continuation_delivered_twice_runs_once(proj, worker):
-    """Issue 8 #9: a republished continuation (its producer died between publish and flag) runs once."""
+    """A ``@batches.task`` continuation delivered twice (its producer died between publish and flag) runs once."""
     key = tag("cont")
     with proj.batches.batch("continuation-twice") as b:
         b.enqueue(proj.noop)
@@ -207,7 +200,8 @@ def test_a_batches_task_continuation_delivered_twice_runs_once(proj, worker):
     assert count(proj, key) == 1
 
 
-def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data(services):
+@needs("postgres")
+def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data():
     """Migrate to 0001, write a batch as 0001 stored it, upgrade: the batch reads back, and its
     unpublished runs (no lease: written before leases existed) are the relay's at once."""
     from celery_batches.store.migrate import head_revision, migrate
@@ -228,18 +222,18 @@ def test_a_registry_of_the_first_schema_upgrades_in_place_with_its_data(services
             assert conn.scalar(sa.text(f"SELECT version_num FROM {prefix}alembic_version")) == head_revision()
         old = batches.get_batch(batch_id)
         assert old.status == BatchStatus.STARTED
-        # what later migrations added reads as "not asked for" (section 5's options)
+        # what later migrations added (labels, cancel_on_failure, max_concurrency, results) reads as "not asked for"
         assert (old.description, old.properties, old.tags, old.cancel_on_failure, old.max_concurrency,
                 old.results) == (None, {}, (), False, None, False)
         lease, runs, _ = batches.publisher.outbox.take_lapsed(10)
         assert [m.id for m in runs] == [run_id] and runs[0].batch_id == batch_id
 
 
-def test_a_lease_taken_early_in_a_long_transaction_counts_from_its_end(services):
-    """big.py, 1,000,000 jobs: writing the batch took longer than the publish lease, which was taken
-    as the first run was written, so the producer found its lease lapsed when the commit was through
-    and published nothing (the relay would have, 500 runs a pass). The lease now counts again from
-    the end of a transaction that ran longer than a quarter of it."""
+@needs("postgres")
+def test_a_lease_taken_early_in_a_long_transaction_counts_from_its_end():
+    """A publish lease taken early in a transaction that runs longer than the lease (a million jobs take
+    a minute to write) counts again from the transaction's end: the producer still holds it when the
+    commit is through."""
     import time
 
     with private_registry(memory_app("lease"), "cbt_lease", publish_lease=0.5) as batches:
@@ -252,9 +246,10 @@ def test_a_lease_taken_early_in_a_long_transaction_counts_from_its_end(services)
         assert batches.publisher.outbox.renew(lease), "the lease had lapsed by the time the commit was through"
 
 
-def test_a_publication_of_several_chunks_is_all_flagged_before_its_lease_is_dropped(services):
+@needs("postgres")
+def test_a_publication_of_several_chunks_is_all_flagged_before_its_lease_is_dropped():
     """The flags of one chunk are written while the next chunk is sent; the publication still ends
-    (its lease released) only once every chunk it sent is flagged, and nothing else is flagged."""
+    (its lease dropped) only once every chunk it sent is flagged."""
     app = memory_app("chunks")
     with private_registry(app, "cbt_chunks", publish_chunk=100) as batches:
         batches.queue = app.conf.task_default_queue

@@ -17,17 +17,15 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_batches import Batches, BatchStatus
-from tests.conftest import ROOT
-from tests.helpers import WAIT, count, fired_once, private_registry, tag
+from tests.helpers import ROOT, WAIT, count, fired_once, needs, private_registry, tag
 
-pytestmark = [pytest.mark.integration]
+pytestmark = needs("postgres", "redis")
 
 
 def test_batches_created_by_three_threads_at_once_through_pgbouncer(pgbouncer):
-    """Seen: of 30 batches created by 3 producer threads at once, some raised `prepared statement
-    "_pg3_0" does not exist` (psycopg prepares a statement it ran five times; the next transaction
-    reaches another server connection). Every batch is written, published and flagged, and every
-    publish lease is released, through a bouncer with one server connection for all of them."""
+    """Three producer threads create 30 batches at once through a bouncer with one server connection
+    for all of them (no server-side prepared statement may outlive its transaction): every batch is
+    written, published and flagged, and every publish lease is dropped."""
     bouncer = pgbouncer(pool_size=1)
     app = Celery(f"bouncer_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_BROKER_URL"], set_as_current=False)
     with private_registry(app, "cbt_pgb") as direct:
@@ -63,9 +61,9 @@ def test_batches_created_by_three_threads_at_once_through_pgbouncer(pgbouncer):
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_a_worker_through_pgbouncer_claims_every_member(proj, pgbouncer, start_worker):
-    """Seen: every claim connection was refused (`unsupported startup parameter: options`, the claim
-    engine's `-c synchronous_commit=off`), so every member ran unclaimed. Through the bouncer
+    """A worker through the bouncer (which refuses startup options such as ``-c synchronous_commit``):
     every member is claimed by the process that runs it (``<node>/<pid>/<delivery>``), the group
     commits, heartbeats and the relay work, and the continuation fires once."""
     bouncer = pgbouncer(pool_size=2)
@@ -94,6 +92,7 @@ def test_a_worker_through_pgbouncer_claims_every_member(proj, pgbouncer, start_w
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@needs("worker")
 def test_the_seed_flows_through_pgbouncer(pgbouncer):
     """The end-to-end flows of tests/test_integration.py (the seed's: create, nest, continuations,
     failures, retries, duplicates, concurrent batches, the relay) with the producer and every worker

@@ -10,12 +10,13 @@ import pytest
 from celery import Celery
 
 from celery_batches.publishing.probe import RedisProbe
+from tests.helpers import needs
 
-pytestmark = pytest.mark.integration
+pytestmark = needs("redis")
 
 
 @pytest.mark.parametrize("prefix", ["", "cbt-prefix-"], ids=["plain", "global_keyprefix"])
-def test_the_redis_probe_sees_queued_and_unacknowledged_messages(services, prefix):
+def test_the_redis_probe_sees_queued_and_unacknowledged_messages(prefix):
     """With kombu's ``global_keyprefix`` transport option the queue and the unacked hash live under
     the prefix; the probe looks there too (kombu's client prefixes only the commands kombu sends)."""
     app = Celery(f"probe_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_BROKER_URL"], set_as_current=False)

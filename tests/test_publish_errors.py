@@ -7,6 +7,7 @@ real Redis and the real RabbitMQ, no worker attached (the queues are consumed by
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import timedelta
 
@@ -19,11 +20,9 @@ from celery_batches import BatchStatus, RunStatus
 from celery_batches.models import ContinuationStatus
 from celery_batches.settings import PUBLISH_DEFERRALS
 from celery_batches.store import RunEvent
-from tests.conftest import AMQP_URL, _answers, unavailable
-from tests.helpers import memory_app, private_registry
-from tests.test_outbox import lapse, written_unpublished
+from tests.helpers import lapse, memory_app, needs, nowhere_signature, private_registry, written_unpublished
 
-pytestmark = [pytest.mark.integration]
+pytestmark = needs("postgres")
 
 
 def set_options(batches, run_id: str, options: str) -> None:
@@ -45,11 +44,9 @@ def queued(app, queue: str) -> int:
 
 
 @pytest.fixture
-def amqp_registry(services):
-    """A registry on the real PostgreSQL whose app publishes to the real RabbitMQ."""
-    if not _answers("127.0.0.1", 5672):
-        unavailable("RabbitMQ not answering on 127.0.0.1:5672")
-    app = Celery(f"amqp_{uuid.uuid4().hex[:6]}", broker=AMQP_URL, set_as_current=False)
+def amqp_registry():
+    """A registry on the real PostgreSQL whose app publishes to the real RabbitMQ (a test using it needs both)."""
+    app = Celery(f"amqp_{uuid.uuid4().hex[:6]}", broker=os.environ["TEST_AMQP_URL"], set_as_current=False)
     with private_registry(app, "cbt_pe") as batches:
         batches.queue = f"cbt-nowhere-{uuid.uuid4().hex}"
         yield batches
@@ -61,28 +58,28 @@ def amqp_registry(services):
                     pass
 
 
-def test_a_queue_celery_does_not_know_fails_that_run_and_the_relay_goes_on(registry):
-    """Seen: Celery raises QueueNotFound (a KeyError) for a queue not in task_queues when
-    task_create_missing_queues is off, and kombu counts KeyError among Redis's connection errors:
-    the relay took it for a broker that is down, kept the lease and took the same rows every pass,
-    so nothing behind them was ever published."""
-    registry.app.conf.update(task_create_missing_queues=False, task_queues=[Queue(registry.queue)])
-    batch_id, ids, publication = written_unpublished(registry, 4)
-    set_options(registry, ids[1], '{"queue": "a-queue-celery-does-not-know"}')
-    lapse(registry, publication.lease)
-    report = registry.publisher.relay(1000)
+@needs("redis")
+def test_a_queue_celery_does_not_know_fails_that_run_and_the_relay_goes_on(pg_registry):
+    """A run whose queue Celery does not know (``task_create_missing_queues`` off) FAILS with the
+    reason; Celery's ``QueueNotFound`` is a ``KeyError``, which kombu counts among Redis's connection
+    errors, yet it is not taken for a broker that is down: the relay publishes everything behind it."""
+    pg_registry.app.conf.update(task_create_missing_queues=False, task_queues=[Queue(pg_registry.queue)])
+    batch_id, ids, publication = written_unpublished(pg_registry, 4)
+    set_options(pg_registry, ids[1], '{"queue": "a-queue-celery-does-not-know"}')
+    lapse(pg_registry, publication.lease)
+    report = pg_registry.publisher.relay(1000)
     assert (report.runs, report.refused, report.broker_down) == (3, 1, False)
-    found = jobs(registry, batch_id)
+    found = jobs(pg_registry, batch_id)
     assert found[ids[1]].status == RunStatus.FAILED and "QueueNotFound" in found[ids[1]].error
     assert [found[i].status for i in (ids[0], ids[2], ids[3])] == [RunStatus.PENDING] * 3
-    assert queued(registry.app, registry.queue) == 3
-    assert registry.publisher.relay(1000).runs == 0, "nothing left behind it"
+    assert queued(pg_registry.app, pg_registry.queue) == 3
+    assert pg_registry.publisher.relay(1000).runs == 0, "nothing left behind it"
 
 
+@needs("rabbitmq")
 def test_a_queue_rabbitmq_declared_with_other_arguments_fails_that_run_only(amqp_registry):
-    """Seen: a queue declared with other arguments (x-max-priority) answers 406 PRECONDITION_FAILED
-    at every declare; the relay stopped at that run on every pass. Now that run fails with the
-    reason and the others are published."""
+    """A run whose queue RabbitMQ declared with other arguments (``x-max-priority``: 406
+    PRECONDITION_FAILED at every declare) FAILS with the reason; the others are published."""
     batches = amqp_registry
     other = f"{batches.queue}-prio"
     with batches.app.connection_for_write() as conn:
@@ -99,10 +96,10 @@ def test_a_queue_rabbitmq_declared_with_other_arguments_fails_that_run_only(amqp
     assert batches.publisher.relay(1000).runs == 0
 
 
-def test_a_message_failing_partway_through_a_one_at_a_time_transport_is_not_sent_twice(services, monkeypatch):
-    """Seen by reading: on a transport that publishes each message at once (SQS, memory, AMQP with
-    publisher confirms) an error partway through a chunk reported nothing sent although the
-    earlier messages were, and the relay sent them again. Now exactly those count as sent."""
+def test_a_message_failing_partway_through_a_one_at_a_time_transport_is_not_sent_twice(monkeypatch):
+    """On a transport that publishes each message at once (SQS, memory, AMQP with publisher
+    confirms), an error partway through a chunk counts the messages before it as sent: the relay
+    sends each message once."""
     from kombu.transport import memory
 
     app = memory_app("one_at_a_time")
@@ -129,35 +126,36 @@ def test_a_message_failing_partway_through_a_one_at_a_time_transport_is_not_sent
         assert failures["left"] == 0 and sorted(sent) == sorted(ids), "each message sent once"
 
 
-def test_a_connection_error_on_one_message_while_the_broker_answers_waits_then_fails(registry, monkeypatch):
+@needs("redis")
+def test_a_connection_error_on_one_message_while_the_broker_answers_waits_then_fails(pg_registry, monkeypatch):
     """A connection error on one message while the broker answers fresh connections: that message
     waits one lease (the others go out, nothing blocks the relay), is tried again, and after
     PUBLISH_DEFERRALS such waits fails its run with the reason."""
     import redis
 
-    batch_id, ids, publication = written_unpublished(registry, 3)
+    batch_id, ids, publication = written_unpublished(pg_registry, 3)
     bad = ids[1]
-    original = type(registry.publisher)._send_one
+    original = type(pg_registry.publisher)._send_one
 
     def flaky(m, session):
         if m.id == bad:
             raise redis.exceptions.ConnectionError("Connection reset by peer (on this message only)")
         original(m, session)
 
-    monkeypatch.setattr(type(registry.publisher), "_send_one", staticmethod(flaky))
-    lapse(registry, publication.lease)
+    monkeypatch.setattr(type(pg_registry.publisher), "_send_one", staticmethod(flaky))
+    lapse(pg_registry, publication.lease)
     for attempt in range(PUBLISH_DEFERRALS):
-        report = registry.publisher.relay(1000)
+        report = pg_registry.publisher.relay(1000)
         assert (report.runs, report.deferred, report.refused, report.broker_down) == (
             2 if attempt == 0 else 0, 1, 0, False)
-        assert registry.publisher.relay(1000).runs == 0, "a deferred message waits its lease"
-        r = registry.transitions.tables.runs
-        with registry.engine.connect() as conn:
+        assert pg_registry.publisher.relay(1000).runs == 0, "a deferred message waits its lease"
+        r = pg_registry.transitions.tables.runs
+        with pg_registry.engine.connect() as conn:
             lease = conn.scalar(sa.select(r.c.publication_id).where(r.c.id == bad))
-        lapse(registry, lease)
-    report = registry.publisher.relay(1000)
+        lapse(pg_registry, lease)
+    report = pg_registry.publisher.relay(1000)
     assert (report.runs, report.refused) == (0, 1)
-    found = jobs(registry, batch_id)
+    found = jobs(pg_registry, batch_id)
     assert found[bad].status == RunStatus.FAILED and "ConnectionError" in found[bad].error
 
 
@@ -186,53 +184,54 @@ def test_a_bulk_path_that_breaks_falls_back_to_kombus_own_publish(broker_url, mo
                 conn.default_channel.queue_delete(batches.queue)
 
 
-def test_the_bulk_path_runs_only_on_the_versions_it_was_proven_on(registry, monkeypatch):
+@needs("redis")
+def test_the_bulk_path_runs_only_on_the_versions_it_was_proven_on(pg_registry, monkeypatch):
     """A kombu the wire was not proven on publishes through kombu's own path; so does a registry
     with ``bulk_publish=False``."""
     from celery_batches.publishing import wire
 
-    with registry.app.producer_or_acquire() as producer:
+    with pg_registry.app.producer_or_acquire() as producer:
         assert wire.open_wire(producer) is not None  # the versions installed here are proven
         real = wire.version
         monkeypatch.setattr(wire, "version", lambda name: "5.9.0" if name == "kombu" else real(name))
         assert wire.open_wire(producer) is None
     monkeypatch.undo()
-    with private_registry(registry.app, "cbt_pe", bulk_publish=False) as plain:
-        with registry.app.producer_or_acquire() as producer, plain.publisher.sender.session(producer, 2) as session:
+    with private_registry(pg_registry.app, "cbt_pe", bulk_publish=False) as plain:
+        with pg_registry.app.producer_or_acquire() as producer, plain.publisher.sender.session(producer, 2) as session:
             assert not session.buffered and not plain.publisher.sender.copies_allowed()
 
 
-def test_the_relay_never_republishes_a_continuation_a_delivery_claimed(registry):
-    """Seen by reading: a continuation published, then claimed by its first delivery, whose
-    DISPATCHED flag could not be written, was published again once its lease lapsed (the relay
-    ignored the claim)."""
-    with registry.batch("claimed-continuation") as b:
-        run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
-        b.on_complete(registry.app.signature("tests.proj.record", ("k",)).set(queue=registry.queue))
-    c = registry.transitions.tables.continuations
-    publication = registry.transitions.apply_events([RunEvent(run, RunStatus.COMPLETED)])  # due, not published yet
+@needs("redis")
+def test_the_relay_never_republishes_a_continuation_a_delivery_claimed(pg_registry):
+    """A continuation its first delivery claimed, whose DISPATCHED flag could not be written, is not
+    published again when its lease lapses."""
+    with pg_registry.batch("claimed-continuation") as b:
+        run = b.enqueue(nowhere_signature(pg_registry))
+        b.on_complete(pg_registry.app.signature("tests.proj.record", ("k",)).set(queue=pg_registry.queue))
+    c = pg_registry.transitions.tables.continuations
+    publication = pg_registry.transitions.apply_events([RunEvent(run, RunStatus.COMPLETED)])  # due, not published yet
     [cont] = publication.continuations
-    assert registry.liveness.claim_continuation(cont.id, str(uuid.uuid4())) is True  # its delivery started
-    lapse(registry, publication.lease)
-    report = registry.publisher.relay(1000)
+    assert pg_registry.liveness.claim_continuation(cont.id, str(uuid.uuid4())) is True  # its delivery started
+    lapse(pg_registry, publication.lease)
+    report = pg_registry.publisher.relay(1000)
     assert report.continuations == 0
-    with registry.engine.connect() as conn:
+    with pg_registry.engine.connect() as conn:
         status = conn.scalar(sa.select(c.c.status).where(c.c.id == cont.id))
     assert status == int(ContinuationStatus.DISPATCHED)
-    assert registry.get_batch(b.id).status == BatchStatus.COMPLETED
+    assert pg_registry.get_batch(b.id).status == BatchStatus.COMPLETED
 
 
-def test_flags_are_written_however_long_the_registry_is_away_while_the_lease_holds(registry, monkeypatch):
-    """Chaos soak through PgBouncer: the registry was unreachable for ~3 s after a chunk went out; the
-    publisher gave up flagging it after ~1.5 s and released its lease, so the relay published every
-    run of the chunk again at once (plain tasks ran twice). Flags are now tried again while the
-    lease holds (it is renewed meanwhile), and a lease is never released over unflagged runs."""
+@needs("redis")
+def test_flags_are_written_however_long_the_registry_is_away_while_the_lease_holds(pg_registry, monkeypatch):
+    """The flags of a chunk that went out are tried again for as long as the registry is away and the
+    lease can be renewed, and the lease is dropped once they are written; a lease that can no longer
+    be renewed is left to lapse, never dropped over unflagged runs."""
     import time
 
     import sqlalchemy.exc
 
-    batch_id, ids, publication = written_unpublished(registry, 3)
-    outbox, real = registry.publisher.outbox, type(registry.publisher.outbox).mark_published
+    batch_id, ids, publication = written_unpublished(pg_registry, 3)
+    outbox, real = pg_registry.publisher.outbox, type(pg_registry.publisher.outbox).mark_published
     away_until = time.monotonic() + 2.5
 
     def flag(self, run_ids, **kwargs):
@@ -241,21 +240,21 @@ def test_flags_are_written_however_long_the_registry_is_away_while_the_lease_hol
         return real(self, run_ids, **kwargs)
 
     monkeypatch.setattr(type(outbox), "mark_published", flag)
-    report = registry.publisher.publish(publication)
+    report = pg_registry.publisher.publish(publication)
     assert (report.runs, report.unflagged) == (3, False)
-    assert all(j.id in ids for j in registry.get_batch_jobs(batch_id))
-    r, p = registry.transitions.tables.runs, registry.transitions.tables.publications
-    with registry.engine.connect() as conn:
+    assert all(j.id in ids for j in pg_registry.get_batch_jobs(batch_id))
+    r, p = pg_registry.transitions.tables.runs, pg_registry.transitions.tables.publications
+    with pg_registry.engine.connect() as conn:
         assert conn.execute(sa.select(r.c.published).where(r.c.batch_id == batch_id)).scalars().all() == [True] * 3
         assert conn.scalar(sa.select(sa.func.count()).select_from(p)) == 0  # released once all were flagged
 
     # the registry away for longer than anyone can hold the lease: the lease is left to lapse
     monkeypatch.setattr(outbox, "lease_time", timedelta(seconds=2))  # (a lease of 2 s: the test waits for it)
-    batch_id, ids, publication = written_unpublished(registry, 2)
+    batch_id, ids, publication = written_unpublished(pg_registry, 2)
     away_until = time.monotonic() + 3600
     renewals = iter([True])  # the renewal before the chunk; none after it
     monkeypatch.setattr(type(outbox), "renew", lambda self, lease: next(renewals, False))
-    report = registry.publisher.publish(publication)
+    report = pg_registry.publisher.publish(publication)
     assert (report.runs, report.unflagged) == (2, True)
-    with registry.engine.connect() as conn:
+    with pg_registry.engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(p).where(p.c.id == publication.lease)) == 1

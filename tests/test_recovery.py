@@ -18,8 +18,10 @@ import sqlalchemy as sa
 from celery_batches import BatchStatus, RunStatus
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent, utcnow
-from tests.conftest import Worker
-from tests.helpers import RECOVERY, eventually, fired_once, tag
+from tests.helpers import (RECOVERY, Worker, eventually, fired_once, free_port, needs, nowhere_signature,
+                           private_registry, start_redis, tag)
+
+pytestmark = needs("postgres", "redis")
 
 
 def starts(proj, key: str) -> dict[str, int]:
@@ -38,11 +40,11 @@ def settled(proj, batch_id: str, batches=None):
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_a_whole_worker_killed_with_celery_defaults_leaves_nothing_open(proj, start_worker):
-    """Issue 8 #5: with defaults the messages the killed worker had prefetched sat in Redis's unacked
-    hash for an hour and the runs it was executing stayed open forever. Now the runs it was running
-    are FAILED "worker lost" (Celery acknowledged them: it would not run them again), the ones it
-    held are handed back to the queue, and the batch finishes; nothing runs twice."""
+    """A worker SIGKILLed under Celery's defaults: the runs it was running end FAILED "worker lost"
+    (Celery acknowledged them: it would not run them again), the ones it had prefetched are handed
+    back to the queue and run on a new node, and the batch finishes; nothing runs twice."""
     w = start_worker()
     key = tag("starts")
     with proj.batches.batch("worker-killed") as b:
@@ -60,9 +62,10 @@ def test_a_whole_worker_killed_with_celery_defaults_leaves_nothing_open(proj, st
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_pool_processes_killed_like_an_oom_killer(proj, start_worker):
-    """Issue 8 #5: pool processes SIGKILLed one a second left runs open for good (their outcome and
-    their RUNNING were buffered in the dead process). Now each such run ends FAILED "worker lost"."""
+    """Pool processes SIGKILLed one a second (with outcomes buffered in them): each run they held ends
+    FAILED (Celery's WorkerLostError, or recovery's "worker lost"), the batch finishes, nothing runs twice."""
     w = start_worker()
     key = tag("starts")
     with proj.batches.batch("oom-killed") as b:
@@ -84,6 +87,7 @@ def test_pool_processes_killed_like_an_oom_killer(proj, start_worker):
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_a_message_the_broker_lost_is_published_again(proj, start_worker, nowhere):
     """A Redis restart without persistence loses queued messages: runs published, in no queue, held
     by no worker, are found by the lost-message search and published again, once."""
@@ -100,6 +104,7 @@ def test_a_message_the_broker_lost_is_published_again(proj, start_worker, nowher
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_a_continuation_whose_message_the_broker_lost_is_published_again(proj, worker, nowhere):
     """A plain @app.task continuation claims its row as it starts; one published long ago, never
     started and in no queue is published again, and runs once."""
@@ -116,6 +121,7 @@ def test_a_continuation_whose_message_the_broker_lost_is_published_again(proj, w
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_an_acks_late_run_of_a_killed_worker_runs_again_as_celery_would(proj, start_worker):
     """acks_late: Celery delivers the message again after its worker died (Redis: after the
     visibility timeout, an hour by default). Recovery hands it back at once; it runs again and
@@ -135,11 +141,11 @@ def test_an_acks_late_run_of_a_killed_worker_runs_again_as_celery_would(proj, st
 
 
 @pytest.mark.slow
+@needs("worker")
 def test_runs_a_live_worker_held_when_the_broker_lost_them_run(proj, start_worker):
     """A broker restart loses the queue and the messages a live worker had prefetched; the worker
-    reconnects and drops what it held. Its heartbeat had marked those runs as held, and the marks
-    stayed: the lost-message search never looked at them and the batch stayed STARTED. Now each
-    beat marks exactly what the node holds, so they are found and published again, and run once."""
+    reconnects and holds them no more. Its next heartbeat drops their marks (each beat marks exactly
+    what the node holds), so the lost-message search finds them and publishes them again: each runs once."""
     w = start_worker()
     key = tag("starts")
     with proj.batches.batch("held-then-lost") as b:
@@ -175,114 +181,116 @@ def _forget_queue(proj, queue: str) -> int:
 
 
 # -- the decisions, one pass at a time, on a private registry ----------------------------------------------
-def _recovery(registry, **settings):
+def _recovery(batches, **settings):
     from dataclasses import replace
 
     from celery_batches.worker.recovery import Recovery
 
-    registry.settings = replace(registry.settings, **settings)
-    return Recovery(registry.settings, registry.app, registry.liveness, registry.probe, registry.node.write_events,
-                    registry.node.name)
+    batches.settings = replace(batches.settings, **settings)
+    return Recovery(batches.settings, batches.app, batches.liveness, batches.probe, batches.node.write_events,
+                    batches.node.name)
 
 
-def _claimed(registry, node: str, n: int = 2, task: str = "tests.proj.noop"):
-    with registry.batch("claimed") as b:
-        ids = [b.enqueue(registry.app.signature(task).set(queue=registry.queue)) for _ in range(n)]
+def _claimed(batches, node: str, n: int = 2, task: str = "tests.proj.noop"):
+    with batches.batch("claimed") as b:
+        ids = [b.enqueue(batches.app.signature(task).set(queue=batches.queue)) for _ in range(n)]
     for run_id in ids:
-        assert registry.liveness.claim(run_id, 0, node, utcnow()).claimed
+        assert batches.liveness.claim(run_id, 0, node, utcnow()).claimed
     return b.id, ids
 
 
-def test_a_node_is_gone_only_after_its_heartbeat_stood_still_for_the_timeout_on_the_observers_clock(registry):
-    registry.liveness.beat("dead", [100], [])
-    batch_id, ids = _claimed(registry, "dead/100")
-    recovery = _recovery(registry, node_timeout=0.5, heartbeat_interval=0.1)
+def test_a_node_is_gone_only_after_its_heartbeat_stood_still_for_the_timeout_on_the_observers_clock(pg_registry):
+    pg_registry.liveness.beat("dead", [100], [])
+    batch_id, ids = _claimed(pg_registry, "dead/100")
+    recovery = _recovery(pg_registry, node_timeout=0.5, heartbeat_interval=0.1)
     assert recovery.run_once()["runs_worker_lost"] == 0  # first sight: however old the heartbeat, not gone yet
     time.sleep(0.6)
     assert recovery.run_once()["runs_worker_lost"] == 2
-    jobs = registry.get_batch_jobs(batch_id)
+    jobs = pg_registry.get_batch_jobs(batch_id)
     assert {j.status for j in jobs} == {RunStatus.FAILED} and all("worker lost" in j.error for j in jobs)
-    assert registry.get_batch(batch_id).status == BatchStatus.FAILED
-    assert "dead" not in registry.liveness.nodes()  # forgotten once nothing of it is open
+    assert pg_registry.get_batch(batch_id).status == BatchStatus.FAILED
+    assert "dead" not in pg_registry.liveness.nodes()  # forgotten once nothing of it is open
 
 
-def test_a_node_that_keeps_beating_is_never_gone(registry):
-    registry.liveness.beat("alive", [100], [])
-    _, ids = _claimed(registry, "alive/100")
-    recovery = _recovery(registry, node_timeout=0.5, heartbeat_interval=0.1)
+def test_a_node_that_keeps_beating_is_never_gone(pg_registry):
+    pg_registry.liveness.beat("alive", [100], [])
+    _, ids = _claimed(pg_registry, "alive/100")
+    recovery = _recovery(pg_registry, node_timeout=0.5, heartbeat_interval=0.1)
     for _ in range(3):
-        registry.liveness.beat("alive", [100], [])
+        pg_registry.liveness.beat("alive", [100], [])
         assert recovery.run_once()["runs_worker_lost"] == 0
         time.sleep(0.3)
-    assert "alive" in registry.liveness.nodes()
+    assert "alive" in pg_registry.liveness.nodes()
 
 
-def test_runs_of_a_dead_pool_process_of_a_live_node_are_failed(registry):
-    _, (dead_run,) = _claimed(registry, "node/100", 1)
-    _, (live_run,) = _claimed(registry, "node/200", 1)
+def test_runs_of_a_dead_pool_process_of_a_live_node_are_failed(pg_registry):
+    _, (dead_run,) = _claimed(pg_registry, "node/100", 1)
+    _, (live_run,) = _claimed(pg_registry, "node/200", 1)
     time.sleep(1.1)  # claimed before the heartbeat below (by more than its one-second margin)
-    registry.liveness.beat("node", [1, 200], [])
-    assert _recovery(registry).run_once()["runs_worker_lost"] == 1
-    assert _status(registry, dead_run) == RunStatus.FAILED
-    assert _status(registry, live_run) == RunStatus.RUNNING
+    pg_registry.liveness.beat("node", [1, 200], [])
+    assert _recovery(pg_registry).run_once()["runs_worker_lost"] == 1
+    assert _status(pg_registry, dead_run) == RunStatus.FAILED
+    assert _status(pg_registry, live_run) == RunStatus.RUNNING
 
 
-def test_an_acks_late_run_of_a_gone_node_is_released_not_failed(registry):
+def test_an_acks_late_run_of_a_gone_node_is_released_not_failed(pg_registry):
     def late() -> None:
         """acks_late: Celery would deliver it again after its worker died."""
 
-    registry.app.task(name="tests.recovery.late", acks_late=True, shared=False)(late)
-    registry.liveness.beat("dead", [100], [])
-    _, (run,) = _claimed(registry, "dead/100", 1, task="tests.recovery.late")
-    recovery = _recovery(registry, node_timeout=0.2, heartbeat_interval=0.05)
+    pg_registry.app.task(name="tests.recovery.late", acks_late=True, shared=False)(late)
+    pg_registry.liveness.beat("dead", [100], [])
+    _, (run,) = _claimed(pg_registry, "dead/100", 1, task="tests.recovery.late")
+    recovery = _recovery(pg_registry, node_timeout=0.2, heartbeat_interval=0.05)
     recovery.run_once()
     time.sleep(0.3)
     assert recovery.run_once()["runs_handed_back"] == 1
-    assert _status(registry, run) == RunStatus.PENDING
+    assert _status(pg_registry, run) == RunStatus.PENDING
 
 
-def test_a_heartbeat_marks_exactly_the_runs_the_node_holds(registry):
+def test_a_heartbeat_marks_exactly_the_runs_the_node_holds(pg_registry):
     """A run the node no longer holds loses its mark (the lost-message search skips marked runs);
     a run it claimed keeps its claim; an unreadable worker state leaves the marks alone."""
-    with registry.batch("marks") as b:
-        a, c, d = (b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue)) for _ in range(3))
-    registry.liveness.beat("node", [1], [a, c, d])
-    assert registry.liveness.claim(d, 0, "node/1/x", utcnow()).claimed
-    registry.liveness.beat("node", [1], [a])
-    assert [_node(registry, run) for run in (a, c, d)] == ["node", None, "node/1/x"]
-    registry.liveness.beat("node", [1], None)
-    assert _node(registry, a) == "node"
-    registry.liveness.beat("node", [1], [])
-    assert _node(registry, a) is None
+    with pg_registry.batch("marks") as b:
+        a, c, d = (b.enqueue(nowhere_signature(pg_registry)) for _ in range(3))
+    pg_registry.liveness.beat("node", [1], [a, c, d])
+    assert pg_registry.liveness.claim(d, 0, "node/1/x", utcnow()).claimed
+    pg_registry.liveness.beat("node", [1], [a])
+    assert [_node(pg_registry, run) for run in (a, c, d)] == ["node", None, "node/1/x"]
+    pg_registry.liveness.beat("node", [1], None)
+    assert _node(pg_registry, a) == "node"
+    pg_registry.liveness.beat("node", [1], [])
+    assert _node(pg_registry, a) is None
 
 
-def _node(registry, run_id):
-    r = registry.transitions.tables.runs
-    with registry.engine.connect() as conn:
+def _node(batches, run_id):
+    r = batches.transitions.tables.runs
+    with batches.engine.connect() as conn:
         return conn.scalar(sa.select(r.c.node).where(r.c.id == run_id))
 
 
-def test_a_run_handed_back_after_its_batch_was_cancelled_ends_cancelled(registry):
-    """Chaos soak, 10 minutes: a run RUNNING when its batch was cancelled (a cancel leaves it alone),
-    whose worker then died (acks_late: handed back to waiting), stayed PENDING for good: nothing
-    publishes a run of a cancelled batch. Now recovery ends it CANCELLED and counts it."""
-    batch_id, (running, waiting) = _claimed(registry, "dead/100")
-    registry.liveness.hand_back_runs([waiting], left_by="dead")  # back to waiting before the cancel: cancelled by it
-    assert registry.cancel_batch(batch_id) == 1
-    assert registry.liveness.hand_back_runs([running], left_by="dead") == 1  # what recovery does for an acks_late run
-    assert _status(registry, running) == RunStatus.PENDING
-    assert _recovery(registry).run_once()["runs_cancelled"] == 1
-    assert _status(registry, running) == RunStatus.CANCELLED
-    batch = registry.get_batch(batch_id)
+def test_a_run_handed_back_after_its_batch_was_cancelled_ends_cancelled(pg_registry):
+    """A run RUNNING when its batch was cancelled (a cancel leaves it alone), then handed back to
+    waiting (its acks_late worker died): nothing publishes a run of a cancelled batch, so recovery
+    ends it CANCELLED and counts it."""
+    batch_id, (running, waiting) = _claimed(pg_registry, "dead/100")
+    pg_registry.liveness.hand_back_runs([waiting], left_by="dead")  # back to waiting before the cancel: cancelled by it
+    assert pg_registry.cancel_batch(batch_id) == 1
+    # what recovery does for an acks_late run
+    assert pg_registry.liveness.hand_back_runs([running], left_by="dead") == 1
+    assert _status(pg_registry, running) == RunStatus.PENDING
+    assert _recovery(pg_registry).run_once()["runs_cancelled"] == 1
+    assert _status(pg_registry, running) == RunStatus.CANCELLED
+    batch = pg_registry.get_batch(batch_id)
     assert (batch.status, batch.cancelled_jobs, batch.pending_jobs) == (BatchStatus.CANCELLED, 2, 0)
 
 
-def _status(registry, run_id):
-    r = registry.transitions.tables.runs
-    with registry.engine.connect() as conn:
+def _status(batches, run_id):
+    r = batches.transitions.tables.runs
+    with batches.engine.connect() as conn:
         return RunStatus(conn.scalar(sa.select(r.c.status).where(r.c.id == run_id)))
 
 
+@needs("worker")
 def test_a_worker_heartbeats_with_its_pool_processes(proj, start_worker):
     """The heartbeat lists the main process and every live pool process: recovery fails the runs of
     a pool process missing from it, so a wrong list would fail healthy runs."""
@@ -298,14 +306,14 @@ def test_a_worker_heartbeats_with_its_pool_processes(proj, start_worker):
                "the heartbeat to list the replacement processes instead", 30)
 
 
-def test_a_claim_is_one_deliverys_own(registry):
+def test_a_claim_is_one_deliverys_own(pg_registry):
     """A second delivery of a RUNNING run is not claimed, even in the process that runs the first
     (its outcome may still be buffered there); the same delivery repeating its claim is."""
-    _, (run,) = _claimed(registry, "n/1/first", 1)
-    assert not registry.liveness.claim(run, 0, "n/1/second", utcnow()).claimed
-    assert not registry.liveness.claim(run, 0, "n/2/third", utcnow()).claimed
-    assert registry.liveness.claim(run, 0, "n/1/first", utcnow()).claimed  # its commit went unanswered
-    assert registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed  # the next attempt
+    _, (run,) = _claimed(pg_registry, "n/1/first", 1)
+    assert not pg_registry.liveness.claim(run, 0, "n/1/second", utcnow()).claimed
+    assert not pg_registry.liveness.claim(run, 0, "n/2/third", utcnow()).claimed
+    assert pg_registry.liveness.claim(run, 0, "n/1/first", utcnow()).claimed  # its commit went unanswered
+    assert pg_registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed  # the next attempt
 
 
 class _Broker:
@@ -327,17 +335,15 @@ class _Broker:
         return len(tags)
 
 
-def test_messages_of_successive_attempts_unacknowledged_in_turn_are_not_one_orphan(registry):
-    """Chaos soak, 2026-12-02: a plain task retrying with a short countdown had each attempt's message
-    held unacknowledged for a moment before its worker's heartbeat marked it; the lost-message search
-    counted those moments as one message held by nobody for longer than the confirm time, restored the
-    third attempt's message while its worker held it, and that attempt ran twice. Only the same message
-    seen held at both looks is an orphan."""
+def test_messages_of_successive_attempts_unacknowledged_in_turn_are_not_one_orphan(pg_registry):
+    """A retrying run whose attempts' messages are each seen unacknowledged by nobody at one look (before
+    a heartbeat marked them) has no orphan: the moments of different attempts do not add up, and only
+    the same message seen held at two looks, the confirm time apart, is restored."""
     import time
 
-    recovery = _recovery(registry, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
-    with registry.batch("retrying") as b:
-        run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
+    recovery = _recovery(pg_registry, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
+    with pg_registry.batch("retrying") as b:
+        run = b.enqueue(nowhere_signature(pg_registry))
     recovery.probe = broker = _Broker(run)
     confirm = recovery._confirm()
     for attempt in range(3):  # each look finds the next attempt's message, after more than confirm
@@ -348,112 +354,106 @@ def test_messages_of_successive_attempts_unacknowledged_in_turn_are_not_one_orph
     assert broker.restored == ["tag-2"]
 
 
-def test_a_heartbeat_marks_more_runs_than_a_statement_has_parameters(registry):
-    """Seen by reading: the held list was one bind parameter per id, so a node holding more than
-    65,535 unstarted messages (a big batch with a countdown) failed every heartbeat, looked dead while
-    alive, and had its running runs failed and its held messages handed back while it held them."""
+def test_a_heartbeat_marks_more_runs_than_a_statement_has_parameters(pg_registry):
+    """A heartbeat marks more held runs than a statement has bind parameters (65,535: a big batch with
+    a countdown), and ignores the ids that are no run's."""
     from celery_batches.builder import BatchBuilder
 
-    builder = BatchBuilder(registry.app, "held-by-one-node")
-    ids = [builder.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue, countdown=60))
-           for _ in range(70_000)]
-    with registry.engine.begin() as conn:
-        registry.trees.insert_tree(conn, builder.seal(), utcnow())
-    r = registry.transitions.tables.runs
+    builder = BatchBuilder(pg_registry.app, "held-by-one-node")
+    ids = [builder.enqueue(nowhere_signature(pg_registry, countdown=60)) for _ in range(70_000)]
+    with pg_registry.engine.begin() as conn:
+        pg_registry.trees.insert_tree(conn, builder.seal(), utcnow())
+    r = pg_registry.transitions.tables.runs
 
     def marked() -> int:
-        with registry.engine.connect() as conn:
+        with pg_registry.engine.connect() as conn:
             return conn.scalar(sa.select(sa.func.count()).where(r.c.node == "big"))
 
-    registry.liveness.beat("big", [1], ids)
+    pg_registry.liveness.beat("big", [1], ids)
     assert marked() == 70_000
-    registry.liveness.beat("big", [1], ids[:100] + ["a-task-id-of-my-own", "celery-beat-task"])
+    pg_registry.liveness.beat("big", [1], ids[:100] + ["a-task-id-of-my-own", "celery-beat-task"])
     assert marked() == 100, "ids that are no run's are ignored, not an error"
-    registry.liveness.beat("big", [1], [])
+    pg_registry.liveness.beat("big", [1], [])
     assert marked() == 0
 
 
-def test_one_unreadable_outcome_in_the_result_backend_stops_nothing_else(registry, monkeypatch):
-    """Seen by reading: one result-backend error aborted the whole reconciler (and recovery) pass.
-    Now that run is left for the next pass and the others are resolved."""
-    registry.app.conf.result_backend = os.environ["TEST_BACKEND_URL"]
-    _, (broken, fine) = _claimed(registry, "n/1/x")
-    registry.app.backend.store_result(fine, "done", "SUCCESS")
-    real = registry.app.backend.get_task_meta
+def test_one_unreadable_outcome_in_the_result_backend_stops_nothing_else(pg_registry, monkeypatch):
+    """A result-backend error on one run leaves that run for the next reconciler pass; the others are resolved."""
+    pg_registry.app.conf.result_backend = os.environ["TEST_BACKEND_URL"]
+    _, (broken, fine) = _claimed(pg_registry, "n/1/x")
+    pg_registry.app.backend.store_result(fine, "done", "SUCCESS")
+    real = pg_registry.app.backend.get_task_meta
 
     def get_task_meta(task_id, *args, **kwargs):
         if task_id == broken:
             raise ConnectionError("the backend hiccuped")
         return real(task_id, *args, **kwargs)
 
-    monkeypatch.setattr(registry.app.backend, "get_task_meta", get_task_meta)
-    assert registry.relay.reconciler.run_once(utcnow() + timedelta(hours=1)) == 1
-    assert (_status(registry, broken), _status(registry, fine)) == (RunStatus.RUNNING, RunStatus.COMPLETED)
+    monkeypatch.setattr(pg_registry.app.backend, "get_task_meta", get_task_meta)
+    assert pg_registry.relay.reconciler.run_once(utcnow() + timedelta(hours=1)) == 1
+    assert (_status(pg_registry, broken), _status(pg_registry, fine)) == (RunStatus.RUNNING, RunStatus.COMPLETED)
 
 
-def test_a_value_recovered_from_the_result_backend_is_kept_as_the_worker_would_keep_it(registry):
-    """Seen by reading: a results=True run completed from the backend with a value over
-    result_max_bytes was COMPLETED with no value, where the worker would have failed it."""
-    registry.app.conf.result_backend = os.environ["TEST_BACKEND_URL"]
-    with registry.batch("recovered-values", results=True) as b:
-        small, big = (b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue)) for _ in "ab")
+def test_a_value_recovered_from_the_result_backend_is_kept_as_the_worker_would_keep_it(pg_registry):
+    """A ``results=True`` run completed from the result backend keeps its value as the worker would:
+    a value over ``result_max_bytes`` fails the run."""
+    pg_registry.app.conf.result_backend = os.environ["TEST_BACKEND_URL"]
+    with pg_registry.batch("recovered-values", results=True) as b:
+        small, big = (b.enqueue(nowhere_signature(pg_registry)) for _ in "ab")
     for run_id in (small, big):
-        assert registry.liveness.claim(run_id, 0, "n/1/x", utcnow()).claimed
-    registry.app.backend.store_result(small, [1, 2], "SUCCESS")
-    registry.app.backend.store_result(big, "x" * (registry.settings.result_max_bytes + 1), "SUCCESS")
-    assert registry.relay.reconciler.run_once(utcnow() + timedelta(hours=1)) == 2
-    results = {r.run_id: r for r in registry.get_results(b.id)}
+        assert pg_registry.liveness.claim(run_id, 0, "n/1/x", utcnow()).claimed
+    pg_registry.app.backend.store_result(small, [1, 2], "SUCCESS")
+    pg_registry.app.backend.store_result(big, "x" * (pg_registry.settings.result_max_bytes + 1), "SUCCESS")
+    assert pg_registry.relay.reconciler.run_once(utcnow() + timedelta(hours=1)) == 2
+    results = {r.run_id: r for r in pg_registry.get_results(b.id)}
     assert (results[small].status, results[small].value) == (RunStatus.COMPLETED, [1, 2])
     assert results[big].status == RunStatus.FAILED and "result_max_bytes" in results[big].error
 
 
-def test_a_run_celery_requeues_when_its_pool_process_dies_is_handed_back(registry):
-    """task_reject_on_worker_lost (with acks_late): Celery requeues the message of a task whose pool
-    process died. Recovery failed such a run "worker lost" while its message came back."""
+def test_a_run_celery_requeues_when_its_pool_process_dies_is_handed_back(pg_registry):
+    """``task_reject_on_worker_lost`` (with acks_late): Celery requeues the message of a task whose pool
+    process died, so recovery hands that run back; a plain task's run it fails "worker lost"."""
     def requeued() -> None:
         """acks_late + reject_on_worker_lost."""
 
-    registry.app.task(name="tests.recovery.requeued", acks_late=True, reject_on_worker_lost=True,
+    pg_registry.app.task(name="tests.recovery.requeued", acks_late=True, reject_on_worker_lost=True,
                       shared=False)(requeued)
-    _, (again,) = _claimed(registry, "node/100/a", 1, task="tests.recovery.requeued")
-    _, (lost,) = _claimed(registry, "node/100/b", 1)
+    _, (again,) = _claimed(pg_registry, "node/100/a", 1, task="tests.recovery.requeued")
+    _, (lost,) = _claimed(pg_registry, "node/100/b", 1)
     time.sleep(1.1)  # claimed before the heartbeat below (by more than its one-second margin)
-    registry.liveness.beat("node", [1, 200], [])
-    done = _recovery(registry).run_once()
+    pg_registry.liveness.beat("node", [1, 200], [])
+    done = _recovery(pg_registry).run_once()
     assert (done["runs_handed_back"], done["runs_worker_lost"]) == (1, 1)
-    assert (_status(registry, again), _status(registry, lost)) == (RunStatus.PENDING, RunStatus.FAILED)
+    assert (_status(pg_registry, again), _status(pg_registry, lost)) == (RunStatus.PENDING, RunStatus.FAILED)
 
 
-def test_a_delivery_skipped_while_its_run_ran_elsewhere_is_published_again_if_the_run_comes_back(registry):
-    """Seen: RabbitMQ redelivers a dead consumer's acks_late message at once; the delivery found the
-    run RUNNING under the dead node and was skipped (and acknowledged); recovery later put the run
-    back to PENDING, still flagged published, and nothing republished it. A skipped delivery now
-    notes that no message of the run is left, so a run handed back goes to the relay."""
-    _, (run,) = _claimed(registry, "dead/1/x", 1)
-    assert registry.node.verdict(run, None, registry.liveness.claim(run, 0, "alive/2/y", utcnow())) == "skip"
-    assert registry.liveness.hand_back_runs([run], left_by="dead") == 1
-    lease, runs, _ = registry.publisher.outbox.take_lapsed(100)
+def test_a_delivery_skipped_while_its_run_ran_elsewhere_is_published_again_if_the_run_comes_back(pg_registry):
+    """A delivery skipped because its run is RUNNING under another node (RabbitMQ redelivers a dead
+    consumer's acks_late message at once) notes that no message of the run is left: once recovery
+    hands the run back, the relay publishes it again."""
+    _, (run,) = _claimed(pg_registry, "dead/1/x", 1)
+    assert pg_registry.node.verdict(run, None, pg_registry.liveness.claim(run, 0, "alive/2/y", utcnow())) == "skip"
+    assert pg_registry.liveness.hand_back_runs([run], left_by="dead") == 1
+    lease, runs, _ = pg_registry.publisher.outbox.take_lapsed(100)
     assert [m.id for m in runs] == [run]
 
 
-def test_a_plain_tasks_claim_takes_the_run_over(registry):
+def test_a_plain_tasks_claim_takes_the_run_over(pg_registry):
     """A plain @app.task runs whatever the registry says: its claim names the process that runs it,
     so recovery never fails (or hands back) a run that a live process is running."""
-    _, (run,) = _claimed(registry, "dead/1/x", 1)
-    assert not registry.liveness.claim(run, 0, "alive/2/y", utcnow()).claimed
-    assert registry.liveness.claim(run, 0, "alive/2/y", utcnow(), force=True).claimed
-    assert _node(registry, run) == "alive/2/y"
+    _, (run,) = _claimed(pg_registry, "dead/1/x", 1)
+    assert not pg_registry.liveness.claim(run, 0, "alive/2/y", utcnow()).claimed
+    assert pg_registry.liveness.claim(run, 0, "alive/2/y", utcnow(), force=True).claimed
+    assert _node(pg_registry, run) == "alive/2/y"
 
 
 # -- the configurations people deploy: RabbitMQ, several nodes, Celery's requeue settings ----------------
 @pytest.mark.slow
-@pytest.mark.integration
+@needs("worker")
 def test_acks_late_runs_of_a_worker_killed_and_restarted_at_once_finish(proj, broker_url, registry_on, start_worker):
-    """Seen on RabbitMQ: 20 acks_late jobs, the worker SIGKILLed and a new one started at once.
-    RabbitMQ redelivered the running ones at once; the claim found them RUNNING under the dead node
-    and the deliveries were skipped and acknowledged; recovery later put them back to PENDING,
-    still flagged published, and nothing republished them: 2 of 20 stuck for good. On Redis the
-    messages come back from the unacked set. Either way every job now ends, as acks_late promises."""
+    """20 acks_late jobs, their worker SIGKILLed and a new one started at once: RabbitMQ redelivers
+    the running ones at once, while their runs are still RUNNING under the dead node; Redis returns
+    them from its unacked set. On either broker every job ends, as acks_late promises."""
     producer, key = registry_on(broker_url), tag("starts")
     w = start_worker(**producer.worker_env)
     with producer.batch("acks-late-restarted") as b:
@@ -468,13 +468,12 @@ def test_acks_late_runs_of_a_worker_killed_and_restarted_at_once_finish(proj, br
 
 
 @pytest.mark.slow
-@pytest.mark.integration
+@needs("worker")
 def test_a_node_lost_for_good_while_another_runs_on(proj, broker_url, registry_on, start_worker):
     """Two worker nodes on one queue (``-n``); one is SIGKILLed for good while the other runs on.
-    Seen on RabbitMQ: 2 of 200 runs left PENDING and published. Now, within the recovery bound,
-    what the lost node was running ends FAILED "worker lost" where Celery acknowledged it (the
-    default) and runs again on the other node where Celery redelivers it (acks_late); what it held
-    runs on the other node; nothing runs twice that Celery would not run twice."""
+    Within the recovery bound, what the lost node was running ends FAILED "worker lost" where Celery
+    acknowledged it (the default) and runs again on the other node where Celery redelivers it
+    (acks_late); what it held runs on the other node; nothing runs twice that Celery would not run twice."""
     queue, producer, key = f"cbt-two-{uuid.uuid4().hex[:6]}", registry_on(broker_url), tag("starts")
     lost = start_worker(queue=queue, name=f"{queue}-a", **producer.worker_env)
     start_worker(queue=queue, name=f"{queue}-b", **producer.worker_env)
@@ -495,11 +494,11 @@ def test_a_node_lost_for_good_while_another_runs_on(proj, broker_url, registry_o
 
 
 @pytest.mark.slow
-@pytest.mark.integration
+@needs("worker")
 def test_a_task_celery_requeues_when_its_pool_process_dies_runs_again(proj, start_worker):
-    """task_reject_on_worker_lost (with acks_late): Celery requeues the message of a task whose pool
-    process died. Seen: the redelivery found the run claimed by the dead process and was skipped,
-    then recovery failed the run "worker lost". Now it runs again and completes, as Celery promises."""
+    """``task_reject_on_worker_lost`` (with acks_late): Celery requeues the message of a task whose pool
+    process died; the redelivery runs it again, the dead process's claim notwithstanding, and the run
+    completes, as Celery promises."""
     w = start_worker()
     key = tag("starts")
     with proj.batches.batch("requeued-if-lost") as b:
@@ -513,11 +512,11 @@ def test_a_task_celery_requeues_when_its_pool_process_dies_runs_again(proj, star
 
 
 @pytest.mark.slow
-@pytest.mark.integration
+@needs("worker")
 def test_retry_failed_next_to_a_result_backend_ends_with_the_new_attempt(proj, start_worker):
-    """Seen: a job fixed between attempts and retried with retry_failed, its second attempt slow:
-    the reconciler read the first attempt's FAILURE from the result backend (same task id) and the
-    batch ended FAILED with the old error while the second attempt still ran."""
+    """A job retried with retry_failed (the same task id), its second attempt slow: the reconciler
+    never reads the first attempt's FAILURE in the result backend as the second's outcome, and the
+    batch ends with the second attempt."""
     w = start_worker(TEST_RECONCILE_GRACE="1")  # its reconciler looks at any run open for a second
     flag = tag("flag")
     with proj.batches.batch("retry-with-a-backend") as b:
@@ -531,14 +530,12 @@ def test_retry_failed_next_to_a_result_backend_ends_with_the_new_attempt(proj, s
 
 
 @pytest.fixture
-def sentinel(services, tmp_path):
+def sentinel(tmp_path):
     """A private Redis watched by a private Sentinel (``redis-server --sentinel``): the broker URL a
     Sentinel deployment gives Celery, and its master's client."""
     import subprocess
 
     import redis
-
-    from tests.helpers import free_port, start_redis
 
     port, sentinel_port = free_port(), free_port()
     server = start_redis(port)
@@ -564,68 +561,65 @@ def sentinel(services, tmp_path):
 
 
 def test_a_message_lost_behind_a_redis_sentinel_is_found_and_published_again(sentinel):
-    """Seen by reading: the lost-message probe was chosen by the broker URL's scheme, so a Sentinel
-    broker ("sentinel://") got none, and a message lost in a failover was never found."""
+    """A Sentinel broker (``sentinel://``) gets the Redis lost-message probe: a message lost in a
+    failover is found missing at two looks and published again."""
     from celery import Celery
 
     from celery_batches.publishing.probe import RedisProbe
-    from tests.helpers import private_registry
 
     url, master = sentinel
     app = Celery(f"sentinel_{uuid.uuid4().hex[:6]}", broker=url, set_as_current=False)
     app.conf.broker_transport_options = {"master_name": "cbt"}
-    with private_registry(app, "cbt_sn") as registry:
-        assert isinstance(registry.probe, RedisProbe)
-        registry.queue = "cbt-behind-a-sentinel"
-        with registry.batch("behind-a-sentinel") as b:
-            ids = [b.enqueue(app.signature("tests.proj.noop").set(queue=registry.queue)) for _ in range(3)]
-        assert master.llen(registry.queue) == 3
-        master.delete(registry.queue)  # what a failover to a replica that had not got them yet does
-        recovery = _recovery(registry, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
+    with private_registry(app, "cbt_sn") as batches:
+        assert isinstance(batches.probe, RedisProbe)
+        batches.queue = "cbt-behind-a-sentinel"
+        with batches.batch("behind-a-sentinel") as b:
+            ids = [b.enqueue(app.signature("tests.proj.noop").set(queue=batches.queue)) for _ in range(3)]
+        assert master.llen(batches.queue) == 3
+        master.delete(batches.queue)  # what a failover to a replica that had not got them yet does
+        recovery = _recovery(batches, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
         confirm = recovery._confirm()
         assert recovery.run_once()["runs_republished"] == 0  # one look proves nothing
         time.sleep(confirm + 0.1)
         assert recovery.run_once()["runs_republished"] == 3
-        assert registry.publisher.relay(100).runs == 3
-        assert master.llen(registry.queue) == 3
-        assert {j.status for j in registry.get_batch_jobs(b.id)} == {RunStatus.PENDING} and len(ids) == 3
+        assert batches.publisher.relay(100).runs == 3
+        assert master.llen(batches.queue) == 3
+        assert {j.status for j in batches.get_batch_jobs(b.id)} == {RunStatus.PENDING} and len(ids) == 3
 
 
-def test_a_run_handed_to_its_replacement_is_claimed_by_the_replacement_only(registry):
-    """Chaos soak through PgBouncer: a member replaced itself; a second copy of its message (the relay
-    had published it again: the flag had not been written) claimed the run handed to the replacement
-    and ran the replaced body a second time. Now only a delivery presenting the replaced claim takes
-    it; without the hand-over (the registry was unreachable then) it still takes the claim itself."""
-    _, (handed, kept) = _claimed(registry, "n/1/original")
-    assert registry.liveness.hand_back(handed, "n/1/original", replaced_by="message") == 1
-    assert not registry.liveness.claim(handed, 0, "n/2/duplicate", utcnow()).claimed
-    assert registry.liveness.claim(handed, 0, "n/3/replacement", utcnow(), replaces="n/1/original").claimed
-    assert registry.liveness.claim(kept, 0, "n/3/other", utcnow(), replaces="n/1/original").claimed
+def test_a_run_handed_to_its_replacement_is_claimed_by_the_replacement_only(pg_registry):
+    """A run a member handed to its replacement (``Task.replace``) is claimed only by a delivery that
+    presents the replaced claim, never by another copy of the member's message; a run with no
+    hand-over (the registry was unreachable then) is claimed by the replacement all the same."""
+    _, (handed, kept) = _claimed(pg_registry, "n/1/original")
+    assert pg_registry.liveness.hand_back(handed, "n/1/original", replaced_by="message") == 1
+    assert not pg_registry.liveness.claim(handed, 0, "n/2/duplicate", utcnow()).claimed
+    assert pg_registry.liveness.claim(handed, 0, "n/3/replacement", utcnow(), replaces="n/1/original").claimed
+    assert pg_registry.liveness.claim(kept, 0, "n/3/other", utcnow(), replaces="n/1/original").claimed
 
 
-def test_a_copy_of_the_attempt_that_raised_the_retry_is_not_run_again(registry):
-    """Chaos soak on RabbitMQ: one message of attempt 0 reached two workers (its early acknowledgement
-    was lost with a closed connection); the first raised a retry, and the second, claiming once the
-    run was RETRYING, ran attempt 0 again. Only the next attempt claims a RETRYING run."""
-    _, (run,) = _claimed(registry, "n/1/first", 1)
-    registry.transitions.apply_events([RunEvent(run, RunStatus.RETRYING, 0)])
-    assert not registry.liveness.claim(run, 0, "n/2/copy", utcnow()).claimed
-    assert registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed
+def test_a_copy_of_the_attempt_that_raised_the_retry_is_not_run_again(pg_registry):
+    """A RETRYING run is claimed only by its next attempt: another copy of the attempt that raised the
+    retry (one message delivered to two workers) is not run again."""
+    _, (run,) = _claimed(pg_registry, "n/1/first", 1)
+    pg_registry.transitions.apply_events([RunEvent(run, RunStatus.RETRYING, 0)])
+    assert not pg_registry.liveness.claim(run, 0, "n/2/copy", utcnow()).claimed
+    assert pg_registry.liveness.claim(run, 1, "n/2/retry", utcnow()).claimed
 
 
-def test_a_replacement_whose_message_the_broker_lost_fails_its_run(registry):
-    """Chaos soak: a Redis restart lost the message of a member's replacement; the lost-message search
-    published the member's own message again and its body ran twice. The replacement's message was
-    Celery's, not ours to publish: the run FAILS, saying so, and nothing runs twice."""
-    _, (run,) = _claimed(registry, "n/1/original", 1)
-    registry.liveness.hand_back(run, "n/1/original", replaced_by="message")
-    recovery = _recovery(registry, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
+def test_a_replacement_whose_message_the_broker_lost_fails_its_run(pg_registry):
+    """A run whose replacement's message the broker lost (found missing at two looks) FAILS, saying so:
+    that message was Celery's, not the registry's to publish again, and the member's own would run
+    the replaced body twice."""
+    _, (run,) = _claimed(pg_registry, "n/1/original", 1)
+    pg_registry.liveness.hand_back(run, "n/1/original", replaced_by="message")
+    recovery = _recovery(pg_registry, lost_after=0.001, relay_interval=0.01, heartbeat_interval=0.01)
     recovery.probe = _Empty()
     assert recovery.run_once()["runs_replacement_lost"] == 0  # one look proves nothing
     time.sleep(recovery._confirm() + 0.1)
     done = recovery.run_once()
     assert (done["runs_replacement_lost"], done["runs_republished"]) == (1, 0)
-    [job] = registry.get_batch_jobs(_batch_of(registry, run))
+    [job] = pg_registry.get_batch_jobs(_batch_of(pg_registry, run))
     assert job.status == RunStatus.FAILED and "replacement" in job.error
 
 
@@ -643,7 +637,7 @@ class _Empty:
         return 0
 
 
-def _batch_of(registry, run_id):
-    r = registry.transitions.tables.runs
-    with registry.engine.connect() as conn:
+def _batch_of(batches, run_id):
+    r = batches.transitions.tables.runs
+    with batches.engine.connect() as conn:
         return str(conn.scalar(sa.select(r.c.batch_id).where(r.c.id == run_id)))

@@ -1,4 +1,4 @@
-"""Never stuck, never doubled: each test names a path that once left a batch stuck or ran a job twice.
+"""Never stuck, never doubled: each test drives a path that could leave a batch stuck or run a job twice.
 
 Registry-level tests drive the registry (real PostgreSQL) the way a worker or a producer would, so
 they can hold a transaction open at exactly the wrong moment; the others use real workers.
@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session
 from celery_batches import BatchStatus, RunStatus
 from celery_batches.builder import BatchBuilder
 from celery_batches.store import RunEvent, make_engine, utcnow
-from tests.helpers import WAIT, count, eventually, memory_app, private_registry, tag, works_in_a_child_forked_while_held
+from tests.helpers import (WAIT, count, eventually, memory_app, needs, private_registry, tag,
+                           works_in_a_child_forked_while_held)
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [*needs("postgres", "redis"), pytest.mark.timeout(120)]
 
 
 def _waiting_for_a_lock(proj) -> bool:
@@ -33,8 +34,8 @@ def _waiting_for_a_lock(proj) -> bool:
 # -- one bad value never blocks the others ----------------------------------------------------------
 def test_a_transition_of_a_task_whose_id_is_not_a_uuid_is_ignored_and_the_rest_are_applied(proj, nowhere):
     """A task of the app with a custom task id that fails in the worker's main process (hard time
-    limit, lost worker, revoke) produces an event whose id no run has; it used to fail the cast to
-    uuid[] and, with it, every transition in that process's group commit, forever."""
+    limit, lost worker, revoke) produces an event whose id is no UUID and no run's: it is ignored, and
+    the other transitions of its group commit are applied."""
     with proj.batches.batch("custom-id-neighbour") as b:
         run = b.enqueue(proj.noop.s().set(queue=nowhere))
     proj.batches.transitions.apply_events([RunEvent("my-custom-task-id", RunStatus.FAILED, error="TimeLimitExceeded"),
@@ -44,8 +45,8 @@ def test_a_transition_of_a_task_whose_id_is_not_a_uuid_is_ignored_and_the_rest_a
 
 
 def test_an_error_text_with_a_lone_surrogate_is_stored_escaped(proj, nowhere):
-    """``os.fsdecode`` of a non-UTF-8 path puts a lone surrogate in an exception's text; no UTF-8
-    database takes it, and it used to fail its whole group on every retry."""
+    """``os.fsdecode`` of a non-UTF-8 path puts a lone surrogate in an exception's text, which no UTF-8
+    database takes: it is stored escaped, and the rest of its group commit is applied."""
     with proj.batches.batch("surrogate-error") as b:
         bad = b.enqueue(proj.noop.s().set(queue=nowhere))
         good = b.enqueue(proj.noop.s().set(queue=nowhere))
@@ -57,6 +58,7 @@ def test_an_error_text_with_a_lone_surrogate_is_stored_escaped(proj, nowhere):
     assert failed.error == "FileNotFoundError: /data/\\udcffile"
 
 
+@needs("worker")
 def test_a_failing_members_lone_surrogate_and_a_custom_id_task_stall_nothing_on_a_real_worker(proj, worker):
     """End to end: a member raising with a lone surrogate in its message, and a non-member task with
     a custom id killed by its hard time limit in the main process, next to batches that must finish."""
@@ -77,8 +79,8 @@ def test_a_failing_members_lone_surrogate_and_a_custom_id_task_stall_nothing_on_
 
 # -- cancel wins over every concurrent add ------------------------------------------------------------
 def test_cancel_waits_for_an_add_under_a_descendant_and_cancels_what_it_added(proj, nowhere):
-    """Cancel used to lock only the batch it was given; a nested batch being added under one of its
-    descendants at that moment escaped the cancel, and its jobs ran and its continuations fired."""
+    """A cancel waits for an add under one of its batch's descendants that is not committed yet, and
+    cancels what that add wrote: nothing escapes it."""
     with proj.batches.batch("root") as b:
         with b.batch("child") as child:
             child.enqueue(proj.noop.s().set(queue=nowhere))
@@ -105,8 +107,8 @@ def test_cancel_waits_for_an_add_under_a_descendant_and_cancels_what_it_added(pr
 
 # -- continue-with ------------------------------------------------------------------------------------
 def test_a_waiting_stage_whose_only_child_was_cancelled_finishes_when_it_starts(proj, nowhere):
-    """Cancelling the nested child of a stage that waits for its antecedent used to leave the stage
-    STARTED forever once it started: only stages with no units at all were finished at start."""
+    """A waiting stage whose only unit (a nested batch) was cancelled finishes as it starts, when its
+    antecedent finishes: FAILED, with one cancelled unit."""
     with proj.batches.batch("antecedent") as a:
         run = a.enqueue(proj.noop.s().set(queue=nowhere))
 
@@ -125,8 +127,8 @@ def test_a_waiting_stage_whose_only_child_was_cancelled_finishes_when_it_starts(
 
 # -- the registry ------------------------------------------------------------------------------------
 def test_a_mixed_case_table_prefix_writes_to_its_own_tables(proj):
-    """Hand-written SQL (COPY, the group commit) used the prefix unquoted, so PostgreSQL folded it to
-    lower case: ``Audit_`` wrote into ``audit_runs`` — another registry's table, or none."""
+    """Hand-written SQL (COPY, the group commit) quotes the table prefix: a registry whose prefix has
+    capitals (which PostgreSQL folds to lower case unquoted) writes into its own tables."""
     with private_registry(memory_app("mixed-case"), "Cbt") as batches:
         prefix = batches.settings.table_prefix
         with batches.batch("mixed") as b:
@@ -153,8 +155,8 @@ def test_a_forked_child_gets_a_pool_of_its_own(proj):
 
 
 def test_batches_written_through_one_session_leave_no_listener_behind(proj, nowhere):
-    """Each batch written through a Session used to add an ``after_transaction_end`` listener that
-    stayed on the Session (with the batch's publication) for as long as the Session lived."""
+    """Batches written through one Session leave at most one ``after_transaction_end`` listener on it,
+    and each is published after its commit."""
     with Session(proj.batches.engine) as session:
         ids = []
         for _ in range(5):

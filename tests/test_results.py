@@ -1,7 +1,7 @@
-"""``results=True`` (design.md section 5): each job's return value kept in the registry by the
-transaction that records its end, and every continuation given the list, in unit order, as its
-first argument (a chord body's call), with no result backend read. On the session's real worker
-(prefork, Redis, PostgreSQL); the SQLite path in ``test_embedded.py``.
+"""``results=True``: each job's return value kept in the registry by the transaction that records its
+end, and every continuation given the list, in unit order, as its first argument (a chord body's
+call), with no result backend read. On the session's real worker (prefork, Redis, PostgreSQL); the
+SQLite path in ``test_embedded.py``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import pytest
 
 from celery_batches import BatchNotFoundError, BatchStatus, InvalidBatchError, RunStatus
 from celery_batches.dashboard import create_app
-from tests.helpers import WAIT, drain, eventually, row_counts, tag
-from tests.test_cli import celery
-from tests.test_dashboard import Local, text
+from tests.helpers import WAIT, Local, celery, drain, eventually, needs, row_counts, tag, text
 
-pytestmark = pytest.mark.integration
+pytestmark = needs("postgres", "redis")
 
 
 def got(proj, key: str) -> list:
@@ -32,6 +30,7 @@ def remembered(proj, key: str) -> list:
     return got(proj, key)
 
 
+@needs("worker")
 def test_a_thousand_results_reach_every_continuation_in_unit_order(proj, worker):
     success, complete = tag("success"), tag("complete")
     with proj.batches.batch("thousand", results=True) as b:
@@ -47,6 +46,7 @@ def test_a_thousand_results_reach_every_continuation_in_unit_order(proj, worker)
     assert {(r.status, r.error) for r in results} == {(RunStatus.COMPLETED, None)}
 
 
+@needs("worker")
 def test_nested_batches_added_jobs_and_retries_keep_their_places(proj, worker):
     flag, success, attempts = tag("flag"), tag("success"), tag("attempts")
     with proj.batches.batch("nested-results", results=True) as b:
@@ -76,6 +76,7 @@ def test_nested_batches_added_jobs_and_retries_keep_their_places(proj, worker):
     assert [r.value for r in nested.value[:2]] == [4, "ok"]
 
 
+@needs("worker")
 def test_a_failed_member_is_none_and_the_first_failure_sees_the_results_so_far(proj, worker):
     flag, first, complete, failure = tag("flag"), tag("first"), tag("complete"), tag("failure")
     with proj.batches.batch("with-a-failure", results=True) as b:
@@ -97,6 +98,7 @@ def test_a_failed_member_is_none_and_the_first_failure_sees_the_results_so_far(p
     assert "this member fails on purpose" in failed.error
 
 
+@needs("worker")
 def test_a_result_too_large_or_not_json_fails_its_run(proj, worker):
     complete = tag("complete")
     limit = 1 << 20  # the default result_max_bytes
@@ -113,6 +115,7 @@ def test_a_result_too_large_or_not_json_fails_its_run(proj, worker):
     assert "a set is not JSON serializable" in errors[odd]
 
 
+@needs("worker")
 def test_retry_failed_gives_the_new_results_to_on_success(proj, worker):
     flag, failure, success = tag("flag"), tag("failure"), tag("success")
     with proj.batches.batch("results-retry", results=True) as b:
@@ -142,6 +145,7 @@ def test_bad_input_is_refused_and_nothing_is_written(proj):
         proj.batches.get_results(str(uuid.uuid4()))
 
 
+@needs("worker")
 def test_results_in_show_json_the_batch_page_and_the_jobs_api(proj, worker):
     with proj.batches.batch("results-ui", results=True) as b:
         b.enqueue(proj.add, 20, 22)
@@ -166,6 +170,7 @@ def test_results_in_show_json_the_batch_page_and_the_jobs_api(proj, worker):
     assert "results" not in json.loads(celery("show", p.id, "--json").stdout)
 
 
+@needs("worker")
 def test_a_continue_with_stage_keeps_results_too(proj, worker):
     success = tag("success")
     with proj.batches.batch("first-stage") as b:

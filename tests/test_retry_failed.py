@@ -1,6 +1,6 @@
-"""``retry_failed`` (design.md section 5): the failed runs of a subtree published again, counters
-moved back with them, finished batches re-opened, continuations at most once each. On the session's
-real worker (prefork, Redis, PostgreSQL); through the API, the CLI and the dashboard.
+"""``retry_failed``: the failed runs of a subtree published again, counters moved back with them,
+finished batches re-opened, continuations at most once each. On the session's real worker (prefork,
+Redis, PostgreSQL); through the API, the CLI and the dashboard.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import pytest
 
 from celery_batches import BatchClosedError, BatchNotFoundError, BatchStatus, RunStatus
 from celery_batches.dashboard import create_app
-from tests.helpers import WAIT, count, counters, drain, eventually, tag, with_continuations
-from tests.test_cli import celery
-from tests.test_dashboard import Local, csrf_from, text
+from tests.helpers import (WAIT, Local, celery, count, counters, csrf_from, drain, eventually, needs, tag, text,
+                           with_continuations)
 
-pytestmark = pytest.mark.integration
+pytestmark = needs("postgres", "redis", "worker")
 
 
 def failed_then_fixed(proj, name: str = "retry", **kwargs):

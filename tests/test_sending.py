@@ -24,13 +24,15 @@ from kombu.utils import json as kjson
 
 from celery_batches.message import HEADER
 from celery_batches.publishing.sending import Sender
-from tests.helpers import eventually, free_port, private_registry, start_redis, tag
+from tests.helpers import eventually, free_port, needs, private_registry, start_redis, tag
 
 TIMES = ("eta", "expires")
 
 
 @pytest.fixture
 def broker(broker_url):
+    """The session's Redis, then RabbitMQ: a test on it is marked ``redis``, then ``rabbitmq`` (the
+    params of ``broker_url``)."""
     return broker_url
 
 
@@ -195,6 +197,7 @@ def test_publish_signal_receivers_get_every_message(app):
     assert [comparable(m)[0] for m in copies] == [comparable(m)[0] for m in reference]
 
 
+@needs("postgres", "redis", "worker")
 def test_workers_run_a_batch_published_in_bulk_on_each_broker(broker, proj, registry_on, start_worker):
     """A real worker on each broker runs every job of a batch published through the session, once."""
     batches = registry_on(broker)
@@ -209,7 +212,8 @@ def test_workers_run_a_batch_published_in_bulk_on_each_broker(broker, proj, regi
     assert [int(proj.r.get(f"{key}:{i}") or 0) for i in range(3)] == [100, 100, 100]
 
 
-def test_a_broker_lost_mid_publication_leaves_the_rest_to_the_relay(services):
+@needs("postgres", "redis")
+def test_a_broker_lost_mid_publication_leaves_the_rest_to_the_relay():
     """Redis stops after the first chunk reached it: that chunk is flagged, nothing after it is, and once
     Redis is back the relay publishes exactly the rest (the same task ids)."""
     port = free_port()

@@ -15,6 +15,9 @@ import sqlalchemy as sa
 
 from celery_batches import RunStatus
 from celery_batches.store import RunEvent
+from tests.helpers import needs, nowhere_signature
+
+pytestmark = needs("postgres", "redis")
 
 P, R, T, C, F = RunStatus.PENDING, RunStatus.RUNNING, RunStatus.RETRYING, RunStatus.COMPLETED, RunStatus.FAILED
 
@@ -34,11 +37,11 @@ SCENARIOS = {
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=list(SCENARIOS))
-def test_postgresql_and_portable_paths_agree(registry, scenario):
+def test_postgresql_and_portable_paths_agree(pg_registry, scenario):
     ends, base = [], time.time()
     for portable in (False, True):
-        with registry.batch(f"{scenario} (portable={portable})") as b:
-            run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
+        with pg_registry.batch(f"{scenario} (portable={portable})") as b:
+            run = b.enqueue(nowhere_signature(pg_registry))
         at = base
         for group in SCENARIOS[scenario]:
             events = []
@@ -46,15 +49,15 @@ def test_postgresql_and_portable_paths_agree(registry, scenario):
                 at += 1
                 events.append(RunEvent(run, status, retries, f"{status.name} error" if status == F else None,
                                        at=at, node=node))
-            registry.transitions.apply_events(events, portable=portable)
-        ends.append(_row(registry, run))
+            pg_registry.transitions.apply_events(events, portable=portable)
+        ends.append(_row(pg_registry, run))
     assert ends[0] == ends[1], f"{scenario}: PostgreSQL path {ends[0]} != portable path {ends[1]}"
     assert ends[0]["status"] != int(P), "the scenario changed nothing; it tests nothing"
 
 
-def _row(registry, run_id: str) -> dict:
-    r = registry.transitions.tables.runs
-    with registry.engine.connect() as conn:
+def _row(batches, run_id: str) -> dict:
+    r = batches.transitions.tables.runs
+    with batches.engine.connect() as conn:
         row = conn.execute(sa.select(r.c.status, r.c.retries, r.c.node, r.c.started_at, r.c.finished_at,
                                      r.c.claimed_at, r.c.error).where(r.c.id == run_id)).one()
     return dict(row._mapping)
@@ -72,31 +75,31 @@ CLAIMS = {
 
 
 @pytest.mark.parametrize("scenario", CLAIMS, ids=list(CLAIMS))
-def test_postgresql_and_portable_claims_agree(registry, scenario):
+def test_postgresql_and_portable_claims_agree(pg_registry, scenario):
     from celery_batches.store import utcnow
 
     before, (retries, node) = CLAIMS[scenario]
     ends, at = [], utcnow()
     for portable in (False, True):
-        with registry.batch(f"claim: {scenario} (portable={portable})") as b:
-            run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
+        with pg_registry.batch(f"claim: {scenario} (portable={portable})") as b:
+            run = b.enqueue(nowhere_signature(pg_registry))
         for status, attempt, owner in before:
-            registry.transitions.apply_events([RunEvent(run, status, attempt, at=at.timestamp(), node=owner)])
-        claim = registry.liveness.claim(run, retries, node, at, portable=portable)
-        ends.append(((claim.claimed, claim.run_status, claim.batch_status), _row(registry, run)))
+            pg_registry.transitions.apply_events([RunEvent(run, status, attempt, at=at.timestamp(), node=owner)])
+        claim = pg_registry.liveness.claim(run, retries, node, at, portable=portable)
+        ends.append(((claim.claimed, claim.run_status, claim.batch_status), _row(pg_registry, run)))
     assert ends[0] == ends[1], f"{scenario}: PostgreSQL claim {ends[0]} != portable claim {ends[1]}"
 
 
 @pytest.mark.parametrize("keeps", [True, False], ids=["results batch", "plain batch"])
-def test_a_result_is_kept_only_for_a_results_batch_on_both_paths(registry, keeps):
+def test_a_result_is_kept_only_for_a_results_batch_on_both_paths(pg_registry, keeps):
     """A COMPLETED event may carry a value (recovery reads it from a result backend for any run);
     only a ``results=True`` batch's run keeps it, on the PostgreSQL and the portable path alike."""
     kept = []
     for portable in (False, True):
-        with registry.batch(f"result kept={keeps} (portable={portable})", results=keeps) as b:
-            run = b.enqueue(registry.app.signature("tests.proj.noop").set(queue=registry.queue))
-        registry.transitions.apply_events([RunEvent(run, C, 0, result='{"n": 1}')], portable=portable)
-        r = registry.transitions.tables.runs
-        with registry.engine.connect() as conn:
+        with pg_registry.batch(f"result kept={keeps} (portable={portable})", results=keeps) as b:
+            run = b.enqueue(nowhere_signature(pg_registry))
+        pg_registry.transitions.apply_events([RunEvent(run, C, 0, result='{"n": 1}')], portable=portable)
+        r = pg_registry.transitions.tables.runs
+        with pg_registry.engine.connect() as conn:
             kept.append(conn.scalar(sa.select(r.c.result).where(r.c.id == run)))
     assert kept == (['{"n": 1}'] * 2 if keeps else [None, None])
