@@ -178,9 +178,7 @@ def wait(ctx: click.Context, batch_id: str, timeout: float | None, interval: flo
 @click.pass_context
 def cancel(ctx: click.Context, batch_id: str) -> None:
     """Cancel a batch and its whole subtree."""
-    service = _service(ctx)
-    _get(service, batch_id)
-    click.echo(f"cancelled {service.cancel_batch(batch_id)} run(s)")
+    _act(ctx, batch_id, "cancelled", Batches.cancel_batch)
 
 
 @batches.command()
@@ -188,10 +186,15 @@ def cancel(ctx: click.Context, batch_id: str) -> None:
 @click.pass_context
 def retry(ctx: click.Context, batch_id: str) -> None:
     """Publish the failed jobs of a batch and its subtree again."""
+    _act(ctx, batch_id, "retried", Batches.retry_failed)
+
+
+def _act(ctx: click.Context, batch_id: str, done: str, action: Any) -> None:
+    """Run ``action`` on an existing batch and say how many runs it touched; a closed batch is a usage error."""
     service = _service(ctx)
     _get(service, batch_id)
     try:
-        click.echo(f"retried {service.retry_failed(batch_id)} run(s)")
+        click.echo(f"{done} {action(service, batch_id)} run(s)")
     except BatchClosedError as exc:
         raise click.ClickException(str(exc)) from None
 
