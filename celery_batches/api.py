@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import weakref
@@ -140,22 +141,28 @@ class Batches:
         and every continuation gets the list of the units' results as its first argument, as a chord
         body does (:meth:`get_results`); nested batches inherit it.
         """
-        builder = BatchBuilder(self.app, name, created_by=created_by, description=description,
-                               properties=properties, tags=tags, cancel_on_failure=cancel_on_failure,
-                               max_concurrency=max_concurrency, results=results)
+        with self._new_tree(name, connection, None, created_by=created_by, description=description,
+                            properties=properties, tags=tags, cancel_on_failure=cancel_on_failure,
+                            max_concurrency=max_concurrency, results=results) as builder:
+            yield builder
+
+    def create_batch(self, name: str, configure: Callable[[BatchBuilder], Any], **options: Any) -> str:
+        """Callback-style creation (as in Hangfire's ``StartNew``): ``configure(builder)``, then write;
+        returns the batch id. ``options``: every keyword :meth:`batch` takes."""
+        with self.batch(name, **options) as builder:
+            configure(builder)
+        return builder.id
+
+    @contextmanager
+    def _new_tree(self, name: str, connection: Any, antecedent: tuple[str, str] | None,
+                  **options: Any) -> Iterator[BatchBuilder]:
+        """A new top-level batch (or continue-with stage) built in a block, written when it exits."""
+        builder = BatchBuilder(self.app, name, **options)
         with self._building(builder):
             yield builder
         plan = builder.seal()
-        self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow()), connection,
+        self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow(), antecedent=antecedent), connection,
                      visible=lambda: reads.get_batch(self.transitions, plan.id) is not None)
-
-    def create_batch(self, name: str, configure: Callable[[BatchBuilder], Any], *,
-                     created_by: str | None = None) -> str:
-        """Callback-style creation (as in Hangfire's ``StartNew``): ``configure(builder)``, then write;
-        returns the batch id."""
-        with self.batch(name, created_by=created_by) as builder:
-            configure(builder)
-        return builder.id
 
     @contextmanager
     def reopen(self, batch_id: str, *, connection: Any = None) -> Iterator[BatchBuilder]:
@@ -187,25 +194,23 @@ class Batches:
         return builder.job_ids
 
     def continue_batch_with(self, batch_id: str, name: str, configure: Callable[[BatchBuilder], Any], *,
-                            when: str = "success", connection: Any = None,
-                            max_concurrency: int | None = None, results: bool = False) -> str:
+                            when: str = "success", connection: Any = None, **options: Any) -> str:
         """A new batch that starts when ``batch_id`` finishes and ``when`` matches its outcome.
 
         ``when``: "success" (antecedent COMPLETED), "failure" (FAILED) or "complete" (either). Until
         then the new batch is CREATED with its runs unpublished; if the antecedent finishes the other
         way, or is cancelled, the new batch is CANCELLED. Returns the new batch id.
-        ``connection``, ``max_concurrency``, ``results``: as for :meth:`batch`.
+        ``connection`` and ``options`` (every other keyword :meth:`batch` takes): as for :meth:`batch`.
         """
         if when not in WHEN_MATCHES:
             raise InvalidBatchError(f"when must be one of {', '.join(map(repr, WHEN_MATCHES))}, not {when!r}")
-        antecedent = _batch_id(batch_id)
-        builder = BatchBuilder(self.app, name, max_concurrency=max_concurrency, results=results)
-        with self._building(builder):
+        unknown = options.keys() - _BATCH_OPTIONS
+        if unknown:
+            raise TypeError(f"continue_batch_with() got unexpected option(s) {sorted(unknown)}; "
+                            f"it takes those of batch(): {sorted(_BATCH_OPTIONS)}")
+        with self._new_tree(name, connection, (_batch_id(batch_id), when), **options) as builder:
             configure(builder)
-        plan = builder.seal()
-        self._commit(lambda conn: self.trees.insert_tree(conn, plan, utcnow(), antecedent=(antecedent, when)),
-                     connection, visible=lambda: reads.get_batch(self.transitions, plan.id) is not None)
-        return plan.id
+        return builder.id
 
     @staticmethod
     @contextmanager
@@ -385,3 +390,8 @@ class Batches:
                 raise TimeoutError(f"batch {batch_id} is still {batch.status.name} after {timeout}s "
                                    f"({batch.pending_jobs} of {batch.total_jobs} unit(s) pending)")
             time.sleep(self.settings.wait_interval)
+
+
+#: the keywords :meth:`Batches.batch` takes besides the name and the connection: what every other way
+#: of creating a batch accepts too
+_BATCH_OPTIONS = frozenset(inspect.signature(Batches.batch).parameters) - {"self", "name", "connection"}

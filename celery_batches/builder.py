@@ -37,6 +37,7 @@ _RESERVED_OPTIONS = frozenset({"task_id", "headers", "chord", "group_id", "group
 class ContinuationSpec:
     kind: ContinuationKind
     message: Message
+    immutable: bool = False  # given as .si(): gets no results list, as an immutable chord body
 
 
 @dataclass
@@ -188,9 +189,10 @@ class BatchBuilder:
         self._units += 1
         self._plan.children.append(child.seal())
 
-    def add_batch(self, name: str, configure: Callable[["BatchBuilder"], Any]) -> str:
-        """Callback-style nested batch: ``configure(child)``; returns the child batch id."""
-        with self.batch(name) as child:
+    def add_batch(self, name: str, configure: Callable[["BatchBuilder"], Any], **options: Any) -> str:
+        """Callback-style nested batch: ``configure(child)``; returns the child batch id. ``options``:
+        every keyword :meth:`batch` takes."""
+        with self.batch(name, **options) as child:
             configure(child)
         return child.id
 
@@ -213,9 +215,15 @@ class BatchBuilder:
         self._continuation(ContinuationKind.FIRST_FAILURE, task, args, kwargs)
 
     def _continuation(self, kind: ContinuationKind, task: TaskRef, args: tuple, kwargs: dict) -> None:
+        """A continuation is a task, a task name or a signature, as a job is, or a chain: its first
+        task is published when the batch fires it, the rest ride along as Celery's own chain does."""
         self._check_open()
         what = f"on_{kind.value} continuation of batch {self.name!r}"
-        self._plan.continuations.append(ContinuationSpec(kind, self._message(task, args, kwargs, what, None)))
+        if isinstance(task, Signature) and task.get("subtask_type") == "chain":
+            task = _chain_head(task, what)
+        immutable = isinstance(task, Signature) and bool(task.immutable)
+        self._plan.continuations.append(ContinuationSpec(kind, self._message(task, args, kwargs, what, None),
+                                                         immutable))
 
     # -- what Batches does when the block ends (user code never needs these) -------------------
     @property
@@ -279,6 +287,22 @@ def _resolve(task: TaskRef, args: tuple, kwargs: dict, what: str) -> tuple[str, 
         raise InvalidBatchError(f"{what}: expected a Celery task, a task name or a signature, got {task!r}")
     name = validate_name(name, f"{what}: task name")
     return name, list(args), dict(kwargs), options
+
+
+def _chain_head(chain: Signature, what: str) -> Signature:
+    """A chain as its first task's signature carrying the rest, the way ``chain.apply_async`` sends it
+    (protocol 2's ``chain`` embed: the remaining signatures, last first): the worker that runs the
+    first task calls the next with its return value."""
+    tasks = list(chain.tasks)  # type: ignore[attr-defined]
+    if not tasks:
+        raise InvalidBatchError(f"{what}: the chain is empty")
+    head, rest = tasks[0], tasks[1:]
+    if not isinstance(head, Signature) or head.get("subtask_type") or not isinstance(head.task, str):
+        raise InvalidBatchError(f"{what}: a chain must start with a single task's signature, not {head!r}")
+    if "chain" in head.options or any(not isinstance(t, Signature) for t in rest):
+        raise InvalidBatchError(f"{what}: a chain's parts must be signatures, not {chain!r}")
+    head = head.clone().set(**chain.options)  # the chain's own options go to its first task, as in chain.run
+    return head.set(chain=[dict(t) for t in reversed(rest)]) if rest else head
 
 
 def _number(value: Any) -> bool:

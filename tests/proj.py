@@ -225,6 +225,12 @@ def remember(results: list, key: str) -> None:
     r.rpush(key, json.dumps(results))
 
 
+@app.task
+def total(results: list) -> int:
+    """The first task of a chain continuation: sums the results list it got, for the next task."""
+    return sum(results)
+
+
 @batches.task(bind=True)
 def replace_with(self, key: str, how: str = "direct") -> None:
     """Replaces itself (``Task.replace``): with ``noop(key)`` (``direct``, the replacement takes this

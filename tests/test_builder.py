@@ -6,6 +6,7 @@ job or thing, before anything is written to the registry or published to the bro
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -392,3 +393,74 @@ def test_a_nested_batch_takes_its_place_among_the_units_where_its_block_ends(app
     plan = b.seal()
     assert [(child.name, child.unit_position, child.results) for child in plan.children] == [("kept", 1, True)]
     assert all(job.options and "celery_batches_results" in job.options for job in plan.jobs)
+
+
+# -- chord parity: continuations as a chord body can be, every batch() option everywhere ------------
+def test_a_chain_continuation_is_its_first_task_carrying_the_rest(app, tasks):
+    builder = BatchBuilder(app, "orders", results=True)
+    builder.on_success((tasks.validate.s() | tasks.plain.s(1) | tasks.plain.si(2)).set(priority=4))
+    builder.on_failure(tasks.plain.si(3))
+    builder.on_complete(tasks.plain.s(4))
+    chained, immutable, plain = builder.seal().continuations
+    options = json.loads(chained.message.options)
+    assert chained.message.task_name == "shop.validate" and json.loads(chained.message.args) == []
+    assert options["priority"] == 4  # the chain's own options go to its first task, as chain.apply_async does
+    # Celery's protocol 2 chain embed: the signatures still to run, the last first
+    assert [(s["task"], s["args"], s["immutable"]) for s in options["chain"]] == [
+        ("shop.plain", [2], True), ("shop.plain", [1], False)]
+    assert [c.immutable for c in (chained, immutable, plain)] == [False, True, False]
+    assert json.loads(plain.message.options or "{}").get("chain") is None
+
+
+@pytest.mark.parametrize("head", ["group", "empty"])
+def test_a_chain_continuation_must_start_with_one_task(sqlite_registry, tasks, head):
+    canvas = (group(tasks.validate.s(1), tasks.validate.s(2)) | tasks.plain.s()) if head == "group" else chain()
+    with pytest.raises(InvalidBatchError, match=r"on_success continuation of batch 'orders'"):
+        with sqlite_registry.batch("orders") as b:
+            b.enqueue(tasks.validate, 1)
+            b.on_success(canvas)
+    assert_nothing_written(sqlite_registry)
+
+
+EVERY_OPTION = {"created_by": "checkout", "description": "the seventh order", "properties": {"order": 7},
+                "tags": ["shop", "orders"], "cancel_on_failure": True, "max_concurrency": 2, "results": True}
+
+
+def labels(batch) -> dict:
+    """What the batch() options set, as the registry reads them back."""
+    return {"created_by": batch.created_by, "description": batch.description, "properties": batch.properties,
+            "tags": list(batch.tags), "cancel_on_failure": batch.cancel_on_failure,
+            "max_concurrency": batch.max_concurrency, "results": batch.results}
+
+
+@pytest.mark.parametrize("how", ["batch", "create_batch", "continue_batch_with"])
+def test_every_way_of_creating_a_batch_takes_every_batch_option(sqlite_registry, tasks, how):
+    def configure(b):
+        b.enqueue(tasks.validate, 1)
+
+    if how == "batch":
+        with sqlite_registry.batch("orders", **EVERY_OPTION) as b:
+            configure(b)
+        batch_id = b.id
+    elif how == "create_batch":
+        batch_id = sqlite_registry.create_batch("orders", configure, **EVERY_OPTION)
+    else:
+        first = sqlite_registry.create_batch("first", configure)
+        batch_id = sqlite_registry.continue_batch_with(first, "orders", configure, when="complete", **EVERY_OPTION)
+    assert labels(sqlite_registry.get_batch(batch_id)) == EVERY_OPTION
+
+
+def test_add_batch_takes_every_nested_batch_option(sqlite_registry, tasks):
+    nested = {key: value for key, value in EVERY_OPTION.items() if key not in ("created_by", "results")}
+    with sqlite_registry.batch("orders", created_by="checkout") as b:
+        child = b.add_batch("payment", lambda inner: inner.enqueue(tasks.validate, 1), **nested)
+    assert labels(sqlite_registry.get_batch(child)) == dict(nested, created_by="checkout", results=False)
+
+
+@pytest.mark.parametrize("option", ["parent_id", "batch_id", "colour"])
+def test_continue_batch_with_refuses_what_batch_does_not_take(sqlite_registry, tasks, option):
+    first = sqlite_registry.create_batch("first", lambda b: b.enqueue(tasks.validate, 1))
+    with pytest.raises(TypeError, match=option):
+        sqlite_registry.continue_batch_with(first, "next", lambda b: b.enqueue(tasks.validate, 2),
+                                            **{option: str(uuid.uuid4())})
+    assert [batch.id for batch in sqlite_registry.list_batches()] == [first]

@@ -184,3 +184,25 @@ def test_a_continue_with_stage_keeps_results_too(proj, worker):
     assert proj.batches.wait(second, timeout=WAIT).status == BatchStatus.COMPLETED
     assert remembered(proj, success) == [[5]]
     assert proj.batches.get_batch(second).results and not proj.batches.get_batch(b.id).results
+
+
+@needs("worker")
+def test_an_immutable_continuation_gets_no_results_as_an_immutable_chord_body(proj, worker):
+    given, mutable = tag("given"), tag("mutable")
+    with proj.batches.batch("immutable-body", results=True) as b:
+        b.enqueue(proj.add, 1, 1)
+        b.on_success(proj.remember.si(["as given"], given))  # a chord's notify.si(...) body
+        b.on_complete(proj.remember.s(mutable))
+    assert proj.batches.wait(b.id, timeout=WAIT).status == BatchStatus.COMPLETED
+    assert remembered(proj, given) == [["as given"]] and remembered(proj, mutable) == [[2]]
+
+
+@needs("worker")
+def test_a_chain_continuation_gives_the_results_to_its_first_task(proj, worker):
+    key = tag("chained")
+    with proj.batches.batch("chain-body", results=True) as b:
+        for i in range(1, 4):
+            b.enqueue(proj.add, i, i)
+        b.on_success(proj.total.s() | proj.remember.s(key))  # remember(total([2, 4, 6]), key)
+    assert proj.batches.wait(b.id, timeout=WAIT).status == BatchStatus.COMPLETED
+    assert remembered(proj, key) == [12]

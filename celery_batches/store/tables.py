@@ -157,6 +157,8 @@ def build_tables(prefix: str) -> Tables:
         # set by the first delivery a @batches.task continuation runs: a second delivery is skipped
         sa.Column("started_at", TIMESTAMP, nullable=True),
         sa.Column("claimed_by", UUID, nullable=True),  # the delivery that claimed it (repeatable by that one)
+        # given as an immutable signature (.si()): gets no results list, as an immutable chord body
+        sa.Column("immutable", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("retries", sa.Integer, nullable=True),  # the attempt that claimed it (a retry claims it again)
         sa.Column("error", sa.Text, nullable=True),  # why it could not be published (status FAILED)
         sa.Index(f"ix_{prefix}continuations_batch", "batch_id"),

@@ -306,10 +306,11 @@ class Transitions:
 
     def _give_results(self, conn: sa.Connection, firing: sa.ColumnElement[bool]) -> None:
         """The continuations about to fire (``firing``) of ``results=True`` batches get the batch's
-        results as their first argument, written into their rows: a republish sends the same."""
+        results as their first argument, written into their rows: a republish sends the same. An
+        immutable one (``.si()``) gets none, as an immutable chord body."""
         b, c = self.tables.batches, self.tables.continuations
         rows = conn.execute(sa.select(c.c.id, c.c.batch_id, c.c.args).join(b, b.c.id == c.c.batch_id)
-                            .where(firing, b.c.results.is_(True))).all()
+                            .where(firing, b.c.results.is_(True), c.c.immutable.is_(False))).all()
         if not rows:
             return
         values = {batch_id: result_values(unit_results(conn, self.tables, batch_id))

@@ -127,7 +127,7 @@ class Trees:
         rows = [{
             "id": cont.message.id, "batch_id": batch_id, "kind": cont.kind.value, "position": first + i,
             "task_name": cont.message.task_name, "args": cont.message.args, "kwargs": cont.message.kwargs,
-            "options": cont.message.options, "status": int(ContinuationStatus.WAITING),
+            "options": cont.message.options, "status": int(ContinuationStatus.WAITING), "immutable": cont.immutable,
         } for batch_id, first, part in owners for i, cont in enumerate(part.continuations)]
         if rows:
             conn.execute(sa.insert(self.tables.continuations), rows)
