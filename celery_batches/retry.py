@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 
 import sqlalchemy as sa
 
-__all__ = ["BOOKKEEPING", "CLAIM", "DEADLOCK", "FOREVER", "READ", "Policy", "call"]
+__all__ = ["BOOKKEEPING", "CLAIM", "DEADLOCK", "FOREVER", "READ", "Policy", "call", "registry_away"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -34,7 +34,7 @@ class Policy:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _passing_connection_error(exc: BaseException) -> bool:
+def registry_away(exc: BaseException) -> bool:
     """A dead connection (restarted or failed-over database, killed backend) or a refused connection."""
     return isinstance(exc, sa.exc.DBAPIError) and (exc.connection_invalidated
                                                     or isinstance(exc, sa.exc.OperationalError))
@@ -46,7 +46,7 @@ def _lost_a_race(exc: BaseException) -> bool:
 
 
 #: a read whose connection died: the pool has already dropped it, the next attempt gets a fresh one
-READ = Policy(attempts=4, delay=0.05, retry_on=_passing_connection_error)
+READ = Policy(attempts=4, delay=0.05, retry_on=registry_away)
 #: a write transaction that lost a deadlock: the whole transaction is repeated, so nothing is half-done
 DEADLOCK = Policy(attempts=5, delay=0.01, retry_on=_lost_a_race)
 #: bookkeeping after messages went out (flags, leases): tried again for as long as the publisher
@@ -57,7 +57,7 @@ BOOKKEEPING = Policy(attempts=None, delay=0.1, max_delay=1.0)
 FOREVER = Policy(attempts=None, delay=0.05, level=logging.ERROR)
 #: a claim before a member starts: it waits for the registry, however long, so that nothing runs
 #: that the registry does not know runs (a member that ran unrecorded can be published and run again)
-CLAIM = Policy(attempts=None, delay=0.05, max_delay=2.0, retry_on=_passing_connection_error, level=logging.ERROR)
+CLAIM = Policy(attempts=None, delay=0.05, max_delay=2.0, retry_on=registry_away, level=logging.ERROR)
 
 
 def call(work: Callable[[], _T], policy: Policy, what: str, logger: logging.Logger = log, *,

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from .errors import InvalidBatchError
 
-__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "ERROR_CHARS", "PUBLISH_DEFERRALS", "PURGE_CHUNK",
+__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "ERROR_CHARS", "OWED_FLAG_LEASES", "PUBLISH_DEFERRALS", "PURGE_CHUNK",
            "RELAY_PASS_TTL", "RELAY_STEP", "REVOKE_CHUNK",
            "LEASE_PRUNE_AGE", "PUBLISH_NESTING", "PAGE_SIZE", "JOBS_PAGE_SIZE", "TREE_LIMIT", "SUCCESSORS_LIMIT", "MAX_ANCESTORS", "IDS_PER_STATEMENT", "MAX_NAME", "MAX_TAG", "MAX_DESCRIPTION", "SHOW_TREE_LIMIT", "MAX_LIMIT", "TEXT_CHARS", "SEARCH_CHARS", "INT_ARG_DIGITS", "MIN_API_TOKEN_CHARS"]
 
@@ -41,6 +41,10 @@ PURGE_CHUNK = 100
 #: times a publisher puts off a message that fails with a connection error while the broker answers
 #: (it waits one publish lease each time); at the next such failure it counts as refused
 PUBLISH_DEFERRALS = 2
+#: publish leases a publisher keeps trying, in the background, to write the published flags it owes
+#: once its lease lapsed (the registry was away): the relay waits one lease after a registry outage
+#: before taking lapsed rows over, so a publisher that outlived the outage flags first
+OWED_FLAG_LEASES = 10
 #: seconds a lapsed publish lease is kept before the relay deletes it
 LEASE_PRUNE_AGE = 3600.0
 #: how deep a publication publishes, in turn, what its refused messages made due (their batches'

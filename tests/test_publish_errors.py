@@ -258,3 +258,51 @@ def test_flags_are_written_however_long_the_registry_is_away_while_the_lease_hol
     assert (report.runs, report.unflagged) == (2, True)
     with pg_registry.engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(p).where(p.c.id == publication.lease)) == 1
+
+
+@needs("redis")
+def test_runs_sent_while_the_registry_was_away_past_the_lease_are_flagged_not_sent_again(pg_registry, monkeypatch):
+    """The registry goes away after a publication's messages went out and stays away past its lease
+    (for the publisher and the relay alike): when it is back, the publisher writes the flags it owes
+    before the relay, which waits a lease after a pass the registry failed, would send the runs
+    again. Every message is sent once (a plain @app.task member would run twice otherwise)."""
+    import time
+
+    import sqlalchemy.exc
+
+    from tests.helpers import eventually
+
+    outbox = pg_registry.publisher.outbox
+    monkeypatch.setattr(outbox, "lease_time", timedelta(seconds=1))
+    away = None  # None: there until the first flag is written; then True (away) until the test says
+
+    def unless_away(real):
+        def write(self, *args, **kwargs):
+            nonlocal away
+            if away is None and real is mark_published:  # the registry goes as the first flags are written
+                away = True
+            if away:
+                raise sqlalchemy.exc.OperationalError("UPDATE", {}, ConnectionRefusedError("the registry is away"))
+            return real(self, *args, **kwargs)
+        return write
+
+    mark_published = type(outbox).mark_published
+    for name in ("mark_published", "renew", "elect"):
+        monkeypatch.setattr(type(outbox), name, unless_away(getattr(type(outbox), name)))
+    batch_id, ids, publication = written_unpublished(pg_registry, 3)
+    report = pg_registry.publisher.publish(publication)
+    assert (report.runs, report.unflagged) == (3, True)  # sent, and the flags could not be written
+    lapse(pg_registry, publication.lease)
+    assert pg_registry.relay.run_once() == {}  # the registry fails the relay's pass too
+    away = False
+    assert pg_registry.relay.run_once().get("runs_published") == 0  # a lease's grace for owed flags
+    r = pg_registry.transitions.tables.runs
+
+    def flagged() -> bool:
+        with pg_registry.engine.connect() as conn:
+            return conn.scalar(sa.select(sa.func.count()).where(r.c.batch_id == batch_id, r.c.published)) == 3
+
+    eventually(flagged, "the owed flags", 10)
+    time.sleep(1.1)  # the relay's grace (one 1 s lease) is over: a takeover now would send them again
+    assert pg_registry.relay.run_once().get("runs_published") == 0
+    assert queued(pg_registry.app, pg_registry.queue) == 3

@@ -35,7 +35,7 @@ from kombu.exceptions import OperationalError
 from .. import kombujson, retry
 from ..message import CONTINUATION_HEADER, HEADER, Message
 from ..models import RunStatus
-from ..settings import PUBLISH_DEFERRALS, PUBLISH_NESTING
+from ..settings import OWED_FLAG_LEASES, PUBLISH_DEFERRALS, PUBLISH_NESTING
 from ..store import Publication, RunEvent
 from .sending import Sender, Session
 
@@ -307,8 +307,9 @@ class Publisher:
 
         A flag that keeps failing is tried again for as long as the lease can be renewed (then
         nothing else publishes these runs); once it cannot, the runs are left unflagged under a
-        lease left to lapse: the relay publishes them again (claims keep a ``@batches.task`` from
-        running twice; a plain task may)."""
+        lease left to lapse, and the flags are owed (:meth:`_owe`): written in the background when
+        the registry is back, before the relay, which waits a lease after an outage, publishes the
+        runs again (claims keep a ``@batches.task`` from running twice; a plain task would not be)."""
         left, renewals = sent, 0
         for attempt in range(3):
             while (flagged := self._write("flag published runs", self.outbox.mark_published, left,
@@ -317,12 +318,32 @@ class Publisher:
                 if lease is None or renewals > 10 or not self._write("renew a publish lease", self.outbox.renew,
                                                                      lease, until=report.leased_until):
                     report.unflagged = True
+                    self._owe(left)
                     return
                 report.leased_until = self._lease_from_now()
             left = flagged
             if not left:
                 return
             time.sleep(0.05 * (attempt + 1))
+
+    def _owe(self, run_ids: list[str]) -> None:
+        """Write the flags of runs that went out but could not be flagged under the lease, in a thread
+        of their own (the caller goes on), for up to ``OWED_FLAG_LEASES`` leases. Flagging is true
+        whoever holds the rows now; a process that exits first leaves them to the relay."""
+        patience = OWED_FLAG_LEASES * self.outbox.lease_time.total_seconds()
+
+        def pay() -> None:
+            until, left = time.monotonic() + patience, run_ids
+            while left and time.monotonic() < until:
+                left = self._write("write owed published flags", self.outbox.mark_published, left, until=until)
+                if left is None:
+                    log.error("celery_batches: %d run(s) went out but could not be flagged published; the relay "
+                              "will publish them again", len(run_ids))
+                    return
+                if left:
+                    time.sleep(0.1)
+
+        threading.Thread(target=pay, name="celery_batches-owed-flags", daemon=True).start()
 
     @staticmethod
     def _write(what: str, write: Callable, *args: object, until: float) -> object:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from .. import retry
+from ..publishing.publisher import Report
 from ..settings import LEASE_PRUNE_AGE, RELAY_PASS_TTL, RELAY_STEP
 from ..store import utcnow
 
@@ -42,6 +45,7 @@ class Relay:
         self.settings, self.publisher, self.outbox = settings, publisher, outbox
         self.recovery, self.reconciler = recovery, reconciler
         self.holder = holder  # the node's name: who holds the relay lease during a pass
+        self._failed_at = -float("inf")  # time.monotonic() of the last pass the registry failed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -59,20 +63,27 @@ class Relay:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.relay_interval):
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("celery_batches: relay/reconciler pass failed; retrying in %.1fs",
-                              self.settings.relay_interval)
+            self.run_once()
 
     def run_once(self) -> dict[str, int]:
-        """One pass, if this node holds (or takes) the relay lease. Returns what it did."""
+        """One pass, if this node holds (or takes) the relay lease. Returns what it did; a pass that
+        fails is logged; one the registry failed holds the next lease's takeovers back (:meth:`_takeover`)."""
+        try:
+            return self._pass()
+        except Exception as exc:
+            if retry.registry_away(exc):
+                self._failed_at = time.monotonic()
+            log.exception("celery_batches: relay/reconciler pass failed; retrying in %.1fs",
+                          self.settings.relay_interval)
+            return {}
+
+    def _pass(self) -> dict[str, int]:
         leases = self.outbox
         if not leases.elect("relay", self.holder, timedelta(seconds=RELAY_PASS_TTL)):
             return {}
         ttl = timedelta(seconds=RELAY_PASS_TTL)
         try:
-            report = self.publisher.relay(RELAY_STEP)
+            report = self._takeover()
             done = {"runs_published": report.runs, "continuations_published": report.continuations,
                     "refused": report.refused}
             leases.elect("relay", self.holder, ttl)
@@ -85,3 +96,11 @@ class Relay:
         if any(done.values()):
             log.warning("celery_batches: relay/reconciler %s", ", ".join(f"{k}={v}" for k, v in done.items()))
         return done
+
+    def _takeover(self) -> "Report":
+        """Publish what waits under lapsed leases, unless the registry failed a pass less than a lease ago: leases
+        that lapsed while the registry was away belong to publishers that may have sent their runs
+        and now write the flags they owe (``Publisher._owe``); they get a lease to do it first."""
+        if time.monotonic() - self._failed_at < self.outbox.lease_time.total_seconds():
+            return Report()
+        return self.publisher.relay(RELAY_STEP)
