@@ -14,7 +14,7 @@ from celery import Celery, current_task
 from celery.backends.base import DisabledBackend
 
 from . import retry
-from .publishing.aftercommit import caller_connection, on_commit
+from .publishing.aftercommit import joined, on_commit
 from .publishing.probe import probe_for
 from .builder import BatchBuilder, validate_properties
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
@@ -128,9 +128,10 @@ class Batches:
               max_concurrency: int | None = None, results: bool = False) -> Iterator[BatchBuilder]:
         """Build a batch in a ``with`` block: written atomically on a clean exit, not at all otherwise.
 
-        With ``connection`` (a SQLAlchemy ``Session`` or a ``Connection`` in a transaction, on the
-        registry's database) the batch is written in the caller's transaction: it exists only if the
-        caller commits, and its messages are published right after that commit (or by the relay).
+        With ``connection`` (a SQLAlchemy ``Session`` or a ``Connection`` in a transaction, or a Django
+        connection such as ``django.db.connection``, on the registry's database) the batch is written in
+        the caller's transaction: it exists only if the caller commits, and its messages are published
+        right after that commit (or by the relay).
         ``description``, ``properties`` (a JSON object) and ``tags`` (short strings) label the batch:
         shown by the dashboard and the CLI, ``tags`` filtered on by :meth:`list_batches`.
         ``cancel_on_failure``: the batch's first failed unit cancels every unfinished run of its
@@ -173,8 +174,8 @@ class Batches:
         when it exits). ``connection``: as for :meth:`batch`.
         """
         batch_id = _batch_id(batch_id)
-        caller = None if connection is None else caller_connection(connection)
-        batch = reads.get_batch(self.transitions, batch_id, conn=caller)
+        with joined(connection, self.engine) as caller:
+            batch = reads.get_batch(self.transitions, batch_id, conn=caller)
         if batch is None:
             raise BatchNotFoundError(batch_id)
         if batch.is_finished:
@@ -287,7 +288,7 @@ class Batches:
                 first: Callable[[], None] | None = None, then: Callable[[], None] | None = None) -> None:
         """The one way a write API writes. Without ``connection``: ``work(conn)`` in a transaction of
         our own, then publish what it made publishable (``first()`` before, ``then()`` after). With
-        ``connection`` (the caller's Session or Connection): ``work`` joins the caller's transaction,
+        ``connection`` (the caller's Session or Connection, or a Django connection): ``work`` joins the caller's transaction,
         and publishing waits for the caller's commit (``visible`` tells a commit from a rollback; by
         default the transaction's publish lease being there)."""
         def publish(publication: Publication) -> None:
@@ -300,7 +301,8 @@ class Batches:
         if connection is None:
             publish(self._write(work))
             return
-        publication = work(caller_connection(connection))
+        with joined(connection, self.engine) as conn:
+            publication = work(conn)
         if visible is None:
             visible = (lambda: False) if publication.lease is None else (
                 lambda: self.publisher.outbox.exists(publication.lease))

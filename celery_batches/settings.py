@@ -4,7 +4,8 @@ A setting is read, in order of precedence, from the keyword argument given to
 :class:`~celery_batches.Batches` (``Batches(app, flush_interval=0.1)``), from the
 Celery app's configuration under the ``batches_`` prefix (``app.conf.batches_flush_interval``),
 then from the default below. The database URL also reads the environment variable
-``CELERY_BATCHES_DATABASE_URL`` before falling back to the embedded SQLite default.
+``CELERY_BATCHES_DATABASE_URL``, then, in a configured Django project, Django's ``default``
+database, before falling back to the embedded SQLite default.
 """
 
 from __future__ import annotations
@@ -198,4 +199,10 @@ class Settings:
                 values[name] = conf.get(f"batches_{name}")
         if "database_url" not in values and os.environ.get(DATABASE_URL_ENV):
             values["database_url"] = os.environ[DATABASE_URL_ENV]
+        if "database_url" not in values:
+            from .django.db import default_database_url  # imports Django only in a Django project
+
+            django_url = default_database_url()
+            if django_url is not None:
+                values["database_url"] = django_url
         return cls(**values)

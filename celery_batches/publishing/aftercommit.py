@@ -1,10 +1,11 @@
 """Publish after the caller's transaction commits, never if it rolls back.
 
-Used when a batch is written inside the caller's SQLAlchemy ``Session`` or ``Connection``
-(``Batches.batch(..., connection=...)``). Whatever ended the caller's outermost transaction — a
+Used when a batch is written inside the caller's SQLAlchemy ``Session`` or ``Connection``, or a
+Django connection's atomic block (``Batches.batch(..., connection=...)``). Whatever ended the caller's outermost transaction — a
 commit, a rollback, ``Session.close()`` — the batch is published only if it is visible from
 another connection afterwards, which only a commit makes it. Savepoints neither publish nor
-discard: only the outermost transaction decides.
+discard: only the outermost transaction decides. A Django connection has its own rules, which say
+the same: ``transaction.on_commit`` (``celery_batches/django/db.py``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction
 
-__all__ = ["on_commit", "caller_connection"]
+from ..django import db as django_db
+
+__all__ = ["on_commit", "caller_connection", "joined"]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,21 @@ def caller_connection(connection: Any) -> sa.Connection:
         if not connection.in_transaction():
             raise TypeError("connection= needs a Connection inside a transaction (engine.begin() or conn.begin())")
         return connection
-    raise TypeError(f"connection= takes a SQLAlchemy Session or Connection, not {type(connection).__name__}")
+    raise TypeError("connection= takes a SQLAlchemy Session or Connection, or a Django connection, "
+                    f"not {type(connection).__name__}")
+
+
+@contextmanager
+def joined(connection: Any, registry: sa.Engine) -> Iterator[sa.Connection | None]:
+    """The Connection a write joins the caller's transaction with (None without ``connection``): the
+    Session's own, the Connection itself, or one on a Django connection's own DBAPI connection."""
+    if connection is None:
+        yield None
+    elif django_db.is_django_connection(connection):
+        with django_db.joined(connection, registry) as conn:
+            yield conn
+    else:
+        yield caller_connection(connection)
 
 
 _PENDING = "celery_batches.after_commit"
@@ -55,6 +73,9 @@ def on_commit(connection: Any, publish: Callable[[], None], visible: Callable[[]
         except Exception:  # the relay publishes whatever this could not
             log.exception("celery_batches: publishing after the caller's commit failed; the relay will do it")
 
+    if django_db.is_django_connection(connection):
+        django_db.on_commit(connection, settle)
+        return
     if isinstance(connection, Session):
         # One listener per Session, registered once: it fires after the DBAPI commit or rollback (or
         # close) of each transaction and settles what the outermost one carried. A listener per batch

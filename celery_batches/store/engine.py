@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import datetime
+from typing import Any, Iterator, Mapping
 
 import sqlalchemy as sa
-from sqlalchemy.pool import StaticPool
+import sqlalchemy.dialects.sqlite
+from sqlalchemy.pool import NullPool, StaticPool
 
-__all__ = ["make_claim_engine", "make_engine", "refused_for_good"]
+__all__ = ["lend", "make_claim_engine", "make_engine", "make_lending_engine", "refused_for_good"]
 
 
 def make_engine(url: str, options: Mapping[str, Any], *, prepared_statements: bool = False) -> sa.Engine:
@@ -59,6 +63,80 @@ def make_claim_engine(url: str, options: Mapping[str, Any], *, prepared_statemen
         return None
     return make_engine(url, {**options, "isolation_level": "AUTOCOMMIT", "pool_pre_ping": False},
                        prepared_statements=prepared_statements)
+
+
+class _Lent:
+    """Someone else's DBAPI connection, lent to SQLAlchemy for statements only: ending its transaction
+    (commit, rollback) and closing it stay with its owner, so those are no-ops here, and nothing may
+    change its settings (autocommit, isolation level)."""
+
+    __slots__ = ("_dbapi",)
+
+    def __init__(self, dbapi: Any) -> None:
+        object.__setattr__(self, "_dbapi", dbapi)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dbapi, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"celery_batches does not change {name!r} of a connection lent to it")
+
+    def commit(self) -> None:
+        """The owner commits."""
+
+    def rollback(self) -> None:
+        """The owner rolls back."""
+
+    def close(self) -> None:
+        """The owner closes."""
+
+    def add_notice_handler(self, _handler: Any) -> None:
+        """Not once per use of the same connection (psycopg's dialect adds one at every connect)."""
+
+
+#: the DBAPI connection :func:`lend` is lending in this context
+_LENDING: ContextVar[Any] = ContextVar("celery_batches_lending")
+
+
+def make_lending_engine(url: str) -> sa.Engine:
+    """An engine of ``url``'s dialect that opens no connection of its own: each ``Connection`` it gives
+    (:func:`lend`) runs on a DBAPI connection its owner lent, inside the owner's transaction, and never
+    commits, rolls back or closes it (no pool: nothing is kept after the ``Connection`` closes)."""
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() == "postgresql" and sa_url.drivername == "postgresql":
+        sa_url = sa_url.set(drivername="postgresql+psycopg")
+    kwargs: dict[str, Any] = {}
+    if sa_url.get_backend_name() == "postgresql":
+        kwargs["use_native_hstore"] = False  # would register an adapter on the owner's connection
+    engine = sa.create_engine(sa_url, creator=lambda: _Lent(_LENDING.get()), poolclass=NullPool,
+                              pool_reset_on_return=None, **kwargs)
+    if engine.dialect.name == "sqlite":
+        engine.dialect.colspecs = {**engine.dialect.colspecs, sa.DateTime: _ParsedDateTime}
+    return engine
+
+
+class _ParsedDateTime(sa.dialects.sqlite.DATETIME):
+    """A DATETIME column read on a connection that may parse it itself (Django opens its sqlite3
+    connections with ``detect_types``): a ``datetime`` is taken as it is, text is parsed as usual."""
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        parse = super().result_processor(dialect, coltype)
+        if parse is None:
+            return None
+        return lambda value: value if value is None or isinstance(value, datetime) else parse(value)
+
+
+@contextmanager
+def lend(engine: sa.Engine, dbapi_connection: Any) -> Iterator[sa.Connection]:
+    """A ``Connection`` of a :func:`make_lending_engine` over ``dbapi_connection``, in its owner's
+    current transaction; closing it leaves that transaction and the connection as they are."""
+    token = _LENDING.set(dbapi_connection)
+    try:
+        conn = engine.connect()
+    finally:
+        _LENDING.reset(token)
+    with conn:
+        yield conn
 
 
 def _fork_safe(engine: sa.Engine) -> None:
