@@ -14,6 +14,7 @@ from celery import Celery, current_task
 from celery.backends.base import DisabledBackend
 
 from . import retry
+from .publishing import djangotx
 from .publishing.aftercommit import joined, on_commit
 from .publishing.probe import probe_for
 from .builder import BatchBuilder, validate_properties
@@ -72,7 +73,8 @@ class Batches:
                  **settings: Any) -> None:
         self.app = app
         self.settings = Settings.resolve(app.conf, dict(settings, database_url=database_url,
-                                                        table_prefix=table_prefix))
+                                                        table_prefix=table_prefix),
+                                         project_url=djangotx.default_database_url)
         prepared = self.settings.prepared_statements
         self.engine = make_engine(self.settings.database_url, self.settings.engine_options,
                                   prepared_statements=prepared)

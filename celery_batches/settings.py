@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import InvalidBatchError
 
@@ -185,8 +185,10 @@ class Settings:
             raise InvalidBatchError("publish_lease must be > 0 and publish_chunk >= 1")
 
     @classmethod
-    def resolve(cls, conf: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> "Settings":
-        """Merge keyword arguments, ``app.conf.batches_*`` and defaults (see the module docstring)."""
+    def resolve(cls, conf: Mapping[str, Any] | None, overrides: Mapping[str, Any], *,
+                project_url: Callable[[], str | None] = lambda: None) -> "Settings":
+        """Merge keyword arguments, ``app.conf.batches_*`` and defaults (see the module docstring);
+        ``project_url()``: the database of the project the app lives in (Django's default one), if any."""
         names = {f.name for f in fields(cls)}
         unknown = set(overrides) - names
         if unknown:
@@ -199,10 +201,6 @@ class Settings:
                 values[name] = conf.get(f"batches_{name}")
         if "database_url" not in values and os.environ.get(DATABASE_URL_ENV):
             values["database_url"] = os.environ[DATABASE_URL_ENV]
-        if "database_url" not in values:
-            from .django.db import default_database_url  # imports Django only in a Django project
-
-            django_url = default_database_url()
-            if django_url is not None:
-                values["database_url"] = django_url
+        if "database_url" not in values and (url := project_url()) is not None:
+            values["database_url"] = url
         return cls(**values)

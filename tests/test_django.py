@@ -261,13 +261,11 @@ def test_batches_without_a_url_use_djangos_default_database_and_celery_batches_s
 
 def test_the_database_url_precedence(monkeypatch):
     """argument > app.conf.batches_database_url > CELERY_BATCHES_DATABASE_URL > Django's default > SQLite."""
-    from celery_batches.django import db
-
+    project = "postgresql+psycopg://django/db"
     monkeypatch.delenv("CELERY_BATCHES_DATABASE_URL", raising=False)
-    monkeypatch.setattr(db, "default_database_url", lambda: "postgresql+psycopg://django/db")
 
     def url(conf: dict, **overrides: Any) -> str:
-        return Settings.resolve(conf, overrides).database_url
+        return Settings.resolve(conf, overrides, project_url=lambda: project).database_url
 
     assert url({}) == "postgresql+psycopg://django/db"
     monkeypatch.setenv("CELERY_BATCHES_DATABASE_URL", "postgresql+psycopg://env/db")
@@ -275,12 +273,12 @@ def test_the_database_url_precedence(monkeypatch):
     assert url({"batches_database_url": "postgresql+psycopg://conf/db"}) == "postgresql+psycopg://conf/db"
     assert url({"batches_database_url": "sqlite:///c"}, database_url="sqlite:///arg") == "sqlite:///arg"
     monkeypatch.delenv("CELERY_BATCHES_DATABASE_URL")
-    monkeypatch.setattr(db, "default_database_url", lambda: None)
+    project = None
     assert url({}) == "sqlite:///celery_batches.sqlite3"
 
 
 def test_djangos_database_settings_as_a_sqlalchemy_url(monkeypatch):
-    from celery_batches.django import db
+    from celery_batches.publishing import djangotx as db
 
     def url(**database: Any) -> str | None:
         monkeypatch.setattr(db, "_settings_database", lambda: database)

@@ -1,6 +1,7 @@
-"""celery_batches in a Django project: ``connection=django.db.connection`` on every write, Django's
-``default`` database as the registry, the dashboard behind Django's admin login, and (with
-``"celery_batches.django"`` in ``INSTALLED_APPS``) ``manage.py batches_migrate``. See docs/django.md.
+"""celery_batches' Django app: the dashboard behind Django's admin login and (with
+``"celery_batches.django"`` in ``INSTALLED_APPS``) ``manage.py batches_migrate``. Joining Django's
+transactions (``connection=django.db.connection``) and Django's default database as the registry
+are :mod:`celery_batches.publishing.djangotx`'s. See docs/django.md.
 
 Importing this package does not import Django; :func:`dashboard_urls` and :func:`dashboard_view` do.
 """

@@ -5,7 +5,7 @@ Django connection's atomic block (``Batches.batch(..., connection=...)``). Whate
 commit, a rollback, ``Session.close()`` — the batch is published only if it is visible from
 another connection afterwards, which only a commit makes it. Savepoints neither publish nor
 discard: only the outermost transaction decides. A Django connection has its own rules, which say
-the same: ``transaction.on_commit`` (``celery_batches/django/db.py``).
+the same: ``transaction.on_commit`` (:mod:`.djangotx`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, SessionTransaction
 
-from ..django import db as django_db
+from . import djangotx
 
 __all__ = ["on_commit", "caller_connection", "joined"]
 
@@ -44,8 +44,8 @@ def joined(connection: Any, registry: sa.Engine) -> Iterator[sa.Connection | Non
     Session's own, the Connection itself, or one on a Django connection's own DBAPI connection."""
     if connection is None:
         yield None
-    elif django_db.is_django_connection(connection):
-        with django_db.joined(connection, registry) as conn:
+    elif djangotx.is_django_connection(connection):
+        with djangotx.joined(connection, registry) as conn:
             yield conn
     else:
         yield caller_connection(connection)
@@ -73,8 +73,8 @@ def on_commit(connection: Any, publish: Callable[[], None], visible: Callable[[]
         except Exception:  # the relay publishes whatever this could not
             log.exception("celery_batches: publishing after the caller's commit failed; the relay will do it")
 
-    if django_db.is_django_connection(connection):
-        django_db.on_commit(connection, settle)
+    if djangotx.is_django_connection(connection):
+        djangotx.on_commit(connection, settle)
         return
     if isinstance(connection, Session):
         # One listener per Session, registered once: it fires after the DBAPI commit or rollback (or
