@@ -15,6 +15,7 @@ from celery.backends.base import DisabledBackend
 from . import retry
 from .publishing.aftercommit import caller_connection, on_commit
 from .publishing.probe import probe_for
+from .aio import AsyncBatches
 from .builder import BatchBuilder, validate_properties
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
 from .models import WHEN_MATCHES, Batch, BatchStatus, Continuation, JobResult, JobRun, canonical_id
@@ -60,7 +61,7 @@ def _batch_id(value: object) -> str:
     return found
 
 
-class Batches:
+class Batches(AsyncBatches):
     """Atomic batches for one Celery app.
 
     Creating it connects the worker signal handlers and adds the relay/reconciler bootstep to
