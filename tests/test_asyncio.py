@@ -1,0 +1,254 @@
+"""The async twins (``abatch``, ``areopen``, ``await_batch``, ``aget_batch``, ``alist_batches``,
+``acancel_batch``, ``aretry_failed``) against real PostgreSQL and Redis, and the FastAPI example driven
+in-process through httpx's ASGITransport with a real ``celery worker`` running the jobs.
+
+Each test runs its coroutine with ``asyncio.run`` (no pytest plugin). "The loop is not blocked" is
+proved by a ticker coroutine that keeps waking every few milliseconds while the call is awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from typing import Any, Awaitable
+
+import pytest
+import sqlalchemy as sa
+
+from celery_batches import BatchClosedError, BatchNotFoundError, BatchStatus, InvalidBatchError
+from tests.helpers import WAIT, count, fired_once, needs, nowhere_signature, row_counts, tag, unique_name
+
+pytestmark = needs("postgres", "redis")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+#: the ticker's period: a loop blocked for a wait_interval (0.2 s) would miss ~40 wake-ups in a row
+TICK = 0.005
+
+
+async def ticking(awaitable: Awaitable[Any]) -> tuple[Any, int, float]:
+    """Await ``awaitable`` while a ticker wakes every ``TICK`` s on the same loop: (its outcome, a
+    result or the exception it raised; the ticks; the worst lateness of a tick)."""
+    loop = asyncio.get_running_loop()
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            due = loop.time() + TICK
+            await asyncio.sleep(TICK)
+            ticks.append(loop.time() - due)
+
+    running = asyncio.create_task(ticker())
+    try:
+        outcome: Any = await awaitable
+    except Exception as exc:  # noqa: BLE001 - the outcome under test
+        outcome = exc
+    finally:
+        running.cancel()
+    return outcome, len(ticks), max(ticks, default=0.0)
+
+
+def runs_published(batches: Any, batch_id: str) -> tuple[int, int]:
+    """(runs of the batch, how many of them are flagged published)."""
+    runs = batches.transitions.tables.runs
+    with batches.engine.connect() as conn:
+        return tuple(conn.execute(sa.select(sa.func.count(), sa.func.count().filter(runs.c.published))
+                                  .where(runs.c.batch_id == batch_id)).one())
+
+
+def queued(batches: Any) -> int:
+    return batches.app.connection_for_write().default_channel.client.llen(batches.queue)
+
+
+@needs("worker")
+def test_fastapi_example_creates_a_batch_its_jobs_and_continuation_run_once(proj: Any, worker: Any) -> None:
+    """POST /imports creates the batch with ``async with abatch``; the session's real worker runs its three
+    jobs and its on_success continuation exactly once; GET /imports/<id>?wait= (``await_batch``) and
+    ``aget_batch`` read it COMPLETED; an unknown id is a 404."""
+    from examples.fastapi_app import make_api
+
+    rows = [tag(f"row-{i}") for i in range(3)]  # tests.proj.noop counts its runs under its argument
+    api = make_api(proj.batches, proj.noop, proj.record)  # record(batch_id) counts under the batch id
+
+    async def main() -> tuple[str, dict, Any]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://test") as client:
+            created = await client.post("/imports", json={"name": unique_name("q3"), "rows": rows})
+            assert created.status_code == 201, created.text
+            batch_id = created.json()["batch_id"]
+            read = await client.get(f"/imports/{batch_id}", params={"wait": WAIT})
+            assert read.status_code == 200
+            assert (await client.get(f"/imports/{uuid.uuid4()}")).status_code == 404
+            return batch_id, read.json(), await proj.batches.await_batch(batch_id, timeout=WAIT)
+
+    batch_id, read, batch = asyncio.run(main())
+    assert (read["status"], read["total"], read["completed"], read["finished"]) == ("COMPLETED", 3, 3, True)
+    assert (batch.id, batch.status, batch.completed_jobs) == (batch_id, BatchStatus.COMPLETED, 3)
+    fired_once(proj, batch_id)  # the continuation, once (after the queue drained: every job ran by then)
+    assert [count(proj, row) for row in rows] == [1, 1, 1]
+
+
+def test_await_batch_times_out_without_blocking_the_loop(proj: Any, nowhere: str) -> None:
+    """A batch whose jobs go where no worker reads stays open: ``await_batch(timeout=1)`` raises
+    TimeoutError after about a second, and meanwhile a ticker on the same loop kept waking every few
+    ms (a ``time.sleep`` of the 0.2 s wait interval would have stopped it for 0.2 s at a time)."""
+    async def main() -> tuple[Any, int, float, float]:
+        async with proj.batches.abatch(unique_name("open")) as b:
+            for i in range(3):
+                b.enqueue(proj.noop.s(tag(f"never-{i}")).set(queue=nowhere))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        outcome, ticks, worst = await ticking(proj.batches.await_batch(b.id, timeout=1.0))
+        return outcome, ticks, worst, loop.time() - start
+
+    outcome, ticks, worst, elapsed = asyncio.run(main())
+    assert isinstance(outcome, TimeoutError), outcome
+    assert "still STARTED" in str(outcome)
+    assert 1.0 <= elapsed < 5.0
+    assert ticks >= 50 and worst < 0.15, (ticks, worst)
+
+
+@needs("worker")
+def test_aretry_failed_acancel_batch_and_alist_batches(proj: Any, worker: Any, nowhere: str) -> None:
+    """``aretry_failed`` publishes the failed run again and the batch completes; ``alist_batches`` finds it by
+    tag; ``acancel_batch`` cancels an open batch's runs; ``areopen`` refuses a cancelled or unknown batch."""
+    flag, label = tag("flag"), unique_name("tag")
+
+    async def main() -> None:
+        batches = proj.batches
+        async with batches.abatch(unique_name("retry"), tags=[label]) as b:
+            b.enqueue(proj.fail_unless, flag)
+            b.enqueue(proj.noop)
+        failed = await batches.await_batch(b.id, timeout=WAIT)
+        assert (failed.status, failed.failed_jobs) == (BatchStatus.FAILED, 1)
+        proj.r.set(flag, 1)
+        assert await batches.aretry_failed(b.id) == 1
+        done = await batches.await_batch(b.id, timeout=WAIT)
+        assert (done.status, done.completed_jobs, done.failed_jobs) == (BatchStatus.COMPLETED, 2, 0)
+        assert [x.id for x in await batches.alist_batches(tag=label)] == [b.id]
+        assert await batches.alist_batches(tag=label, status=BatchStatus.FAILED) == []
+
+        async with batches.abatch(unique_name("cancel")) as c:
+            for i in range(3):
+                c.enqueue(proj.noop.s(tag(f"never-{i}")).set(queue=nowhere))
+        assert await batches.acancel_batch(c.id) == 3
+        cancelled = await batches.aget_batch(c.id)
+        assert (cancelled.status, cancelled.cancelled_jobs) == (BatchStatus.CANCELLED, 3)
+        with pytest.raises(BatchClosedError):
+            async with batches.areopen(c.id) as more:
+                more.enqueue(proj.noop)
+        with pytest.raises(BatchNotFoundError):
+            async with batches.areopen(str(uuid.uuid4())):
+                pass
+
+    asyncio.run(main())
+
+
+def test_areopen_adds_jobs_and_a_nested_batch(pg_registry: Any) -> None:
+    """``areopen`` adds jobs and a nested batch (whose jobs are serialised in the commit thread too) to an
+    open batch, in enqueue order, each published once."""
+    async def main() -> tuple[str, list[str], list[str]]:
+        async with pg_registry.abatch(unique_name("reopen")) as b:
+            first = [b.enqueue(nowhere_signature(pg_registry, i)) for i in range(2)]
+        async with pg_registry.areopen(b.id) as more:
+            added = [more.enqueue(nowhere_signature(pg_registry, "x"))]
+            with more.batch("nested") as nested:
+                nested_id = nested.id
+                nested.enqueue(nowhere_signature(pg_registry, "n"))
+        return b.id, first + added, [nested_id]
+
+    batch_id, job_ids, [nested_id] = asyncio.run(main())
+    assert [j.id for j in pg_registry.get_batch_jobs(batch_id)] == job_ids
+    assert pg_registry.get_batch(batch_id).total_jobs == 4  # 3 jobs and the nested batch
+    assert [j.args for j in pg_registry.get_batch_jobs(nested_id)] == [["n"]]
+    assert runs_published(pg_registry, batch_id) == (3, 3) and runs_published(pg_registry, nested_id) == (1, 1)
+    assert queued(pg_registry) == 4
+
+
+def test_an_exception_or_a_bad_job_in_abatch_writes_nothing(pg_registry: Any) -> None:
+    """The block raising, or a job that cannot be serialised (found in the commit thread, raised as
+    InvalidBatchError naming it), a bad one in a nested batch included: no row, no message.
+    ``connection=`` is refused with a TypeError."""
+    ids: list[str] = []
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="the request failed"):
+            async with pg_registry.abatch(unique_name("raises")) as b:
+                ids.append(b.id)
+                b.enqueue(nowhere_signature(pg_registry, 1))
+                raise RuntimeError("the request failed")
+        with pytest.raises(InvalidBatchError, match=r"job #2 of batch 'bad'.*cannot be serialised"):
+            async with pg_registry.abatch("bad") as b:
+                ids.append(b.id)
+                b.enqueue(nowhere_signature(pg_registry, 1))
+                b.enqueue(nowhere_signature(pg_registry), object())
+        with pytest.raises(InvalidBatchError, match=r"job #1 of batch 'inner'"):
+            async with pg_registry.abatch("outer") as b:
+                ids.append(b.id)
+                b.enqueue(nowhere_signature(pg_registry, 1))
+                with b.batch("inner") as inner:
+                    inner.enqueue(42)  # not a task
+        with pytest.raises(TypeError, match="connection"):
+            async with pg_registry.abatch("joined", connection=object()):  # type: ignore[arg-type]
+                pass
+        with pytest.raises(TypeError, match="connection"):
+            await pg_registry.acancel_batch(str(uuid.uuid4()), connection=object())  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert row_counts(pg_registry, batch_ids=ids) == {"batches": 0, "runs": 0, "batch_jobs": 0, "continuations": 0}
+    assert row_counts(pg_registry, name="inner")["batches"] == 0
+    assert queued(pg_registry) == 0
+
+
+def test_cancelling_the_awaiting_task_mid_commit_leaves_the_batch_whole(pg_registry: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task awaiting ``abatch``'s exit is cancelled while the commit thread is inside the transaction
+    (rows written, not committed): the task does not end until the thread committed and published, then
+    it raises CancelledError, and the batch is all there and all published. A transaction that fails
+    half-way instead leaves nothing."""
+    n = 500
+    inside, go_on = threading.Event(), threading.Event()
+    insert_tree = pg_registry.trees.insert_tree
+
+    def paused(conn: Any, plan: Any, now: Any, **kwargs: Any) -> Any:
+        publication = insert_tree(conn, plan, now, **kwargs)  # every row written, nothing committed yet
+        inside.set()
+        assert go_on.wait(WAIT)
+        return publication
+
+    monkeypatch.setattr(pg_registry.trees, "insert_tree", paused)
+    ids: list[str] = []
+
+    async def create(name: str) -> None:
+        async with pg_registry.abatch(name) as b:
+            ids.append(b.id)
+            for i in range(n):
+                b.enqueue(nowhere_signature(pg_registry, i))
+
+    async def main() -> tuple[bool, tuple]:
+        task = asyncio.create_task(create(unique_name("cancelled")))
+        assert await asyncio.to_thread(inside.wait, WAIT)
+        task.cancel()
+        await asyncio.sleep(0.2)
+        waited = not task.done()  # the cancellation waits for the thread
+        seen_meanwhile = await asyncio.to_thread(runs_published, pg_registry, ids[0])  # uncommitted: nothing
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return waited, seen_meanwhile
+
+    waited, seen_meanwhile = asyncio.run(main())
+    assert waited and seen_meanwhile == (0, 0)
+    assert pg_registry.get_batch(ids[0]).total_jobs == n
+    assert runs_published(pg_registry, ids[0]) == (n, n)
+    assert queued(pg_registry) == n
+
+    def broken(conn: Any, plan: Any, now: Any, **kwargs: Any) -> Any:
+        insert_tree(conn, plan, now, **kwargs)
+        raise OSError("the connection dropped mid-transaction")
+
+    monkeypatch.setattr(pg_registry.trees, "insert_tree", broken)
+    with pytest.raises(OSError, match="dropped"):
+        asyncio.run(create(unique_name("broken")))
+    assert row_counts(pg_registry, batch_ids=ids[1:]) == {"batches": 0, "runs": 0, "batch_jobs": 0, "continuations": 0}
+    assert queued(pg_registry) == n
