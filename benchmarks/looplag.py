@@ -11,7 +11,10 @@ batch of N no-op jobs is created and published, one way at a time:
   recommends it for batches of many thousand jobs);
 - ``acreate_batch``: ``await batches.acreate_batch(name, configure)``: the enqueue loop itself runs in
   the worker thread;
-- ``thread-floor``: for comparison, one second of pure-Python work in a worker thread (no library, no
+- ``process``: the sync ``batch()`` in a process pool's process (``loop.run_in_executor(pool, ...)``,
+  the pool started beforehand): the loop's process does no work at all meanwhile (docs/asyncio.md: the
+  way to a lag budget the GIL would break);
+- ``thread-floor``: for comparison, ``--floor-seconds`` (1) of pure-Python work in a worker thread (no library, no
   I/O): the lag any busy thread of the process causes the loop on this machine, the GIL's floor;
 - ``eager``: for comparison, the sync ``BatchBuilder.enqueue`` (validation and serialisation at each
   call) of the same N jobs on the loop, nothing written: what ``abatch`` would cost if it did not defer.
@@ -21,7 +24,7 @@ to the end of its publication), the worst lag while enqueueing and while the thr
 published (GIL contention: the loop only ticks then), and the p99 lag of the whole round. Every
 batch is checked: N runs in the registry and N messages on the queue.
 
-    python benchmarks/looplag.py [-n 10000] [--rounds 3] [--tick 0.001] [--switch-interval 0.005]
+    python benchmarks/looplag.py [-n 10000] [--rounds 3] [--tick 0.001] [--switch-interval 0.005] [--floor-seconds 1]
 
 Needs PostgreSQL (BENCH_DATABASE_URL, database ``test``) and Redis (BENCH_REDIS_URL, the broker). The
 registry's tables (``<stem><random>_``) and the queue, no worker consumes it, are dropped afterwards;
@@ -32,11 +35,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -52,7 +57,25 @@ env = os.environ.get
 DATABASE = env("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = env("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 STEM = env("BENCH_SCRATCH_PREFIX", "cblag_")
-WAYS = ("abatch", "abatch+yield", "acreate_batch", "eager", "thread-floor")
+WAYS = ("abatch", "abatch+yield", "acreate_batch", "process", "eager", "thread-floor")
+#: the process pool's own registry (``process``): built once in the child by ``_child_init``
+_CHILD: Batches | None = None
+
+
+def _child_init(database: str, prefix: str, redis: str, queue: str) -> None:
+    global _CHILD
+    app = Celery("looplag-child", broker=redis, set_as_current=False)
+    app.conf.task_default_queue = queue
+    _CHILD = Batches(app, database_url=database, table_prefix=prefix, relay_interval=0)
+
+
+def _child_create(n: int) -> str:
+    """In the pool's process: the sync API, the whole batch (its jobs named, no task object needed)."""
+    assert _CHILD is not None
+    with _CHILD.batch("looplag", tags=["looplag"]) as b:
+        for i in range(n):
+            b.enqueue("looplag.noop", i)
+    return b.id
 
 
 class Ticker:
@@ -96,7 +119,8 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 2 else (values[0] if values else 0.0)
 
 
-async def one_round(batches: Batches, noop: Any, way: str, n: int, ticker: Ticker) -> dict[str, Any]:
+async def one_round(batches: Batches, noop: Any, way: str, n: int, ticker: Ticker, pool: Any,
+                    floor: float) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(0.05)  # the ticker settles; the last round's lag is over
     start = loop.time()
@@ -116,6 +140,9 @@ async def one_round(batches: Batches, noop: Any, way: str, n: int, ticker: Ticke
                 b.enqueue(noop, i)
         enqueued = start  # the enqueue loop runs in the thread
         batch_id = await batches.acreate_batch("looplag", configure)
+    elif way == "process":
+        enqueued = start
+        batch_id = await loop.run_in_executor(pool, _child_create, n)
     elif way == "thread-floor":
         def busy(seconds: float) -> int:
             end, x = time.perf_counter() + seconds, 0
@@ -123,7 +150,7 @@ async def one_round(batches: Batches, noop: Any, way: str, n: int, ticker: Ticke
                 x += 1
             return x
         enqueued = start
-        await asyncio.to_thread(busy, 1.0)
+        await asyncio.to_thread(busy, floor)
     else:  # eager: the sync builder's enqueue on the loop, nothing written
         b = BatchBuilder(batches.app, "looplag")
         for i in range(n):
@@ -139,7 +166,8 @@ async def one_round(batches: Batches, noop: Any, way: str, n: int, ticker: Ticke
 
 
 async def measure(batches: Batches, noop: Any, ways: list[str], n: int, rounds: int, tick: float,
-                  check: Callable[[str | None], Awaitable[None]]) -> dict[str, list[dict[str, Any]]]:
+                  check: Callable[[str | None], Awaitable[None]], pool: Any,
+                  floor: float) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
     with Ticker(tick) as ticker:
         loop = asyncio.get_running_loop()
@@ -149,7 +177,7 @@ async def measure(batches: Batches, noop: Any, ways: list[str], n: int, rounds: 
         print(f"idle loop: max lag {ms(max(idle))} ms, p99 {ms(p99(idle))} ms over {len(idle)} ticks")
         for r in range(1, rounds + 1):
             for way in ways:
-                res = await one_round(batches, noop, way, n, ticker)
+                res = await one_round(batches, noop, way, n, ticker, pool, floor)
                 await check(res["batch_id"])
                 results[way].append(res)
                 print(f"round {r}: {way:<14} enqueue {res['enqueue']:.3f} s, create+publish {res['total']:.3f} s, "
@@ -165,6 +193,7 @@ def main() -> None:
     parser.add_argument("--tick", type=float, default=0.001, help="the ticker's period in seconds (default 1 ms)")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval (Python's default: 0.005 s)")
+    parser.add_argument("--floor-seconds", type=float, default=1.0, help="how long thread-floor's thread works")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"some of {', '.join(WAYS)}")
     args = parser.parse_args()
     ways = args.ways.split(",")
@@ -200,7 +229,17 @@ def main() -> None:
         print(f"looplag: N = {args.n:,} jobs, {batches.engine.dialect.name} + redis, tick {ms(args.tick)} ms, "
               f"switch interval {ms(sys.getswitchinterval())} ms, {args.rounds} round(s), Python "
               f"{sys.version.split()[0]}, {os.cpu_count()} cores", flush=True)
-        results = asyncio.run(measure(batches, noop, ways, args.n, args.rounds, args.tick, check))
+        pool = None
+        if "process" in ways:
+            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=_child_init,
+                                       initargs=(DATABASE, prefix, REDIS, queue))
+            pool.submit(os.getpid).result()  # started, imported and connected before the measurement
+        try:
+            results = asyncio.run(measure(batches, noop, ways, args.n, args.rounds, args.tick, check, pool,
+                                          args.floor_seconds))
+        finally:
+            if pool is not None:
+                pool.shutdown()
         print(f"summary of {args.rounds} round(s), N = {args.n:,}: worst max lag, median p99 lag, "
               f"median enqueue and create+publish")
         for way, rows in results.items():
@@ -213,7 +252,7 @@ def main() -> None:
     finally:
         drop_schema(batches.engine, prefix)
         batches.engine.dispose()
-        redis.delete(queue, f"_kombu.binding.{queue}")
+        redis.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
         print(f"dropped the tables under prefix {prefix!r} and the queue {queue!r}")
 
 
