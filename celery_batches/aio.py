@@ -26,6 +26,7 @@ import contextvars
 import functools
 import logging
 import os
+import threading
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, TypeVar
 
@@ -56,7 +57,23 @@ def _run_ids() -> Iterator[str]:
             yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
-_next_run_id = _run_ids().__next__  # a generator is not thread-safe: used on the loop's thread only
+class _RunIdSource(threading.local):
+    """One stream of run ids per thread (a generator cannot be shared between threads), replaced in a
+    forked child (a child must not repeat the random bytes its parent had drawn but not used)."""
+
+    def __init__(self) -> None:
+        self.next = _run_ids().__next__
+
+
+_source = _RunIdSource()
+
+
+def _fresh_source() -> None:
+    global _source
+    _source = _RunIdSource()
+
+
+os.register_at_fork(after_in_child=_fresh_source)
 
 
 class _Job:
@@ -78,7 +95,7 @@ class AsyncBatchBuilder(BatchBuilder):
     def enqueue(self, task: TaskRef, *args: Any, **kwargs: Any) -> str:
         """Add a job; returns its run id (its Celery task id). Checked when the block exits."""
         self._check_open()
-        run_id = _next_run_id()
+        run_id = _source.next()
         self._plan.jobs.append(_Job(run_id, task, args, kwargs))  # type: ignore[arg-type]  # made a Message later
         self._units += 1
         return run_id

@@ -17,9 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from celery_batches import BatchClosedError, BatchNotFoundError, BatchStatus, InvalidBatchError
-from tests.helpers import WAIT, count, fired_once, needs, nowhere_signature, row_counts, tag, unique_name
+from celery_batches.aio import AsyncBatchBuilder, _settled
+from tests.helpers import (WAIT, count, fired_once, memory_app, needs, nowhere_signature, row_counts, tag,
+                           unique_name)
 
-pytestmark = needs("postgres", "redis")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
@@ -49,6 +50,93 @@ async def ticking(awaitable: Awaitable[Any]) -> tuple[Any, int, float]:
     return outcome, len(ticks), max(ticks, default=0.0)
 
 
+# -- without services ------------------------------------------------------------------------------
+def test_run_ids_are_unique_version_4_uuids_in_every_thread_and_after_a_fork() -> None:
+    """``AsyncBatchBuilder.enqueue``'s run ids: canonical UUID 4 text, none repeated across 20,000 of
+    them drawn in two threads at once, nor by a forked child continuing its parent's stream."""
+    import os
+
+    app = memory_app("ids")
+    ids: list[str] = []
+
+    def draw() -> None:
+        b = AsyncBatchBuilder(app, "ids")
+        ids.extend(b.enqueue("t") for _ in range(10_000))
+
+    threads = [threading.Thread(target=draw) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 20_000
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids[:1000] + ids[-1000:])
+
+    read, write = os.pipe()
+    parent = AsyncBatchBuilder(app, "fork")
+    parent.enqueue("t")  # the stream has started: the child inherits its unused bytes
+    pid = os.fork()
+    if pid == 0:  # the child: write one id and leave at once
+        os.write(write, AsyncBatchBuilder(app, "child").enqueue("t").encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child_id = os.read(read, 100).decode()
+    os.close(read)
+    assert child_id != parent.enqueue("t")
+
+
+def test_a_bad_job_is_found_when_the_plan_is_made_whole() -> None:
+    """``enqueue`` records without checking; ``materialize`` (the commit thread) raises InvalidBatchError
+    naming the job, its batch and its position, as the sync builder's enqueue would; good jobs become
+    the messages the sync builder makes, with the run ids enqueue returned."""
+    app = memory_app("defer")
+    b = AsyncBatchBuilder(app, "outer")
+    first = b.enqueue("tests.proj.noop", "a")
+    b.enqueue("tests.proj.noop", object())
+    plan = b.seal()
+    with pytest.raises(InvalidBatchError, match=r"job #2 of batch 'outer' \(tests.proj.noop\).*cannot be serialised"):
+        b.materialize(plan)
+
+    good = AsyncBatchBuilder(app, "good", results=True)
+    run_id = good.enqueue(app.signature("tests.proj.noop").set(queue="q"), "a", k=1)
+    plan = good.seal()
+    good.materialize(plan)
+    [message] = plan.jobs
+    assert (message.id, message.task_name, message.args, message.kwargs, message.batch_id) == (
+        run_id, "tests.proj.noop", '["a"]', '{"k": 1}', plan.id)
+    assert '"queue": "q"' in message.options and "celery_batches_results" in message.options
+    assert first != run_id
+
+
+def test_a_cancelled_caller_waits_for_the_thread_then_is_cancelled() -> None:
+    """``_settled``: cancelling the awaiting task does not abandon the thread's work; the task ends,
+    cancelled, only once that work is done (and a second cancel changes nothing)."""
+    started, go_on, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def work() -> str:
+        started.set()
+        go_on.wait(10)
+        finished.set()
+        return "written"
+
+    async def main() -> tuple[bool, bool]:
+        task = asyncio.create_task(_settled(work))
+        await asyncio.to_thread(started.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        pending = not task.done()
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pending, finished.is_set()
+
+    assert asyncio.run(main()) == (True, True)
+    assert asyncio.run(_settled(lambda: "ok")) == "ok"
+
+
+# -- against PostgreSQL and Redis --------------------------------------------------------------------
 def runs_published(batches: Any, batch_id: str) -> tuple[int, int]:
     """(runs of the batch, how many of them are flagged published)."""
     runs = batches.transitions.tables.runs
