@@ -9,6 +9,8 @@ batch of N no-op jobs is created and published, one way at a time:
   block exits;
 - ``abatch+yield``: the same, with ``await asyncio.sleep(0)`` every 1,000 enqueues (docs/asyncio.md
   recommends it for batches of many thousand jobs);
+- ``abatch-nocede``: ``abatch`` with the commit thread's pauses turned off (``celery_batches.ceding``):
+  what they are worth;
 - ``acreate_batch``: ``await batches.acreate_batch(name, configure)``: the enqueue loop itself runs in
   the worker thread;
 - ``process``: the sync ``batch()`` in a process pool's process (``loop.run_in_executor(pool, ...)``,
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import multiprocessing
 import os
 import statistics
@@ -49,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from celery import Celery  # noqa: E402
 
-from celery_batches import Batches  # noqa: E402
+from celery_batches import Batches, ceding  # noqa: E402
 from celery_batches.builder import BatchBuilder  # noqa: E402
 from celery_batches.store import drop_schema  # noqa: E402
 
@@ -57,7 +60,7 @@ env = os.environ.get
 DATABASE = env("BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = env("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 STEM = env("BENCH_SCRATCH_PREFIX", "cblag_")
-WAYS = ("abatch", "abatch+yield", "acreate_batch", "process", "eager", "thread-floor")
+WAYS = ("abatch", "abatch+yield", "abatch-nocede", "acreate_batch", "process", "eager", "thread-floor")
 #: the process pool's own registry (``process``): built once in the child by ``_child_init``
 _CHILD: Batches | None = None
 
@@ -125,14 +128,18 @@ async def one_round(batches: Batches, noop: Any, way: str, n: int, ticker: Ticke
     await asyncio.sleep(0.05)  # the ticker settles; the last round's lag is over
     start = loop.time()
     batch_id = None
-    if way == "abatch" or way == "abatch+yield":
+    if way in ("abatch", "abatch+yield", "abatch-nocede"):
         every = 1000 if way == "abatch+yield" else 0
-        async with batches.abatch("looplag", tags=["looplag"]) as b:
-            for i in range(n):
-                b.enqueue(noop, i)
-                if every and i % every == every - 1:
-                    await asyncio.sleep(0)
-            enqueued = loop.time()
+        slice_, ceding.SLICE = ceding.SLICE, math.inf if way == "abatch-nocede" else ceding.SLICE
+        try:
+            async with batches.abatch("looplag", tags=["looplag"]) as b:
+                for i in range(n):
+                    b.enqueue(noop, i)
+                    if every and i % every == every - 1:
+                        await asyncio.sleep(0)
+                enqueued = loop.time()
+        finally:
+            ceding.SLICE = slice_
         batch_id = b.id
     elif way == "acreate_batch":
         def configure(b: BatchBuilder) -> None:

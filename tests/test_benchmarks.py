@@ -325,7 +325,7 @@ def test_looplag(services: None) -> None:
                   env=bench_env(BENCH_SCRATCH_PREFIX=scratch))
         found(r"^looplag: N = 200 jobs, postgresql \+ redis, tick 1\.0 ms, ", out, "header")
         positive(found(rf"^idle loop: max lag ({NUM}) ms", out, "idle lag")[1])
-        for way in ("abatch", "abatch+yield", "acreate_batch", "process", "eager", "thread-floor"):
+        for way in ("abatch", "abatch+yield", "abatch-nocede", "acreate_batch", "process", "eager", "thread-floor"):
             m = found(rf"^  {re.escape(way)} +max lag ({NUM}) ms \(enqueueing ({NUM}) ms, committing ({NUM}) ms\), "
                       rf"p99 lag ({NUM}) ms, enqueue ({NUM}) s, create\+publish ({NUM}) s$", out, f"summary of {way}")
             assert all(finite(v) >= 0 for v in m.groups()), m.groups()
