@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import logging
 import os
@@ -115,7 +116,7 @@ class AsyncBatchBuilder(BatchBuilder):
         pause()  # the loop awaiting this thread gets the GIL now and then (ceding.py)
         message = self._message(job.task, job.args, job.kwargs, f"job #{position} of batch {plan.name!r}", plan.id,
                                 results=plan.results)
-        return Message(job.id, message.task_name, message.args, message.kwargs, message.options, message.batch_id)
+        return dataclasses.replace(message, id=job.id)
 
 
 async def _settled(func: Callable[..., _T], *args: Any) -> _T:
