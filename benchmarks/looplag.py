@@ -26,7 +26,7 @@ to the end of its publication), the worst lag while enqueueing and while the thr
 published (GIL contention: the loop only ticks then), and the p99 lag of the whole round. Every
 batch is checked: N runs in the registry and N messages on the queue.
 
-    python benchmarks/looplag.py [-n 10000] [--rounds 3] [--tick 0.001] [--switch-interval 0.005] [--floor-seconds 1]
+    python benchmarks/looplag.py [-n 10000] [--rounds 3] [--tick 0.001] [--switch-interval 0.005] [--floor-seconds 1] [--gc-freeze]
 
 Needs PostgreSQL (BENCH_DATABASE_URL, database ``test``) and Redis (BENCH_REDIS_URL, the broker). The
 registry's tables (``<stem><random>_``) and the queue, no worker consumes it, are dropped afterwards;
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import multiprocessing
 import os
@@ -201,6 +202,8 @@ def main() -> None:
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval (Python's default: 0.005 s)")
     parser.add_argument("--floor-seconds", type=float, default=1.0, help="how long thread-floor's thread works")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() once set up, as a server does after its imports (docs/asyncio.md)")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"some of {', '.join(WAYS)}")
     args = parser.parse_args()
     ways = args.ways.split(",")
@@ -234,13 +237,17 @@ def main() -> None:
 
     try:
         print(f"looplag: N = {args.n:,} jobs, {batches.engine.dialect.name} + redis, tick {ms(args.tick)} ms, "
-              f"switch interval {ms(sys.getswitchinterval())} ms, {args.rounds} round(s), Python "
+              f"switch interval {ms(sys.getswitchinterval())} ms, gc.freeze() {'yes' if args.gc_freeze else 'no'}, "
+              f"{args.rounds} round(s), Python "
               f"{sys.version.split()[0]}, {os.cpu_count()} cores", flush=True)
         pool = None
         if "process" in ways:
             pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=_child_init,
                                        initargs=(DATABASE, prefix, REDIS, queue))
             pool.submit(os.getpid).result()  # started, imported and connected before the measurement
+        if args.gc_freeze:  # what is alive now (the imports, the app, the engine) is never scanned again
+            gc.collect()
+            gc.freeze()
         try:
             results = asyncio.run(measure(batches, noop, ways, args.n, args.rounds, args.tick, check, pool,
                                           args.floor_seconds))

@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, TypeVar
 
 from .builder import BatchBuilder, BatchPlan, TaskRef
 from .ceding import ceding, pause
@@ -52,22 +52,26 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-def _run_ids() -> Iterator[str]:
-    """Version 4 UUIDs as text, from one ``os.urandom`` call per 512: ``str(uuid.uuid4())`` costs
-    about four times as much, and ``enqueue`` on the loop is mostly the run id's cost."""
-    while True:
-        hexes = os.urandom(16 * 512).hex()
-        for i in range(0, len(hexes), 32):
-            h = hexes[i:i + 32]
-            yield f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+def _run_ids(n: int = 512) -> list[str]:
+    """``n`` version 4 UUIDs as text, from one ``os.urandom`` call: ``str(uuid.uuid4())`` costs about
+    four times as much, and ``enqueue`` on the loop is mostly the run id's cost."""
+    hexes = os.urandom(16 * n).hex()
+    return [f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+            for h in (hexes[i:i + 32] for i in range(0, 32 * n, 32))]
 
 
 class _RunIdSource(threading.local):
-    """One stream of run ids per thread (a generator cannot be shared between threads), replaced in a
-    forked child (a child must not repeat the random bytes its parent had drawn but not used)."""
+    """Run ids drawn ahead, for one thread (a list popped by several threads could hand one id out
+    twice), replaced in a forked child (a child must not repeat the ids its parent had drawn)."""
 
     def __init__(self) -> None:
-        self.next = _run_ids().__next__
+        self.ids: list[str] = []
+
+    def next(self) -> str:
+        ids = self.ids
+        if not ids:
+            ids += _run_ids()
+        return ids.pop()
 
 
 _source = _RunIdSource()
