@@ -136,6 +136,36 @@ def test_a_cancelled_caller_waits_for_the_thread_then_is_cancelled() -> None:
     assert asyncio.run(_settled(lambda: "ok")) == "ok"
 
 
+def test_pause_sleeps_only_in_a_ceding_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ceding.pause`` does nothing outside ``ceding()``; inside, it sleeps ``PAUSE`` once every
+    ``SLICE`` seconds of work, and the block restores what was there before (nesting)."""
+    import time
+
+    from celery_batches import ceding
+
+    slept: list[float] = []
+    monkeypatch.setattr(ceding.time, "sleep", slept.append)
+    monkeypatch.setattr(ceding, "SLICE", 0.005)
+
+    def work(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            ceding.pause()
+
+    work(0.03)
+    assert slept == []
+    with ceding.ceding():
+        work(0.05)
+        with ceding.ceding():
+            pass
+        assert getattr(ceding._state, "due", None) is not None  # the outer block's pacing goes on
+    assert 5 <= len(slept) <= 11 and set(slept) == {ceding.PAUSE}
+    assert getattr(ceding._state, "due", None) is None
+    slept.clear()
+    work(0.02)
+    assert slept == []
+
+
 # -- against PostgreSQL and Redis --------------------------------------------------------------------
 def runs_published(batches: Any, batch_id: str) -> tuple[int, int]:
     """(runs of the batch, how many of them are flagged published)."""
@@ -340,3 +370,47 @@ def test_cancelling_the_awaiting_task_mid_commit_leaves_the_batch_whole(pg_regis
         asyncio.run(create(unique_name("broken")))
     assert row_counts(pg_registry, batch_ids=ids[1:]) == {"batches": 0, "runs": 0, "batch_jobs": 0, "continuations": 0}
     assert queued(pg_registry) == n
+
+
+def test_no_registry_or_broker_call_runs_on_the_loops_thread(pg_registry: Any) -> None:
+    """Every statement the twins send to the registry, every publication and every revoke runs in another
+    thread than the event loop's: abatch, areopen, acreate_batch, aget_batch, alist_batches, await_batch,
+    acancel_batch and aretry_failed, each called once."""
+    threads: dict[str, set[int]] = {"sql": set(), "publish": set(), "revoke": set()}
+
+    def on_sql(*_: Any) -> None:
+        threads["sql"].add(threading.get_ident())
+
+    publish, revoke = pg_registry.publisher.publish, pg_registry._revoke
+
+    def publishing(publication: Any) -> Any:
+        threads["publish"].add(threading.get_ident())
+        return publish(publication)
+
+    def revoking(run_ids: list[str]) -> None:
+        threads["revoke"].add(threading.get_ident())
+        revoke(run_ids)
+
+    sa.event.listen(pg_registry.engine, "before_cursor_execute", on_sql)
+    pg_registry.publisher.publish, pg_registry._revoke = publishing, revoking
+
+    async def main() -> int:
+        async with pg_registry.abatch(unique_name("threads")) as b:
+            b.enqueue(nowhere_signature(pg_registry, 1))
+        async with pg_registry.areopen(b.id) as more:
+            more.enqueue(nowhere_signature(pg_registry, 2))
+        other = await pg_registry.acreate_batch(unique_name("threads"), lambda c: c.enqueue(nowhere_signature(pg_registry)))
+        assert (await pg_registry.aget_batch(other)).total_jobs == 1
+        assert b.id in [x.id for x in await pg_registry.alist_batches(limit=10)]
+        with pytest.raises(TimeoutError):
+            await pg_registry.await_batch(b.id, timeout=0.05)
+        assert await pg_registry.aretry_failed(b.id) == 0
+        assert await pg_registry.acancel_batch(b.id) == 2
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(main())
+    finally:
+        sa.event.remove(pg_registry.engine, "before_cursor_execute", on_sql)
+    assert all(threads.values()), threads
+    assert loop_thread not in set().union(*threads.values())
