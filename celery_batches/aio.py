@@ -164,8 +164,8 @@ def _no_connection(connection: Any, what: str) -> None:
         raise TypeError(
             f"{what}(connection=...) is not supported: the async twins write in a worker thread, in a "
             f"transaction of their own ({type(connection).__name__} given). To join your own transaction, call "
-            f"the sync API in the thread that commits it, e.g. await asyncio.to_thread(...) or "
-            f"AsyncSession.run_sync (docs/asyncio.md)")
+            f"the sync API with a sync Session in a worker thread that also commits it, e.g. "
+            f"await asyncio.to_thread(...) (docs/asyncio.md)")
 
 
 class AsyncBatches:
