@@ -17,6 +17,7 @@ from . import retry
 from .publishing import djangotx
 from .publishing.aftercommit import joined, on_commit
 from .publishing.probe import probe_for
+from .aio import AsyncBatches
 from .builder import BatchBuilder, validate_properties
 from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
 from .models import WHEN_MATCHES, Batch, BatchStatus, Continuation, JobResult, JobRun, canonical_id
@@ -62,7 +63,7 @@ def _batch_id(value: object) -> str:
     return found
 
 
-class Batches:
+class Batches(AsyncBatches):
     """Atomic batches for one Celery app.
 
     Creating it connects the worker signal handlers and adds the relay/reconciler bootstep to

@@ -173,7 +173,7 @@ class BatchBuilder:
               max_concurrency: int | None = None) -> Iterator["BatchBuilder"]:
         """A nested batch, counted as one unit of this batch (its own ``max_concurrency``, if any)."""
         self._check_open()
-        child = BatchBuilder(self._app, name, created_by=self._plan.created_by, parent_id=self.id,
+        child = type(self)(self._app, name, created_by=self._plan.created_by, parent_id=self.id,
                              description=description, properties=properties, tags=tags,
                              cancel_on_failure=cancel_on_failure, max_concurrency=max_concurrency,
                              results=self._plan.results)  # a nested batch's results are part of ours

@@ -311,3 +311,29 @@ def test_dashboard(services: None) -> None:
         assert tables_under(prefix) == []
     finally:
         drop_tables(prefix)
+
+
+@pytest.mark.timeout(DEADLINE + 60)
+def test_looplag(services: None) -> None:
+    """benchmarks/looplag.py: the event loop's lag while a batch of 200 jobs is created and published by
+    ``abatch`` (with and without yielding), ``acreate_batch`` and a process pool, next to the sync
+    builder's enqueue on the loop and a busy thread; each batch checked whole in the registry and on
+    the queue; its tables and queue are dropped."""
+    scratch = name("lag")
+    try:
+        out = run("looplag.py", "-n", "200", "--rounds", "1", "--floor-seconds", "0.2",
+                  env=bench_env(BENCH_SCRATCH_PREFIX=scratch))
+        found(r"^looplag: N = 200 jobs, postgresql \+ redis, tick 1\.0 ms, ", out, "header")
+        positive(found(rf"^idle loop: max lag ({NUM}) ms", out, "idle lag")[1])
+        for way in ("abatch", "abatch+yield", "abatch-nocede", "acreate_batch", "process", "eager", "thread-floor"):
+            m = found(rf"^  {re.escape(way)} +max lag ({NUM}) ms \(enqueueing ({NUM}) ms, committing ({NUM}) ms\), "
+                      rf"p99 lag ({NUM}) ms, enqueue ({NUM}) s, create\+publish ({NUM}) s$", out, f"summary of {way}")
+            assert all(finite(v) >= 0 for v in m.groups()), m.groups()
+            positive(m[1]), positive(m[6])
+        found(rf"^dropped the tables under prefix '{re.escape(scratch)}\w+_' and the queue '{re.escape(scratch)}\w+-q'$",
+              out, "what it dropped")
+        assert tables_under(scratch) == []
+        assert redis_keys(f"*{scratch}*") == []
+    finally:
+        drop_tables(scratch)
+        delete_redis_keys(f"*{scratch}*")

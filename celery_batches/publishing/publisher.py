@@ -33,6 +33,7 @@ from collections import Counter
 from kombu.exceptions import OperationalError
 
 from .. import kombujson, retry
+from ..ceding import pause
 from ..message import CONTINUATION_HEADER, HEADER, Message
 from ..models import RunStatus
 from ..settings import OWED_FLAG_LEASES, PUBLISH_DEFERRALS, PUBLISH_NESTING
@@ -228,6 +229,7 @@ class Publisher:
                     self.sender.session(producer, len(messages)) as session:
                 for m in messages:
                     self._send_one(m, session)
+                    pause()  # an event loop waiting on this thread gets the GIL now and then (ceding.py)
                 failed = set(session.flush())  # the messages the broker answered with an error
         except Exception as exc:
             # a buffered session sent nothing (kombu discards an unflushed batch); an unbuffered one

@@ -14,6 +14,7 @@ from typing import Iterable
 import sqlalchemy as sa
 
 from ..builder import BatchPlan
+from ..ceding import pause
 from ..message import Message
 from ..errors import BatchClosedError
 from ..models import BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
@@ -154,6 +155,7 @@ class Trees:
             with cursor.copy(f"COPY {sql_name(conn.dialect, r)} ({', '.join(self._RUN_COLUMNS)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
+                    pause()  # an event loop waiting on this thread gets the GIL now and then (ceding.py)
         else:
             while chunk := list(itertools.islice(rows, 1000)):
                 conn.execute(sa.insert(r), [dict(zip(self._RUN_COLUMNS, row, strict=True)) for row in chunk])
