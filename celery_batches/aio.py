@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, TypeVa
 
 from .builder import BatchBuilder, BatchPlan, TaskRef
 from .ceding import ceding, pause
-from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
+from .errors import BatchClosedError, BatchNotFoundError
 from .message import Message
-from .models import Batch, BatchStatus, canonical_id
+from .models import Batch, BatchStatus, valid_batch_id
 from .settings import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class AsyncBatches:
         """``async with batches.areopen(batch_id) as b``: :meth:`reopen` for a coroutine (the checks
         and the write in a worker thread). ``BatchNotFoundError``, ``BatchClosedError`` as there."""
         _no_connection(connection, "areopen")
-        batch_id = _batch_id(batch_id)
+        batch_id = valid_batch_id(batch_id)
         batch = await self.aget_batch(batch_id)
         if batch is None:
             raise BatchNotFoundError(batch_id)
@@ -240,7 +240,7 @@ class AsyncBatches:
         """:meth:`wait` for a coroutine: reads in a worker thread, sleeps ``wait_interval`` with
         ``asyncio.sleep`` between reads; ``TimeoutError`` after ``timeout`` seconds,
         ``BatchNotFoundError`` for an unknown id."""
-        batch_id = _batch_id(batch_id)
+        batch_id = valid_batch_id(batch_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -249,14 +249,14 @@ class AsyncBatches:
                 raise BatchNotFoundError(batch_id)
             if batch.is_finished:
                 return batch
-            pause = self.settings.wait_interval
+            interval = self.settings.wait_interval
             if deadline is not None:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError(f"batch {batch_id} is still {batch.status.name} after {timeout}s "
                                        f"({batch.pending_jobs} of {batch.total_jobs} unit(s) pending)")
-                pause = min(pause, left)
-            await asyncio.sleep(pause)
+                interval = min(interval, left)
+            await asyncio.sleep(interval)
 
     async def aget_batch(self, batch_id: str) -> Batch | None:
         """:meth:`get_batch`, read in a worker thread."""
@@ -279,9 +279,3 @@ class AsyncBatches:
         _no_connection(connection, "aretry_failed")
         return await _settled(self.retry_failed, batch_id)
 
-
-def _batch_id(value: object) -> str:
-    found = canonical_id(value)
-    if found is None:
-        raise InvalidBatchError(f"{value!r} is not a batch id (a UUID)")
-    return found

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .errors import InvalidBatchError
+
 __all__ = ["Batch", "BatchStatus", "JobRun", "RunStatus", "Continuation", "ContinuationStatus", "WHEN_MATCHES",
-           "batch_progress", "canonical_id"]
+           "batch_progress", "canonical_id", "valid_batch_id"]
 
 
 def batch_progress(total: int, pending: int, finished: bool) -> float:
@@ -52,6 +54,15 @@ def canonical_id(value: object) -> str | None:
         return str(uuid.UUID(str(value)))
     except ValueError:
         return None
+
+
+def valid_batch_id(value: object) -> str:
+    """A batch id given to the API, in its stored spelling: anything but a UUID is the caller's
+    mistake (``InvalidBatchError``), not an unknown batch."""
+    found = canonical_id(value)
+    if found is None:
+        raise InvalidBatchError(f"{value!r} is not a batch id (a UUID)")
+    return found
 
 
 class RunStatus(enum.IntEnum):

@@ -6,6 +6,7 @@ job or thing, before anything is written to the registry or published to the bro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -433,12 +434,21 @@ def labels(batch) -> dict:
             "max_concurrency": batch.max_concurrency, "results": batch.results}
 
 
-@pytest.mark.parametrize("how", ["batch", "create_batch", "continue_batch_with"])
+@pytest.mark.parametrize("how", ["batch", "create_batch", "continue_batch_with", "abatch", "acreate_batch"])
 def test_every_way_of_creating_a_batch_takes_every_batch_option(sqlite_registry, tasks, how):
     def configure(b):
         b.enqueue(tasks.validate, 1)
 
-    if how == "batch":
+    async def abatch() -> str:
+        async with sqlite_registry.abatch("orders", **EVERY_OPTION) as b:
+            configure(b)
+        return b.id
+
+    if how == "abatch":
+        batch_id = asyncio.run(abatch())
+    elif how == "acreate_batch":
+        batch_id = asyncio.run(sqlite_registry.acreate_batch("orders", configure, **EVERY_OPTION))
+    elif how == "batch":
         with sqlite_registry.batch("orders", **EVERY_OPTION) as b:
             configure(b)
         batch_id = b.id
