@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, TypeVa
 
 from .builder import BatchBuilder, BatchPlan, TaskRef
 from .ceding import ceding, pause
-from .errors import BatchClosedError, BatchNotFoundError
+from .errors import BatchNotFoundError
 from .message import Message
 from .models import Batch, BatchStatus, valid_batch_id
 from .settings import PAGE_SIZE
@@ -210,13 +210,7 @@ class AsyncBatches:
         and the write in a worker thread). ``BatchNotFoundError``, ``BatchClosedError`` as there."""
         _no_connection(connection, "areopen")
         batch_id = valid_batch_id(batch_id)
-        batch = await self.aget_batch(batch_id)
-        if batch is None:
-            raise BatchNotFoundError(batch_id)
-        if batch.is_finished:
-            raise BatchClosedError(batch_id, batch.status)
-        builder = AsyncBatchBuilder(self.app, batch.name, created_by=batch.created_by, batch_id=batch_id,
-                                    results=batch.results)
+        builder = AsyncBatchBuilder.reopening(self.app, batch_id, await self.aget_batch(batch_id))
         with self._building(builder):
             yield builder
         plan = builder.seal()

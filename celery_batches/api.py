@@ -19,7 +19,7 @@ from .publishing.aftercommit import joined, on_commit
 from .publishing.probe import probe_for
 from .aio import AsyncBatches
 from .builder import BatchBuilder, validate_properties
-from .errors import BatchClosedError, BatchNotFoundError, InvalidBatchError
+from .errors import BatchNotFoundError, InvalidBatchError
 from .models import WHEN_MATCHES, Batch, BatchStatus, Continuation, JobResult, JobRun, valid_batch_id
 from .message import CONTINUATION_HEADER, HEADER
 from .publishing.publisher import Publisher
@@ -171,12 +171,7 @@ class Batches(AsyncBatches):
         batch_id = valid_batch_id(batch_id)
         with joined(connection, self.engine) as caller:
             batch = reads.get_batch(self.transitions, batch_id, conn=caller)
-        if batch is None:
-            raise BatchNotFoundError(batch_id)
-        if batch.is_finished:
-            raise BatchClosedError(batch_id, batch.status)
-        builder = BatchBuilder(self.app, batch.name, created_by=batch.created_by, batch_id=batch_id,
-                               results=batch.results)
+        builder = BatchBuilder.reopening(self.app, batch_id, batch)
         with self._building(builder):
             yield builder
         plan = builder.seal()

@@ -11,20 +11,22 @@ import uuid
 from datetime import datetime
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Self
 
 from celery import Task
 from celery.canvas import Signature
 from kombu import serialization
 
 from . import kombujson
-from .errors import BatchError, InvalidBatchError
+from .errors import BatchClosedError, BatchError, BatchNotFoundError, InvalidBatchError
 from .message import RESULTS_HEADER, Message
 from .models import ContinuationKind
 from .settings import MAX_DESCRIPTION, MAX_NAME, MAX_TAG
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from .models import Batch
 
 __all__ = ["BatchBuilder", "TaskRef"]
 
@@ -145,6 +147,16 @@ class BatchBuilder:
         self._units = 0  # units (jobs and nested batches) added so far: a nested batch's place
         self._closed = False
         self._open_children = 0
+
+    @classmethod
+    def reopening(cls, app: "Celery", batch_id: str, batch: "Batch | None") -> Self:
+        """The builder that adds to ``batch`` (as read under ``batch_id``): ``BatchNotFoundError`` if
+        there is none, ``BatchClosedError`` if it is finished or cancelled."""
+        if batch is None:
+            raise BatchNotFoundError(batch_id)
+        if batch.is_finished:
+            raise BatchClosedError(batch_id, batch.status)
+        return cls(app, batch.name, created_by=batch.created_by, batch_id=batch_id, results=batch.results)
 
     @property
     def id(self) -> str:
