@@ -18,10 +18,10 @@ import click
 
 from ..api import Batches
 
-__all__ = ["dashboard_main", "dashboard_options", "find_batches", "load", "serve_dashboard"]
+__all__ = ["DASHBOARD_HOST", "DASHBOARD_PORT", "dashboard_main", "dashboard_options", "find_batches", "load", "serve_dashboard"]
 
 DASHBOARD_HOST = "127.0.0.1"  # the dashboard listens on this machine only unless told otherwise
-DASHBOARD_PORT = 5555
+DASHBOARD_PORT = 5580  # not Flower's 5555: both run side by side with their defaults (docs/dashboard.md)
 DASHBOARD_AUTH_ENV = "CELERY_BATCHES_DASHBOARD_AUTH"  # USER:PASSWORD, kept off the command line
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
