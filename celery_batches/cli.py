@@ -115,7 +115,10 @@ def migrate(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: str | None, tag: str | None,
           limit: int, offset: int, as_json: bool) -> None:
-    """List batches, newest first (top-level unless --parent; an unknown --parent exits 3)."""
+    """List batches, newest first.
+
+    Top-level batches, or the children of --parent (an unknown one exits 3).
+    """
     service = _service(ctx)
     if parent_id is not None:
         parent_id = _get(service, parent_id, "--parent").id
@@ -136,7 +139,10 @@ def list_(ctx: click.Context, status: str | None, name: str | None, parent_id: s
 @json_option
 @click.pass_context
 def show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
-    """Show a batch: counters, the nested tree, continuations (exit 0 whatever its status)."""
+    """Show a batch: counters, the nested tree, continuations.
+
+    Exit 0 whatever its status (wait reports the outcome).
+    """
     service = _service(ctx)
     detail = pages.batch_detail(service.transitions, _batch_id(batch_id, "BATCH_ID"), tree_limit=SHOW_TREE_LIMIT)
     if detail is None:
@@ -182,7 +188,10 @@ def show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def jobs(ctx: click.Context, batch_id: str, status: str | None, limit: int, offset: int, as_json: bool) -> None:
-    """List a batch's direct jobs in enqueue order (the jobs of GET /api/batches/<id>/jobs)."""
+    """List a batch's direct jobs in enqueue order.
+
+    The jobs of GET /api/batches/<id>/jobs; --offset skips that many matching jobs.
+    """
     service = _service(ctx)
     batch = _get(service, batch_id)
     rows = pages.job_rows(service.transitions, batch.id, status=RunStatus[status.upper()] if status else None,
@@ -257,16 +266,18 @@ def wait(ctx: click.Context, batch_id: str, timeout: float | None, interval: flo
 @json_option
 @click.pass_context
 def cancel(ctx: click.Context, batch_id: str, as_json: bool) -> None:
-    """Cancel a batch and its whole subtree (a batch that had already finished: nothing to do, exit 0)."""
+    """Cancel a batch and its whole subtree.
+
+    A batch that had already finished has nothing to cancel: exit 0 all the same.
+    """
     service = _service(ctx)
     batch_id = _get(service, batch_id).id
     runs = service.cancel_batch(batch_id)
-    after = service.get_batch(batch_id)
-    status = after.status if after is not None else None
     if as_json:
-        _echo_json(serialize.cancel_json(batch_id, runs, status))
+        after = service.get_batch(batch_id)
+        _echo_json(serialize.cancel_json(batch_id, runs, after.status if after is not None else None))
     else:
-        click.echo(f"cancelled {runs} run(s); the batch is {status.name if status is not None else 'gone'}")
+        click.echo(f"cancelled {runs} run(s)")
 
 
 @batches.command()
@@ -274,19 +285,21 @@ def cancel(ctx: click.Context, batch_id: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def retry(ctx: click.Context, batch_id: str, as_json: bool) -> None:
-    """Publish the failed jobs of a batch and its subtree again (exit 1 if the batch was cancelled)."""
+    """Publish the failed jobs of a batch and its subtree again.
+
+    Exit 1 if the batch (or one above it) was cancelled.
+    """
     service = _service(ctx)
     batch_id = _get(service, batch_id).id
     try:
         runs = service.retry_failed(batch_id)
     except BatchClosedError:
         raise Refused(f"batch {batch_id} (or one above it) was cancelled: its failed jobs are not retried") from None
-    after = service.get_batch(batch_id)
-    status = after.status if after is not None else None
     if as_json:
-        _echo_json(serialize.retry_json(batch_id, runs, status))
+        after = service.get_batch(batch_id)
+        _echo_json(serialize.retry_json(batch_id, runs, after.status if after is not None else None))
     else:
-        click.echo(f"retried {runs} run(s); the batch is {status.name if status is not None else 'gone'}")
+        click.echo(f"retried {runs} run(s)")
 
 
 @batches.command()
