@@ -136,10 +136,15 @@ def test_both_dashboard_launchers_take_the_documented_options(proj):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CELERY_BATCHES_DASHBOARD_AUTH="no-colon")
     refused = subprocess.run([sys.executable, "-m", "celery_batches.dashboard", "--app", "tests.proj", "--port", "0"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1 and "--basic-auth must be USER:PASSWORD" in refused.stderr
+    assert refused.returncode == EXIT_USAGE and "must be USER:PASSWORD" in refused.stderr
+    assert "no-colon" not in refused.stderr  # the value is not echoed
     refused = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.proj", "batches", "dashboard", "--port",
                               "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1 and "--basic-auth must be USER:PASSWORD" in refused.stderr
+    assert refused.returncode == EXIT_USAGE and "must be USER:PASSWORD" in refused.stderr
+    nothing = subprocess.run([sys.executable, "-m", "celery_batches.dashboard"], cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                             capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == EXIT_USAGE and "give --app" in nothing.stderr
 
 
 @needs("postgres", "redis", "worker")
