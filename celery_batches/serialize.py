@@ -1,7 +1,9 @@
 """The JSON shapes of batches, jobs and continuations, and the one date format for people.
 
-``celery -A proj batches list|show --json`` and the dashboard's JSON API (``/api/batches…``, see
+``celery -A proj batches list|show|jobs --json`` and the dashboard's JSON API (``/api/batches…``, see
 docs/dashboard.md) print exactly these dictionaries; the dashboard adds only its ``url`` links.
+The outcomes of the other commands (``migrate``, ``wait``, ``cancel``, ``retry``, ``purge``) are the
+small objects at the end; ``cancel`` and ``retry`` have the keys of the dashboard's POST answers.
 Every value is plain JSON already: times are ISO 8601 strings in UTC, statuses their names, the
 stored (kombu) JSON of arguments is decoded.
 """
@@ -18,15 +20,20 @@ from .store.pagerows import BatchDetail, BatchRef, BatchRow, ContinuationRow, Co
 __all__ = [
     "PROGRESS_DIGITS",
     "batch_json",
+    "cancel_json",
     "continuation_json",
     "counts_json",
     "detail_json",
     "iso",
     "job_json",
+    "migrate_json",
+    "purge_json",
     "ref_json",
     "results_json",
+    "retry_json",
     "stored_json",
     "tree_entry_json",
+    "wait_json",
     "when",
 ]
 
@@ -141,3 +148,32 @@ def detail_json(d: BatchDetail) -> dict[str, Any]:
         "tree_truncated": d.tree_truncated,
         "continuations": [continuation_json(c) for c in d.continuations],
     }
+
+
+# -- the outcomes of the command line's actions ----------------------------------------------------
+
+def migrate_json(database: str, revision: str) -> dict[str, Any]:
+    """``migrate``: the registry (its URL without the password) and the schema revision it is at."""
+    return {"database": database, "revision": revision}
+
+
+def wait_json(row: BatchRow, *, timed_out: bool) -> dict[str, Any]:
+    """``wait``: the batch as it was last read, and whether the wait gave up before it finished."""
+    return {"batch": batch_json(row), "timed_out": timed_out}
+
+
+def cancel_json(batch_id: str, cancelled_runs: int, batch_status: BatchStatus | None) -> dict[str, Any]:
+    """``cancel``: the runs it cancelled (0 for a batch that had already finished) and the batch's status after."""
+    return {"batch_id": batch_id, "cancelled_runs": cancelled_runs,
+            "batch_status": batch_status.name if batch_status is not None else None}
+
+
+def retry_json(batch_id: str, retried_runs: int, batch_status: BatchStatus | None) -> dict[str, Any]:
+    """``retry``: the failed runs it published again and the batch's status after."""
+    return {"batch_id": batch_id, "retried_runs": retried_runs,
+            "batch_status": batch_status.name if batch_status is not None else None}
+
+
+def purge_json(deleted_batches: int) -> dict[str, Any]:
+    """``purge``: how many batches it deleted (the expired top-level ones and every batch of their trees)."""
+    return {"deleted_batches": deleted_batches}

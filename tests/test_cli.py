@@ -1,16 +1,39 @@
-"""`celery -A tests.proj batches …` driven as a real command in a subprocess."""
+"""`celery -A tests.proj batches …` driven as a real command in a subprocess, and in-process through
+click's CliRunner where a test checks outputs and exit codes rather than Celery's command line."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 import uuid
+from contextlib import nullcontext
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
+import sqlalchemy as sa
 
 from celery_batches import BatchStatus
+from celery_batches.cli import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
 from tests.helpers import ROOT, celery, eventually, needs
+
+
+def run(proj: Any, *args: str) -> Any:
+    """``celery -A tests.proj batches <args>`` in this process (click's CliRunner): a Result with
+    ``exit_code``, ``stdout`` and ``stderr``."""
+    from celery.bin.base import CLIContext
+    from click.testing import CliRunner
+
+    from celery_batches.cli import batches
+
+    return CliRunner().invoke(batches, list(args), obj=CLIContext(app=proj.app, no_color=True, workdir=None))
+
+
+def as_json(result: Any, code: int = EXIT_OK) -> Any:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    return json.loads(result.stdout)
 
 
 def test_refuses_without_an_app():
@@ -113,10 +136,15 @@ def test_both_dashboard_launchers_take_the_documented_options(proj):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CELERY_BATCHES_DASHBOARD_AUTH="no-colon")
     refused = subprocess.run([sys.executable, "-m", "celery_batches.dashboard", "--app", "tests.proj", "--port", "0"],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1 and "--basic-auth must be USER:PASSWORD" in refused.stderr
+    assert refused.returncode == EXIT_USAGE and "must be USER:PASSWORD" in refused.stderr
+    assert "no-colon" not in refused.stderr  # the value is not echoed
     refused = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.proj", "batches", "dashboard", "--port",
                               "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1 and "--basic-auth must be USER:PASSWORD" in refused.stderr
+    assert refused.returncode == EXIT_USAGE and "must be USER:PASSWORD" in refused.stderr
+    nothing = subprocess.run([sys.executable, "-m", "celery_batches.dashboard"], cwd=ROOT,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                             capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == EXIT_USAGE and "give --app" in nothing.stderr
 
 
 @needs("postgres", "redis", "worker")
@@ -131,9 +159,10 @@ def test_wait_exit_status(proj, worker):
     assert done.returncode == 0 and "COMPLETED" in done.stdout
     failed = celery("wait", bad.id, "--timeout", "60")
     assert failed.returncode == 1 and "FAILED" in failed.stdout
-    assert celery("wait", stuck.id, "--timeout", "1").returncode == 2
-    assert celery("wait", str(uuid.uuid4())).returncode == 1  # unknown batch: an error
-    assert celery("wait", "not-a-uuid").returncode == 2  # malformed id: a usage error
+    assert celery("wait", stuck.id, "--timeout", "1").returncode == EXIT_TIMEOUT == 4
+    unknown = celery("wait", str(uuid.uuid4()))
+    assert unknown.returncode == EXIT_NOT_FOUND == 3 and "no batch with id" in unknown.stderr
+    assert celery("wait", "not-a-uuid").returncode == EXIT_USAGE == 2  # malformed id: a usage error
     proj.batches.cancel_batch(stuck.id)
 
 
@@ -175,3 +204,116 @@ def test_dashboard_command_serves_the_dashboard(proj, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@needs("postgres", "redis", "worker")
+def test_every_command_prints_json_and_exits_with_its_documented_code(proj, worker, nowhere):
+    """0 done / COMPLETED, 1 FAILED or CANCELLED, 2 usage, 3 no such batch, 4 timeout; --json on
+    every command; `jobs` prints the jobs of GET /api/batches/<id>/jobs."""
+    from werkzeug.test import Client
+
+    from celery_batches.dashboard import create_app
+    from celery_batches.store.migrate import head_revision
+
+    name = f"cli-codes-{uuid.uuid4().hex[:8]}"
+    with proj.batches.batch(f"{name}-ok") as ok:
+        ok.enqueue(proj.add, 1, 2)
+    with proj.batches.batch(f"{name}-bad") as bad:
+        bad.enqueue(proj.add, 2, 2)
+        bad.enqueue(proj.fail, message="first line\nsecond line")
+        bad.enqueue(proj.add, 3, 3)
+        bad.enqueue(proj.fail)
+    with proj.batches.batch(f"{name}-stuck") as stuck:
+        stuck.enqueue(proj.noop.s().set(queue=nowhere))
+    proj.batches.wait(ok.id, timeout=60)
+    proj.batches.wait(bad.id, timeout=60)
+
+    assert as_json(run(proj, "migrate", "--json")) == {
+        "database": proj.batches.engine.url.render_as_string(hide_password=True), "revision": head_revision()}
+    assert [x["id"] for x in as_json(run(proj, "list", "--name", name, "--json"))] == [stuck.id, bad.id, ok.id]
+    assert as_json(run(proj, "show", bad.id, "--json"))["batch"]["status"] == "FAILED"  # show: 0 whatever the status
+
+    done = as_json(run(proj, "wait", ok.id, "--json"))
+    assert done["batch"]["status"] == "COMPLETED" and done["timed_out"] is False and done["batch"]["id"] == ok.id
+    failed = as_json(run(proj, "wait", bad.id, "--json"), EXIT_FAILED)
+    assert failed["batch"]["status"] == "FAILED" and failed["batch"]["failed_jobs"] == 2
+    late = as_json(run(proj, "wait", stuck.id, "--timeout", "0.1", "--interval", "0.05", "--json"), EXIT_TIMEOUT)
+    assert late["batch"]["status"] == "STARTED" and late["timed_out"] is True
+    assert "STARTED" in run(proj, "wait", stuck.id, "--timeout", "0").stdout
+
+    # jobs: enqueue order, --status in any case, --limit/--offset, the API's shape
+    client = Client(create_app(proj.batches))
+    api = client.get(f"/api/batches/{bad.id}/jobs?status=failed", environ_base={"REMOTE_ADDR": "127.0.0.1"})
+    assert api.status_code == 200
+    listed = as_json(run(proj, "jobs", bad.id, "--status", "failed", "--json"))
+    assert listed == api.get_json()["jobs"] and [j["position"] for j in listed] == [1, 3]
+    assert as_json(run(proj, "jobs", bad.id, "--status", "FAILED", "--json")) == listed
+    every = as_json(run(proj, "jobs", bad.id, "--json"))
+    assert [(j["task_name"], j["status"]) for j in every] == [
+        ("tests.proj.add", "COMPLETED"), ("tests.proj.fail", "FAILED"), ("tests.proj.add", "COMPLETED"),
+        ("tests.proj.fail", "FAILED")]
+    assert as_json(run(proj, "jobs", bad.id, "--limit", "2", "--offset", "1", "--json")) == every[1:3]
+    assert as_json(run(proj, "jobs", bad.id, "--status", "failed", "--offset", "1", "--json")) == listed[1:]
+    assert as_json(run(proj, "jobs", bad.id, "--status", "cancelled", "--json")) == []
+    table = run(proj, "jobs", bad.id, "--status", "failed")
+    assert table.exit_code == EXIT_OK and table.stdout.count("\n") == 3  # a header and two jobs
+    first_line = listed[0]["error"].strip().splitlines()[0]
+    assert listed[0]["id"] in table.stdout and first_line[:40] in table.stdout and "second line" not in table.stdout
+
+    # cancel: 0, also for a batch that had already finished; a cancelled batch's wait: 1; its retry refused: 1
+    assert as_json(run(proj, "cancel", stuck.id, "--json")) == {
+        "batch_id": stuck.id, "cancelled_runs": 1, "batch_status": "CANCELLED"}
+    assert as_json(run(proj, "cancel", stuck.id, "--json")) == {
+        "batch_id": stuck.id, "cancelled_runs": 0, "batch_status": "CANCELLED"}
+    assert as_json(run(proj, "wait", stuck.id, "--json"), EXIT_FAILED)["batch"]["status"] == "CANCELLED"
+    refused = run(proj, "retry", stuck.id, "--json")
+    assert refused.exit_code == EXIT_FAILED and "was cancelled" in refused.stderr and refused.stdout == ""
+    retried = as_json(run(proj, "retry", bad.id, "--json"))  # re-opened, and the worker may fail them again at once
+    assert retried.pop("batch_status") in ("STARTED", "FAILED") and retried == {"batch_id": bad.id, "retried_runs": 2}
+    assert set(as_json(run(proj, "purge", "--json"))) == {"deleted_batches"}
+
+    # 3: no such batch, for every command that takes one
+    unknown = str(uuid.uuid4())
+    for args in (["show", unknown], ["wait", unknown], ["cancel", unknown], ["retry", unknown], ["jobs", unknown],
+                 ["list", "--parent", unknown], ["show", unknown, "--json"], ["jobs", unknown, "--json"]):
+        out = run(proj, *args)
+        assert out.exit_code == EXIT_NOT_FOUND and f"no batch with id {unknown}" in out.stderr, args
+        assert out.stdout == "", args
+    # 2: usage errors (click's own code)
+    for args in (["show", "not-a-uuid"], ["wait", "not-a-uuid"], ["cancel", "nope"], ["retry", "nope"],
+                 ["jobs", "nope"], ["jobs", ok.id, "--status", "sleeping"], ["jobs", ok.id, "--limit", "-1"],
+                 ["wait", ok.id, "--timeout", "-1"], ["wait", ok.id, "--interval", "0"], ["list", "--status", "x"],
+                 ["list", "--parent", "nope"], ["purge", "--force"], ["show"], ["no-such-command"]):
+        assert run(proj, *args).exit_code == EXIT_USAGE, args
+    proj.batches.wait(bad.id, timeout=60)
+
+
+@needs("postgres", "redis")
+def test_wait_says_when_the_batch_was_purged_while_it_waited(proj, nowhere):
+    """`wait` on an unfinished batch that purge deletes meanwhile: a message and exit 3, not a crash.
+    The batch is made expired and purged in one transaction (the registry's purge, on that
+    transaction's connection), so `wait` reads it either unfinished or gone, never finished."""
+    name = f"cli-purged-{uuid.uuid4().hex[:8]}"
+    with proj.batches.batch(name) as b:
+        b.enqueue(proj.noop.s().set(queue=nowhere))
+        with b.batch(f"{name}-inner") as inner:
+            inner.enqueue(proj.noop.s().set(queue=nowhere))
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.proj", "batches", "wait", b.id,
+                             "--interval", "0.1"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline().strip() == name  # the progress bar's label: it is in its loop
+        trees, tables = copy.copy(proj.batches.trees), proj.batches.transitions.tables
+        with proj.batches.engine.begin() as conn:
+            trees.engine = type("OneConnection", (), {"begin": lambda self: nullcontext(conn)})()
+            past = datetime.now(timezone.utc) - timedelta(days=1)
+            conn.execute(sa.update(tables.batches).where(tables.batches.c.id == b.id)
+                         .values(status=int(BatchStatus.COMPLETED), expires_at=past))
+            assert trees.purge_expired(datetime.now(timezone.utc)) >= 2  # the batch and its nested batch
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == EXIT_NOT_FOUND, (out, err)
+    assert f"batch {b.id} no longer exists: it was purged while waiting" in err and "Traceback" not in err
+    assert proj.batches.get_batch(b.id) is None and proj.batches.get_batch(inner.id) is None

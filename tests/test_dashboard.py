@@ -379,7 +379,7 @@ def test_only_local_requests_by_default(proj):
     assert anyone.get("/api/batches", environ_base={"REMOTE_ADDR": "10.1.2.3"}).get_json()["status"] == 403
     assert anyone.get("/").status_code == 403  # no REMOTE_ADDR at all
     assert anyone.get("/", environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 200
-    assert anyone.get("/", environ_base={"REMOTE_ADDR": "::1"}, headers={"Host": "[::1]:5555"}).status_code == 200
+    assert anyone.get("/", environ_base={"REMOTE_ADDR": "::1"}, headers={"Host": "[::1]:5580"}).status_code == 200
     other_loopback = {"REMOTE_ADDR": "127.0.0.2"}
     assert anyone.get("/", environ_base=other_loopback, headers={"Host": "127.0.0.1:80"}).status_code == 200
     # a local reverse proxy forwarding someone else, and DNS rebinding (a foreign Host on loopback)

@@ -1,4 +1,4 @@
-"""``python -m celery_batches.dashboard --app proj.celery [--host 127.0.0.1] [--port 5555]``.
+"""``python -m celery_batches.dashboard --app proj.celery [--host 127.0.0.1] [--port 5580]``.
 
 ``--app`` names the Celery app like ``celery -A`` does: ``module``, ``module:attr`` or
 ``module.attr``. The Batches instance is the one created for that app (``Batches.for_app``); name it

@@ -18,10 +18,10 @@ import click
 
 from ..api import Batches
 
-__all__ = ["dashboard_main", "dashboard_options", "find_batches", "load", "serve_dashboard"]
+__all__ = ["DASHBOARD_HOST", "DASHBOARD_PORT", "dashboard_main", "dashboard_options", "find_batches", "load", "serve_dashboard"]
 
 DASHBOARD_HOST = "127.0.0.1"  # the dashboard listens on this machine only unless told otherwise
-DASHBOARD_PORT = 5555
+DASHBOARD_PORT = 5580  # not Flower's 5555: both run side by side with their defaults (docs/dashboard.md)
 DASHBOARD_AUTH_ENV = "CELERY_BATCHES_DASHBOARD_AUTH"  # USER:PASSWORD, kept off the command line
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -33,11 +33,21 @@ def dashboard_options(command: Callable) -> Callable:
         click.option("--port", default=DASHBOARD_PORT, show_default=True, type=int),
         click.option("--prefix", default="", help="serve under this path prefix, e.g. /batches"),
         click.option("--read-only", is_flag=True, help="hide and refuse the Cancel action"),
-        click.option("--basic-auth", metavar="USER:PASSWORD", envvar=DASHBOARD_AUTH_ENV,
+        click.option("--basic-auth", metavar="USER:PASSWORD", envvar=DASHBOARD_AUTH_ENV, callback=_credentials,
                      help=f"require HTTP basic auth (prefer the {DASHBOARD_AUTH_ENV} environment variable)"),
     ]):
         command = option(command)
     return command
+
+
+def _credentials(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--basic-auth`` (or its environment variable) is USER:PASSWORD, else a usage error (exit 2),
+    checked before anything is served; the value itself is never echoed."""
+    if value:
+        user, sep, password = value.partition(":")
+        if not (sep and user and password):
+            raise click.BadParameter(f"must be USER:PASSWORD (the option or {DASHBOARD_AUTH_ENV})")
+    return value
 
 
 def serve_dashboard(service: Batches, *, host: str, port: int, prefix: str, read_only: bool,
@@ -57,7 +67,13 @@ def dashboard_main(app_path: str | None, batches_path: str | None, **options: An
     """Serve the celery_batches dashboard (the options of `celery -A proj batches dashboard`)."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    serve_dashboard(find_batches(app_path, batches_path), **options)
+    try:
+        service = find_batches(app_path, batches_path)
+    except SystemExit as exc:  # no app or Batches where the options point: a usage error (exit 2)
+        if isinstance(exc.code, str):
+            raise click.UsageError(exc.code) from None
+        raise
+    serve_dashboard(service, **options)
 
 
 def load(path: str) -> Any:

@@ -53,8 +53,10 @@ __all__ = [
     "TreeEntry",
     "batch_detail",
     "batch_page",
+    "batch_row",
     "batch_rows",
     "job_page",
+    "job_rows",
 ]
 
 
@@ -78,6 +80,14 @@ def batch_rows(db: Db, *, status: BatchStatus | None = None, name: str | None = 
     b = db.tables.batches
     query = sa.select(b, _children(db).label("children"))
     return [_row(row) for row in batch_list_rows(db, query, status, name, parent_id, tag, limit, offset)]
+
+
+def batch_row(db: Db, batch_id: str) -> BatchRow | None:
+    """One batch with its links, as :func:`batch_rows` lists it; None for an unknown id."""
+    b = db.tables.batches
+    with db.engine.connect() as conn:
+        row = conn.execute(sa.select(b, _children(db).label("children")).where(b.c.id == batch_id)).first()
+    return None if row is None else _row(row)
 
 
 def batch_page(db: Db, *, status: BatchStatus | None = None, name: str | None = None,
@@ -275,16 +285,8 @@ def job_page(db: Db, batch_id: str, *, status: Sequence[RunStatus] | RunStatus |
     ``text_chars`` truncates args, kwargs, error and result in SQL (for list views of huge arguments).
     """
     r = db.tables.runs
-    filters = [r.c.batch_id == batch_id]
-    if status is not None:
-        wanted = [status] if isinstance(status, RunStatus) else list(status)
-        filters.append(r.c.status == int(wanted[0]) if len(wanted) == 1 else r.c.status.in_([int(s) for s in wanted]))
-
-    def text(column: sa.Column) -> sa.ColumnElement:
-        return (sa.func.substr(column, 1, text_chars) if text_chars else column).label(column.name)
-
-    cols = [r.c.id, r.c.position, r.c.status, r.c.task_name, text(r.c.args), text(r.c.kwargs), r.c.queue,
-            r.c.retries, r.c.created_at, r.c.started_at, r.c.finished_at, text(r.c.error), text(r.c.result)]
+    filters = _job_filters(r, batch_id, status)
+    cols = _job_columns(r, text_chars)
 
     def exists(condition: sa.ColumnElement) -> sa.Select:
         return sa.select(sa.exists(sa.select(r.c.id).where(*filters, condition)))
@@ -304,8 +306,37 @@ def job_page(db: Db, batch_id: str, *, status: Sequence[RunStatus] | RunStatus |
             has_next = len(rows) > limit
             rows = rows[:limit]
             has_previous = bool(start) and bool(conn.scalar(exists(r.c.position < start)))
-    jobs = [JobRow(row.id, row.position, RunStatus(row.status), row.task_name, row.args, row.kwargs, row.queue,
-                   row.retries, as_utc(row.created_at), as_utc(row.started_at), as_utc(row.finished_at), row.error,
-                   row.result)
-            for row in rows]
-    return JobPage(jobs, has_previous=has_previous, has_next=has_next)
+    return JobPage([_job_row(row) for row in rows], has_previous=has_previous, has_next=has_next)
+
+
+def job_rows(db: Db, batch_id: str, *, status: Sequence[RunStatus] | RunStatus | None = None,
+             limit: int = JOBS_PAGE_SIZE, offset: int = 0, text_chars: int | None = None) -> list[JobRow]:
+    """:func:`job_page`'s jobs by offset (``celery batches jobs``): the ``offset``-th matching job on,
+    in enqueue order. The database skips ``offset`` index entries, so deep offsets cost in proportion."""
+    r = db.tables.runs
+    q = (sa.select(*_job_columns(r, text_chars)).where(*_job_filters(r, batch_id, status))
+         .order_by(r.c.position).limit(limit).offset(offset))
+    with db.engine.connect() as conn:
+        return [_job_row(row) for row in conn.execute(q)]
+
+
+def _job_filters(r: sa.Table, batch_id: str, status: Sequence[RunStatus] | RunStatus | None) -> list:
+    filters = [r.c.batch_id == batch_id]
+    if status is not None:
+        wanted = [status] if isinstance(status, RunStatus) else list(status)
+        filters.append(r.c.status == int(wanted[0]) if len(wanted) == 1 else r.c.status.in_([int(s) for s in wanted]))
+    return filters
+
+
+def _job_columns(r: sa.Table, text_chars: int | None) -> list:
+    def text(column: sa.Column) -> sa.ColumnElement:
+        return (sa.func.substr(column, 1, text_chars) if text_chars else column).label(column.name)
+
+    return [r.c.id, r.c.position, r.c.status, r.c.task_name, text(r.c.args), text(r.c.kwargs), r.c.queue,
+            r.c.retries, r.c.created_at, r.c.started_at, r.c.finished_at, text(r.c.error), text(r.c.result)]
+
+
+def _job_row(row: sa.Row) -> JobRow:
+    return JobRow(row.id, row.position, RunStatus(row.status), row.task_name, row.args, row.kwargs, row.queue,
+                  row.retries, as_utc(row.created_at), as_utc(row.started_at), as_utc(row.finished_at), row.error,
+                  row.result)
