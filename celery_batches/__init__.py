@@ -9,7 +9,7 @@ the SQL. Below them, plain values every layer shares: ``models``, ``message``, `
 
 from .api import Batches, current_batch_id
 from .builder import BatchBuilder
-from .errors import BatchClosedError, BatchError, BatchNotFoundError, InvalidBatchError
+from .errors import BatchClosedError, BatchError, BatchNotFoundError, InvalidBatchError, RunNotFoundError
 from .models import Batch, BatchStatus, JobResult, JobRun, RunStatus
 from .worker.task import BatchTask
 
@@ -23,6 +23,7 @@ __all__ = [
     "BatchTask",
     "Batches",
     "InvalidBatchError",
+    "RunNotFoundError",
     "JobResult",
     "JobRun",
     "RunStatus",

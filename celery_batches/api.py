@@ -20,7 +20,7 @@ from .publishing.probe import probe_for
 from .aio import AsyncBatches
 from .builder import BatchBuilder, validate_properties
 from .errors import BatchNotFoundError, InvalidBatchError
-from .models import WHEN_MATCHES, Batch, BatchStatus, Continuation, JobResult, JobRun, valid_batch_id
+from .models import WHEN_MATCHES, Batch, BatchStatus, Continuation, JobResult, JobRun, canonical_id, valid_batch_id
 from .message import CONTINUATION_HEADER, HEADER
 from .publishing.publisher import Publisher
 from .settings import PAGE_SIZE, REVOKE_CHUNK, Settings
@@ -251,6 +251,34 @@ class Batches(AsyncBatches):
         self._commit(retry, connection, first=lambda: self._forget_outcomes(retried))
         return len(retried)
 
+    def retry_run(self, run_id: str, *, connection: Any = None) -> str:
+        """Publish one FAILED run again (same run id, a fresh retry budget), with the same effects as
+        :meth:`retry_failed` has on each run it retries: counters move back, its batch and the
+        ancestors that counted it as failed re-open (STARTED) and finish again later; a continuation
+        that fired never fires again, one that did not may fire on the new outcome. Its error and
+        traceback are cleared. Returns the run's batch id (to :meth:`wait` for).
+        ``RunNotFoundError`` for an unknown run, ``InvalidBatchError`` for a run that is not FAILED
+        (or an id that is not a UUID), ``BatchClosedError`` if its batch (or one above it) was
+        cancelled. ``connection``: as for :meth:`batch`."""
+        run_id = _valid_run_id(run_id)
+        found: list[str] = []
+
+        def retry(conn: Any) -> Publication:
+            batch_id, publication = self.commands.retry_run(conn, run_id, utcnow())
+            found[:] = [batch_id]
+            return publication
+
+        self._commit(retry, connection, first=lambda: self._forget_outcomes([run_id]))
+        return found[0]
+
+    def get_run(self, run_id: str) -> JobRun | None:
+        """One job run (with its traceback, if it failed), or None if no run has that id."""
+        try:
+            run_id = _valid_run_id(run_id)
+        except InvalidBatchError:
+            return None
+        return reads.get_run(self.transitions, run_id)
+
     def _forget_outcomes(self, run_ids: list[str]) -> None:
         """Drop what the app's result backend kept for these task ids (best effort: the reconciler
         also ignores an outcome dated before the run was put back)."""
@@ -387,3 +415,12 @@ class Batches(AsyncBatches):
 #: the keywords :meth:`Batches.batch` takes besides the name and the connection: what every other way
 #: of creating a batch accepts too
 _BATCH_OPTIONS = frozenset(inspect.signature(Batches.batch).parameters) - {"self", "name", "connection"}
+
+
+def _valid_run_id(value: object) -> str:
+    """A run id given to the API, in its stored spelling (a UUID, the Celery task id); anything else
+    is the caller's mistake (``InvalidBatchError``), not an unknown run."""
+    found = canonical_id(value)
+    if found is None:
+        raise InvalidBatchError(f"{value!r} is not a run id (a UUID)")
+    return found

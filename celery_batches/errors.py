@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BatchError", "BatchNotFoundError", "BatchClosedError", "InvalidBatchError"]
+__all__ = ["BatchError", "BatchNotFoundError", "BatchClosedError", "InvalidBatchError", "RunNotFoundError"]
 
 
 class BatchError(Exception):
@@ -15,6 +15,16 @@ class BatchNotFoundError(BatchError, LookupError):
     def __init__(self, batch_id: str) -> None:
         super().__init__(f"no batch with id {batch_id!r}")
         self.batch_id = batch_id
+
+
+class RunNotFoundError(BatchError, LookupError):
+    """No run (job) has the given id (:meth:`Batches.retry_run <celery_batches.Batches.retry_run>`).
+
+    A ``LookupError`` like :class:`BatchNotFoundError`, but not one: the id named a job, not a batch."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no job run with id {run_id!r}")
+        self.run_id = run_id
 
 
 class BatchClosedError(BatchError):

@@ -166,6 +166,7 @@ class JobRun:
     finished_at: datetime | None
     error: str | None
     retries: int
+    traceback: str | None = None  # a FAILED run's last attempt's (``traceback_max_chars``, its end kept)
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,11 @@ class Settings:
     """Largest return value, in bytes of its JSON, a ``results=True`` batch keeps for a job; a job
     returning more (or something JSON cannot hold) is recorded FAILED with the reason."""
 
+    traceback_max_chars: int = 20_000
+    """Characters of a failed run's traceback kept in the registry (``runs.traceback``, shown on the
+    dashboard's job page); a longer one keeps its end, where the raising frame and the exception are.
+    0: no traceback is kept (the run's one-line ``error`` always is)."""
+
     wait_interval: float = 0.2
     """Seconds between two registry reads in :meth:`Batches.wait`."""
 
@@ -181,6 +186,8 @@ class Settings:
             raise InvalidBatchError("node_timeout must be more than twice heartbeat_interval")
         if self.result_max_bytes < 1:
             raise InvalidBatchError("result_max_bytes must be >= 1")
+        if self.traceback_max_chars < 0:
+            raise InvalidBatchError("traceback_max_chars must be >= 0 (0 keeps no traceback)")
         if self.publish_lease <= 0 or self.publish_chunk < 1:
             raise InvalidBatchError("publish_lease must be > 0 and publish_chunk >= 1")
 

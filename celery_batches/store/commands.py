@@ -1,4 +1,4 @@
-"""What a user asks of a whole batch: cancel it, or retry its failed runs. Each is one transaction
+"""What a user asks of a whole batch: cancel it, or retry its failed runs (or one failed run). Each is one transaction
 under the batch's lineage locks (:mod:`.locks`), built on the state machine's transitions."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from ..errors import BatchClosedError
+from ..errors import BatchClosedError, InvalidBatchError, RunNotFoundError
 from ..models import BatchStatus, ContinuationStatus, RunStatus
 from .locks import lock_batch, lock_lineage
 from .queries import run_message_columns, subtree
@@ -37,24 +37,54 @@ class Commands:
         (STARTED), up through the ancestors that counted them as failed; continuations that did not
         fire (SKIPPED) of a re-opened batch wait again; what fired stays fired. One transaction,
         under the lineage's locks (as cancel)."""
-        lineage = lock_lineage(conn, self.tables.batches, batch_id)
-        if any(row.status == int(BatchStatus.CANCELLED) for row in lineage):
-            raise BatchClosedError(batch_id, BatchStatus.CANCELLED)
-        b, r, c = self.tables.batches, self.tables.runs, self.tables.continuations
+        lineage = self._open_lineage(conn, batch_id)
+        b, r = self.tables.batches, self.tables.runs
         tree = subtree(b, b.c.id == batch_id)
         rows = {row.id: row for row in lineage}
         rows.update({row.id: row for row in conn.execute(
             sa.select(b.c.id, b.c.parent_id, b.c.status).where(b.c.id.in_(sa.select(tree.c.id))))})
         open_batches = [i for i, row in rows.items() if row.status in (int(BatchStatus.STARTED), int(BatchStatus.FAILED))
                         and i not in {x.id for x in lineage[:-1]}]  # the subtree's, not the ancestors' own runs
-        failed = conn.execute(sa.select(sa.exists().where(r.c.batch_id.in_(open_batches),
-                                                          r.c.status == int(RunStatus.FAILED)))).scalar()
+        return self._retry(conn, now, rows, r.c.batch_id.in_(open_batches))
+
+    def retry_run(self, conn: sa.Connection, run_id: str, now: datetime) -> tuple[str, Publication]:
+        """One FAILED run back to PENDING, exactly as :meth:`retry_failed` puts back each of a
+        subtree's (same locks, counters, re-opening and continuations); returns its batch's id.
+        ``RunNotFoundError`` for no such run, ``InvalidBatchError`` for a run that is not FAILED,
+        ``BatchClosedError`` if its batch (or one above it) was cancelled."""
+        r = self.tables.runs
+        batch_id = conn.execute(sa.select(r.c.batch_id).where(r.c.id == run_id)).scalar()
+        if batch_id is None:
+            raise RunNotFoundError(run_id)
+        lineage = self._open_lineage(conn, str(batch_id))
+        status = conn.execute(sa.select(r.c.status).where(r.c.id == run_id)).scalar()  # as it is under the locks
+        if status is None:  # purged meanwhile
+            raise RunNotFoundError(run_id)
+        if status != int(RunStatus.FAILED):
+            raise InvalidBatchError(f"run {run_id} is {RunStatus(status).name}: only a FAILED run can be retried")
+        _, publication = self._retry(conn, now, {row.id: row for row in lineage}, r.c.id == run_id)
+        return str(batch_id), publication
+
+    def _open_lineage(self, conn: sa.Connection, batch_id: str) -> list[sa.Row]:
+        """The batch's lineage, locked (top first); ``BatchClosedError`` if any of it was cancelled."""
+        lineage = lock_lineage(conn, self.tables.batches, batch_id)
+        if any(row.status == int(BatchStatus.CANCELLED) for row in lineage):
+            raise BatchClosedError(batch_id, BatchStatus.CANCELLED)
+        return lineage
+
+    def _retry(self, conn: sa.Connection, now: datetime, rows: dict[str, sa.Row],
+               which: sa.ColumnElement[bool]) -> tuple[list[str], Publication]:
+        """The FAILED runs matching ``which`` back to PENDING (``rows``: their batches and every
+        ancestor, locked, with ``id``, ``parent_id`` and ``status``): the one implementation of
+        :meth:`retry_failed` and :meth:`retry_run`."""
+        b, r, c = self.tables.batches, self.tables.runs, self.tables.continuations
+        failed = conn.execute(sa.select(sa.exists().where(which, r.c.status == int(RunStatus.FAILED)))).scalar()
         tx = self.machine.tx(conn, now)
         if not failed:
             return [], tx.publication()
         runs = conn.execute(
-            sa.update(r).where(r.c.batch_id.in_(open_batches), r.c.status == int(RunStatus.FAILED))
-            .values(status=int(RunStatus.PENDING), published=False, publication_id=tx.lease(), error=None,
+            sa.update(r).where(which, r.c.status == int(RunStatus.FAILED))
+            .values(status=int(RunStatus.PENDING), published=False, publication_id=tx.lease(), error=None, traceback=None,
                     started_at=None, finished_at=None, node=None, claimed_at=None, retries=0,
                     result=None, reset_at=now, replaced=None)
             .returning(*run_message_columns(r))

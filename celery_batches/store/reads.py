@@ -18,7 +18,7 @@ from .results import unit_results
 from .rows import batch_from_row, continuation_from_row, run_from_row
 from .tables import Tables
 
-__all__ = ["Db", "batch_filters", "batch_list", "batch_status", "get_batch", "get_continuations",
+__all__ = ["Db", "batch_filters", "batch_list", "batch_status", "get_batch", "get_continuations", "get_run",
            "get_jobs", "batch_list_rows", "open_runs", "results"]
 
 
@@ -56,6 +56,14 @@ def get_jobs(db: Db, batch_id: str, *, limit: int | None = None, offset: int = 0
          .where(j.c.batch_id == batch_id).order_by(j.c.position).limit(limit).offset(offset))
     with db.engine.connect() as conn:
         return [run_from_row(row) for row in conn.execute(q)]
+
+
+def get_run(db: Db, run_id: str) -> JobRun | None:
+    """One run, or None."""
+    r = db.tables.runs
+    with db.engine.connect() as conn:
+        row = conn.execute(sa.select(r).where(r.c.id == run_id)).first()
+    return None if row is None else run_from_row(row)
 
 
 def get_continuations(db: Db, batch_id: str) -> list[Continuation]:

@@ -18,7 +18,7 @@ from ..models import (Batch, BatchStatus, Continuation, ContinuationKind, Contin
 from ..settings import ERROR_CHARS
 
 __all__ = ["Publication", "RunEvent", "as_utc", "error_text", "batch_from_row", "continuation_from_row", "continuation_message",
-           "from_epoch", "is_run_id", "run_from_row", "run_message", "storable_text", "utcnow"]
+           "from_epoch", "is_run_id", "run_from_row", "run_message", "storable_text", "traceback_text", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -54,6 +54,23 @@ def error_text(exc: object, prefix: str = "") -> str | None:
     if exc is None:
         return None
     return f"{prefix}{type(exc).__name__}: {exc}"[:ERROR_CHARS]
+
+
+#: what replaces the beginning of a traceback longer than ``traceback_max_chars``
+TRACEBACK_CUT = "[... the traceback's beginning was cut]\n"
+
+
+def traceback_text(einfo: object, max_chars: int) -> str | None:
+    """A failure's traceback (Celery's ``ExceptionInfo``, or its text) as a run keeps it: at most
+    ``max_chars`` characters, its end kept (the raising frame and the exception); None for none or 0."""
+    text = getattr(einfo, "traceback", einfo)
+    if not max_chars or not isinstance(text, str) or not text:
+        return None
+    if len(text) <= max_chars:
+        return text
+    if max_chars <= 2 * len(TRACEBACK_CUT):
+        return text[-max_chars:]
+    return TRACEBACK_CUT + text[-(max_chars - len(TRACEBACK_CUT)):]
 
 
 def is_run_id(value: object) -> bool:
@@ -97,6 +114,7 @@ class RunEvent:
     # RETRYING clears it: the retry is a new message, whoever holds it marks it
     result: str | None = None  # COMPLETED in a results=True batch: the return value's JSON
     continuation: bool = False  # FAILED only: ``run_id`` is a continuation's, whose message no worker can run
+    traceback: str | None = None  # FAILED only: the failed attempt's traceback, already cut to the setting
 
     def rank(self) -> tuple[int, int]:
         """Order of two progress events of one run: the later attempt, then RETRYING after RUNNING."""
@@ -132,6 +150,7 @@ def run_from_row(row: sa.Row) -> JobRun:
         kwargs=kombujson.loads(row.kwargs), queue=row.queue, status=RunStatus(row.status), order=row.position,
         created_at=as_utc(row.created_at), started_at=as_utc(row.started_at),
         finished_at=as_utc(row.finished_at), error=row.error, retries=row.retries,
+        traceback=getattr(row, "traceback", None),
     )
 
 

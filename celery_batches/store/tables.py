@@ -111,6 +111,8 @@ def build_tables(prefix: str) -> Tables:
         # "message": the replacement's message has the run's id; "canvas": a canvas reaches it later (no
         # message of the id is anywhere until then: the lost-message search waits)
         sa.Column("replaced", sa.String(16), nullable=True),
+        # a FAILED run's traceback (its last attempt's), at most ``traceback_max_chars``, its end kept
+        sa.Column("traceback", sa.Text, nullable=True),
         sa.Index(f"ix_{prefix}runs_batch", "batch_id", "position", unique=True),
         # a batch's jobs in a rare status, in enqueue order (the dashboard's "failed only" of a huge
         # batch); only those statuses: every job's insert, claim and completion add no entry (one of

@@ -111,14 +111,14 @@ class Transitions:
         WHERE r.id = v.id AND r.status < {completed}
           AND (r.retries < v.retries OR (r.retries = v.retries AND r.status <= {running}))"""
     _PG_FINAL = """
-        UPDATE {runs} AS r SET status = v.status, finished_at = v.at, error = v.error,
+        UPDATE {runs} AS r SET status = v.status, finished_at = v.at, error = v.error, traceback = v.traceback,
                result = CASE WHEN v.result IS NOT NULL
                              THEN (SELECT v.result FROM {batches} AS b WHERE b.id = r.batch_id AND b.results) END,
                started_at = coalesce(r.started_at, v.started), retries = greatest(r.retries, v.retries)
         FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS smallint[]), CAST(:retries AS integer[]),
                     CAST(:ats AS timestamptz[]), CAST(:starts AS timestamptz[]), CAST(:errors AS text[]),
-                    CAST(:results AS text[]))
-             AS v(id, status, retries, at, started, error, result)
+                    CAST(:results AS text[]), CAST(:tracebacks AS text[]))
+             AS v(id, status, retries, at, started, error, result, traceback)
         WHERE r.id = v.id AND r.status < {completed}
         RETURNING r.batch_id, r.status, (SELECT b.max_concurrency FROM {batches} AS b WHERE b.id = r.batch_id)"""
 
@@ -148,7 +148,7 @@ class Transitions:
             "ids": [e.run_id for e in final], "statuses": [int(e.status) for e in final],
             "retries": [e.retries for e in final], "ats": [from_epoch(e.at) for e in final],
             "starts": [from_epoch(e.started) for e in final], "errors": [storable_text(e.error) for e in final],
-            "results": [e.result for e in final],
+            "results": [e.result for e in final], "tracebacks": [storable_text(e.traceback) for e in final],
         }).all()
         return [(str(row[0]), RunStatus(row[1]), row[2]) for row in rows]
 
@@ -181,6 +181,7 @@ class Transitions:
             row = conn.execute(
                 sa.update(r).where(r.c.id == e.run_id, unfinished)
                 .values(status=int(e.status), finished_at=from_epoch(e.at), error=storable_text(e.error),
+                        traceback=storable_text(e.traceback),
                         result=None if e.result is None else keeps.scalar_subquery(),
                         started_at=sa.func.coalesce(r.c.started_at, from_epoch(e.started)),
                         retries=sa.case((r.c.retries > e.retries, r.c.retries), else_=e.retries))

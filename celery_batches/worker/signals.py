@@ -26,7 +26,7 @@ from ..message import CONTINUATION_HEADER, HEADER, REPLACES_HEADER, RESULTS_HEAD
 from ..publishing.sending import RECEIVER_PREFIX
 from ..settings import ERROR_CHARS
 from ..store import RunEvent
-from ..store.rows import error_text
+from ..store.rows import error_text, traceback_text
 from .recovery import backend_outcome
 from .task import CLAIM, REPLACED, SKIPPED, TOKEN, BatchTask
 
@@ -89,15 +89,19 @@ class Receivers:
         if getattr(sender, "app", None) is self.app and getattr(request, HEADER, None):
             self.node.record(RunEvent(request.id, RunStatus.RETRYING, request.retries or 0, error_text(reason)))
 
-    def on_failure(self, sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
+    def on_failure(self, sender: Any = None, task_id: str | None = None, exception: Any = None, einfo: Any = None,
+                   **_: Any) -> None:
         request, batch_id = self._member(sender)
         if request is None or not task_id:
             return
+        # the failed attempt's traceback goes with the failure, in the same transition (and transaction)
+        traceback = traceback_text(einfo, self.node.settings.traceback_max_chars)
         if request.id == task_id:  # pool child: we know whether it is a member
             if batch_id:
-                self.node.record(RunEvent(task_id, RunStatus.FAILED, request.retries or 0, error_text(exception)))
+                self.node.record(RunEvent(task_id, RunStatus.FAILED, request.retries or 0, error_text(exception),
+                                          traceback=traceback))
         else:  # main process (lost worker, hard time limit): look it up by task id when writing
-            self.node.record(RunEvent(task_id, RunStatus.FAILED, 0, error_text(exception)))
+            self.node.record(RunEvent(task_id, RunStatus.FAILED, 0, error_text(exception), traceback=traceback))
 
     def on_revoked(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         # main process; the request may lack our header, so the write looks the run up by id
