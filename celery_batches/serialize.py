@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .models import BatchStatus, JobResult
-from .store.pagerows import BatchDetail, BatchRef, BatchRow, ContinuationRow, Counts, JobRow, TreeEntry
+from .store.pagerows import BatchDetail, BatchRef, BatchRow, ContinuationRow, Counts, JobRow, RunDetail, TreeEntry
 
 __all__ = [
     "PROGRESS_DIGITS",
@@ -31,6 +31,7 @@ __all__ = [
     "ref_json",
     "results_json",
     "retry_json",
+    "run_json",
     "stored_json",
     "tree_entry_json",
     "wait_json",
@@ -122,6 +123,12 @@ def job_json(job: JobRow) -> dict[str, Any]:
         "duration": job.duration.total_seconds() if job.duration is not None else None, "error": job.error,
         "result": None if job.result is None else stored_json(job.result),
     }
+
+
+def run_json(d: RunDetail) -> dict[str, Any]:
+    """One job on its own (the dashboard's ``/api/runs/<id>``): :func:`job_json`'s keys, its
+    ``batch`` (:func:`ref_json`) and its ``traceback`` (a FAILED run's last attempt's, else None)."""
+    return dict(job_json(d.job), batch=ref_json(d.batch), traceback=d.traceback)
 
 
 def results_json(results: list[JobResult]) -> list[dict[str, Any]]:

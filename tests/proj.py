@@ -41,6 +41,7 @@ batches = Batches(
     node_timeout=float(env("TEST_NODE_TIMEOUT", "10")),
     lost_after=float(env("TEST_LOST_AFTER", "10")),
     reconcile_grace=float(env("TEST_RECONCILE_GRACE", "30")),
+    traceback_max_chars=int(env("TEST_TRACEBACK_MAX_CHARS", "20000")),
     # lets a fault test find (and kill) exactly this process's database connections
     engine_options={"connect_args": {"application_name": env("TEST_APPLICATION_NAME", "celery_batches_tests")}},
 )

@@ -171,3 +171,39 @@ def test_retry_failed_from_the_batch_page(proj, worker, browser, server):
     assert proj.batches.get_batch(b.id).completed_jobs == 2
     assert errors == []
     page.close()
+
+
+def test_open_a_failed_job_see_its_traceback_and_retry_it(proj, worker, browser, server):
+    """A failed job's row links to its page: the traceback in a <pre>, and a Retry button that publishes
+    it again; the page then follows the job to COMPLETED."""
+    flag = f"flag-{uuid.uuid4().hex[:8]}"
+    with proj.batches.batch(f"resize-images-{flag}") as b:
+        b.enqueue(proj.noop)
+        b.enqueue(proj.fail_unless, flag)
+    assert proj.batches.wait(b.id, timeout=60).status == BatchStatus.FAILED
+    proj.r.set(flag, 1)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 720})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{server}/batches/{b.id}")
+    page.locator('tr[data-status="FAILED"] a.job-link').click()
+    run_id = proj.batches.get_batch_jobs(b.id)[1].id
+    page.wait_for_url(f"**/runs/{run_id}")
+    assert page.locator("#run-status").inner_text() == "failed"
+    traceback = page.locator("pre#traceback").inner_text()
+    assert "in fail_unless" in traceback and "is not set yet" in traceback
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#retry-run").click()
+    page.wait_for_url(f"**/runs/{run_id}?notice=retried")
+    assert page.locator(".notice").inner_text() == "The job was published again."
+    deadline = time.monotonic() + 60
+    while page.locator("#run-status").inner_text() != "completed" and time.monotonic() < deadline:
+        time.sleep(0.1)  # the live refresh swaps the page in place
+    assert page.locator("#run-status").inner_text() == "completed"
+    assert page.locator("#retry-run").count() == 0 and page.locator("#traceback").count() == 0
+    page.locator("a.batch-link").first.click()
+    page.wait_for_url(f"**/batches/{b.id}")
+    assert proj.batches.wait(b.id, timeout=60).status == BatchStatus.COMPLETED
+    assert errors == []
+    page.close()

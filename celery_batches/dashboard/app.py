@@ -20,7 +20,7 @@ from werkzeug.wrappers import Request, Response
 
 from .. import serialize
 from ..api import Batches
-from ..errors import BatchClosedError, BatchNotFoundError
+from ..errors import BatchClosedError, BatchNotFoundError, InvalidBatchError, RunNotFoundError
 from ..models import BatchStatus, RunStatus, canonical_id
 from ..settings import (INT_ARG_DIGITS, JOBS_PAGE_SIZE, MAX_LIMIT, MAX_TAG, PAGE_SIZE, SEARCH_CHARS, TEXT_CHARS,
                         TREE_LIMIT)
@@ -57,7 +57,7 @@ class Dashboard:
     :param basic_auth: ``("user", "password")``: require HTTP basic authentication.
         Without ``authorize`` and ``basic_auth``, only requests from the machine itself are served
         (loopback ``REMOTE_ADDR``, a loopback ``Host``, no proxy forwarding headers); others get 403.
-    :param read_only: hide the Cancel buttons and refuse every action (403).
+    :param read_only: hide the Cancel and Retry buttons and refuse every action (403).
     :param secret_key: key of the CSRF tokens; random per process by default, so give the same
         key to every process when several serve the dashboard behind one address.
     :param api_token: a token scripts may send as ``X-Batches-Token`` instead of a CSRF token.
@@ -89,12 +89,16 @@ class Dashboard:
             Rule("/batches/<uuid:batch_id>", endpoint="batch", methods=["GET"]),
             Rule("/batches/<uuid:batch_id>/cancel", endpoint="cancel", methods=["POST"]),
             Rule("/batches/<uuid:batch_id>/retry", endpoint="retry", methods=["POST"]),
+            Rule("/runs/<uuid:run_id>", endpoint="run", methods=["GET"]),
+            Rule("/runs/<uuid:run_id>/retry", endpoint="retry_run", methods=["POST"]),
             Rule("/static/<filename>", endpoint="static", methods=["GET"]),
             Rule("/api/batches", endpoint="api_batches", methods=["GET"]),
             Rule("/api/batches/<uuid:batch_id>", endpoint="api_batch", methods=["GET"]),
             Rule("/api/batches/<uuid:batch_id>/jobs", endpoint="api_jobs", methods=["GET"]),
             Rule("/api/batches/<uuid:batch_id>/cancel", endpoint="api_cancel", methods=["POST"]),
             Rule("/api/batches/<uuid:batch_id>/retry", endpoint="api_retry", methods=["POST"]),
+            Rule("/api/runs/<uuid:run_id>", endpoint="api_run", methods=["GET"]),
+            Rule("/api/runs/<uuid:run_id>/retry", endpoint="api_retry_run", methods=["POST"]),
             Rule("/api/csrf", endpoint="api_csrf", methods=["GET"]),
         ], strict_slashes=False)
         self.static = _load_static()
@@ -256,6 +260,39 @@ class Dashboard:
         url = request.adapter.build("batch", {"batch_id": batch_id})
         return _redirect(f"{url}?notice=not-retried" if runs is None else f"{url}?notice=retried&runs={runs}")
 
+    def _run(self, run_id: str) -> Any:
+        detail = pages.run_detail(self.transitions, run_id)
+        if detail is None:
+            raise NotFound("No job with this id.")
+        return detail
+
+    def on_run(self, request: Request, run_id: Any) -> Response:
+        detail = self._run(str(run_id))
+        notice = {"retried": "The job was published again.",
+                  "not-failed": "The job is no longer failed; nothing was retried.",
+                  "not-retried": "Its batch was cancelled; nothing was retried."}.get(request.args.get("notice", ""), "")
+        return self.render(request, "run.html", r=detail, j=detail.job, notice=notice,
+                           unfinished=not detail.job.status.is_final)
+
+    def _retry_run(self, request: Request, run_id: str) -> str | None:
+        """Shared by the page and the API: None once retried, else why not (``not-failed``, ``not-retried``)."""
+        self.access.check_action(request)
+        try:
+            self.batches.retry_run(run_id)
+        except RunNotFoundError:
+            raise NotFound("No job with this id.") from None
+        except BatchClosedError:
+            return "not-retried"
+        except InvalidBatchError:
+            return "not-failed"
+        return None
+
+    def on_retry_run(self, request: Request, run_id: Any) -> Response:
+        run_id = str(run_id)
+        refused = self._retry_run(request, run_id)
+        url = request.adapter.build("run", {"run_id": run_id})
+        return _redirect(f"{url}?notice={refused or 'retried'}")
+
     def on_static(self, request: Request, filename: str) -> Response:
         if filename not in self.static:
             raise NotFound()
@@ -334,6 +371,26 @@ class Dashboard:
             return self.json({"error": "the batch was cancelled", "status": 409, "retried_runs": 0,
                               "batch_status": batch.status.name if batch else None}, 409)
         return self.json({"retried_runs": runs, "batch_status": batch.status.name if batch else None})
+
+    def on_api_run(self, request: Request, run_id: Any) -> Response:
+        detail = self._run(str(run_id))
+        data = serialize.run_json(detail)
+        build = request.adapter.build
+        data["url"] = build("run", {"run_id": detail.job.id})
+        data["batch"]["url"] = build("batch", {"batch_id": detail.batch.id})
+        return self.json(data)
+
+    def on_api_retry_run(self, request: Request, run_id: Any) -> Response:
+        run_id = str(run_id)
+        refused = self._retry_run(request, run_id)
+        detail = pages.run_detail(self.transitions, run_id)
+        data = {"run_id": run_id, "run_status": detail.job.status.name if detail else None,
+                "batch_id": detail.batch.id if detail else None,
+                "batch_status": detail.batch.status.name if detail else None}
+        if refused is not None:
+            error = "its batch was cancelled" if refused == "not-retried" else "the job is not FAILED"
+            return self.json(dict(data, error=error, status=409), 409)
+        return self.json(data)
 
     def on_api_csrf(self, request: Request) -> Response:
         return self.json({"csrf_token": self.access.csrf_token(request), "header": CSRF_HEADER})

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from ..models import Batch, BatchStatus, ContinuationStatus, RunStatus, batch_progress
 
 __all__ = ["BatchDetail", "BatchPage", "BatchRef", "BatchRow", "ContinuationRow", "Counts", "JobPage", "JobRow",
-           "TreeEntry"]
+           "RunDetail", "TreeEntry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +133,15 @@ class JobRow:
         if self.started_at is None or self.finished_at is None:
             return None
         return self.finished_at - self.started_at
+
+
+@dataclass(frozen=True, slots=True)
+class RunDetail:
+    """One job as its own page shows it: the job (untruncated), its batch and its traceback."""
+
+    job: JobRow
+    batch: BatchRef
+    traceback: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

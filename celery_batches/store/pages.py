@@ -34,6 +34,7 @@ from .pagerows import (
     Counts,
     JobPage,
     JobRow,
+    RunDetail,
     TreeEntry,
 )
 from ..settings import JOBS_PAGE_SIZE, MAX_ANCESTORS, PAGE_SIZE, SUCCESSORS_LIMIT, TREE_LIMIT
@@ -57,6 +58,7 @@ __all__ = [
     "batch_rows",
     "job_page",
     "job_rows",
+    "run_detail",
 ]
 
 
@@ -340,3 +342,16 @@ def _job_row(row: sa.Row) -> JobRow:
     return JobRow(row.id, row.position, RunStatus(row.status), row.task_name, row.args, row.kwargs, row.queue,
                   row.retries, as_utc(row.created_at), as_utc(row.started_at), as_utc(row.finished_at), row.error,
                   row.result)
+
+
+def run_detail(db: Db, run_id: str) -> RunDetail | None:
+    """One run with its batch and traceback (the dashboard's job page), or None; one statement on two primary keys."""
+    r, b = db.tables.runs, db.tables.batches
+    q = (sa.select(*_job_columns(r, None), r.c.traceback, b.c.id.label("b_id"), b.c.name.label("b_name"),
+                   b.c.status.label("b_status"))
+         .join(b, b.c.id == r.c.batch_id).where(r.c.id == run_id))
+    with db.engine.connect() as conn:
+        row = conn.execute(q).first()
+    if row is None:
+        return None
+    return RunDetail(_job_row(row), BatchRef(row.b_id, row.b_name, BatchStatus(row.b_status)), row.traceback)
