@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from celery_batches import (BatchClosedError, BatchStatus, InvalidBatchError, RunNotFoundError, RunStatus)
@@ -120,6 +122,8 @@ def test_retry_run_errors(proj, worker, nowhere):
         proj.batches.retry_run(UNKNOWN)
     with pytest.raises(InvalidBatchError, match="not a run id"):
         proj.batches.retry_run("not-a-uuid")
+    with pytest.raises(RunNotFoundError):  # the async twin, in a worker thread
+        asyncio.run(proj.batches.aretry_run(UNKNOWN))
     assert proj.batches.get_run(UNKNOWN) is None and proj.batches.get_run("not-a-uuid") is None
     with proj.batches.batch("retry-run-errors") as b:
         b.enqueue(proj.add, 1, 1)

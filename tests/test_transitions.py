@@ -48,7 +48,7 @@ def test_postgresql_and_portable_paths_agree(pg_registry, scenario):
             for status, retries, node in group:
                 at += 1
                 events.append(RunEvent(run, status, retries, f"{status.name} error" if status == F else None,
-                                       at=at, node=node))
+                                       at=at, node=node, traceback=f"{status.name} traceback\x00" if status == F else None))
             pg_registry.transitions.apply_events(events, portable=portable)
         ends.append(_row(pg_registry, run))
     assert ends[0] == ends[1], f"{scenario}: PostgreSQL path {ends[0]} != portable path {ends[1]}"
@@ -59,7 +59,7 @@ def _row(batches, run_id: str) -> dict:
     r = batches.transitions.tables.runs
     with batches.engine.connect() as conn:
         row = conn.execute(sa.select(r.c.status, r.c.retries, r.c.node, r.c.started_at, r.c.finished_at,
-                                     r.c.claimed_at, r.c.error).where(r.c.id == run_id)).one()
+                                     r.c.claimed_at, r.c.error, r.c.traceback).where(r.c.id == run_id)).one()
     return dict(row._mapping)
 
 
