@@ -50,6 +50,18 @@ def test_a_failed_run_keeps_its_traceback_a_completed_one_has_none(proj, worker)
 
 
 @needs("postgres", "redis", "worker")
+def test_a_run_that_retried_keeps_its_last_attempts_traceback(proj, worker):
+    key = tag("attempts")
+    with proj.batches.batch("traceback-retries") as b:
+        b.enqueue(proj.always_retry, key)
+    assert proj.batches.wait(b.id, timeout=WAIT).status == BatchStatus.FAILED
+    (run,) = proj.batches.get_batch_jobs(b.id)
+    assert int(proj.r.get(key)) == 3 and run.retries == 2
+    assert run.error == "RuntimeError: still broken"
+    assert "in always_retry" in run.traceback and run.traceback.rstrip().endswith("RuntimeError: still broken")
+
+
+@needs("postgres", "redis", "worker")
 def test_the_traceback_is_cut_at_the_setting_and_not_kept_with_0(proj, start_worker):
     kept = {}
     for limit in ("200", "0"):
