@@ -95,12 +95,14 @@ def test_every_batch_of_a_tree_is_created_once_here_and_finished_once_in_the_wor
 
 @needs("worker")
 def test_a_stage_is_created_here_and_finished_once_and_a_stage_that_does_not_match_is_cancelled_once(proj, worker):
+    flag = tag("flag")
     with caught(batch_created) as created:
         with proj.batches.batch("sig-antecedent") as b:
-            b.enqueue(proj.add, 1, 1)
+            b.enqueue(proj.gate, flag, 1)  # open until both stages wait on it
         on_success = proj.batches.continue_batch_with(b.id, "sig-on-success", lambda s: s.enqueue(proj.add, 2, 2))
         on_failure = proj.batches.continue_batch_with(b.id, "sig-on-failure", lambda s: s.enqueue(proj.add, 3, 3),
                                                       when="failure")
+        proj.r.set(flag, 1)
     assert created_names(created) == {b.id: ["sig-antecedent"], on_success: ["sig-on-success"],
                                       on_failure: ["sig-on-failure"]}
     assert proj.batches.wait(on_success, timeout=WAIT).status == BatchStatus.COMPLETED
