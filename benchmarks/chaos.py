@@ -10,7 +10,9 @@ Then producers and faults stop, the workers keep running, and the soak waits (``
 for every batch to finish and checks the reliability contract (docs: "never stuck, never doubled"):
 nothing stuck, counters equal the runs' final states at every level, every continuation that
 should fire fired exactly once and no other did, no job attempt started twice unless Celery itself
-redelivers it (acks_late). Executions are counted in the shared Redis (127.0.0.1:6379 db 11),
+redelivers it (acks_late), no batch_finished signal sent twice (or for a batch not finished, or with
+another status). A batch_finished never sent is counted, not judged: the process that finished the
+batch was killed (or its connection, as the commit went through) between the commit and the signal. Executions are counted in the shared Redis (127.0.0.1:6379 db 11),
 which the broker restarts do not touch. Exit status 0 only if nothing is wrong.
 
 The configuration is one cell of the matrix users deploy:
@@ -67,7 +69,7 @@ CONTINUATION_TASKS = ("chaos.continuation", "chaos.continuation_member", "chaos.
 KINDS = ("success", "failure", "complete")  # continue-with's ``when`` too
 CONTINUATION_KINDS = KINDS + ("first_failure",)
 FAULTS = ("kill_pool_process", "kill_worker", "kill_pg_backends", "restart_broker")
-VIOLATIONS = ("stuck", "doubled", "wrong counters", "continuations not exactly once")
+VIOLATIONS = ("stuck", "doubled", "wrong counters", "continuations not exactly once", "batch_finished signals doubled")
 
 
 def poll(check: Callable[[], Any], what: str, timeout: float, interval: float = 0.1) -> Any:
@@ -448,11 +450,16 @@ class Checker:
         self.recorded = {kind: {m.decode() for m in r.smembers(f"{keys}:{kind}")}
                          for kind in ("roots", "stages", "cancelled")}
         self.publog = lambda: r.lrange(f"{keys}:publog", 0, -1)
+        self.signals: dict[str, list[list[str]]] = defaultdict(list)  # batch id -> [status, app name, pid]
+        for item in r.lrange(mod.FINISHED, 0, -1):
+            batch_id, *rest = item.decode().split()
+            self.signals[batch_id].append(rest)
         self.violations: dict[str, list[str]] = {kind: [] for kind in VIOLATIONS}
         self.notes: Counter[str] = Counter()
         self.check_batches()
         self.check_runs()
         self.check_continuations()
+        self.check_signals()
 
     def check_batches(self) -> None:
         from celery_batches import BatchStatus, RunStatus
@@ -575,6 +582,20 @@ class Checker:
                     f"continuation {c.id} ({c.task_name}, on_{c.kind} of {s.name} batch {c.batch_id}): row "
                     f"{row.name}, sent {self.sent.get(f'{c.id}:0', 0)}x, ran {ran}x, its retry ran {done}x")
 
+    def check_signals(self) -> None:
+        """``batch_finished``: at most once per batch, for a finished batch, with its status. None at
+        all is counted apart (``lost``): the finishing process died between its commit and the signal."""
+        self.signals_lost = 0
+        for batch_id, s in ((str(row.id), self.status[row.id]) for row in self.batches):
+            sent = self.signals.pop(batch_id, [])
+            if not sent:
+                self.signals_lost += s.is_final
+            elif len(sent) > 1 or not s.is_final or sent[0][0] != s.name:
+                self.violations["batch_finished signals doubled"].append(
+                    f"batch {batch_id} ({s.name}): sent {len(sent)}x: " + "; ".join(" ".join(x) for x in sent))
+        for batch_id, sent in self.signals.items():  # of no batch of this soak
+            self.violations["batch_finished signals doubled"].append(f"batch {batch_id} (no such batch): {sent}")
+
     def table(self, soak: Soak, faults: Faults, settled: bool, minutes: float) -> str:
         from celery_batches import RunStatus
 
@@ -597,6 +618,10 @@ class Checker:
             ("producer calls", fmt(soak.stats())),
             ("workers that died by themselves", str(faults.revived)),
             *((kind, str(len(v[kind]))) for kind in VIOLATIONS),
+            ("batch_finished signals not exactly once",
+             f"{self.signals_lost + len(v['batch_finished signals doubled'])} (lost {self.signals_lost}: the "
+             f"finishing process or its connection killed after the commit; doubled "
+             f"{len(v['batch_finished signals doubled'])})"),
             ("minutes to settle", f"{minutes:.2f}" if settled else f"did not settle in {minutes:.2f}"),
             *((k, str(n)) for k, n in sorted(self.notes.items())),
         ]

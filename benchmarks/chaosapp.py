@@ -22,6 +22,7 @@ import redis
 from celery import Celery, Task, signals
 
 from celery_batches import Batches
+from celery_batches.signals import batch_finished
 
 env = os.environ.get
 MAX_RETRIES = 3
@@ -47,6 +48,15 @@ KEYS = env("CHAOS_KEYS", "cbchaos")
 STARTS, ENDS, CONTINUATIONS = f"{KEYS}:starts", f"{KEYS}:ends", f"{KEYS}:continuations"
 REPLACED, CONTINUATIONS_DONE, REDELIVERED = f"{KEYS}:replaced", f"{KEYS}:continuations_done", f"{KEYS}:redelivered"
 PUBLISHED, PUBLOG = f"{KEYS}:published", f"{KEYS}:publog"
+FINISHED = f"{KEYS}:finished"  # one "<batch id> <status> <app name> <pid>" per batch_finished signal
+
+
+@batch_finished.connect(weak=False, dispatch_uid="chaos-finished-spy")
+def count_finished(sender: object = None, batch_id: str = "", status: Any = None, **_: object) -> None:
+    """Note every ``batch_finished`` signal, in whichever process sent it (a worker's pool process,
+    its main process, a producer): the check counts them per batch."""
+    counters.rpush(FINISHED, f"{batch_id} {getattr(status, 'name', status)} {env('CHAOS_APP_NAME', '?')} "
+                             f"{os.getpid()}")
 
 
 @signals.after_task_publish.connect(weak=False, dispatch_uid="chaos-publish-spy")

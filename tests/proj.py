@@ -16,6 +16,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded  # noqa: F401  (documented for readers)
 
 from celery_batches import Batches, current_batch_id
+from celery_batches.signals import batch_finished
 
 env = os.environ.get
 app = Celery("proj", broker=env("TEST_BROKER_URL", "redis://127.0.0.1:6379/9"),
@@ -46,6 +47,27 @@ batches = Batches(
     engine_options={"connect_args": {"application_name": env("TEST_APPLICATION_NAME", "celery_batches_tests")}},
 )
 r = redis.Redis.from_url(env("TEST_REDIS_URL", "redis://127.0.0.1:6379/9"))
+
+#: a batch whose name starts with this has a ``batch_finished`` receiver that raises (connected first)
+RAISING = "signal-raises"
+
+
+def finished_key(batch_id: str) -> str:
+    """The Redis list of the ``batch_finished`` signals a worker process sent for ``batch_id``."""
+    return f"signals:finished:{batch_id}"
+
+
+@batch_finished.connect(weak=False, dispatch_uid="tests-proj-raises")
+def raise_on_finished(sender: object = None, batch_id: str = "", name: str = "", **_: object) -> None:
+    if name.startswith(RAISING):
+        raise RuntimeError(f"a batch_finished receiver raises on purpose for {batch_id}")
+
+
+@batch_finished.connect(weak=False, dispatch_uid="tests-proj-finished")
+def record_finished(sender: object = None, batch_id: str = "", status: object = None, **_: object) -> None:
+    """Every ``batch_finished`` a process of this app sends: its status name and pid, per batch
+    (the test process, which imports this module too, records its own: a cancel, an empty batch)."""
+    r.rpush(finished_key(batch_id), f"{getattr(status, 'name', status)} {os.getpid()}")
 
 
 @batches.task

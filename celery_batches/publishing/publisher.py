@@ -37,6 +37,7 @@ from ..ceding import pause
 from ..message import CONTINUATION_HEADER, HEADER, Message
 from ..models import RunStatus
 from ..settings import OWED_FLAG_LEASES, PUBLISH_DEFERRALS, PUBLISH_NESTING
+from ..signals import announce
 from ..store import Publication, RunEvent
 from .sending import Sender, Session
 
@@ -102,6 +103,10 @@ class _Sent:
 class Publisher:
     """Publishes publications: a producer's right after its commit, or the relay's lapsed ones.
 
+    Every publication of a committed transaction passes :meth:`publish` first, so that is where the
+    batches it created and finished are announced (:func:`celery_batches.signals.announce`); the
+    relay's publications, read back from the outbox, carry none.
+
     ``record`` commits run transitions (the run FAILED when the broker refuses its message) and
     returns what they made due, which is published in turn.
     """
@@ -141,6 +146,9 @@ class Publisher:
                 return total
 
     def _publish(self, publication: Publication, report: Report, depth: int) -> None:
+        # every publication a committed transaction made passes here first: the one place that
+        # announces the batches it created and finished (``announce`` empties them: never twice)
+        announce(publication, self.app)
         if not publication.runs and not publication.continuations:
             return
         lease = publication.lease
@@ -185,6 +193,7 @@ class Publisher:
         if refused:
             report.refused += len(refused)
             then = self.record(refused)  # counted FAILED; may finish batches and make continuations due
+            announce(then, self.app)  # (what it finished, even past the nesting limit)
             if depth < PUBLISH_NESTING:
                 self._publish(then, report, depth + 1)
         if lease and not report.broker_down and not report.lease_lapsed and not report.unflagged:

@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import sqlalchemy as sa
 
@@ -17,8 +18,9 @@ from ..models import (Batch, BatchStatus, Continuation, ContinuationKind, Contin
                       canonical_id)
 from ..settings import ERROR_CHARS
 
-__all__ = ["Publication", "RunEvent", "as_utc", "error_text", "batch_from_row", "continuation_from_row", "continuation_message",
-           "from_epoch", "is_run_id", "run_from_row", "run_message", "storable_text", "traceback_text", "utcnow"]
+__all__ = ["Created", "Finished", "Publication", "RunEvent", "as_utc", "error_text", "batch_from_row",
+           "continuation_from_row", "continuation_message", "from_epoch", "is_run_id", "run_from_row", "run_message",
+           "storable_text", "traceback_text", "utcnow"]
 
 
 def utcnow() -> datetime:
@@ -85,19 +87,43 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value
 
 
+class Created(NamedTuple):
+    """A batch a transaction created (a top-level batch, a nested one, a continue-with stage)."""
+
+    batch_id: str
+    name: str
+    jobs: int  # its units, as ``Batch.total_jobs`` counts them
+
+
+class Finished(NamedTuple):
+    """A batch a transaction finished: COMPLETED, FAILED or CANCELLED."""
+
+    batch_id: str
+    name: str
+    status: BatchStatus
+    jobs: int
+    seconds: float  # from its creation to this transaction
+
+
 @dataclass
 class Publication:
     """What a transaction made publishable, to publish after it commits: runs and continuations,
-    under the transaction's publish lease (``publication``, a row of the publications table)."""
+    under the transaction's publish lease (``publication``, a row of the publications table); and
+    the batches it created and finished, announced once after the commit
+    (:func:`celery_batches.signals.announce`, which empties both lists)."""
 
     runs: list[Message] = field(default_factory=list)
     continuations: list[Message] = field(default_factory=list)
     lease: str | None = None
+    created: list[Created] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
 
     def extend(self, other: "Publication") -> None:
         self.runs += other.runs
         self.continuations += other.continuations
         self.lease = self.lease or other.lease
+        self.created += other.created
+        self.finished += other.finished
 
 
 @dataclass(frozen=True, slots=True)

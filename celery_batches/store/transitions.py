@@ -19,7 +19,9 @@ import sqlalchemy as sa
 from .. import kombujson
 from ..models import WHEN_MATCHES, BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from .rows import (
+    Finished,
     Publication,
+    as_utc,
     RunEvent,
     continuation_message,
     from_epoch,
@@ -266,12 +268,13 @@ class Transitions:
                 completed_at=now,
                 expires_at=now + self.expires,
             )
-            .returning(b.c.id, b.c.parent_id, b.c.status)
+            .returning(b.c.id, b.c.parent_id, b.c.status, b.c.name, b.c.total_jobs, b.c.created_at)
         ).all()
         if not finished:
             return tx.publication()
         statuses = {row.id: BatchStatus(row.status) for row in finished}
         publication = self._fire_continuations(tx, statuses)
+        publication.finished += self._finished(tx, finished, statuses)
         publication.extend(self.settle_successors(tx, statuses))
         publication.extend(self.count(tx, [(row.parent_id, statuses[row.id]) for row in finished if row.parent_id]))
         return publication
@@ -365,11 +368,13 @@ class Transitions:
             sa.update(b)
             .where(b.c.id.in_(sa.select(tree.c.id)), b.c.status <= int(BatchStatus.STARTED))
             .values(status=int(BatchStatus.CANCELLED), completed_at=now, expires_at=now + self.expires)
-            .returning(b.c.id, b.c.parent_id)
+            .returning(b.c.id, b.c.parent_id, b.c.name, b.c.total_jobs, b.c.created_at)
         ).all()
         ids = {row.id for row in cancelled}
         if not ids:
             return [], tx.publication()
+        finished = self._finished(tx, sorted(cancelled, key=lambda row: str(row.id)),
+                                  dict.fromkeys(ids, BatchStatus.CANCELLED))
         runs = conn.execute(
             sa.update(r)
             .where(r.c.batch_id.in_(list(ids)), r.c.status.in_([int(RunStatus.PENDING), int(RunStatus.RETRYING)]))
@@ -389,4 +394,13 @@ class Transitions:
                 outside.append((row.parent_id, BatchStatus.CANCELLED))
         if deltas:
             self.bump(conn, deltas)
-        return [row.id for row in runs], self.count(tx, outside)
+        publication = tx.publication()
+        publication.finished += finished
+        publication.extend(self.count(tx, outside))
+        return [row.id for row in runs], publication
+
+    @staticmethod
+    def _finished(tx: Tx, rows: Iterable[sa.Row], statuses: dict[str, BatchStatus]) -> list[Finished]:
+        """The batches this transaction finished, for the announcement after its commit."""
+        return [Finished(str(row.id), row.name, statuses[row.id], row.total_jobs,
+                         max(0.0, (as_utc(tx.now) - as_utc(row.created_at)).total_seconds())) for row in rows]

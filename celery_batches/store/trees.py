@@ -19,7 +19,7 @@ from ..message import Message
 from ..errors import BatchClosedError
 from ..models import BatchStatus, ContinuationKind, ContinuationStatus, RunStatus
 from ..settings import PURGE_CHUNK
-from .rows import Publication, batch_from_row
+from .rows import Created, Publication, batch_from_row
 from .locks import lock_batch, lock_lineage
 from .queries import sql_name, subtree
 from .transitions import Transitions
@@ -55,12 +55,14 @@ class Trees:
                                for position, job in enumerate(part.jobs)),
                           new_batches=[part.id for part in parts], publishable=not antecedent)
         self._insert_continuations(conn, [(part.id, 0, part) for part in parts])
+        publication = tx.publication()
+        publication.created += _created(parts)
         if antecedent:
             if antecedent_row.status.is_final:
-                return self.machine.settle_successors(tx, {antecedent_row.id: antecedent_row.status})
-            return tx.publication()
-        publication = tx.publication(runs=[job for part in parts for position, job in enumerate(part.jobs)
-                                 if not _held(part, position)])
+                publication.extend(self.machine.settle_successors(tx, {antecedent_row.id: antecedent_row.status}))
+            return publication
+        publication.extend(tx.publication(runs=[job for part in parts for position, job in enumerate(part.jobs)
+                                                if not _held(part, position)]))
         publication.extend(self.machine.finish(tx, [part.id for part in parts if part.total_units == 0]))
         return publication
 
@@ -94,9 +96,11 @@ class Trees:
                           appended=(batch_id, first_job), publishable=started)
         self._insert_continuations(conn, [(batch_id, first_cont, plan)] + [(part.id, 0, part) for part in children])
         conn.execute(sa.update(b).where(b.c.id == batch_id).values(total_jobs=b.c.total_jobs + plan.total_units))
+        publication = tx.publication()
+        publication.created += _created(children)
         if not started:
-            return tx.publication()  # a continue-with stage still waiting: published when it starts
-        publication = tx.publication(runs=[job for _, _, job, held in jobs if not held])
+            return publication  # a continue-with stage still waiting: published when it starts
+        publication.extend(tx.publication(runs=[job for _, _, job, held in jobs if not held]))
         if batch.failed_jobs and any(s.kind == ContinuationKind.FIRST_FAILURE for s in plan.continuations):
             publication.extend(self.machine.first_failures(tx, [batch_id]))  # its first failure is behind it
         publication.extend(self.machine.finish(tx, [part.id for part in children if part.total_units == 0]))
@@ -218,3 +222,8 @@ def _failing_fast(lineage: list[sa.Row]) -> bool:
 def _held(part: BatchPlan, position: int) -> bool:
     """Does a new batch's job wait behind its window (the first ``max_concurrency`` go at once)?"""
     return part.max_concurrency is not None and position >= part.max_concurrency
+
+
+def _created(parts: Iterable[BatchPlan]) -> list[Created]:
+    """The batches a transaction writes, for the announcement after its commit."""
+    return [Created(part.id, part.name, part.total_units) for part in parts]
