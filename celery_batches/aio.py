@@ -38,7 +38,7 @@ from .builder import BatchBuilder, BatchPlan, TaskRef
 from .ceding import ceding, pause
 from .errors import BatchNotFoundError
 from .message import Message
-from .models import Batch, BatchStatus, valid_batch_id
+from .models import Batch, BatchStatus, valid_id
 from .settings import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ class AsyncBatches:
         """``async with batches.areopen(batch_id) as b``: :meth:`reopen` for a coroutine (the checks
         and the write in a worker thread). ``BatchNotFoundError``, ``BatchClosedError`` as there."""
         _no_connection(connection, "areopen")
-        batch_id = valid_batch_id(batch_id)
+        batch_id = valid_id(batch_id)
         builder = AsyncBatchBuilder.reopening(self.app, batch_id, await self.aget_batch(batch_id))
         with self._building(builder):
             yield builder
@@ -235,7 +235,7 @@ class AsyncBatches:
         """:meth:`wait` for a coroutine: reads in a worker thread, sleeps ``wait_interval`` with
         ``asyncio.sleep`` between reads; ``TimeoutError`` after ``timeout`` seconds,
         ``BatchNotFoundError`` for an unknown id."""
-        batch_id = valid_batch_id(batch_id)
+        batch_id = valid_id(batch_id)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:

@@ -20,7 +20,7 @@ from .publishing.probe import probe_for
 from .aio import AsyncBatches
 from .builder import BatchBuilder, validate_properties
 from .errors import BatchNotFoundError, InvalidBatchError
-from .models import WHEN_MATCHES, Batch, BatchStatus, Continuation, JobResult, JobRun, canonical_id, valid_batch_id
+from .models import WHEN_MATCHES, Batch, BatchStatus, Continuation, JobResult, JobRun, valid_id
 from .message import CONTINUATION_HEADER, HEADER
 from .publishing.publisher import Publisher
 from .settings import PAGE_SIZE, REVOKE_CHUNK, Settings
@@ -168,7 +168,7 @@ class Batches(AsyncBatches):
         finished or cancelled (checked before the block runs, and again under the batch's row lock
         when it exits). ``connection``: as for :meth:`batch`.
         """
-        batch_id = valid_batch_id(batch_id)
+        batch_id = valid_id(batch_id)
         with joined(connection, self.engine) as caller:
             batch = reads.get_batch(self.transitions, batch_id, conn=caller)
         builder = BatchBuilder.reopening(self.app, batch_id, batch)
@@ -199,7 +199,7 @@ class Batches(AsyncBatches):
         if unknown:
             raise TypeError(f"continue_batch_with() got unexpected option(s) {sorted(unknown)}; "
                             f"it takes those of batch(): {sorted(_BATCH_OPTIONS)}")
-        with self._new_tree(name, connection, (valid_batch_id(batch_id), when), **options) as builder:
+        with self._new_tree(name, connection, (valid_id(batch_id), when), **options) as builder:
             configure(builder)
         return builder.id
 
@@ -220,7 +220,7 @@ class Batches(AsyncBatches):
         recorded; no continuation of a cancelled batch fires. Returns how many runs were cancelled.
         ``connection``: as for :meth:`batch` (the revoke is broadcast after the caller commits).
         """
-        batch_id = valid_batch_id(batch_id)
+        batch_id = valid_id(batch_id)
         cancelled: list[str] = []
 
         def cancel(conn: Any) -> Publication:
@@ -239,7 +239,7 @@ class Batches(AsyncBatches):
         continuation that fired never fires again; one that did not may fire on the new outcome.
         ``BatchClosedError`` if the batch (or one above it) was cancelled; 0 if nothing failed.
         ``connection``: as for :meth:`batch`."""
-        batch_id = valid_batch_id(batch_id)
+        batch_id = valid_id(batch_id)
         retried: list[str] = []
 
         def retry(conn: Any) -> Publication:
@@ -260,7 +260,7 @@ class Batches(AsyncBatches):
         ``RunNotFoundError`` for an unknown run, ``InvalidBatchError`` for a run that is not FAILED
         (or an id that is not a UUID), ``BatchClosedError`` if its batch (or one above it) was
         cancelled. ``connection``: as for :meth:`batch`."""
-        run_id = _valid_run_id(run_id)
+        run_id = valid_id(run_id, "run")
         found: list[str] = []
 
         def retry(conn: Any) -> Publication:
@@ -274,7 +274,7 @@ class Batches(AsyncBatches):
     def get_run(self, run_id: str) -> JobRun | None:
         """One job run (with its traceback, if it failed), or None if no run has that id."""
         try:
-            run_id = _valid_run_id(run_id)
+            run_id = valid_id(run_id, "run")
         except InvalidBatchError:
             return None
         return reads.get_run(self.transitions, run_id)
@@ -342,21 +342,21 @@ class Batches(AsyncBatches):
     def get_batch(self, batch_id: str) -> Batch | None:
         """The batch, or None if no batch has that id (a malformed id names no batch either)."""
         try:
-            batch_id = valid_batch_id(batch_id)
+            batch_id = valid_id(batch_id)
         except InvalidBatchError:
             return None
         return reads.get_batch(self.transitions, batch_id)
 
     def get_batch_jobs(self, batch_id: str) -> list[JobRun]:
         """The batch's direct jobs in enqueue order."""
-        return reads.get_jobs(self.transitions, valid_batch_id(batch_id))
+        return reads.get_jobs(self.transitions, valid_id(batch_id))
 
     def get_results(self, batch_id: str) -> list[JobResult]:
         """A ``results=True`` batch's units in order: ``JobResult(run_id, status, value, error)``, a
         job's value its return value once COMPLETED (None before, or if it failed or was cancelled), a
         nested batch's value its own list. ``BatchNotFoundError`` for an unknown id,
         ``InvalidBatchError`` for a batch made without ``results=True``."""
-        batch_id = valid_batch_id(batch_id)
+        batch_id = valid_id(batch_id)
         found = reads.results(self.transitions, batch_id)
         if found is None:
             batch = reads.get_batch(self.transitions, batch_id)
@@ -366,7 +366,7 @@ class Batches(AsyncBatches):
         return found
 
     def get_continuations(self, batch_id: str) -> list[Continuation]:
-        return reads.get_continuations(self.transitions, valid_batch_id(batch_id))
+        return reads.get_continuations(self.transitions, valid_id(batch_id))
 
     def list_batches(self, *, status: BatchStatus | int | None = None, parent_id: str | None = None,
                      name: str | None = None, tag: str | None = None, limit: int = PAGE_SIZE,
@@ -379,7 +379,7 @@ class Batches(AsyncBatches):
             wanted = None if status is None else BatchStatus(status)
         except ValueError:
             raise InvalidBatchError(f"{status!r} is not a BatchStatus") from None
-        parent = None if parent_id is None else valid_batch_id(parent_id)
+        parent = None if parent_id is None else valid_id(parent_id)
         if tag is not None and not isinstance(tag, str):
             raise InvalidBatchError(f"tag must be a string, got {tag!r}")
         return reads.batch_list(self.transitions, status=wanted, parent_id=parent, name=name, tag=tag, limit=limit,
@@ -390,7 +390,7 @@ class Batches(AsyncBatches):
 
         ``BatchNotFoundError`` if no batch has that id; ``InvalidBatchError`` (and nothing written)
         if ``mapping`` is not a JSON object."""
-        batch_id = valid_batch_id(batch_id)
+        batch_id = valid_id(batch_id)
         merged = self.trees.merge_properties(batch_id, validate_properties(mapping, "set_properties mapping"))
         if merged is None:
             raise BatchNotFoundError(batch_id)
@@ -399,7 +399,7 @@ class Batches(AsyncBatches):
     def wait(self, batch_id: str, timeout: float | None = None) -> Batch:
         """Poll until the batch is finished; raises ``TimeoutError`` after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        batch_id = valid_batch_id(batch_id)
+        batch_id = valid_id(batch_id)
         while True:
             batch = self.get_batch(batch_id)
             if batch is None:
@@ -415,12 +415,3 @@ class Batches(AsyncBatches):
 #: the keywords :meth:`Batches.batch` takes besides the name and the connection: what every other way
 #: of creating a batch accepts too
 _BATCH_OPTIONS = frozenset(inspect.signature(Batches.batch).parameters) - {"self", "name", "connection"}
-
-
-def _valid_run_id(value: object) -> str:
-    """A run id given to the API, in its stored spelling (a UUID, the Celery task id); anything else
-    is the caller's mistake (``InvalidBatchError``), not an unknown run."""
-    found = canonical_id(value)
-    if found is None:
-        raise InvalidBatchError(f"{value!r} is not a run id (a UUID)")
-    return found

@@ -11,7 +11,7 @@ from typing import Any
 from .errors import InvalidBatchError
 
 __all__ = ["Batch", "BatchStatus", "JobRun", "RunStatus", "Continuation", "ContinuationStatus", "WHEN_MATCHES",
-           "batch_progress", "canonical_id", "valid_batch_id"]
+           "batch_progress", "canonical_id", "valid_id"]
 
 
 def batch_progress(total: int, pending: int, finished: bool) -> float:
@@ -56,12 +56,12 @@ def canonical_id(value: object) -> str | None:
         return None
 
 
-def valid_batch_id(value: object) -> str:
-    """A batch id given to the API, in its stored spelling: anything but a UUID is the caller's
-    mistake (``InvalidBatchError``), not an unknown batch."""
+def valid_id(value: object, what: str = "batch") -> str:
+    """A batch (or run) id given to the API, in its stored spelling: anything but a UUID is the
+    caller's mistake (``InvalidBatchError``), not an unknown batch (or run)."""
     found = canonical_id(value)
     if found is None:
-        raise InvalidBatchError(f"{value!r} is not a batch id (a UUID)")
+        raise InvalidBatchError(f"{value!r} is not a {what} id (a UUID)")
     return found
 
 
