@@ -641,3 +641,25 @@ def _batch_of(batches, run_id):
     r = batches.transitions.tables.runs
     with batches.engine.connect() as conn:
         return str(conn.scalar(sa.select(r.c.batch_id).where(r.c.id == run_id)))
+
+
+def test_a_run_is_handed_to_its_replacement_however_long_the_registry_is_away(pg_registry, monkeypatch):
+    """``Task.replace()`` hands the run over before the replacement is sent, and waits for the registry
+    to do it (as a claim does): a run left RUNNING on a live process whose delivery ended would never
+    be recovered, and if its replacement were lost it would never finish."""
+    import sqlalchemy.exc
+
+    batch_id, (handed, _kept) = _claimed(pg_registry, "n/1/original")
+    liveness, refusals = pg_registry.liveness, iter(range(8))  # more refusals than a read retries
+    real = type(liveness).hand_back
+
+    def hand_back(self, *args, **kwargs):
+        if next(refusals, None) is not None:
+            raise sqlalchemy.exc.OperationalError("UPDATE", {}, ConnectionRefusedError("the registry is away"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(liveness), "hand_back", hand_back)
+    pg_registry.node.hand_back(handed, "n/1/original", replaced_by="message")
+    assert next(refusals, None) is None  # every refusal was met with another try
+    [job] = [j for j in pg_registry.get_batch_jobs(batch_id) if j.id == handed]
+    assert job.status == RunStatus.PENDING

@@ -135,8 +135,15 @@ class Node:
 
     def hand_back(self, run_id: str, owner: str | None, *, replaced_by: str | None = None) -> None:
         """A run this delivery claimed goes back to PENDING for the next delivery (its message is
-        requeued) or for its replacement (``replaced_by``: ``Task.replace()``)."""
-        self._write("hand back a run", self._liveness.hand_back, run_id, owner, replaced_by=replaced_by)
+        requeued) or for its replacement (``replaced_by``: ``Task.replace()``). It waits for the
+        registry, however long, as a claim does: the message that carries the run on goes out only
+        after it, and a run left RUNNING on a live process whose delivery ended would wait forever
+        (no recovery takes a live process's run; a replacement lost on the way would never come)."""
+        try:
+            retry.call(lambda: self._liveness.hand_back(run_id, owner, replaced_by=replaced_by), retry.CLAIM,
+                       "hand back a run", log)
+        except Exception:  # noqa: BLE001 - not a passing connection error: the task goes on either way
+            log.exception("celery_batches: could not hand back run %s", run_id)
 
     def hand_back_continuation(self, continuation_id: str, token: str | None) -> None:
         """A continuation this delivery claimed is claimable again (its message is requeued)."""
@@ -147,8 +154,8 @@ class Node:
         self.group_commit.close()
 
     def _write(self, what: str, write: Any, *args: Any, **kwargs: Any) -> Any:
-        """A registry write a pool process makes before it goes on (a claim handed back, a skipped
-        delivery noted): repeated if its connection died; logged, not raised, if it still fails
+        """A registry write a pool process makes before it goes on (a continuation handed back, a
+        skipped delivery noted): repeated if its connection died; logged, not raised, if it still fails
         (recovery resolves what it would have said)."""
         try:
             return retry.call(lambda: write(*args, **kwargs), retry.READ, what, log)
