@@ -30,6 +30,7 @@ from .store.commands import Commands
 from .store.trees import Trees
 from .store.liveness import Liveness
 from .store.outbox import Outbox
+from .store.tallies import Tallies
 from .worker import signals
 from .worker.bootstep import make_bootstep
 from .worker.node import Node
@@ -83,12 +84,15 @@ class Batches(AsyncBatches):
                                  make_claim_engine(self.settings.database_url, self.settings.engine_options,
                                                    prepared_statements=prepared))
         self.probe = probe_for(app, self.settings.probe_scan_limit)
+        #: the metrics' maintained counts (celery_batches.metrics renders them)
+        self.tallies = Tallies(self.engine, tables)
         #: the worker side's one seam to the registry (signal handlers, BatchTask)
         self.node = Node(app, self.settings, self.transitions, self.liveness, self.publisher)
         #: the periodic pass of the worker's main process: relay, recovery, reconciler
         self.relay = Relay(self.settings, self.publisher, self.outbox,
                            Recovery(self.settings, app, self.liveness, self.probe, self.node.write_events, self.node.name),
-                           Reconciler(self.settings, app, self.transitions, self.node.write_events), self.node.name)
+                           Reconciler(self.settings, app, self.transitions, self.node.write_events), self.tallies,
+                           self.node.name)
         _BY_APP[app] = self
         signals.connect(self.node)
         app.steps["worker"].add(make_bootstep(self.node, self.relay, self.liveness))

@@ -314,6 +314,23 @@ def purge(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"deleted {deleted} batch(es)")
 
 
+@batches.command()
+@json_option
+@click.pass_context
+def metrics(ctx: click.Context, as_json: bool) -> None:
+    """Print the Prometheus metrics (as the dashboard's /metrics serves them)."""
+    from . import metrics as prometheus
+
+    service = _service(ctx)
+    if as_json:
+        _echo_json(serialize.metrics_json(prometheus.snapshot(service)))
+        return
+    try:
+        click.echo(prometheus.render(service).decode(), nl=False)
+    except prometheus.MetricsUnavailable as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 # -- the dashboard ---------------------------------------------------------------------------------
 
 @batches.command()

@@ -10,6 +10,7 @@ stored (kombu) JSON of arguments is decoded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from typing import Any
@@ -184,3 +185,10 @@ def retry_json(batch_id: str, retried_runs: int, batch_status: BatchStatus | Non
 def purge_json(deleted_batches: int) -> dict[str, Any]:
     """``purge``: how many batches it deleted (the expired top-level ones and every batch of their trees)."""
     return {"deleted_batches": deleted_batches}
+
+
+def metrics_json(snap: Any) -> dict[str, Any]:
+    """The metrics' numbers (a ``store.tallies.Snapshot``): ``batches metrics --json``."""
+    data = dataclasses.asdict(snap)
+    data["duration_buckets"] = [["+Inf" if le == float("inf") else le, n] for le, n in snap.duration_buckets]
+    return data

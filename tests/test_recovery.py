@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from celery_batches import BatchStatus, RunStatus
+from celery_batches import BatchStatus, RunStatus, metrics
 from celery_batches.models import ContinuationStatus
 from celery_batches.store import RunEvent, utcnow
 from tests.helpers import (RECOVERY, Worker, eventually, fired_once, free_port, needs, nowhere_signature,
@@ -47,6 +47,7 @@ def test_a_whole_worker_killed_with_celery_defaults_leaves_nothing_open(proj, st
     back to the queue and run on a new node, and the batch finishes; nothing runs twice."""
     w = start_worker()
     key = tag("starts")
+    recovered = metrics.snapshot(proj.batches).recovered
     with proj.batches.batch("worker-killed") as b:
         ids = [b.enqueue(proj.track.s(key, 1.0).set(queue=w.queue)) for _ in range(20)]
     eventually(lambda: len(starts(proj, key)) >= 2, "two members to start", 30)
@@ -58,6 +59,10 @@ def test_a_whole_worker_killed_with_celery_defaults_leaves_nothing_open(proj, st
     lost = [j for j in jobs if j.status == RunStatus.FAILED]
     assert lost and all("worker lost" in j.error for j in lost)
     assert {j.id for j in lost} <= set(ran), "only runs that had started may be lost"
+    # the recovery counter (the metric celery_batches_runs_recovered_total), in the registry: every process
+    # reads the same; the pass adds its count after it resolved them
+    counted = lambda: metrics.snapshot(proj.batches).recovered["worker_lost"] - recovered["worker_lost"]  # noqa: E731
+    eventually(lambda: counted() >= len(lost), "the recovery counter to count the runs lost with the worker", RECOVERY)
     assert done.completed_jobs == 20 - len(lost) and set(ids) == {j.id for j in jobs}
 
 

@@ -18,7 +18,7 @@ from werkzeug.exceptions import BadRequest, HTTPException, NotFound
 from werkzeug.routing import Map, MapAdapter, Rule
 from werkzeug.wrappers import Request, Response
 
-from .. import serialize
+from .. import metrics, serialize
 from ..api import Batches
 from ..errors import BatchClosedError, BatchNotFoundError, InvalidBatchError, RunNotFoundError
 from ..models import BatchStatus, RunStatus, canonical_id
@@ -100,6 +100,7 @@ class Dashboard:
             Rule("/api/runs/<uuid:run_id>", endpoint="api_run", methods=["GET"]),
             Rule("/api/runs/<uuid:run_id>/retry", endpoint="api_retry_run", methods=["POST"]),
             Rule("/api/csrf", endpoint="api_csrf", methods=["GET"]),
+            Rule("/metrics", endpoint="metrics", methods=["GET"]),
         ], strict_slashes=False)
         self.static = _load_static()
         self.jinja = Environment(loader=PackageLoader("celery_batches.dashboard", "templates"), autoescape=True,
@@ -391,6 +392,14 @@ class Dashboard:
             error = "its batch was cancelled" if refused == "not-retried" else "the job is not FAILED"
             return self.json(dict(data, error=error, status=409), 409)
         return self.json(data)
+
+    def on_metrics(self, request: Request) -> Response:
+        """Prometheus text (the same access rules as the JSON API); 501 without ``prometheus_client``."""
+        try:
+            body = metrics.render(self.batches)
+        except metrics.MetricsUnavailable as exc:
+            return Response(str(exc), status=501, mimetype="text/plain")
+        return Response(body, content_type=metrics.CONTENT_TYPE)
 
     def on_api_csrf(self, request: Request) -> Response:
         return self.json({"csrf_token": self.access.csrf_token(request), "header": CSRF_HEADER})

@@ -69,6 +69,9 @@ def migrate(engine: sa.Engine, prefix: str, revision: str = "head") -> None:
 def drop_schema(engine: sa.Engine, prefix: str) -> None:
     """Drop every registry table of ``prefix``, version table included (test and benchmark scratch)."""
     from .tables import build_tables
+    from .tallies import drop_triggers
 
+    with engine.begin() as conn:
+        drop_triggers(conn, prefix)
     build_tables(prefix).metadata.drop_all(engine)
     sa.Table(f"{prefix}alembic_version", sa.MetaData()).drop(engine, checkfirst=True)

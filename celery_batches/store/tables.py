@@ -33,6 +33,7 @@ class Tables:
     publications: sa.Table
     leases: sa.Table
     nodes: sa.Table
+    tallies: sa.Table
     prefix: str
 
 
@@ -192,4 +193,13 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("heartbeat_at", TIMESTAMP, nullable=False),
         sa.Column("pids", sa.Text, nullable=True),
     )
-    return Tables(md, batches, runs, batch_jobs, batch_tags, continuations, publications, leases, nodes, prefix)
+    # The metrics' ledger of signed deltas (store/tallies.py): written by triggers on ``batches`` and by
+    # recovery, folded into one row per name by compaction. No key: writers only append, never wait.
+    tallies = sa.Table(
+        f"{prefix}tallies",
+        md,
+        sa.Column("name", sa.String(64), nullable=False),
+        sa.Column("n", sa.BigInteger, nullable=False),
+    )
+    return Tables(md, batches, runs, batch_jobs, batch_tags, continuations, publications, leases, nodes, tallies,
+                  prefix)

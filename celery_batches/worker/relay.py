@@ -9,6 +9,8 @@ publisher of last resort, then recovery, then the reconciler.
   runs whose message the broker lost, are resolved.
 * Reconciler (:mod:`.reconcile`): runs with no final state after ``reconcile_grace`` seconds get
   the outcome the result backend kept.
+* What recovery and the reconciler resolved is added to the registry's recovery counter (the
+  metric ``celery_batches_runs_recovered_total{how}``), and the metrics' ledger is folded.
 
 Only one worker node runs a pass at a time: it holds the ``relay`` lease row for the pass (a row,
 not a session lock, so it works through PgBouncer's transaction pooling and on SQLite).
@@ -24,13 +26,14 @@ from typing import TYPE_CHECKING
 
 from .. import retry
 from ..publishing.publisher import Report
-from ..settings import LEASE_PRUNE_AGE, RELAY_PASS_TTL, RELAY_STEP
+from ..settings import LEASE_PRUNE_AGE, RELAY_PASS_TTL, RELAY_STEP, TALLY_COMPACT_INTERVAL
 from ..store import utcnow
 
 if TYPE_CHECKING:
     from ..publishing.publisher import Publisher
     from ..settings import Settings
     from ..store.outbox import Outbox
+    from ..store.tallies import Tallies
     from .reconcile import Reconciler
     from .recovery import Recovery
 
@@ -38,12 +41,19 @@ __all__ = ["Relay"]
 
 log = logging.getLogger(__name__)
 
+#: what a pass reports -> the ``how`` of the recovery counter (runs only: restored messages and
+#: republished continuations are not runs)
+RECOVERED = {"runs_worker_lost": "worker_lost", "runs_replacement_lost": "replacement_lost",
+             "runs_handed_back": "handed_back", "runs_republished": "republished", "runs_cancelled": "cancelled",
+             "runs_reconciled": "reconciled"}
+
 
 class Relay:
     def __init__(self, settings: "Settings", publisher: "Publisher", outbox: "Outbox", recovery: "Recovery",
-                 reconciler: "Reconciler", holder: str) -> None:
+                 reconciler: "Reconciler", tallies: "Tallies", holder: str) -> None:
         self.settings, self.publisher, self.outbox = settings, publisher, outbox
-        self.recovery, self.reconciler = recovery, reconciler
+        self.recovery, self.reconciler, self.tallies = recovery, reconciler, tallies
+        self._compacted_at = -float("inf")  # time.monotonic() of the last folding of the ledger
         self.holder = holder  # the node's name: who holds the relay lease during a pass
         self._failed_at = -float("inf")  # time.monotonic() of the last pass the registry failed
         self._stop = threading.Event()
@@ -90,7 +100,11 @@ class Relay:
             done.update(self.recovery.run_once())
             leases.elect("relay", self.holder, ttl)
             done["runs_reconciled"] = self.reconciler.run_once(utcnow())
+            self.tallies.recovered({how: done.get(key, 0) for key, how in RECOVERED.items()})
             leases.prune(timedelta(seconds=LEASE_PRUNE_AGE))
+            if time.monotonic() - self._compacted_at >= TALLY_COMPACT_INTERVAL:
+                self.tallies.compact()
+                self._compacted_at = time.monotonic()
         finally:  # the next pass is anyone's (a node that dies mid-pass loses the lease after RELAY_PASS_TTL)
             leases.resign("relay", self.holder)
         if any(done.values()):
