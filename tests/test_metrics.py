@@ -243,3 +243,27 @@ def test_the_cli_prints_the_metrics_and_their_json(registry):
     snap = json.loads(data.output)
     assert snap["runs"]["pending"] == 1 and snap["batches"]["started"] == 1
     assert snap["duration_buckets"][-1] == ["+Inf", 0]
+
+
+def test_the_batches_page_opens_with_the_summary_strip(registry):
+    """Batches by status, jobs waiting and running, the unpublished backlog: the metrics' numbers."""
+    import re
+
+    from werkzeug.test import Client
+
+    noop = registry.app.signature("tests.metrics.noop")
+    with registry.batch("open") as b:
+        for _ in range(3):
+            b.enqueue(noop)
+    with registry.batch("done") as done:
+        done.enqueue(noop)
+    first, *_ = ids(registry, b.id)
+    events(registry, RunEvent(first, RunStatus.RUNNING, node="n1/1"), RunEvent(ids(registry, done.id)[0],
+                                                                               RunStatus.COMPLETED))
+    html = Client(create_app(registry)).get("/", environ_base=LOCAL).get_data(as_text=True)
+    shown = {m[0]: m[1] for m in re.findall(r'data-stat="([\w-]+)"><dt>.*?</dt><dd>(\d+)', html)}
+    want_batches, want_runs = counted(registry)
+    assert shown == {**{f"batches-{s}": str(n) for s, n in want_batches.items()},
+                     "runs-waiting": str(want_runs["pending"] + want_runs["retrying"]),
+                     "runs-running": str(want_runs["running"]), "unpublished": "0"}
+    assert shown["batches-started"] == "1" and shown["batches-completed"] == "1" and shown["runs-running"] == "1"

@@ -190,7 +190,8 @@ class Dashboard:
                                 after=after)
         filters = {"status": status.name.lower() if status is not None else None, "q": name or None, "tag": tag}
         return self.render(request, "batches.html", page=page, status=status, q=name or "", tag=tag or "",
-                           filters=filters, unfinished=any(not row.batch.is_finished for row in page.rows))
+                           filters=filters, unfinished=any(not row.batch.is_finished for row in page.rows),
+                           summary=metrics.snapshot(self.batches))
 
     def on_batch(self, request: Request, batch_id: Any) -> Response:
         batch_id = str(batch_id)
