@@ -10,6 +10,7 @@ from a real worker killed under a batch (tests/test_recovery.py).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -86,6 +87,7 @@ def events(batches: Batches, *evs: RunEvent) -> None:
 
 
 def test_the_metrics_count_what_the_registry_holds_through_every_kind_of_change(registry):
+    started = time.monotonic()
     noop = registry.app.signature("tests.metrics.noop")
     samples = agree(registry)
     assert by_status(samples, "celery_batches_batches") == dict.fromkeys(["created", "started", "completed", "failed",
@@ -127,8 +129,11 @@ def test_the_metrics_count_what_the_registry_holds_through_every_kind_of_change(
     assert samples["celery_batches_batch_duration_seconds_count"][()] == 4
     buckets = {dict(labels)["le"]: v for labels, v in samples["celery_batches_batch_duration_seconds_bucket"].items()}
     assert list(buckets) == [str(le) for le in DURATION_BUCKETS] + ["+Inf"]
-    assert buckets["+Inf"] == 4 and buckets["1"] == 4  # each took well under a second
-    assert 0 <= samples["celery_batches_batch_duration_seconds_sum"][()] < 4
+    counts = list(buckets.values())
+    assert counts == sorted(counts) and buckets["+Inf"] == 4  # cumulative
+    took = time.monotonic() - started  # each batch lived within the test: in the first bucket that holds that
+    assert buckets[str(next(le for le in DURATION_BUCKETS if le >= took))] == 4
+    assert 0 <= samples["celery_batches_batch_duration_seconds_sum"][()] <= 4 * took
 
     registry.tallies.compact()
     with registry.engine.connect() as conn:
@@ -140,7 +145,10 @@ def test_the_metrics_count_what_the_registry_holds_through_every_kind_of_change(
     with registry.engine.begin() as conn:  # everything expired: purge deletes whole trees
         conn.execute(sa.update(t.batches).where(t.batches.c.status >= int(BatchStatus.COMPLETED))
                      .values(expires_at=utcnow() - timedelta(days=1)))
+    finished = metrics.snapshot(registry).finished_total
+    assert finished == sum(counted(registry)[1][s] for s in ("completed", "failed", "cancelled"))
     assert registry.purge_expired() == 4
+    assert metrics.snapshot(registry).finished_total == finished  # the jobs-finished total keeps purged jobs
     samples = agree(registry)
     assert sum(by_status(samples, "celery_batches_batches").values()) == 0
     assert samples["celery_batches_batch_duration_seconds_count"][()] == 4  # a counter: purge takes nothing back
@@ -224,6 +232,8 @@ def test_a_batch_run_by_a_real_worker_is_counted(proj, worker):
 
     samples = eventually(settled, "the metrics to agree with the registry", WAIT)
     assert samples["celery_batches_batch_duration_seconds_count"][()] >= before.duration_count + 1
+    # the worker's relay records the minute's totals for the charts
+    eventually(lambda: proj.batches.tallies.history(utcnow() - timedelta(minutes=2)), "a relay's minute sample", WAIT)
 
 
 def test_the_cli_prints_the_metrics_and_their_json(registry):
@@ -267,3 +277,61 @@ def test_the_batches_page_opens_with_the_summary_strip(registry):
                      "runs-waiting": str(want_runs["pending"] + want_runs["retrying"]),
                      "runs-running": str(want_runs["running"]), "unpublished": "0"}
     assert shown["batches-started"] == "1" and shown["batches-completed"] == "1" and shown["runs-running"] == "1"
+
+
+# -- the charts of the last day ----------------------------------------------------------------------
+
+def test_quantiles_are_estimated_within_a_bucket_as_histogram_quantile_does():
+    from celery_batches.dashboard.charts import quantile
+
+    n = len(DURATION_BUCKETS) + 1
+    cumulative = lambda **at: [next((v for le, v in sorted(at.items(), key=lambda kv: -int(kv[0][1:]))  # noqa: E731
+                                     if int(le[1:]) <= bound), 0) for bound in (*DURATION_BUCKETS, 10**9)]
+    # 10 batches between 5 s and 15 s, 10 more between 60 s and 300 s
+    hist = cumulative(b15=10, b60=10, b300=20)
+    assert len(hist) == n and hist[-1] == 20
+    assert quantile(0.5, hist) == 15.0  # the 10th of 20 is the top of the 5-15 s bucket
+    assert quantile(0.25, hist) == 10.0  # half way into it
+    assert quantile(0.95, hist) == 60 + 240 * 0.9  # 19th of 20: 90% into the 60-300 s bucket
+    assert quantile(0.5, [0] * n) == 0.0
+    assert quantile(0.99, [0] * (n - 1) + [3]) == float(DURATION_BUCKETS[-1])  # all beyond a day
+
+
+def test_the_batches_page_charts_the_last_day_from_the_relays_samples(registry):
+    """Samples written a minute apart around finished jobs: the chart counts exactly those jobs,
+    and the hour's durations; with no samples it says so instead of drawing nothing."""
+    import re
+
+    from werkzeug.test import Client
+
+    client = Client(create_app(registry))
+
+    def chart(name: str) -> dict:
+        html = client.get("/", environ_base=LOCAL).get_data(as_text=True)
+        figure = re.search(rf'<figure data-chart="{name}" (.*?)</figure>', html, re.S).group(0)
+        return {"attrs": dict(re.findall(r'data-(\w+)="(\d+)"', figure)), "html": figure}
+
+    assert "no samples yet" in chart("finished")["html"]
+    noop = registry.app.signature("tests.metrics.noop")
+    now = utcnow()
+    with registry.batch("before") as old:
+        old.enqueue(noop)
+    events(registry, RunEvent(ids(registry, old.id)[0], RunStatus.COMPLETED))  # before the first sample: not counted
+    assert registry.tallies.sample(now - timedelta(minutes=70))
+    assert not registry.tallies.sample(now - timedelta(minutes=70))  # once a minute
+    with registry.batch("charted") as b:
+        for _ in range(3):
+            b.enqueue(noop)
+    events(registry, *(RunEvent(j, RunStatus.COMPLETED) for j in ids(registry, b.id)))
+    assert registry.tallies.sample(now - timedelta(minutes=2))
+    with registry.batch("later") as later:
+        later.enqueue(noop)
+        later.enqueue(noop)
+    events(registry, RunEvent(ids(registry, later.id)[0], RunStatus.FAILED, error="x"))
+    assert registry.tallies.sample(now)
+    finished = chart("finished")
+    assert finished["attrs"]["total"] == "4" and "<polyline" in finished["html"]  # 3 completed, then 1 failed
+    durations = chart("durations")
+    # "charted" finished within the hour of the -2 min sample (or the one before, at -70 min, if an hour
+    # boundary fell between): at least one hour with a p50 drawn
+    assert int(durations["attrs"]["hours"]) >= 1 and 'class="p50"' in durations["html"]

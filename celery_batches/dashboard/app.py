@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+from datetime import timedelta
 from importlib import resources
 from typing import Any, Callable, Iterable
 
@@ -24,9 +25,9 @@ from ..errors import BatchClosedError, BatchNotFoundError, InvalidBatchError, Ru
 from ..models import BatchStatus, RunStatus, canonical_id
 from ..settings import (INT_ARG_DIGITS, JOBS_PAGE_SIZE, MAX_LIMIT, MAX_TAG, PAGE_SIZE, SEARCH_CHARS, TEXT_CHARS,
                         TREE_LIMIT)
-from ..store import pages, reads
+from ..store import pages, reads, utcnow
 from ..store.pagerows import BatchRow
-from . import security
+from . import charts, security
 from .filters import FILTERS, GLOBALS
 from .security import CSRF_HEADER
 
@@ -191,7 +192,11 @@ class Dashboard:
         filters = {"status": status.name.lower() if status is not None else None, "q": name or None, "tag": tag}
         return self.render(request, "batches.html", page=page, status=status, q=name or "", tag=tag or "",
                            filters=filters, unfinished=any(not row.batch.is_finished for row in page.rows),
-                           summary=metrics.snapshot(self.batches))
+                           summary=metrics.snapshot(self.batches), charts=self._charts())
+
+    def _charts(self) -> charts.Charts:
+        now = utcnow()
+        return charts.charts(self.batches.tallies.history(now - charts.WINDOW - timedelta(hours=1)), now)
 
     def on_batch(self, request: Request, batch_id: Any) -> Response:
         batch_id = str(batch_id)

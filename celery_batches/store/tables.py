@@ -34,6 +34,7 @@ class Tables:
     leases: sa.Table
     nodes: sa.Table
     tallies: sa.Table
+    samples: sa.Table
     prefix: str
 
 
@@ -201,5 +202,14 @@ def build_tables(prefix: str) -> Tables:
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("n", sa.BigInteger, nullable=False),
     )
+    # One row a minute, written by the relay: the metrics' running totals then, for the dashboard's
+    # charts over the last day (jobs finished per minute, batch durations by hour). Kept two days.
+    samples = sa.Table(
+        f"{prefix}samples",
+        md,
+        sa.Column("at", TIMESTAMP, primary_key=True),  # the minute, truncated
+        sa.Column("finished", sa.BigInteger, nullable=False),  # jobs that reached a final status, ever
+        sa.Column("durations", sa.Text, nullable=False),  # JSON: the duration histogram's cumulative counts
+    )
     return Tables(md, batches, runs, batch_jobs, batch_tags, continuations, publications, leases, nodes, tallies,
-                  prefix)
+                  samples, prefix)

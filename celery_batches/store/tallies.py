@@ -8,7 +8,9 @@ the ledger is:
 
 * ``batches:<status>`` 1, and ``children:<status>`` 1 if it has a parent;
 * once finished, its counters: ``final:completed``, ``final:failed``, ``final:cancelled`` and
-  ``final:open`` (units not counted yet: runs still running in a cancelled batch).
+  ``final:open`` (units not counted yet: runs still running in a cancelled batch);
+* deleted (purged) once finished: ``purged``, the runs it had finished, so that the total of jobs
+  ever finished (the charts' jobs per minute) does not drop when old batches go.
 
 The counters count units (direct runs and child batches, design.md), and a child is counted in its
 parent exactly while it is finished, so runs by final status = finished batches' counters (the
@@ -20,17 +22,20 @@ histogram; recovery adds ``recovered:<how>``. Compaction folds the deltas into o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Mapping
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ..models import BatchStatus, ContinuationStatus, RunStatus
 from .queries import sql_name
+from .rows import as_utc
 from .tables import Tables
 
-__all__ = ["DURATION_BUCKETS", "RECOVERY", "Snapshot", "Tallies", "create_triggers", "drop_triggers"]
+__all__ = ["DURATION_BUCKETS", "RECOVERY", "SAMPLES_KEPT", "Snapshot", "Tallies", "create_triggers", "drop_triggers"]
 
 #: upper bounds (seconds) of the batch duration histogram's buckets; a batch runs seconds to days
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
@@ -38,6 +43,8 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
 #: its lost message published again, failed as its worker was lost, failed as its replacement's
 #: message was lost, cancelled as its batch was, or given the outcome the result backend kept
 RECOVERY = ("handed_back", "republished", "worker_lost", "replacement_lost", "cancelled", "reconciled")
+#: how long the relay's minute samples are kept (the charts show the last day)
+SAMPLES_KEPT = timedelta(days=2)
 _FINAL = int(BatchStatus.COMPLETED)  # a batch status at or above this is finished
 _COUNTERS = (("completed", "completed_jobs"), ("failed", "failed_jobs"), ("cancelled", "cancelled_jobs"))
 _OPS = ("insert", "update", "delete")
@@ -67,11 +74,21 @@ def _observation(dialect: str, row: str, source: str = "", when: str = "") -> st
             f"SELECT 'duration_ms', CAST(round({seconds} * 1000) AS BIGINT) {source} WHERE {cond}")
 
 
+def _purged(row: str) -> str:
+    """A finished batch deleted (purged): the runs it had finished, kept in the jobs-finished total
+    (its units less itself as a unit of its parent, which counted it)."""
+    done = " + ".join(f"{row}.{column}" for _, column in _COUNTERS)
+    parent = f"CASE WHEN {row}.parent_id IS NULL THEN 0 ELSE 1 END"
+    return f"SELECT 'purged', {done} - {parent} WHERE {row}.status >= {_FINAL}"
+
+
 def _delta(dialect: str, op: str, tallies: str) -> str:
     """The INSERT a trigger runs for ``op``: the new share minus the old, summed by name."""
-    parts = []
+    parts = []  # the first names the columns
     if op != "insert":
         parts.append(_share("OLD", "-"))
+    if op == "delete":
+        parts.append(_purged("OLD"))
     if op != "delete":
         parts.append(_share("NEW", ""))
         parts.append(_observation(dialect, "NEW", when="" if op == "insert" else f" AND OLD.status < {_FINAL}"))
@@ -134,6 +151,8 @@ class Snapshot:
     duration_buckets: list[tuple[float, int]] = field(default_factory=list)
     duration_count: int = 0
     duration_sum: float = 0.0
+    #: jobs in a final status, purged ones included (a failure ``retry_failed`` puts back leaves it)
+    finished_total: int = 0
 
 
 class Tallies:
@@ -192,9 +211,7 @@ class Tallies:
             - sum(get(f"children:{int(s)}") for s in BatchStatus if not s.is_final)
         runs = {"pending": waiting - int(running or 0) - int(retrying or 0), "running": int(running or 0),
                 "retrying": int(retrying or 0), **runs}
-        oldest = unpublished[1]
-        if oldest is not None and oldest.tzinfo is None:
-            oldest = oldest.replace(tzinfo=now.tzinfo)
+        oldest = as_utc(unpublished[1])
         cumulative, buckets = 0, []
         for le in (*DURATION_BUCKETS, float("inf")):
             cumulative += get(f"duration_le:{'+Inf' if le == float('inf') else le}")
@@ -204,4 +221,27 @@ class Tallies:
             oldest_unpublished_seconds=max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0,
             continuations_due=int(due or 0),
             recovered={how: get(f"recovered:{how}") for how in RECOVERY},
-            duration_buckets=buckets, duration_count=cumulative, duration_sum=get("duration_ms") / 1000.0)
+            duration_buckets=buckets, duration_count=cumulative, duration_sum=get("duration_ms") / 1000.0,
+            finished_total=sum(runs[name] for name, _ in _COUNTERS) + get("purged"))
+
+    # -- the charts' record -------------------------------------------------------------------------
+    def sample(self, now: datetime) -> bool:
+        """Record this minute's totals (once: any later call in the same minute does nothing), and
+        forget samples older than :data:`SAMPLES_KEPT`. True if this call wrote the minute's row."""
+        s, minute = self.tables.samples, now.replace(second=0, microsecond=0)
+        snap = self.snapshot(now)
+        row = {"at": minute, "finished": snap.finished_total,
+               "durations": json.dumps([n for _, n in snap.duration_buckets])}
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(s).where(s.c.at < minute - SAMPLES_KEPT))
+            insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(s)
+            return conn.execute(insert.values(row).on_conflict_do_nothing(index_elements=["at"])
+                                .returning(s.c.at)).first() is not None
+
+    def history(self, since: datetime) -> list[tuple[datetime, int, list[int]]]:
+        """The samples from ``since`` on, oldest first: (minute, jobs finished ever, duration histogram)."""
+        s = self.tables.samples
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(s.c.at, s.c.finished, s.c.durations).where(s.c.at >= since)
+                                .order_by(s.c.at)).all()
+        return [(as_utc(at), int(finished), json.loads(durations)) for at, finished, durations in rows]

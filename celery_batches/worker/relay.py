@@ -10,7 +10,8 @@ publisher of last resort, then recovery, then the reconciler.
 * Reconciler (:mod:`.reconcile`): runs with no final state after ``reconcile_grace`` seconds get
   the outcome the result backend kept.
 * What recovery and the reconciler resolved is added to the registry's recovery counter (the
-  metric ``celery_batches_runs_recovered_total{how}``), and the metrics' ledger is folded.
+  metric ``celery_batches_runs_recovered_total{how}``); once a minute the metrics' totals are
+  recorded for the dashboard's charts, and the metrics' ledger is folded.
 
 Only one worker node runs a pass at a time: it holds the ``relay`` lease row for the pass (a row,
 not a session lock, so it works through PgBouncer's transaction pooling and on SQLite).
@@ -54,6 +55,7 @@ class Relay:
         self.settings, self.publisher, self.outbox = settings, publisher, outbox
         self.recovery, self.reconciler, self.tallies = recovery, reconciler, tallies
         self._compacted_at = -float("inf")  # time.monotonic() of the last folding of the ledger
+        self._sampled: object = None  # the minute of the last sample this node recorded
         self.holder = holder  # the node's name: who holds the relay lease during a pass
         self._failed_at = -float("inf")  # time.monotonic() of the last pass the registry failed
         self._stop = threading.Event()
@@ -102,6 +104,10 @@ class Relay:
             done["runs_reconciled"] = self.reconciler.run_once(utcnow())
             self.tallies.recovered({how: done.get(key, 0) for key, how in RECOVERED.items()})
             leases.prune(timedelta(seconds=LEASE_PRUNE_AGE))
+            now = utcnow()
+            if now.replace(second=0, microsecond=0) != self._sampled:  # the charts' record: once a minute
+                self.tallies.sample(now)
+                self._sampled = now.replace(second=0, microsecond=0)
             if time.monotonic() - self._compacted_at >= TALLY_COMPACT_INTERVAL:
                 self.tallies.compact()
                 self._compacted_at = time.monotonic()

@@ -1,5 +1,6 @@
 """``tallies``: the metrics' ledger of maintained counts, and the triggers on ``batches`` that keep it
-(store/tallies.py), filled from the batches already there.
+(store/tallies.py), filled from the batches already there; ``samples``: the relay's minute by minute
+record of them, for the dashboard's charts.
 
 Revision ID: 0011
 Revises: 0010
@@ -23,8 +24,15 @@ def upgrade(prefix: str) -> None:
         sa.Column("n", sa.BigInteger, nullable=False),
     )
     create_triggers(op.get_bind(), prefix)
+    op.create_table(
+        f"{prefix}samples",
+        sa.Column("at", sa.DateTime(timezone=True), primary_key=True),
+        sa.Column("finished", sa.BigInteger, nullable=False),
+        sa.Column("durations", sa.Text, nullable=False),
+    )
 
 
 def downgrade(prefix: str) -> None:
+    op.drop_table(f"{prefix}samples")
     drop_triggers(op.get_bind(), prefix)
     op.drop_table(f"{prefix}tallies")
