@@ -92,7 +92,7 @@ def fill_statements(BATCHES: int) -> list[str]:  # noqa: N803  (reads as the con
     # every other batch: 9 jobs, their statuses matching the batch's
     f"""
     INSERT INTO {{runs}} (id, batch_id, position, status, task_name, args, kwargs, queue, options, created_at,
-                         started_at, finished_at, error, retries, published)
+                         started_at, finished_at, error, retries, published, node)
     SELECT gen_random_uuid(), b.id, p,
            CASE b.status WHEN 1 THEN CASE WHEN p < 4 THEN 3 WHEN p = 4 THEN 1 ELSE 0 END
                          WHEN 3 THEN CASE WHEN p = 0 THEN 4 ELSE 3 END
@@ -100,7 +100,8 @@ def fill_statements(BATCHES: int) -> list[str]:  # noqa: N803  (reads as the con
            'shop.tasks.step_' || p, '[' || p || ']', '{{{{}}}}', 'default', NULL, b.created_at,
            CASE WHEN b.status <> 1 OR p <= 4 THEN b.created_at + interval '1 second' END,
            CASE WHEN b.status <> 1 OR p < 4 THEN b.created_at + interval '2 seconds' END,
-           CASE WHEN b.status = 3 AND p = 0 THEN 'RuntimeError: step failed' END, 0, true
+           CASE WHEN b.status = 3 AND p = 0 THEN 'RuntimeError: step failed' END, 0, true,
+           CASE WHEN b.status = 1 AND p = 4 THEN 'bench@host/' || (b.id::text < '8') END  -- claimed, as running is
     FROM {{batches}} b, generate_series(0, {JOBS_EACH - 1}) AS p
     WHERE b.id <> {bid('1')}
     """,

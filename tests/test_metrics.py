@@ -335,3 +335,21 @@ def test_the_batches_page_charts_the_last_day_from_the_relays_samples(registry):
     # "charted" finished within the hour of the -2 min sample (or the one before, at -70 min, if an hour
     # boundary fell between): at least one hour with a p50 drawn
     assert int(durations["attrs"]["hours"]) >= 1 and 'class="p50"' in durations["html"]
+
+
+def test_compaction_folds_a_burst_of_deltas_and_keeps_every_sum(registry):
+    """A burst (what the triggers of a bulk creation write): folded into one row per name, the sums
+    kept; on PostgreSQL the ledger is vacuumed at once (past TALLY_VACUUM_ROWS) so reads stay an
+    index-only scan."""
+    from celery_batches.store.tallies import TALLY_VACUUM_ROWS
+
+    burst = TALLY_VACUUM_ROWS + 1
+    with registry.engine.begin() as conn:
+        conn.execute(sa.insert(registry.transitions.tables.tallies),
+                     [{"name": "recovered:worker_lost", "n": 1}] * burst)
+    assert registry.tallies.compact() == burst
+    with registry.engine.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(registry.transitions.tables.tallies)) == 1
+    assert metrics.snapshot(registry).recovered["worker_lost"] == burst
+    assert registry.tallies.compact() == 1  # the folded row, folded again into itself
+    assert metrics.snapshot(registry).recovered["worker_lost"] == burst

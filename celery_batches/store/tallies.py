@@ -23,6 +23,7 @@ histogram; recovery adds ``recovered:<how>``. Compaction folds the deltas into o
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Mapping
@@ -43,6 +44,10 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
 #: its lost message published again, failed as its worker was lost, failed as its replacement's
 #: message was lost, cancelled as its batch was, or given the outcome the result backend kept
 RECOVERY = ("handed_back", "republished", "worker_lost", "replacement_lost", "cancelled", "reconciled")
+log = logging.getLogger(__name__)
+
+#: rows folded by one compaction past which PostgreSQL's ledger is vacuumed at once
+TALLY_VACUUM_ROWS = 10_000
 #: how long the relay's minute samples are kept (the charts show the last day)
 SAMPLES_KEPT = timedelta(days=2)
 _FINAL = int(BatchStatus.COMPLETED)  # a batch status at or above this is finished
@@ -166,22 +171,32 @@ class Tallies:
             with self.engine.begin() as conn:
                 conn.execute(sa.insert(self.tables.tallies), rows)
 
-    def compact(self) -> None:
+    def compact(self) -> int:
         """Fold the ledger's deltas into one row per name (any process, any time: concurrent
-        writers' rows are left for the next compaction)."""
+        writers' rows are left for the next compaction); returns how many rows it folded. After a
+        burst (a bulk creation's triggers), PostgreSQL's ledger is vacuumed at once, so reads
+        (an index-only scan) are fast again without waiting for autovacuum."""
         t = self.tables.tallies
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 name = sql_name(conn.dialect, t)
-                conn.exec_driver_sql(
-                    f"WITH gone AS (DELETE FROM {name} RETURNING name, n) INSERT INTO {name} (name, n) "
-                    "SELECT name, sum(n) FROM gone GROUP BY name HAVING sum(n) <> 0")
+                folded = conn.exec_driver_sql(
+                    f"WITH gone AS (DELETE FROM {name} RETURNING name, n), "
+                    f"kept AS (INSERT INTO {name} (name, n) SELECT name, sum(n) FROM gone GROUP BY name "
+                    "HAVING sum(n) <> 0) SELECT count(*) FROM gone").scalar_one()
             else:  # SQLite: one writer at a time, so read, clear and write back in one transaction
                 sums = conn.execute(sa.select(t.c.name, sa.func.sum(t.c.n)).group_by(t.c.name)).all()
-                conn.execute(sa.delete(t))
+                folded = conn.execute(sa.delete(t)).rowcount
                 rows = [{"name": name, "n": n} for name, n in sums if n]
                 if rows:
                     conn.execute(sa.insert(t), rows)
+        if folded > TALLY_VACUUM_ROWS and self.engine.dialect.name == "postgresql":
+            try:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.exec_driver_sql(f"VACUUM (ANALYZE) {sql_name(conn.dialect, t)}")
+            except sa.exc.DBAPIError:  # not the tables' owner, say: autovacuum will do it
+                log.warning("celery_batches: could not VACUUM the metrics' ledger; autovacuum will", exc_info=True)
+        return int(folded)
 
     def snapshot(self, now: datetime) -> Snapshot:
         """Every gauge and counter, from the ledger and a few small indexed reads, in one transaction."""

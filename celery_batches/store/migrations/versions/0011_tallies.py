@@ -23,6 +23,7 @@ def upgrade(prefix: str) -> None:
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("n", sa.BigInteger, nullable=False),
     )
+    op.create_index(f"ix_{prefix}tallies_name", f"{prefix}tallies", ["name", "n"])
     create_triggers(op.get_bind(), prefix)
     op.create_table(
         f"{prefix}samples",
