@@ -69,7 +69,8 @@ CONTINUATION_TASKS = ("chaos.continuation", "chaos.continuation_member", "chaos.
 KINDS = ("success", "failure", "complete")  # continue-with's ``when`` too
 CONTINUATION_KINDS = KINDS + ("first_failure",)
 FAULTS = ("kill_pool_process", "kill_worker", "kill_pg_backends", "restart_broker")
-VIOLATIONS = ("stuck", "doubled", "wrong counters", "continuations not exactly once", "batch_finished signals doubled")
+VIOLATIONS = ("stuck", "doubled", "wrong counters", "continuations not exactly once", "batch_finished signals doubled",
+              "metrics disagree")
 
 
 def poll(check: Callable[[], Any], what: str, timeout: float, interval: float = 0.1) -> Any:
@@ -460,6 +461,19 @@ class Checker:
         self.check_runs()
         self.check_continuations()
         self.check_signals()
+        self.check_metrics(mod.batches)
+
+    def check_metrics(self, batches: Any) -> None:
+        """The metrics' maintained counts (triggers on ``batches``, store/tallies.py) against the rows,
+        once everything settled: batches and runs by status."""
+        from celery_batches import BatchStatus, RunStatus, metrics
+
+        snap = metrics.snapshot(batches)
+        rows = ({s.name.lower(): sum(1 for b in self.batches if b.status == s) for s in BatchStatus},
+                {s.name.lower(): sum(1 for r in self.runs if r.status == s) for s in RunStatus})
+        for kind, said, counted in (("batches", snap.batches, rows[0]), ("runs", snap.runs, rows[1])):
+            if said != counted:
+                self.violations["metrics disagree"].append(f"{kind}: metrics {said}, rows {counted}")
 
     def check_batches(self) -> None:
         from celery_batches import BatchStatus, RunStatus

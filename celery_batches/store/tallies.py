@@ -36,6 +36,8 @@ from .queries import sql_name
 from .rows import as_utc
 from .tables import Tables
 
+log = logging.getLogger(__name__)
+
 __all__ = ["DURATION_BUCKETS", "RECOVERY", "SAMPLES_KEPT", "Snapshot", "Tallies", "create_triggers", "drop_triggers"]
 
 #: upper bounds (seconds) of the batch duration histogram's buckets; a batch runs seconds to days
@@ -44,7 +46,6 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
 #: its lost message published again, failed as its worker was lost, failed as its replacement's
 #: message was lost, cancelled as its batch was, or given the outcome the result backend kept
 RECOVERY = ("handed_back", "republished", "worker_lost", "replacement_lost", "cancelled", "reconciled")
-log = logging.getLogger(__name__)
 
 #: rows folded by one compaction past which PostgreSQL's ledger is vacuumed at once
 TALLY_VACUUM_ROWS = 10_000
