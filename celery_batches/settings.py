@@ -20,7 +20,7 @@ from .errors import InvalidBatchError
 
 __all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "ERROR_CHARS", "OWED_FLAG_LEASES", "PUBLISH_DEFERRALS", "PURGE_CHUNK",
            "RELAY_PASS_TTL", "RELAY_STEP", "REVOKE_CHUNK",
-           "LEASE_PRUNE_AGE", "TALLY_COMPACT_INTERVAL", "PUBLISH_NESTING", "PAGE_SIZE", "JOBS_PAGE_SIZE", "TREE_LIMIT", "SUCCESSORS_LIMIT", "MAX_ANCESTORS", "IDS_PER_STATEMENT", "MAX_NAME", "MAX_TAG", "MAX_DESCRIPTION", "SHOW_TREE_LIMIT", "MAX_LIMIT", "TEXT_CHARS", "SEARCH_CHARS", "INT_ARG_DIGITS", "MIN_API_TOKEN_CHARS"]
+           "LEASE_PRUNE_AGE", "TALLY_COMPACT_INTERVAL", "TALLY_VACUUM_ROWS", "SAMPLES_KEPT", "PUBLISH_NESTING", "PAGE_SIZE", "JOBS_PAGE_SIZE", "TREE_LIMIT", "SUCCESSORS_LIMIT", "MAX_ANCESTORS", "IDS_PER_STATEMENT", "MAX_NAME", "MAX_TAG", "MAX_DESCRIPTION", "SHOW_TREE_LIMIT", "MAX_LIMIT", "TEXT_CHARS", "SEARCH_CHARS", "INT_ARG_DIGITS", "MIN_API_TOKEN_CHARS"]
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_batches.sqlite3"
 DATABASE_URL_ENV = "CELERY_BATCHES_DATABASE_URL"
@@ -50,6 +50,10 @@ OWED_FLAG_LEASES = 10
 LEASE_PRUNE_AGE = 3600.0
 #: seconds between two foldings of the metrics' ledger (store/tallies.py) by the relay
 TALLY_COMPACT_INTERVAL = 60.0
+#: rows folded by one compaction past which PostgreSQL's ledger is vacuumed at once (a burst of deltas)
+TALLY_VACUUM_ROWS = 10_000
+#: how long the relay's minute samples (the dashboard's charts of the last day) are kept
+SAMPLES_KEPT = timedelta(days=2)
 #: how deep a publication publishes, in turn, what its refused messages made due (their batches'
 #: continuations); anything deeper is left to the relay
 PUBLISH_NESTING = 16

@@ -341,7 +341,7 @@ def test_compaction_folds_a_burst_of_deltas_and_keeps_every_sum(registry):
     """A burst (what the triggers of a bulk creation write): folded into one row per name, the sums
     kept; on PostgreSQL the ledger is vacuumed at once (past TALLY_VACUUM_ROWS) so reads stay an
     index-only scan."""
-    from celery_batches.store.tallies import TALLY_VACUUM_ROWS
+    from celery_batches.settings import TALLY_VACUUM_ROWS
 
     burst = TALLY_VACUUM_ROWS + 1
     with registry.engine.begin() as conn:

@@ -25,20 +25,21 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..models import BatchStatus, ContinuationStatus, RunStatus
+from ..settings import SAMPLES_KEPT, TALLY_VACUUM_ROWS
 from .queries import sql_name
 from .rows import as_utc
 from .tables import Tables
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DURATION_BUCKETS", "RECOVERY", "SAMPLES_KEPT", "Snapshot", "Tallies", "create_triggers", "drop_triggers"]
+__all__ = ["DURATION_BUCKETS", "RECOVERY", "Snapshot", "Tallies", "create_triggers", "drop_triggers"]
 
 #: upper bounds (seconds) of the batch duration histogram's buckets; a batch runs seconds to days
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
@@ -47,10 +48,6 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 21600, 86400)
 #: message was lost, cancelled as its batch was, or given the outcome the result backend kept
 RECOVERY = ("handed_back", "republished", "worker_lost", "replacement_lost", "cancelled", "reconciled")
 
-#: rows folded by one compaction past which PostgreSQL's ledger is vacuumed at once
-TALLY_VACUUM_ROWS = 10_000
-#: how long the relay's minute samples are kept (the charts show the last day)
-SAMPLES_KEPT = timedelta(days=2)
 _FINAL = int(BatchStatus.COMPLETED)  # a batch status at or above this is finished
 _COUNTERS = (("completed", "completed_jobs"), ("failed", "failed_jobs"), ("cancelled", "cancelled_jobs"))
 _OPS = ("insert", "update", "delete")
@@ -243,7 +240,7 @@ class Tallies:
     # -- the charts' record -------------------------------------------------------------------------
     def sample(self, now: datetime) -> bool:
         """Record this minute's totals (once: any later call in the same minute does nothing), and
-        forget samples older than :data:`SAMPLES_KEPT`. True if this call wrote the minute's row."""
+        forget samples older than ``SAMPLES_KEPT``. True if this call wrote the minute's row."""
         s, minute = self.tables.samples, now.replace(second=0, microsecond=0)
         snap = self.snapshot(now)
         row = {"at": minute, "finished": snap.finished_total,
