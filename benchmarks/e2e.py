@@ -2,8 +2,10 @@
 Celery chord, and a batch.
 
 Starts one real ``celery worker -P prefork -c 2`` and runs the ways against it, each timed
-from the first call to the moment its counter/callback/continuation ran. Then times committing
-a 10,000-job batch (``--commit-jobs``) and measures the peak memory of creating a 100,000-job
+from the first call to the moment its counter/callback/continuation ran, and each costed in CPU
+seconds per 1,000 jobs summed over every process involved (this producer, the worker and its pool
+processes, PostgreSQL's backends, the broker; read from /proc by benchmarks/cpu.py). Then times
+committing a 10,000-job batch (``--commit-jobs``) and measures the peak memory of creating a 100,000-job
 batch (``--memory-jobs``).
 
     python benchmarks/e2e.py [-n 10000] [--rounds 1] [--commit-jobs 10000] [--memory-jobs 100000] [--drop]
@@ -25,12 +27,13 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import benchapp  # noqa: E402
+from benchmarks import benchapp, cpu  # noqa: E402
 from benchmarks.benchapp import app, batches, done, noop, noop_late, r  # noqa: E402
 from benchmarks.big import delete_queue, probe  # noqa: E402
 from celery import chord  # noqa: E402
@@ -81,6 +84,12 @@ def with_batch(n: int) -> float:
             b.enqueue(noop, key)
         b.on_complete(done, key=flag)
     return wait_for(lambda: r.exists(flag)) - t0
+
+
+def cpu_line(cost: cpu.Cpu) -> str:
+    """One way's CPU seconds per 1,000 jobs: the total, then who spent them."""
+    return f"{cost.total:7.3f} s per 1000 jobs  (" + "  ".join(
+        f"{f.name} {getattr(cost, f.name):.3f}" for f in fields(cost)) + ")"
 
 
 def purge_queue(queue: str | None = None, *, delete: bool = False) -> None:
@@ -143,30 +152,61 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     from celery_batches.store import drop_schema
 
+    broker = app.connection_for_write().transport.driver_type
+    # before this run opens any connection of its own: every client backend is someone else's
+    others, others_active = cpu.other_postgres_clients()
     drop_schema(batches.engine, batches.settings.table_prefix)  # a fresh registry: nothing left to relay
     batches.migrate()
     purge_queue()
     worker = start_worker()
     ways = (("floor", floor), ("floor-late", floor_acks_late), ("chord", with_chord), ("batch", with_batch))
     results: dict[str, list[float]] = {name: [] for name, _ in ways}
+    costs: dict[str, list[cpu.Cpu]] = {name: [] for name, _ in ways}
     try:
         for rnd in range(args.rounds):
             for name, way in ways:
+                before = cpu.snapshot(worker.pid, broker)
                 seconds = way(args.n)
+                cost = cpu.snapshot(worker.pid, broker).minus(before).per(args.n)  # right after its wait
                 results[name].append(seconds)
+                costs[name].append(cost)
                 print(f"round {rnd + 1}: {name:10s} {seconds:7.2f} s  {args.n / seconds:7.0f} tasks/s", flush=True)
+                print(f"round {rnd + 1}: {name:10s} cpu {cpu_line(cost)}", flush=True)
     finally:
         worker.terminate()
         worker.wait(60)
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    broker = app.connection_for_write().transport.driver_type
     print(f"\nN = {args.n} no-op tasks, broker {broker}, one worker -P prefork -c 2, median of {args.rounds} round(s)")
     for name in results:
         print(f"  {name:10s} {med[name]:7.2f} s  {args.n / med[name]:7.0f} tasks/s  "
               f"{med[name] / med['floor']:.2f}x floor")
     print(f"  batch / floor = {med['batch'] / med['floor']:.3f}  (target <= 1.15)")
     print(f"  chord / batch = {med['chord'] / med['batch']:.3f}  (target >= 1.4)")
+
+    # each column's median on its own (the total is the median of the rounds' totals, not the sum of
+    # the medians); from /proc, so other users of the same PostgreSQL/Redis/RabbitMQ are counted too
+    print(f"\nCPU seconds per 1,000 jobs, median of {args.rounds} round(s), summed over the producer, the worker "
+          f"and its pool, PostgreSQL and the broker ({'redis-server' if broker == 'redis' else 'beam.smp'}"
+          f"{'' if broker == 'redis' else '; results: redis-server, the result backend and counters'})")
+    print("  (pg_ours: the part of postgres spent by the backends this run's processes are connected to; "
+          "not in the total)")
+    if others:
+        print(f"  noise: {others} other PostgreSQL client backend(s) were connected before the run "
+              f"({others_active} active); their work is counted in the postgres column")
+    else:
+        print("  noise: no other PostgreSQL client backend was connected before the run")
+    cols = [f.name for f in fields(cpu.Cpu) if broker != "redis" or f.name != "results"]  # pg_ours last
+    print("  " + " " * 10 + "".join(f"{c:>9s}" for c in ("total", *cols)) + "    wall x floor   cpu x floor")
+    total = {k: statistics.median(c.total for c in v) for k, v in costs.items()}
+    for name, v in costs.items():
+        parts = [statistics.median(getattr(c, col) for c in v) for col in cols]
+        cpu_ratio = total[name] / total["floor"] if total["floor"] > 0 else float("nan")
+        print(f"  {name:10s}{total[name]:9.3f}" + "".join(f"{p:9.3f}" for p in parts)
+              + f"    {med[name] / med['floor']:11.2f}   {cpu_ratio:11.2f}")
+    for way in ("batch", "chord"):
+        ratio = total[way] / total["floor"] if total["floor"] > 0 else float("nan")
+        print(f"  cpu {way} / floor = {ratio:.3f}  (wall {med[way] / med['floor']:.3f})")
 
     # fresh processes (benchmarks/big.py), each on tables and a queue of its own
     small, big = probe("batch", args.commit_jobs), probe("batch", args.memory_jobs)

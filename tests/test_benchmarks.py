@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -172,7 +173,8 @@ def delete_amqp(broker_url: str, queue: str) -> None:
 @pytest.mark.timeout(DEADLINE + 60)
 def test_e2e(services: None) -> None:
     """benchmarks/e2e.py: delay(), delay() with acks_late, a chord and a batch of 20 tasks on one real
-    worker, then a 100-job batch's build and commit and its peak memory; --drop removes what it made.
+    worker, each timed and costed in CPU seconds per 1,000 jobs (its processes' /proc times), then a
+    100-job batch's build and commit and its peak memory; --drop removes what it made.
     On Redis only (RabbitMQ would double the slowest test of the module; test_big runs on both)."""
     broker_url = os.environ["TEST_BROKER_URL"]
     prefix, queue = name("e2e"), name("e2e", "-")[:-1]
@@ -188,7 +190,23 @@ def test_e2e(services: None) -> None:
             positive(m[1]), positive(m[2])
             m = found(rf"^  {way} +({NUM}) s +({NUM}) tasks/s +({NUM})x floor$", out, f"median of {way!r}")
             positive(m[1]), positive(m[2]), positive(m[3])
+            # CPU seconds per 1,000 jobs (benchmarks/cpu.py): each round's, then the medians' table
+            m = found(rf"^round 1: {way} +cpu +({NUM}) s per 1000 jobs +\(producer ({NUM}) +worker ({NUM}) +postgres "
+                      rf"({NUM}) +broker ({NUM}) +results ({NUM}) +pg_ours ({NUM})\)$", out, f"CPU of {way!r}")
+            assert all(finite(v) >= 0 for v in m.groups()), m[0]
+            assert finite(m[1]) == pytest.approx(sum(finite(v) for v in m.groups()[1:6]), abs=0.01), m[0]
+            m = found(rf"^  {way} +((?: +{NUM}){{{7 if amqp else 6}}}) +({NUM}) +({NUM})$", out,
+                      f"CPU median of {way!r}")  # total, its parts and pg_ours; wall and CPU x floor
+            assert all(finite(v) >= 0 for v in m[1].split()), m[0]
+            positive(m[2])
+            assert m[3] == "nan" or finite(m[3]) >= 0, m[0]  # nan: the floor's CPU was below one tick
         found(rf"^N = 20 no-op tasks, broker {'amqp' if amqp else 'redis'}, ", out, "summary")
+        found(r"^CPU seconds per 1,000 jobs, median of 1 round\(s\), ", out, "CPU header")
+        found(r"^  noise: (no other PostgreSQL client backend|\d+ other PostgreSQL client backend\(s\)) ", out, "noise")
+        for way in ("batch", "chord"):
+            m = found(rf"^  cpu {way} / floor = ({NUM}) +\(wall ({NUM})\)$", out, f"CPU {way} / floor")
+            assert m[1] == "nan" or finite(m[1]) >= 0
+            positive(m[2])
         positive(found(rf"^  batch / floor = ({NUM}) ", out, "batch / floor")[1])
         positive(found(rf"^  chord / batch = ({NUM}) ", out, "chord / batch")[1])
         m = found(rf"^build a 100-job batch in memory: ({NUM}) s; commit it on postgresql: ({NUM}) s", out,
@@ -337,3 +355,71 @@ def test_looplag(services: None) -> None:
     finally:
         drop_tables(scratch)
         delete_redis_keys(f"*{scratch}*")
+
+
+#: a stand-in for a worker's main process: on "go" it starts two children that each burn 0.4 s of
+#: CPU; it waits for (reaps) the first, leaves the second alive and asleep, and says "done"
+FAKE_WORKER = """
+import subprocess, sys, time
+BURN = "import time\\nwhile time.process_time() < 0.4: pass\\nprint('burnt', flush=True)\\n"
+print("ready", flush=True)
+sys.stdin.readline()
+gone = subprocess.Popen([sys.executable, "-c", BURN], stdout=subprocess.PIPE, text=True)
+stays = subprocess.Popen([sys.executable, "-c", BURN + "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+gone.wait()
+stays.stdout.readline()
+print("done", flush=True)
+sys.stdin.readline()
+stays.kill()
+"""
+
+
+def test_cpu_sees_descendants_live_and_reaped() -> None:
+    """benchmarks/cpu.py: the CPU a worker's descendants burn between two snapshots is counted,
+    whether the process is still alive (its own utime+stime) or exited and was reaped (its parent's
+    cutime+cstime); the producer's own time is this process's."""
+    from benchmarks import cpu
+
+    assert cpu.available()
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_WORKER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        before = cpu.snapshot(proc.pid, "redis")
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.3:  # the producer burns too
+            pass
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        spent = cpu.snapshot(proc.pid, "redis").minus(before)
+        # two children of 0.4 s each (plus their interpreters' start-up), at 10 ms per tick
+        assert spent.worker >= 0.75, spent
+        assert spent.producer >= 0.25, spent
+        assert all(getattr(spent, f) >= 0 for f in cpu.Cpu.PARTS), spent
+        assert spent.total >= spent.worker + spent.producer
+        per = spent.per(2000)
+        assert per.worker == pytest.approx(spent.worker / 2)
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+
+
+def test_cpu_postgres_counts_reaped_backends() -> None:
+    """benchmarks/cpu.py: a PostgreSQL backend that disconnects between two snapshots moves from the
+    live children into the postmaster's cutime, so the sum over ``postgres`` neither loses nor
+    doubles it; a process tree's reaped children count once."""
+    from benchmarks import cpu
+
+    def stat(pid: int, ppid: int, own: int, reaped: int = 0, comm: str = "postgres") -> cpu.Stat:
+        return cpu.Stat(pid, comm, ppid, utime=own, stime=0, cutime=reaped, cstime=0)
+
+    before = {1: stat(1, 0, 10, 5), 2: stat(2, 1, 30), 3: stat(3, 1, 7), 9: stat(9, 0, 99, 50, "python")}
+    after = {1: stat(1, 0, 11, 5 + 40), 3: stat(3, 1, 9), 4: stat(4, 1, 3), 9: stat(9, 0, 199, 50, "python")}
+    # backend 2 ran 10 more ticks and exited (reaped: 40 in cutime), 3 ran 2, 4 is new (3), the postmaster 1
+    assert cpu.named_ticks("postgres", after) - cpu.named_ticks("postgres", before) == 10 + 2 + 3 + 1
+    assert cpu.tree_ticks(1, after) == 11 + 45 + 9 + 3
+    assert sorted(cpu.descendants(1, after)) == [1, 3, 4]
+
+    st = cpu.read_stat("self")
+    assert st.pid == os.getpid() and st.ppid == os.getppid() and st.own >= 0
