@@ -29,6 +29,10 @@ from tests.helpers import WAIT, counters, eventually, needs, private_registry
 LOCAL = {"REMOTE_ADDR": "127.0.0.1"}
 
 
+def noop() -> None:
+    """The jobs of these tests' apps (registered on each app only: a shared task joins every app made later)."""
+
+
 def parsed(text: str) -> dict[str, dict[tuple, float]]:
     """Every sample of the exposition, by sample name and sorted labels."""
     samples: dict[str, dict[tuple, float]] = {}
@@ -65,7 +69,7 @@ def agree(batches: Batches) -> dict:
 def registry(request, tmp_path) -> Any:
     """A Batches of its own (no relay; an in-memory broker) on the embedded SQLite or on PostgreSQL."""
     app = Celery(f"metrics_{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.task(name="tests.metrics.noop")(lambda: None)
+    app.task(name="tests.metrics.noop", shared=False)(noop)
     if request.param == "postgres":
         request.getfixturevalue("services")
     if request.param == "sqlite":
@@ -198,7 +202,7 @@ def test_the_dashboard_serves_metrics_under_its_access_rules(registry):
 def test_a_migration_counts_the_batches_already_there(services):
     """Upgrading a registry that has batches: the ledger starts from what is there."""
     app = Celery(f"metrics_{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.task(name="tests.metrics.noop")(lambda: None)
+    app.task(name="tests.metrics.noop", shared=False)(noop)
     with private_registry(app, "cbt_mm", migrate=False) as batches:
         migrate(batches.engine, batches.settings.table_prefix, revision="0010")
         with batches.engine.begin() as conn:  # batches of the old schema, as its code wrote them
